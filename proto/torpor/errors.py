@@ -1,0 +1,157 @@
+"""The one error hierarchy of torpor.
+
+Every failure that crosses a component boundary is a `TorporError` carrying a `Code` (which
+maps one-to-one onto a gRPC status code, see `torpor.rpc_status`) and a `retryable` flag.
+Callers branch on the class or the code, never on message text.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class Code(enum.Enum):
+    """Error categories; the names are the gRPC status code names they map to."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    ABORTED = "ABORTED"
+    CANCELLED = "CANCELLED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    DATA_LOSS = "DATA_LOSS"
+    INTERNAL = "INTERNAL"
+
+
+class TorporError(Exception):
+    """Base of every torpor error.
+
+    `reason` is a stable, machine-readable UPPER_SNAKE identifier (e.g. `PROMPT_TOO_LONG`);
+    `metadata` carries the offending values as strings so clients can act on them.
+    """
+
+    code: ClassVar[Code] = Code.INTERNAL
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: Mapping[str, object] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.code.value
+        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
+
+
+class InvalidArgument(TorporError):
+    """The request itself is wrong: a bad value, a malformed spec, an unusable checkpoint."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class NotFound(TorporError):
+    """A named thing (model, lease, snapshot, file) does not exist."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(TorporError):
+    """A create would overwrite something that exists."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(TorporError):
+    """The system is not in a state where the request can ever succeed as asked
+    (a model too large for any GPU, fp8 on a device without fp8 support)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class ResourceExhausted(TorporError):
+    """A bound was hit (queue full, store full); trying later may succeed."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    retryable = True
+
+
+class DeadlineExceeded(TorporError):
+    """The caller's deadline passed before the work was done."""
+
+    code = Code.DEADLINE_EXCEEDED
+    retryable = True
+
+
+class Unavailable(TorporError):
+    """A component is down (daemon stopped, worker crashed); a retry may succeed."""
+
+    code = Code.UNAVAILABLE
+    retryable = True
+
+
+class Aborted(TorporError):
+    """The work was abandoned because of a conflicting operation (an eviction with ABORT)."""
+
+    code = Code.ABORTED
+    retryable = True
+
+
+class Cancelled(TorporError):
+    """The caller cancelled the work."""
+
+    code = Code.CANCELLED
+
+
+class Unimplemented(TorporError):
+    """The operation is not supported by this build or backend."""
+
+    code = Code.UNIMPLEMENTED
+
+
+class DataLoss(TorporError):
+    """Stored bytes are corrupt or missing (a chunk failed its hash check)."""
+
+    code = Code.DATA_LOSS
+
+
+class Internal(TorporError):
+    """A bug: an invariant broke. Never retried automatically."""
+
+    code = Code.INTERNAL
+
+
+BY_CODE: dict[Code, type[TorporError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        Aborted,
+        Cancelled,
+        Unimplemented,
+        DataLoss,
+        Internal,
+    )
+}
+
+
+def error_for(
+    code: Code, message: str, *, reason: str | None = None, metadata: Mapping[str, object] | None = None
+) -> TorporError:
+    """Build the error of the class that corresponds to `code`."""
+    return BY_CODE[code](message, reason=reason, metadata=metadata)

@@ -1,0 +1,67 @@
+"""The one place where torpor errors become gRPC statuses, and back.
+
+A status carries a `google.rpc.ErrorInfo` detail (domain `torpor`, the error's `reason` and
+`metadata`), so a client reconstructs the same typed error the server raised; whether it is
+retryable follows from its class.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from torpor.errors import Code, Internal, TorporError, error_for
+
+DOMAIN = "torpor"
+
+_TO_GRPC: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.value] for code in Code}
+_FROM_GRPC: dict[grpc.StatusCode, Code] = {v: k for k, v in _TO_GRPC.items()}
+
+
+def grpc_code(err: TorporError) -> grpc.StatusCode:
+    """The gRPC status code for an error."""
+    return _TO_GRPC[err.code]
+
+
+def to_status(err: TorporError) -> grpc.Status:
+    """A gRPC status with an ErrorInfo detail, for `context.abort_with_status`."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=_TO_GRPC[err.code].value[0], message=err.message, details=[detail]
+    )
+    return rpc_status.to_status(status)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> TorporError:
+    """Turn a client-side `RpcError` back into the typed error the server raised.
+
+    Errors from something that is not torpor (a dead socket, a proxy) keep their gRPC code
+    and message; connection failures arrive as `Unavailable`.
+    """
+    code_fn = getattr(exc, "code", None)
+    grpc_code_ = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    details_fn = getattr(exc, "details", None)
+    message = (details_fn() if callable(details_fn) else None) or str(exc)
+    code = _FROM_GRPC.get(grpc_code_, Code.INTERNAL)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    status = _rich_status(exc)
+    if status is not None:
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
+                reason, metadata = info.reason, dict(info.metadata)
+    if code is Code.INTERNAL and grpc_code_ is not grpc.StatusCode.INTERNAL:
+        return Internal(f"{grpc_code_.name}: {message}", reason=grpc_code_.name)
+    return error_for(code, message, reason=reason, metadata=metadata)
+
+
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        return rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, ValueError, TypeError):
+        return None

@@ -1,0 +1,1 @@
+"""The store: the SQLAlchemy catalog and the content-addressed snapshot chunk store."""
