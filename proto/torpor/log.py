@@ -53,8 +53,8 @@ def configure(*, json: bool | None = None, level: str = "info", stream: Any = No
 
 
 def get_logger(component: str) -> Any:
-    """A logger whose events carry `component`."""
-    return structlog.get_logger().bind(component=component)
+    """A logger whose events carry `component` (lazy: configure() may come later)."""
+    return structlog.get_logger(component=component)
 
 
 @contextlib.contextmanager

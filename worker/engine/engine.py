@@ -1,0 +1,324 @@
+"""The engine: one loaded model, a static KV cache of slots, and continuous batching.
+
+Requests wait, are admitted into free slots (one prefill each), then advance together, one
+batched decode step at a time; they leave their slot when they finish, and a waiting request
+takes it at the next step. The engine is single-threaded: `step()` is driven by one thread
+(see `loop.EngineLoop` for the thread-safe front).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from torpor.errors import InvalidArgument
+from torpor.log import get_logger
+from torpor.worker.engine.config import ModelConfig
+from torpor.worker.engine.decoder import Decoder, EagerDecoder
+from torpor.worker.engine.model import Transformer
+from torpor.worker.engine.options import EngineOptions, resolve_device, resolve_dtype
+from torpor.worker.engine.requests import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    RequestDelta,
+)
+from torpor.worker.engine.runtime import LoadTimings, RuntimeMemory, load_runtime
+from torpor.worker.engine.sampling import RequestSampler, sample_batch
+from torpor.worker.engine.tokenizer import Detokenizer, Tokenizer
+
+log = get_logger("engine")
+
+
+@dataclass
+class _Sequence:
+    """The mutable state of one admitted or waiting request (private to the engine)."""
+
+    request: GenerationRequest
+    sampler: RequestSampler
+    detok: Detokenizer
+    stop_ids: frozenset[int]
+    slot: int = -1
+    position: int = 0  # where the next fed token's KV goes
+    last_token: int = -1
+    generated: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters for status reports and metrics."""
+
+    prefills: int = 0
+    decode_steps: int = 0
+    tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Generates tokens for many concurrent requests on one loaded model."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        options: EngineOptions,
+        model: Transformer,
+        memory: RuntimeMemory,
+        tokenizer: Tokenizer | None,
+        eos_ids: frozenset[int],
+        timings: LoadTimings,
+    ) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.model = model
+        self.memory = memory
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.timings = timings
+        self.device = model.embed.device
+        self.stats = EngineStats()
+        self._decoder: Decoder = EagerDecoder(model, options)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}  # slot -> sequence
+        self._free_slots = list(range(options.max_batch))
+        self._ids: set[str] = set()
+        self._aborted: list[str] = []
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path | str,
+        options: EngineOptions | None = None,
+        placement: object | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Engine:
+        """Load a Hugging Face checkpoint directory and make it ready to serve."""
+        options = options or EngineOptions()
+        options.validate()
+        model_dir = Path(model_dir)
+        cfg = ModelConfig.from_dir(model_dir)
+        options = options.resolved(cfg)
+        device = resolve_device(options.device)
+        dtype_name, compute_dtype = resolve_dtype(options.dtype, cfg, device)
+        model, memory, timings = load_runtime(
+            model_dir, cfg, options, device, dtype_name, compute_dtype, placement, progress
+        )
+        tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        engine = cls(cfg, options, model, memory, tokenizer, _eos_ids(model_dir, cfg, tokenizer), timings)
+        engine.enable_graphs()
+        log.info(
+            "engine_loaded", model_dir=str(model_dir), device=str(device), dtype=dtype_name,
+            weight_bytes=memory.weights.nbytes, kv_bytes=memory.kv.nbytes,
+            graphs=engine.graphs_enabled, **timings.as_dict(),
+        )
+        return engine
+
+    # -- graphs ----------------------------------------------------------------------------
+
+    @property
+    def graphs_enabled(self) -> bool:
+        return not isinstance(self._decoder, EagerDecoder)
+
+    def enable_graphs(self) -> None:
+        """Capture batched decode in CUDA graphs (CUDA only, when the options allow it)."""
+        if self.device.type != "cuda" or not self.options.cuda_graphs:
+            return
+        from torpor.worker.engine.graphs import GraphDecoder
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._decoder = GraphDecoder(self.model, self.options, pool=self.memory.graph_pool)
+        self.timings = self.timings.with_graphs(time.perf_counter() - start)
+
+    def disable_graphs(self) -> None:
+        """Drop captured graphs and decode eagerly (before the graph memory is released)."""
+        self._decoder = EagerDecoder(self.model, self.options)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request; raise InvalidArgument if it can never run here."""
+        self._validate(request)
+        stop_ids = frozenset(request.params.stop_token_ids) | (
+            frozenset() if request.params.ignore_eos else self.eos_ids
+        )
+        seq = _Sequence(
+            request=request,
+            sampler=RequestSampler(request.params, self.device),
+            detok=Detokenizer(self.tokenizer, request.params.stop),
+            stop_ids=stop_ids,
+        )
+        self._ids.add(request.request_id)
+        self._waiting.append(seq)
+
+    def _validate(self, request: GenerationRequest) -> None:
+        prompt, params = request.prompt_ids, request.params
+        limit = self.options.max_seq_len
+        if request.request_id in self._ids:
+            raise InvalidArgument(
+                f"request id {request.request_id!r} is already in use", reason="DUPLICATE_REQUEST"
+            )
+        if not prompt:
+            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"prompt token ids out of the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}",
+                reason="TOKEN_OUT_OF_VOCAB",
+                metadata={"token_id": bad[0], "vocab_size": self.cfg.vocab_size},
+            )
+        params.validate(self.cfg.vocab_size)
+        if len(prompt) + params.max_tokens > limit:
+            reason = "PROMPT_TOO_LONG" if len(prompt) >= limit else "MAX_TOKENS_TOO_LARGE"
+            raise InvalidArgument(
+                f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} exceeds "
+                f"max_seq_len={limit}",
+                reason=reason,
+                metadata={"prompt_tokens": len(prompt), "max_seq_len": limit},
+            )
+
+    def abort(self, request_id: str) -> None:
+        """End a request at the next step with FinishReason.ABORT (no-op if unknown)."""
+        if request_id in self._ids:
+            self._aborted.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._aborted)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestDelta]:
+        """Abort, admit and prefill, then one batched decode step; return the deltas."""
+        with torch.no_grad():
+            deltas = self._apply_aborts()
+            deltas += self._admit()
+            if self._running:
+                deltas += self._decode()
+        return deltas
+
+    def _apply_aborts(self) -> list[RequestDelta]:
+        deltas: list[RequestDelta] = []
+        for request_id in self._aborted:
+            seq = next((s for s in self._waiting if s.request.request_id == request_id), None)
+            if seq is not None:
+                self._waiting.remove(seq)
+            else:
+                seq = next((s for s in self._running.values() if s.request.request_id == request_id), None)
+            if seq is not None:
+                deltas.append(self._finish(seq, FinishReason.ABORT, ""))
+        self._aborted.clear()
+        return deltas
+
+    def _admit(self) -> list[RequestDelta]:
+        deltas: list[RequestDelta] = []
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = heapq.heappop(self._free_slots)
+            self._running[seq.slot] = seq
+            prompt = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
+            logits = self.model.prefill(prompt, seq.slot)  # [vocab]
+            self.stats.prefills += 1
+            seq.position = len(seq.request.prompt_ids)
+            (token,), (logprob,) = sample_batch(logits[None], [seq.sampler])
+            deltas.append(self._emit(seq, token, logprob))
+        return deltas
+
+    def _decode(self) -> list[RequestDelta]:
+        seqs = sorted(self._running.values(), key=lambda s: s.slot)
+        batch = seqs[-1].slot + 1
+        tokens = [0] * batch
+        positions = [0] * batch
+        for s in seqs:
+            tokens[s.slot], positions[s.slot] = s.last_token, s.position
+        logits = self._decoder.run(tokens, positions, max(positions) + 1)  # [>= batch, vocab]
+        self.stats.decode_steps += 1
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        ids, logprobs = sample_batch(logits.index_select(0, rows), [s.sampler for s in seqs])
+        deltas = []
+        for seq, token, logprob in zip(seqs, ids, logprobs, strict=True):
+            seq.position += 1
+            deltas.append(self._emit(seq, token, logprob))
+        return deltas
+
+    def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestDelta:
+        seq.generated += 1
+        seq.last_token = token
+        self.stats.tokens += 1
+        text = seq.detok.add(token)
+        finish = None
+        if seq.detok.stopped or token in seq.stop_ids:
+            finish = FinishReason.STOP
+        elif seq.generated >= seq.request.params.max_tokens:
+            finish = FinishReason.LENGTH
+        if finish is None:
+            return RequestDelta(seq.request.request_id, (token,), (logprob,), text)
+        return self._finish(seq, finish, text, token, logprob)
+
+    def _finish(
+        self, seq: _Sequence, finish: FinishReason, text: str, token: int | None = None,
+        logprob: float = 0.0,
+    ) -> RequestDelta:
+        if seq.slot >= 0:
+            del self._running[seq.slot]
+            heapq.heappush(self._free_slots, seq.slot)
+        self._ids.discard(seq.request.request_id)
+        self.stats.finished[finish.value] = self.stats.finished.get(finish.value, 0) + 1
+        text += seq.detok.flush() if finish is not FinishReason.ABORT else ""
+        tokens, lps = ((token,), (logprob,)) if token is not None else ((), ())
+        return RequestDelta(seq.request.request_id, tokens, lps, text, finish)
+
+    # -- conveniences for a single caller (torpor run, tests) -------------------------------
+
+    def generate(self, request: GenerationRequest) -> Iterator[RequestDelta]:
+        """Run one request to completion, yielding its deltas as they are produced. For a
+        caller that drives the engine alone; other requests' deltas are dropped."""
+        self.add_request(request)
+        while True:
+            for delta in self.step():
+                if delta.request_id == request.request_id:
+                    yield delta
+                    if delta.finish is not None:
+                        return
+
+    def generate_all(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run requests together (continuous batching) and return their results in order."""
+        collected: dict[str, list[RequestDelta]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self.add_request(request)
+        while self.has_work():
+            for delta in self.step():
+                collected[delta.request_id].append(delta)
+        return [GenerationResult.collect(r.request_id, collected[r.request_id]) for r in requests]
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidArgument(
+                "this checkpoint has no tokenizer.json; send token ids", reason="NO_TOKENIZER"
+            )
+        return self.tokenizer.encode(text)
+
+
+def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer."""
+    ids = set(cfg.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([value] if isinstance(value, int) else (value or []))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,219 @@
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over placed weight tensors.
+
+There is no nn.Module here on purpose: every tensor lives where the engine's placement put
+it (an ordinary buffer or a pager arena), and the forward functions only read views. The
+KV cache is static — [layers, 2, slots, kv_heads, max_seq_len, head_dim] in one buffer — so
+decode can be captured in CUDA graphs and the pager can page the whole cache as one region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from torpor.worker.engine.config import ModelConfig
+from torpor.worker.engine.fp8 import Fp8Linear
+from torpor.worker.engine.layout import TensorSpec
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kv_spec(cfg: ModelConfig, slots: int, max_seq_len: int, dtype: torch.dtype) -> TensorSpec:
+    """The one tensor of the KV cache."""
+    shape = (cfg.num_layers, 2, slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+    return TensorSpec("kv", shape, dtype)
+
+
+class DenseLinear:
+    """y = x @ W.T + b."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def make_linear(w: Mapping[str, torch.Tensor], name: str, bias: str | None) -> Linear:
+    b = w.get(bias) if bias else None
+    if name + ".scale" in w:
+        return Fp8Linear(w[name], w[name + ".scale"], b)
+    return DenseLinear(w[name], b)
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: torch.Tensor
+    wqkv: Linear
+    wo: Linear
+    mlp_norm: torch.Tensor
+    w13: Linear
+    w2: Linear
+    window: int | None
+
+
+class Transformer:
+    """Forward passes of one model: `prefill` one request into a slot, `decode` a batch."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        kv: torch.Tensor,
+        max_seq_len: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.kv = kv  # [layers, 2, slots, kv_heads, max_seq_len, head_dim]
+        self.embed = weights["embed"]  # [vocab, hidden]
+        self.norm = weights["norm"]
+        self.lm_head = make_linear(weights, "lm_head" if "lm_head" in weights else "embed", None)
+        self.layers = [self._layer(weights, n) for n in range(cfg.num_layers)]
+        device = self.embed.device
+        # cos/sin tables [max_seq_len, head_dim], computed in float32 as transformers does
+        # and then cast to the compute dtype.
+        inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(device)
+        freqs = torch.arange(max_seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _layer(self, w: Mapping[str, torch.Tensor], n: int) -> Layer:
+        p = f"layers.{n}."
+        return Layer(
+            attn_norm=w[p + "attn_norm"],
+            wqkv=make_linear(w, p + "wqkv", p + "bqkv"),
+            wo=make_linear(w, p + "wo", p + "bo"),
+            mlp_norm=w[p + "mlp_norm"],
+            w13=make_linear(w, p + "w13", p + "b13"),
+            w2=make_linear(w, p + "w2", p + "b2"),
+            window=self.cfg.layer_windows[n],
+        )
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    def prefill(self, tokens: torch.Tensor, slot: int, all_logits: bool = False) -> torch.Tensor:
+        """Run a prompt (tokens: [L]) from position 0 and fill `slot` of the KV cache.
+
+        Returns float32 logits: [L, vocab] if `all_logits`, else [vocab] of the last token.
+        """
+        length = tokens.shape[0]
+        cos, sin = self.cos[:length], self.sin[:length]  # [L, D]
+        x = F.embedding(tokens, self.embed)[None]  # [1, L, H]
+        masks = _prefill_masks(self.cfg.layer_windows, length, x.device)
+        for n, layer in enumerate(self.layers):
+            x = x + self._prefill_attention(layer, n, x, cos, sin, slot, masks[layer.window])
+            x = x + self._mlp(layer, x)
+        x = x[0] if all_logits else x[0, -1:]
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float().squeeze(0)
+
+    def _prefill_attention(
+        self, layer: Layer, n: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        slot: int, mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        length = x.shape[1]
+        h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+        q, k, v = layer.wqkv(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(1, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [1, NH, L, D]
+        k = k.view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [1, KVH, L, D]
+        v = v.view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        self.kv[n, 0, slot, :, :length] = k[0]
+        self.kv[n, 1, slot, :, :length] = v[0]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )  # [1, NH, L, D]
+        return layer.wo(out.transpose(1, 2).reshape(1, length, cfg.q_size))
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """One token for each of the first n slots; returns float32 logits [n, vocab].
+
+        tokens, positions: [n]; row i is slot i, writing its KV at positions[i]. Attention
+        reads positions [0, span) of each slot, so span must exceed every position. Rows of
+        idle slots may carry any token at position 0: their outputs are ignored.
+        """
+        n = tokens.shape[0]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, D]
+        x = F.embedding(tokens, self.embed)  # [n, H]
+        rows = torch.arange(n, device=tokens.device)
+        keys = torch.arange(span, device=tokens.device)  # [span]
+        masks = _decode_masks(self.cfg.layer_windows, keys, positions)
+        for i, layer in enumerate(self.layers):
+            x = x + self._decode_attention(layer, i, x, cos, sin, rows, positions, span, masks)
+            x = x + self._mlp(layer, x)
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
+
+    def _decode_attention(
+        self, layer: Layer, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        rows: torch.Tensor, positions: torch.Tensor, span: int,
+        masks: dict[int | None, torch.Tensor],
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        n = x.shape[0]
+        h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+        q, k, v = layer.wqkv(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)  # [n, NH, D]
+        k = rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [n, KVH, D]
+        cache_k, cache_v = self.kv[i, 0, :n], self.kv[i, 1, :n]  # [n, KVH, S, D]
+        cache_k[rows, :, positions] = k
+        cache_v[rows, :, positions] = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        # Grouped-query attention without copying K/V: the query heads that share a KV head
+        # become that head's rows of queries. [n, KVH, group, D] against [n, KVH, span, D].
+        group = cfg.num_heads // cfg.num_kv_heads
+        out = F.scaled_dot_product_attention(
+            q.view(n, cfg.num_kv_heads, group, cfg.head_dim),
+            cache_k[:, :, :span],
+            cache_v[:, :, :span],
+            attn_mask=masks[layer.window],
+        )
+        return layer.wo(out.reshape(n, cfg.q_size))
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
+        gate, up = layer.w13(h).chunk(2, dim=-1)
+        return layer.w2(F.silu(gate) * up)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in float32, then scale in the compute dtype (as the reference does).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, "rotate half" convention of HF Llama checkpoints. x: [..., D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _prefill_masks(
+    windows: tuple[int | None, ...], length: int, device: torch.device
+) -> dict[int | None, torch.Tensor | None]:
+    """Per distinct window: None (plain causal) or a boolean [L, L] sliding-window mask."""
+    masks: dict[int | None, torch.Tensor | None] = {None: None}
+    pos = torch.arange(length, device=device)
+    for window in set(windows) - {None}:
+        assert window is not None
+        diff = pos[:, None] - pos[None, :]
+        masks[window] = (diff >= 0) & (diff < window)
+    return masks
+
+
+def _decode_masks(
+    windows: tuple[int | None, ...], keys: torch.Tensor, positions: torch.Tensor
+) -> dict[int | None, torch.Tensor]:
+    """Per distinct window: a boolean [n, 1, 1, span] mask of the keys each row may see."""
+    diff = positions[:, None] - keys[None, :]  # [n, span]
+    masks: dict[int | None, torch.Tensor] = {}
+    for window in set(windows):
+        visible = diff >= 0 if window is None else (diff >= 0) & (diff < window)
+        masks[window] = visible[:, None, None, :]
+    return masks

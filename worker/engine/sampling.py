@@ -1,0 +1,124 @@
+"""Sampling parameters, their validation, and the sampler.
+
+Log-probabilities are those of the model's raw distribution (log-softmax of the logits, before
+temperature, top-k or top-p), so they are comparable across sampling settings.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from torpor.errors import InvalidArgument
+
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request."""
+
+    max_tokens: int = 16
+    """Tokens to generate at most; >= 1, and the prompt plus these must fit max_seq_len."""
+    temperature: float = 1.0
+    """0 is greedy; otherwise logits are divided by it. 0 <= temperature <= 100."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p; (0, 1]."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all; 0 <= top_k <= vocab size."""
+    seed: int | None = None
+    """Seed of this request's random generator (0 .. 2**64-1); None draws a fresh one."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the returned text stops before them. At most 16."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation, in addition to the model's end-of-sequence ids."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (benchmarks, tests)."""
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidArgument naming the first bad field and its value."""
+        _check(1 <= self.max_tokens <= 10**7, "max_tokens", self.max_tokens, "must be >= 1")
+        _check(
+            math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+            "temperature", self.temperature, f"must be between 0 and {MAX_TEMPERATURE:g}",
+        )
+        _check(
+            math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
+            "must be in (0, 1]",
+        )
+        _check(0 <= self.top_k <= vocab_size, "top_k", self.top_k, f"must be in [0, {vocab_size}]")
+        if self.seed is not None:
+            _check(0 <= self.seed <= MAX_SEED, "seed", self.seed, "must be in [0, 2**64-1]")
+        _check(
+            len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop),
+            f"at most {MAX_STOP_STRINGS} stop strings",
+        )
+        for s in self.stop:
+            _check(0 < len(s) <= MAX_STOP_LENGTH, "stop", repr(s), "stop strings must be 1-256 chars")
+        for t in self.stop_token_ids:
+            _check(0 <= t < vocab_size, "stop_token_ids", t, f"must be in [0, {vocab_size})")
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise InvalidArgument(
+            f"{name}={value} is invalid: {rule}",
+            reason="BAD_SAMPLING_PARAMS",
+            metadata={"field": name, "value": value},
+        )
+
+
+@dataclass
+class RequestSampler:
+    """The sampling state of one request: its parameters and its own random generator."""
+
+    params: SamplingParams
+    device: torch.device
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """A token id (0-dim long tensor) from float32 logits [vocab]."""
+        p = self.params
+        scaled = logits / p.temperature
+        if 0 < p.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        if p.top_p < 1.0:
+            scaled = _top_p(scaled, p.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token when the mass before it already reaches top_p (the top one always stays).
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample_batch(
+    logits: torch.Tensor, samplers: list[RequestSampler]
+) -> tuple[list[int], list[float]]:
+    """Pick one token per row of float32 logits [n, vocab] (rows beyond the samplers are
+    ignored); return the token ids and their log-probabilities under the raw distribution."""
+    n = len(samplers)
+    rows = logits[:n]
+    tokens = rows.argmax(dim=-1)  # greedy for every row; sampled rows are replaced below
+    for i, sampler in enumerate(samplers):
+        if sampler.params.temperature > 0:
+            tokens[i] = sampler.sample(rows[i])
+    logprobs = torch.log_softmax(rows, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), logprobs.tolist()
