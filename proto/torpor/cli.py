@@ -47,15 +47,21 @@ def _parse_ids(text: str | None) -> list[int] | None:
 @app.command()
 def run(
     model_dir: Annotated[Path, typer.Argument(help="A Hugging Face checkpoint directory.")],
-    prompt: Annotated[str | None, typer.Argument(help="Prompt text (tokenized as the checkpoint says).")] = None,
-    prompt_ids: Annotated[str | None, typer.Option(help="Comma-separated token ids, used exactly as given.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="Prompt text (tokenized as the checkpoint says).")
+    ] = None,
+    prompt_ids: Annotated[
+        str | None, typer.Option(help="Comma-separated token ids, used exactly as given.")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="A stop string (repeatable).")] = None,
-    ignore_eos: Annotated[bool, typer.Option(help="Do not stop at end-of-sequence tokens.")] = False,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Do not stop at end-of-sequence tokens.")
+    ] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16, fp8 or auto.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     max_seq_len: Annotated[int, typer.Option(help="KV-cache length; 0 fits the request.")] = 0,
@@ -72,11 +78,20 @@ def run(
     try:
         ids = prompt_tokens(model_dir, prompt, _parse_ids(prompt_ids))
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(stop or ()),
+            ignore_eos=ignore_eos,
         )
         options = EngineOptions(
-            max_batch=1, max_seq_len=max_seq_len, dtype=dtype, device=device, cuda_graphs=cuda_graphs
+            max_batch=1,
+            max_seq_len=max_seq_len,
+            dtype=dtype,
+            device=device,
+            cuda_graphs=cuda_graphs,
         )
         on_text = None if as_json else _stream_text
         result = run_once(model_dir, ids, params, options, on_text)
@@ -117,8 +132,13 @@ def make_demo(
     from torpor.worker.engine.demo import make_demo as write_demo
 
     spec = DemoSpec(
-        layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab,
-        intermediate=intermediate, seed=seed,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        intermediate=intermediate,
+        seed=seed,
     )
     try:
         out = write_demo(out_dir, spec)

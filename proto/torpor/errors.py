@@ -40,7 +40,11 @@ class TorporError(Exception):
     retryable: ClassVar[bool] = False
 
     def __init__(
-        self, message: str, *, reason: str | None = None, metadata: Mapping[str, object] | None = None
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -151,7 +155,11 @@ BY_CODE: dict[Code, type[TorporError]] = {
 
 
 def error_for(
-    code: Code, message: str, *, reason: str | None = None, metadata: Mapping[str, object] | None = None
+    code: Code,
+    message: str,
+    *,
+    reason: str | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> TorporError:
     """Build the error of the class that corresponds to `code`."""
     return BY_CODE[code](message, reason=reason, metadata=metadata)

@@ -3,8 +3,9 @@
     python -m torpor.protogen          # write proto/torpor/v1/*_pb2*.py(i)
     python -m torpor.protogen --check  # exit 1 if the committed stubs differ from fresh ones
 
-The generator is grpcio-tools (pinned to at most the grpcio of the GPU hosts, because
-generated code refuses an older runtime than its generator).
+The generator is grpcio-tools at exactly GRPC_TOOLS_VERSION: generated code refuses a grpcio
+runtime older than its generator, patch level included (1.84.2 stubs fail to import on
+1.84.0), and the stubs it writes name that version, so another one would also fail `--check`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,25 @@ import argparse
 import filecmp
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent.parent  # the repository's proto/ directory
 PACKAGE_DIR = PROTO_ROOT / "torpor" / "v1"
+GRPC_TOOLS_VERSION = "1.84.0"
+"""The grpcio of the GPU hosts; the stubs need a grpcio and a protobuf at least as new as the
+generator's (grpcio 1.84.0, protobuf 7.35.1)."""
+
+
+def check_generator() -> None:
+    """Refuse to run with any grpcio-tools other than GRPC_TOOLS_VERSION, saying which."""
+    found = metadata.version("grpcio-tools")
+    if found != GRPC_TOOLS_VERSION:
+        raise SystemExit(
+            f"torpor.protogen needs grpcio-tools=={GRPC_TOOLS_VERSION} (found {found}): stubs "
+            f"from another generator name its version and refuse older grpcio runtimes; "
+            f"install it with `pip install grpcio-tools=={GRPC_TOOLS_VERSION}`"
+        )
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -46,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check the stubs are current")
     args = parser.parse_args(argv)
+    check_generator()
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
         names = {p.name for p in fresh}

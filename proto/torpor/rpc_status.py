@@ -2,7 +2,9 @@
 
 A status carries a `google.rpc.ErrorInfo` detail (domain `torpor`, the error's `reason` and
 `metadata`), so a client reconstructs the same typed error the server raised; whether it is
-retryable follows from its class.
+retryable follows from its class. Servicers abort with it, sync or `grpc.aio` alike:
+
+    await context.abort_with_status(to_status(err))
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from torpor.errors import Code, Internal, TorporError, error_for
 
 DOMAIN = "torpor"
 
+# A status travels in trailers, which gRPC caps at 8 KiB by default (the message goes twice:
+# in grpc-message, percent-encoded, and in the detail). Past the cap the client gets a
+# retryable RESOURCE_EXHAUSTED instead of the error, so long texts are clipped first.
+MAX_MESSAGE_BYTES = 1024
+"""Longest message sent, in UTF-8 bytes; longer ones end in '…'."""
+MAX_METADATA_BYTES = 1024
+"""Most bytes of metadata keys and values sent; values past it are clipped or left out."""
+
 _TO_GRPC: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.value] for code in Code}
 _FROM_GRPC: dict[grpc.StatusCode, Code] = {v: k for k, v in _TO_GRPC.items()}
 
@@ -27,13 +37,35 @@ def grpc_code(err: TorporError) -> grpc.StatusCode:
 
 def to_status(err: TorporError) -> grpc.Status:
     """A gRPC status with an ErrorInfo detail, for `context.abort_with_status`."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=DOMAIN, metadata=_clip_metadata(err.metadata)
+    )
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(
-        code=_TO_GRPC[err.code].value[0], message=err.message, details=[detail]
-    )
+    message = _clip(err.message, MAX_MESSAGE_BYTES)
+    status = status_pb2.Status(code=_TO_GRPC[err.code].value[0], message=message, details=[detail])
     return rpc_status.to_status(status)
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, on a character boundary, marked with '…'."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: max(limit - 3, 0)].decode(errors="ignore") + "…"
+
+
+def _clip_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The first entries of `metadata` that fit MAX_METADATA_BYTES, the last one clipped."""
+    clipped: dict[str, str] = {}
+    budget = MAX_METADATA_BYTES
+    for key, value in metadata.items():
+        budget -= len(key.encode())
+        if budget <= 3:
+            break
+        clipped[key] = _clip(value, budget)
+        budget -= len(clipped[key].encode())
+    return clipped
 
 
 def from_rpc_error(exc: grpc.RpcError) -> TorporError:

@@ -1,0 +1,208 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_FP8: _ClassVar[Dtype]
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_GPU: _ClassVar[Tier]
+    TIER_HOST: _ClassVar[Tier]
+    TIER_DEEP: _ClassVar[Tier]
+    TIER_DISK: _ClassVar[Tier]
+    TIER_DROP: _ClassVar[Tier]
+    TIER_SOURCE: _ClassVar[Tier]
+
+class RuntimeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUNTIME_STATE_UNSPECIFIED: _ClassVar[RuntimeState]
+    RUNTIME_STATE_RESIDENT: _ClassVar[RuntimeState]
+    RUNTIME_STATE_SUSPENDED_HOST: _ClassVar[RuntimeState]
+    RUNTIME_STATE_SUSPENDED_DEEP: _ClassVar[RuntimeState]
+    RUNTIME_STATE_SUSPENDED_DISK: _ClassVar[RuntimeState]
+    RUNTIME_STATE_SNAPSHOT: _ClassVar[RuntimeState]
+    RUNTIME_STATE_COLD: _ClassVar[RuntimeState]
+    RUNTIME_STATE_LOADING: _ClassVar[RuntimeState]
+    RUNTIME_STATE_SUSPENDING: _ClassVar[RuntimeState]
+    RUNTIME_STATE_RESUMING: _ClassVar[RuntimeState]
+    RUNTIME_STATE_FAILED: _ClassVar[RuntimeState]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_ABORT: _ClassVar[FinishReason]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_FP8: Dtype
+TIER_UNSPECIFIED: Tier
+TIER_GPU: Tier
+TIER_HOST: Tier
+TIER_DEEP: Tier
+TIER_DISK: Tier
+TIER_DROP: Tier
+TIER_SOURCE: Tier
+RUNTIME_STATE_UNSPECIFIED: RuntimeState
+RUNTIME_STATE_RESIDENT: RuntimeState
+RUNTIME_STATE_SUSPENDED_HOST: RuntimeState
+RUNTIME_STATE_SUSPENDED_DEEP: RuntimeState
+RUNTIME_STATE_SUSPENDED_DISK: RuntimeState
+RUNTIME_STATE_SNAPSHOT: RuntimeState
+RUNTIME_STATE_COLD: RuntimeState
+RUNTIME_STATE_LOADING: RuntimeState
+RUNTIME_STATE_SUSPENDING: RuntimeState
+RUNTIME_STATE_RESUMING: RuntimeState
+RUNTIME_STATE_FAILED: RuntimeState
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_ABORT: FinishReason
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    ignore_eos: bool
+    logprobs: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("token_ids", "text", "logprobs", "usage")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    usage: Usage
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "finish_reason", "timings", "restored_from", "runtime_id", "gpu")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    timings: GenerateTimings
+    restored_from: Tier
+    runtime_id: str
+    gpu: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., restored_from: _Optional[_Union[Tier, str]] = ..., runtime_id: _Optional[str] = ..., gpu: _Optional[int] = ...) -> None: ...
+
+class GenerateTimings(_message.Message):
+    __slots__ = ("queued", "restore", "first_token", "total")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    queued: _duration_pb2.Duration
+    restore: _duration_pb2.Duration
+    first_token: _duration_pb2.Duration
+    total: _duration_pb2.Duration
+    def __init__(self, queued: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restore: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class TransferProgress(_message.Message):
+    __slots__ = ("tier", "bytes_done", "bytes_total")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "source", "dtype", "max_batch", "max_seq_len", "priority", "pinned", "keep_alive_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    dtype: Dtype
+    max_batch: int
+    max_seq_len: int
+    priority: int
+    pinned: bool
+    keep_alive_s: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., keep_alive_s: _Optional[int] = ...) -> None: ...
+
+class Model(_message.Message):
+    __slots__ = ("spec", "registered_at", "state", "footprint_bytes", "snapshot_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    registered_at: _timestamp_pb2.Timestamp
+    state: RuntimeState
+    footprint_bytes: int
+    snapshot_id: str
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[RuntimeState, str]] = ..., footprint_bytes: _Optional[int] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
+
+class Victim(_message.Message):
+    __slots__ = ("model", "runtime_id", "gpu", "to_tier", "bytes_freed", "score")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    TO_TIER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    runtime_id: str
+    gpu: int
+    to_tier: Tier
+    bytes_freed: int
+    score: float
+    def __init__(self, model: _Optional[str] = ..., runtime_id: _Optional[str] = ..., gpu: _Optional[int] = ..., to_tier: _Optional[_Union[Tier, str]] = ..., bytes_freed: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...

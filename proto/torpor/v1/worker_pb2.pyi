@@ -1,0 +1,228 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from torpor.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
+    LOAD_PHASE_CONTEXT: _ClassVar[LoadPhase]
+    LOAD_PHASE_WEIGHTS: _ClassVar[LoadPhase]
+    LOAD_PHASE_GRAPHS: _ClassVar[LoadPhase]
+    LOAD_PHASE_WARMUP: _ClassVar[LoadPhase]
+LOAD_PHASE_UNSPECIFIED: LoadPhase
+LOAD_PHASE_CONTEXT: LoadPhase
+LOAD_PHASE_WEIGHTS: LoadPhase
+LOAD_PHASE_GRAPHS: LoadPhase
+LOAD_PHASE_WARMUP: LoadPhase
+
+class Arena(_message.Message):
+    __slots__ = ("name", "base_address", "reserved_bytes", "mapped_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base_address: int
+    reserved_bytes: int
+    mapped_bytes: int
+    def __init__(self, name: _Optional[str] = ..., base_address: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ...) -> None: ...
+
+class WorkerLoadRequest(_message.Message):
+    __slots__ = ("model", "model_dir", "dtype", "max_batch", "max_seq_len", "device", "snapshot_id", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_dir: str
+    dtype: _common_pb2.Dtype
+    max_batch: int
+    max_seq_len: int
+    device: str
+    snapshot_id: str
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., device: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LoadTimings(_message.Message):
+    __slots__ = ("context", "weights", "graphs", "warmup", "total")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    context: _duration_pb2.Duration
+    weights: _duration_pb2.Duration
+    graphs: _duration_pb2.Duration
+    warmup: _duration_pb2.Duration
+    total: _duration_pb2.Duration
+    def __init__(self, context: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., weights: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., graphs: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., warmup: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WorkerLoadResponse(_message.Message):
+    __slots__ = ("progress", "done")
+    class Progress(_message.Message):
+        __slots__ = ("phase", "bytes_done", "bytes_total")
+        PHASE_FIELD_NUMBER: _ClassVar[int]
+        BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+        BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+        phase: LoadPhase
+        bytes_done: int
+        bytes_total: int
+        def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+    class Done(_message.Message):
+        __slots__ = ("timings", "status")
+        TIMINGS_FIELD_NUMBER: _ClassVar[int]
+        STATUS_FIELD_NUMBER: _ClassVar[int]
+        timings: LoadTimings
+        status: WorkerStatusResponse
+        def __init__(self, timings: _Optional[_Union[LoadTimings, _Mapping]] = ..., status: _Optional[_Union[WorkerStatusResponse, _Mapping]] = ...) -> None: ...
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    progress: WorkerLoadResponse.Progress
+    done: WorkerLoadResponse.Done
+    def __init__(self, progress: _Optional[_Union[WorkerLoadResponse.Progress, _Mapping]] = ..., done: _Optional[_Union[WorkerLoadResponse.Done, _Mapping]] = ...) -> None: ...
+
+class WorkerGenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_text", "prompt_token_ids", "sampling")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_text: str
+    prompt_token_ids: _common_pb2.TokenIds
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, request_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class WorkerSuspendRequest(_message.Message):
+    __slots__ = ("level",)
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    level: _common_pb2.Tier
+    def __init__(self, level: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
+
+class WorkerSuspendResponse(_message.Message):
+    __slots__ = ("state", "gpu_bytes_released", "host_bytes_released", "gpu_bytes_remaining", "unmap", "checkpoint", "total")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GPU_BYTES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    GPU_BYTES_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    UNMAP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.RuntimeState
+    gpu_bytes_released: int
+    host_bytes_released: int
+    gpu_bytes_remaining: int
+    unmap: _duration_pb2.Duration
+    checkpoint: _duration_pb2.Duration
+    total: _duration_pb2.Duration
+    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., gpu_bytes_released: _Optional[int] = ..., host_bytes_released: _Optional[int] = ..., gpu_bytes_remaining: _Optional[int] = ..., unmap: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., checkpoint: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WorkerResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerResumeResponse(_message.Message):
+    __slots__ = ("progress", "done")
+    class Done(_message.Message):
+        __slots__ = ("tier", "bytes", "checkpoint_restore", "map", "copy", "total")
+        TIER_FIELD_NUMBER: _ClassVar[int]
+        BYTES_FIELD_NUMBER: _ClassVar[int]
+        CHECKPOINT_RESTORE_FIELD_NUMBER: _ClassVar[int]
+        MAP_FIELD_NUMBER: _ClassVar[int]
+        COPY_FIELD_NUMBER: _ClassVar[int]
+        TOTAL_FIELD_NUMBER: _ClassVar[int]
+        tier: _common_pb2.Tier
+        bytes: int
+        checkpoint_restore: _duration_pb2.Duration
+        map: _duration_pb2.Duration
+        copy: _duration_pb2.Duration
+        total: _duration_pb2.Duration
+        def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., bytes: _Optional[int] = ..., checkpoint_restore: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., map: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., copy: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    progress: _common_pb2.TransferProgress
+    done: WorkerResumeResponse.Done
+    def __init__(self, progress: _Optional[_Union[_common_pb2.TransferProgress, _Mapping]] = ..., done: _Optional[_Union[WorkerResumeResponse.Done, _Mapping]] = ...) -> None: ...
+
+class WorkerSnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerSnapshotResponse(_message.Message):
+    __slots__ = ("progress", "done")
+    class Done(_message.Message):
+        __slots__ = ("snapshot_id", "manifest_hash", "bytes", "bytes_written", "chunks", "elapsed")
+        SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+        MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+        BYTES_FIELD_NUMBER: _ClassVar[int]
+        BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+        CHUNKS_FIELD_NUMBER: _ClassVar[int]
+        ELAPSED_FIELD_NUMBER: _ClassVar[int]
+        snapshot_id: str
+        manifest_hash: str
+        bytes: int
+        bytes_written: int
+        chunks: int
+        elapsed: _duration_pb2.Duration
+        def __init__(self, snapshot_id: _Optional[str] = ..., manifest_hash: _Optional[str] = ..., bytes: _Optional[int] = ..., bytes_written: _Optional[int] = ..., chunks: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    progress: _common_pb2.TransferProgress
+    done: WorkerSnapshotResponse.Done
+    def __init__(self, progress: _Optional[_Union[_common_pb2.TransferProgress, _Mapping]] = ..., done: _Optional[_Union[WorkerSnapshotResponse.Done, _Mapping]] = ...) -> None: ...
+
+class WorkerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatusResponse(_message.Message):
+    __slots__ = ("state", "model", "device", "gpu_bytes", "host_bytes", "disk_bytes", "pid", "arenas", "active_requests", "snapshot_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ARENAS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.RuntimeState
+    model: str
+    device: str
+    gpu_bytes: int
+    host_bytes: int
+    disk_bytes: int
+    pid: int
+    arenas: _containers.RepeatedCompositeFieldContainer[Arena]
+    active_requests: int
+    snapshot_id: str
+    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., active_requests: _Optional[int] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
+
+class WorkerShutdownRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerShutdownResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
