@@ -13,7 +13,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STATE_DIR ?= .state
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-gpu lint proto proto-check bench-gpu clean
+.PHONY: install run test test-gpu lint proto proto-check bench-gpu linktree clean
 
 install: $(VENV)/.installed
 
@@ -42,10 +42,17 @@ test: install proto-check
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu $(PYTEST_ARGS)
 
-lint: install
+lint: install linktree
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The import package `torpor` as a tree of symlinks in build/pkg (pyproject maps the top-level
+# directories into it): for mypy, and for GPU hosts that run from a copy with no pip access.
+linktree:
+	rm -rf build/pkg && mkdir -p build/pkg/torpor
+	ln -s $(CURDIR)/proto/torpor/* build/pkg/torpor/
+	for d in scheduler worker store; do ln -s $(CURDIR)/$$d build/pkg/torpor/$$d; done
 
 proto: install
 	$(PY) -m torpor.protogen
@@ -53,8 +60,9 @@ proto: install
 proto-check: install
 	$(PY) -m torpor.protogen --check
 
+# Everything that needs a GPU, in one go: gpu tests and benchmarks (results under $$OUT or .bench/).
 bench-gpu:
-	bash bench/gpu.sh
+	bash bench/gpu.sh all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

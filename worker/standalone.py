@@ -45,10 +45,14 @@ class RunResult:
         }
 
 
-def prompt_tokens(model_dir: Path, prompt: str | None, prompt_ids: Sequence[int] | None) -> list[int]:
+def prompt_tokens(
+    model_dir: Path, prompt: str | None, prompt_ids: Sequence[int] | None
+) -> list[int]:
     """Token ids exactly as given, or the prompt text tokenized as the checkpoint says."""
     if (prompt is None) == (prompt_ids is None):
-        raise InvalidArgument("give either a PROMPT or --prompt-ids, not both or neither", reason="BAD_PROMPT")
+        raise InvalidArgument(
+            "give either a PROMPT or --prompt-ids, not both or neither", reason="BAD_PROMPT"
+        )
     if prompt_ids is not None:
         return list(prompt_ids)
     assert prompt is not None
@@ -81,7 +85,9 @@ def run_once(
         if on_text is not None and delta.text:
             on_text(delta.text)
     total = time.perf_counter() - loaded
-    return RunResult(tuple(prompt_ids), GenerationResult.collect("run", deltas), loaded - start, first, total)
+    return RunResult(
+        tuple(prompt_ids), GenerationResult.collect("run", deltas), loaded - start, first, total
+    )
 
 
 def _round_up(n: int, m: int) -> int:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest
@@ -24,8 +23,22 @@ def torpor(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "tiny"
-    proc = torpor("make-demo", str(out), "--layers", "2", "--hidden", "64", "--heads", "4",
-                  "--kv-heads", "1", "--vocab", "400", "--seed", "5")
+    proc = torpor(
+        "make-demo",
+        str(out),
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "1",
+        "--vocab",
+        "400",
+        "--seed",
+        "5",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout
     return out
@@ -43,15 +56,29 @@ def test_make_demo_writes_the_requested_shape(demo: Path) -> None:
 
 
 def test_run_json_greedy_with_prompt_ids(demo: Path) -> None:
-    proc = torpor("run", str(demo), "--prompt-ids", "5,6,7,8", "--max-tokens", "12",
-                  "--temperature", "0", "--ignore-eos", "--json")
+    proc = torpor(
+        "run",
+        str(demo),
+        "--prompt-ids",
+        "5,6,7,8",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["prompt_ids"] == [5, 6, 7, 8]  # exactly as given: no BOS added
     assert len(out["token_ids"]) == len(out["logprobs"]) == 12
     engine = Engine.load(demo, EngineOptions(max_seq_len=256))
     (expected,) = engine.generate_all(
-        [GenerationRequest("x", (5, 6, 7, 8), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))]
+        [
+            GenerationRequest(
+                "x", (5, 6, 7, 8), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+            )
+        ]
     )
     assert out["token_ids"] == list(expected.token_ids)
     assert out["text"] == expected.text

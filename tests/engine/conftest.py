@@ -3,9 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from torpor.worker.engine.demo import DemoSpec, make_demo
 
 from tests.engine import checkpoints
-from torpor.worker.engine.demo import DemoSpec, make_demo
 
 BUILDERS = {
     "llama_gqa_llama3": checkpoints.llama_gqa_llama3,
@@ -23,4 +23,7 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_demo(tmp_path_factory.mktemp("demo") / "demo", DemoSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=384))
+    return make_demo(
+        tmp_path_factory.mktemp("demo") / "demo",
+        DemoSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=384),
+    )

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions
@@ -58,20 +57,31 @@ def test_requests_join_between_steps(engine: Engine) -> None:
     while engine.has_work():
         for d in engine.step():
             collected[d.request_id].append(d)
-    assert GenerationResult.collect("first", collected["first"]).token_ids == alone(engine, ps[1]).token_ids
-    assert GenerationResult.collect("late", collected["late"]).token_ids == alone(engine, ps[2]).token_ids
+    assert (
+        GenerationResult.collect("first", collected["first"]).token_ids
+        == alone(engine, ps[1]).token_ids
+    )
+    assert (
+        GenerationResult.collect("late", collected["late"]).token_ids
+        == alone(engine, ps[2]).token_ids
+    )
 
 
 def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     prompt = prompts(engine)[1]
-    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_eos=True
+    )
     a, b = alone(engine, prompt, params), alone(engine, prompt, params)
     assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
     other = alone(engine, prompt, SamplingParams(**{**params.__dict__, "seed": 8}))
     assert other.token_ids != a.token_ids
     # ... and batched with others, the seed still decides alone.
     batch = engine.generate_all(
-        [GenerationRequest("x", tuple(prompt), params), GenerationRequest("y", tuple(prompts(engine)[0]), GREEDY)]
+        [
+            GenerationRequest("x", tuple(prompt), params),
+            GenerationRequest("y", tuple(prompts(engine)[0]), GREEDY),
+        ]
     )
     assert batch[0].token_ids == a.token_ids
 
@@ -79,7 +89,11 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
 def test_top_k_one_is_greedy_and_logprobs_are_raw(engine: Engine) -> None:
     prompt = prompts(engine)[2]
     greedy = alone(engine, prompt)
-    topk1 = alone(engine, prompt, SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
+    topk1 = alone(
+        engine,
+        prompt,
+        SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3, ignore_eos=True),
+    )
     assert topk1.token_ids == greedy.token_ids
     assert topk1.logprobs == pytest.approx(greedy.logprobs, abs=1e-6)
     logits = engine.model.prefill(torch.tensor(prompt), slot=0)
@@ -94,7 +108,9 @@ def test_top_p_keeps_only_the_nucleus(engine: Engine) -> None:
     top = int(probs.argmax())
     tiny_p = float(probs.max()) * 0.5  # the top token alone already exceeds this mass
     for seed in range(10):
-        r = alone(engine, prompt, SamplingParams(max_tokens=1, temperature=1.0, top_p=tiny_p, seed=seed))
+        r = alone(
+            engine, prompt, SamplingParams(max_tokens=1, temperature=1.0, top_p=tiny_p, seed=seed)
+        )
         assert r.token_ids[0] == top
 
 
@@ -103,7 +119,15 @@ def test_stop_string_truncates_text_and_streams_consistently(engine: Engine) -> 
     full = alone(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     assert len(full.text) > 6
     stop = full.text[3:6]
-    deltas = list(engine.generate(GenerationRequest("s", tuple(prompt), SamplingParams(max_tokens=40, temperature=0, stop=(stop,), ignore_eos=True))))
+    deltas = list(
+        engine.generate(
+            GenerationRequest(
+                "s",
+                tuple(prompt),
+                SamplingParams(max_tokens=40, temperature=0, stop=(stop,), ignore_eos=True),
+            )
+        )
+    )
     result = GenerationResult.collect("s", deltas)
     assert result.finish is FinishReason.STOP
     assert result.text == full.text[: full.text.index(stop)]
@@ -115,7 +139,9 @@ def test_stop_token_ids_and_eos(engine: Engine) -> None:
     prompt = prompts(engine)[3]
     full = alone(engine, prompt)
     stop_token = full.token_ids[5]
-    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(stop_token,), ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=24, temperature=0, stop_token_ids=(stop_token,), ignore_eos=True
+    )
     r = alone(engine, prompt, params)
     assert r.finish is FinishReason.STOP
     assert r.token_ids == full.token_ids[: full.token_ids.index(stop_token) + 1]
@@ -157,7 +183,7 @@ def test_engine_loop_serves_concurrent_threads(engine: Engine) -> None:
             t.join(timeout=60)
         assert results == expected
         # A bad request fails its own stream only.
-        with pytest.raises(Exception, match="EMPTY_PROMPT|empty"):
+        with pytest.raises(Exception, match=r"EMPTY_PROMPT|empty"):
             list(loop.submit(GenerationRequest("bad", (), GREEDY)))
         with loop.paused() as paused_engine:
             assert not paused_engine.has_work()

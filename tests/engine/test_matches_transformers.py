@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.engine import checkpoints
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest
 from torpor.worker.engine.sampling import SamplingParams
+
+from tests.engine import checkpoints
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -61,9 +61,7 @@ def engine_greedy(engine: Engine, prompt: list[int], steps: int):
     return prefill, decode_logits, tokens
 
 
-@pytest.mark.parametrize(
-    "name", ["llama_gqa_llama3", "mistral", "qwen2_tied", "llama_sharded"]
-)
+@pytest.mark.parametrize("name", ["llama_gqa_llama3", "mistral", "qwen2_tied", "llama_sharded"])
 def test_logits_and_greedy_tokens_match(hf_checkpoints: dict[str, Path], name: str) -> None:
     model_dir = hf_checkpoints[name]
     engine = Engine.load(model_dir, EngineOptions(max_batch=2, max_seq_len=512, dtype="float32"))
@@ -107,7 +105,9 @@ def test_old_config_layout_gives_same_logits(
     checkpoints.to_old_config_layout(old)
     prompt = prompt_for(300)
     options = EngineOptions(max_seq_len=512, dtype="float32")
-    new_logits = Engine.load(hf_checkpoints[name], options).model.prefill(torch.tensor(prompt), 0, True)
+    new_logits = Engine.load(hf_checkpoints[name], options).model.prefill(
+        torch.tensor(prompt), 0, True
+    )
     old_engine = Engine.load(old, options)
     assert old_engine.cfg.checkpoint_dtype == "float32"
     old_logits = old_engine.model.prefill(torch.tensor(prompt), 0, True)
@@ -125,6 +125,7 @@ def test_demo_checkpoint_is_hugging_face_format(demo_dir: Path) -> None:
     ref_prefill, ref_decode, ref_tokens = hf_greedy(demo_dir, ids, 8)
     got_prefill, got_decode, got_tokens = engine_greedy(engine, ids, 8)
     assert rel_err(got_prefill, ref_prefill) < RTOL
+    assert all(rel_err(g, r) < RTOL for g, r in zip(got_decode, ref_decode, strict=True))
     assert got_tokens == ref_tokens
 
 

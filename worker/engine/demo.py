@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
 from torpor.errors import InvalidArgument
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -52,9 +51,13 @@ class DemoSpec:
         if min(self.layers, self.hidden, self.heads, self.kv_heads) < 1:
             problems.append("layers, hidden, heads and kv-heads must be >= 1")
         elif self.hidden % self.heads or (self.hidden // self.heads) % 2:
-            problems.append(f"hidden ({self.hidden}) / heads ({self.heads}) must be an even integer")
+            problems.append(
+                f"hidden ({self.hidden}) / heads ({self.heads}) must be an even integer"
+            )
         elif self.heads % self.kv_heads:
-            problems.append(f"heads ({self.heads}) must be a multiple of kv-heads ({self.kv_heads})")
+            problems.append(
+                f"heads ({self.heads}) must be a multiple of kv-heads ({self.kv_heads})"
+            )
         if self.vocab < 300:
             problems.append(f"vocab ({self.vocab}) must be >= 300 (256 byte tokens and merges)")
         if problems:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from torpor.errors import InvalidArgument
 from torpor.log import get_logger
 from torpor.worker.engine.config import ModelConfig
@@ -110,12 +109,19 @@ class Engine:
             model_dir, cfg, options, device, dtype_name, compute_dtype, placement, progress
         )
         tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-        engine = cls(cfg, options, model, memory, tokenizer, _eos_ids(model_dir, cfg, tokenizer), timings)
+        engine = cls(
+            cfg, options, model, memory, tokenizer, _eos_ids(model_dir, cfg, tokenizer), timings
+        )
         engine.enable_graphs()
         log.info(
-            "engine_loaded", model_dir=str(model_dir), device=str(device), dtype=dtype_name,
-            weight_bytes=memory.weights.nbytes, kv_bytes=memory.kv.nbytes,
-            graphs=engine.graphs_enabled, **timings.as_dict(),
+            "engine_loaded",
+            model_dir=str(model_dir),
+            device=str(device),
+            dtype=dtype_name,
+            weight_bytes=memory.weights.nbytes,
+            kv_bytes=memory.kv.nbytes,
+            graphs=engine.graphs_enabled,
+            **timings.as_dict(),
         )
         return engine
 
@@ -217,7 +223,9 @@ class Engine:
             if seq is not None:
                 self._waiting.remove(seq)
             else:
-                seq = next((s for s in self._running.values() if s.request.request_id == request_id), None)
+                seq = next(
+                    (s for s in self._running.values() if s.request.request_id == request_id), None
+                )
             if seq is not None:
                 deltas.append(self._finish(seq, FinishReason.ABORT, ""))
         self._aborted.clear()
@@ -269,7 +277,11 @@ class Engine:
         return self._finish(seq, finish, text, token, logprob)
 
     def _finish(
-        self, seq: _Sequence, finish: FinishReason, text: str, token: int | None = None,
+        self,
+        seq: _Sequence,
+        finish: FinishReason,
+        text: str,
+        token: int | None = None,
         logprob: float = 0.0,
     ) -> RequestDelta:
         if seq.slot >= 0:

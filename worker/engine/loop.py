@@ -130,7 +130,9 @@ class EngineLoop:
                 self._dispatch(self.engine.step())
         except BaseException as exc:  # a bug or a device failure: fail every open request
             log.error("engine_loop_failed", error=repr(exc))
-            self._fail_all(exc if isinstance(exc, TorporError) else Unavailable(f"engine failed: {exc!r}"))
+            self._fail_all(
+                exc if isinstance(exc, TorporError) else Unavailable(f"engine failed: {exc!r}")
+            )
             raise
         self._fail_all(Unavailable("the engine shut down", reason="ENGINE_STOPPED"))
 

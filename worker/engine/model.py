@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.fp8 import Fp8Linear
 from torpor.worker.engine.layout import TensorSpec
@@ -111,8 +110,14 @@ class Transformer:
         return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float().squeeze(0)
 
     def _prefill_attention(
-        self, layer: Layer, n: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        slot: int, mask: torch.Tensor | None,
+        self,
+        layer: Layer,
+        n: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot: int,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         length = x.shape[1]
@@ -150,8 +155,15 @@ class Transformer:
         return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
 
     def _decode_attention(
-        self, layer: Layer, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        rows: torch.Tensor, positions: torch.Tensor, span: int,
+        self,
+        layer: Layer,
+        i: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        span: int,
         masks: dict[int | None, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-
 from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.worker.engine import fp8
 from torpor.worker.engine.config import DTYPES, ModelConfig, canonical_dtype
@@ -50,11 +49,15 @@ class EngineOptions:
         """These options with `max_seq_len` chosen for the model when it is 0 (auto)."""
         if self.max_seq_len:
             return self
-        return dataclasses.replace(self, max_seq_len=min(cfg.max_position_embeddings, DEFAULT_SEQ_LEN))
+        return dataclasses.replace(
+            self, max_seq_len=min(cfg.max_position_embeddings, DEFAULT_SEQ_LEN)
+        )
 
     def batch_sizes(self) -> tuple[int, ...]:
         """Decode batch sizes that have a graph, ascending; the largest is max_batch."""
-        sizes = set(self.graph_batch_sizes) or {1 << i for i in range(11) if 1 << i < self.max_batch}
+        sizes = set(self.graph_batch_sizes) or {
+            1 << i for i in range(11) if 1 << i < self.max_batch
+        }
         return tuple(sorted(sizes | {self.max_batch}))
 
     def spans(self) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torpor.worker.engine.sampling import SamplingParams
 
@@ -22,7 +22,7 @@ class GenerationRequest:
 
     request_id: str
     prompt_ids: tuple[int, ...]
-    params: SamplingParams = SamplingParams()
+    params: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass(frozen=True)

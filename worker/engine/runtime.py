@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from torpor.errors import InvalidArgument
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.layout import DevicePlacement, Layout, Placement
@@ -70,12 +69,16 @@ def load_runtime(
     ckpt.validate(plan)
     placement = placement if placement is not None else DevicePlacement(device)
     weights_layout = Layout.plan("weights", weight_specs(plan, compute_dtype))
-    kv_layout = Layout.plan("kv", [kv_spec(cfg, options.max_batch, options.max_seq_len, compute_dtype)])
+    kv_layout = Layout.plan(
+        "kv", [kv_spec(cfg, options.max_batch, options.max_seq_len, compute_dtype)]
+    )
     t_config = time.perf_counter()
 
     tensors = placement.place(weights_layout)
     total = weights_layout.nbytes
-    load_weights(ckpt, plan, tensors, None if progress is None else lambda done: progress(done, total))
+    load_weights(
+        ckpt, plan, tensors, None if progress is None else lambda done: progress(done, total)
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_weights = time.perf_counter()
@@ -88,7 +91,12 @@ def load_runtime(
 
     model = Transformer(cfg, tensors, kv, options.max_seq_len, compute_dtype)
     memory = RuntimeMemory(
-        weights_layout, kv_layout, tensors, kv, placement, dtype_name,
+        weights_layout,
+        kv_layout,
+        tensors,
+        kv,
+        placement,
+        dtype_name,
         graph_pool=getattr(placement, "graph_pool", None),
     )
     timings = LoadTimings(t_config - start, t_weights - t_config, t_kv - t_weights)

@@ -11,7 +11,6 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
-
 from torpor.errors import InvalidArgument
 
 MAX_TEMPERATURE = 100.0
@@ -46,21 +45,29 @@ class SamplingParams:
         _check(1 <= self.max_tokens <= 10**7, "max_tokens", self.max_tokens, "must be >= 1")
         _check(
             math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
-            "temperature", self.temperature, f"must be between 0 and {MAX_TEMPERATURE:g}",
+            "temperature",
+            self.temperature,
+            f"must be between 0 and {MAX_TEMPERATURE:g}",
         )
         _check(
-            math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
+            math.isfinite(self.top_p) and 0 < self.top_p <= 1,
+            "top_p",
+            self.top_p,
             "must be in (0, 1]",
         )
         _check(0 <= self.top_k <= vocab_size, "top_k", self.top_k, f"must be in [0, {vocab_size}]")
         if self.seed is not None:
             _check(0 <= self.seed <= MAX_SEED, "seed", self.seed, "must be in [0, 2**64-1]")
         _check(
-            len(self.stop) <= MAX_STOP_STRINGS, "stop", len(self.stop),
+            len(self.stop) <= MAX_STOP_STRINGS,
+            "stop",
+            len(self.stop),
             f"at most {MAX_STOP_STRINGS} stop strings",
         )
         for s in self.stop:
-            _check(0 < len(s) <= MAX_STOP_LENGTH, "stop", repr(s), "stop strings must be 1-256 chars")
+            _check(
+                0 < len(s) <= MAX_STOP_LENGTH, "stop", repr(s), "stop strings must be 1-256 chars"
+            )
         for t in self.stop_token_ids:
             _check(0 <= t < vocab_size, "stop_token_ids", t, f"must be in [0, {vocab_size})")
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-
 from torpor.errors import InvalidArgument
 
 
@@ -26,7 +25,9 @@ class Tokenizer:
             )
         self._tok = HFTokenizer.from_file(str(path))
         config_path = Path(model_dir) / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config: dict[str, Any] = (
+            json.loads(config_path.read_text()) if config_path.is_file() else {}
+        )
         self.bos_token_id = self._special_id(config.get("bos_token"))
         self.eos_token_id = self._special_id(config.get("eos_token"))
         self.add_bos: bool | None = config.get("add_bos_token")

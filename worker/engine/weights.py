@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-
 from torpor.errors import InvalidArgument
 from torpor.worker.engine import fp8
 from torpor.worker.engine.config import ModelConfig
@@ -52,7 +51,9 @@ class WeightSource:
         return (rows, *self.parts[0].shape[1:])
 
 
-def _src(target: str, parts: list[tuple[str, tuple[int, ...]]], quantized: bool = False) -> WeightSource:
+def _src(
+    target: str, parts: list[tuple[str, tuple[int, ...]]], quantized: bool = False
+) -> WeightSource:
     return WeightSource(target, tuple(Part(n, s) for n, s in parts), quantized)
 
 

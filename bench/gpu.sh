@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
+#   bash bench/gpu.sh [all|tests|engine]...      (default: all)
+# Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
+# On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.bench}
+mkdir -p "$OUT"
+RES=$OUT/results.jsonl
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1
+steps=("${@:-all}")
+want() { [[ " ${steps[*]} " == *" all "* || " ${steps[*]} " == *" $1 "* ]]; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+make -s linktree
+export PYTHONPATH=$PWD/build/pkg:$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+date -u +%Y-%m-%dT%H:%M:%SZ
+
+if want tests; then
+  echo "== gpu tests"
+  python3 -m pytest -q -m gpu tests -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
+    --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -60
+fi
+
+if want engine; then
+  echo "== engine benchmark"
+  CK=/tmp/torpor-bench/llama3-8b
+  [ -f $CK/model.safetensors.index.json ] || python3 bench/engine_gpu.py write-ckpt $CK || exit 1
+  python3 bench/engine_gpu.py floor --out "$RES"
+  sync; if echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then echo "page cache dropped"; else echo "page cache NOT dropped"; fi
+  python3 bench/engine_gpu.py cold $CK --out "$RES" --launched "$(date +%s.%N)"
+  python3 bench/engine_gpu.py decode $CK --out "$RES"
+  python3 bench/engine_gpu.py hf $CK --out "$RES"
+fi
+echo "== done"
