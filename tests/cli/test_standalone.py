@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest

@@ -3,9 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from torpor.worker.engine.demo import DemoSpec, make_demo
 
 from tests.engine import checkpoints
+from torpor.worker.engine.demo import DemoSpec, make_demo
 
 BUILDERS = {
     "llama_gqa_llama3": checkpoints.llama_gqa_llama3,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
+
 from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions

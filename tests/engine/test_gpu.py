@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.engine import checkpoints
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest
 from torpor.worker.engine.sampling import SamplingParams
-
-from tests.engine import checkpoints
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from torpor.errors import InvalidArgument
 
 # Architecture name in config.json -> the family whose tensor layout and quirks apply.

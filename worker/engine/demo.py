@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from torpor.errors import InvalidArgument
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from torpor.errors import InvalidArgument
 from torpor.log import get_logger
 from torpor.worker.engine.config import ModelConfig

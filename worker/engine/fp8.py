@@ -7,6 +7,7 @@ product runs through `torch._scaled_mm` with row-wise scales (Hopper and newer).
 from __future__ import annotations
 
 import torch
+
 from torpor.errors import FailedPrecondition
 
 FP8 = torch.float8_e4m3fn

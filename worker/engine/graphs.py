@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from torpor.worker.engine.model import Transformer
 from torpor.worker.engine.options import EngineOptions, bucket
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
 from torpor.errors import InvalidArgument
 
 # Offsets are aligned so every view is aligned for any dtype and for vectorized kernels.

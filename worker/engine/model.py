@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.fp8 import Fp8Linear
 from torpor.worker.engine.layout import TensorSpec

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
 from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.worker.engine import fp8
 from torpor.worker.engine.config import DTYPES, ModelConfig, canonical_dtype

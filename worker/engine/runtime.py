@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from torpor.errors import InvalidArgument
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.layout import DevicePlacement, Layout, Placement

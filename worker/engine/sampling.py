@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
+
 from torpor.errors import InvalidArgument
 
 MAX_TEMPERATURE = 100.0

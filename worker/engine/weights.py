@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
 from torpor.errors import InvalidArgument
 from torpor.worker.engine import fp8
 from torpor.worker.engine.config import ModelConfig

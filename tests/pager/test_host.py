@@ -1,0 +1,99 @@
+"""Host buffers: the retained host copy of an arena, restored bit for bit after a remap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tests.pager import procfs
+from torpor.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from torpor.worker.pager import Arena, CpuBackend, HostBuffer
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def arena() -> Iterator[Arena]:
+    with Arena("weights", 24 * MiB, CpuBackend(), handle_bytes=8 * MiB) as a:
+        a.map()
+        yield a
+
+
+def test_a_suspend_and_resume_through_the_host_buffer_is_bit_identical(arena: Arena) -> None:
+    weights = arena.tensor(0, (arena.nbytes // 2,), torch.bfloat16)
+    weights.copy_(torch.randn(weights.shape, generator=torch.Generator().manual_seed(0)))
+    expected = weights.clone()
+
+    with HostBuffer.for_arena(arena) as host:
+        assert not host.pinned  # nothing to pin on the CPU backend
+        host.copy_from(arena)  # once, ahead of time
+        for _ in range(3):  # every later suspend is an unmap only
+            arena.unmap()
+            arena.map()
+            assert int(weights.view(torch.uint8).count_nonzero()) == 0
+            host.copy_to(arena)
+            assert torch.equal(weights.view(torch.int16), expected.view(torch.int16))
+
+
+def test_a_prefix_can_be_copied(arena: Arena) -> None:
+    arena.tensor(0, (arena.nbytes,), torch.uint8).fill_(0x11)
+    with HostBuffer(MiB) as host:
+        host.copy_from(arena)
+        assert int(host.tensor.sum()) == 0x11 * MiB
+        arena.zero_()
+        host.copy_to(arena, nbytes=4096)
+        everything = arena.tensor(0, (arena.nbytes,), torch.uint8)
+        assert int(everything[:4096].sum()) == 0x11 * 4096
+        assert int(everything[4096:].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("nbytes", [0, 2 * MiB])
+def test_copies_must_fit_both_sides(arena: Arena, nbytes: int) -> None:
+    with HostBuffer(MiB) as host, pytest.raises(InvalidArgument) as raised:
+        host.copy_to(arena, nbytes=nbytes)
+    assert raised.value.reason == "BAD_COPY_SIZE"
+
+
+def test_close_frees_the_memory_and_is_idempotent() -> None:
+    host = HostBuffer(64 * MiB)
+    host.tensor.fill_(1)
+    touched = procfs.rss_anon()
+    host.close()
+    assert touched - procfs.rss_anon() >= 0.9 * 64 * MiB
+    assert procfs.mappings(host.address, host.address + host.nbytes) == []
+    host.close()
+    with pytest.raises(FailedPrecondition):
+        _ = host.tensor
+
+
+class RecordingPinner:
+    """Stands in for the CUDA backend's page-locking, recording what it was asked."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.pinned, self.unpinned = fail, [], []
+
+    def pin_host(self, address: int, nbytes: int) -> None:
+        if self.fail:
+            raise ResourceExhausted("cannot pin", reason="CUDA_ERROR_OUT_OF_MEMORY")
+        self.pinned.append((address, nbytes))
+
+    def unpin_host(self, address: int) -> None:
+        self.unpinned.append(address)
+
+
+def test_a_pinned_buffer_is_pinned_once_and_unpinned_before_it_is_freed() -> None:
+    pinner = RecordingPinner()
+    host = HostBuffer(MiB + 1, pinner=pinner)
+    assert host.pinned
+    assert pinner.pinned == [(host.address, MiB + 4096)]  # whole pages
+    host.close()
+    assert pinner.unpinned == [host.address]
+
+
+def test_a_failed_pin_frees_the_memory() -> None:
+    before = procfs.mapping_count()
+    with pytest.raises(ResourceExhausted):
+        HostBuffer(16 * MiB, pinner=RecordingPinner(fail=True))
+    assert procfs.mapping_count() <= before
