@@ -54,6 +54,7 @@ def write_ckpt(out_dir: Path, config: dict, shard_bytes: int = 4 << 30) -> None:
     """Random bf16 weights of `config`'s shape, written in shards with an index."""
     import torch
     from safetensors.torch import save_file
+
     from torpor.worker.engine.config import ModelConfig
     from torpor.worker.engine.weights import weight_plan
 
@@ -154,6 +155,7 @@ def cold(model_dir: Path, out: Path, t_launch: float) -> None:
 
 def decode(model_dir: Path, out: Path, bandwidth: float) -> None:
     import torch
+
     from torpor.worker.engine.engine import Engine
     from torpor.worker.engine.options import EngineOptions
 
@@ -164,6 +166,7 @@ def decode(model_dir: Path, out: Path, bandwidth: float) -> None:
     for batch in (1, 32):
         steps, e2e = decode_steps(engine, batch)
         med = statistics.median(steps)
+        replay = graph_replay_s(engine, batch)
         emit(
             out,
             {
@@ -173,6 +176,8 @@ def decode(model_dir: Path, out: Path, bandwidth: float) -> None:
                 "batch": batch,
                 "step_ms_median": med * 1000,
                 "step_ms_p90": sorted(steps)[int(len(steps) * 0.9)] * 1000,
+                "graph_replay_ms": replay * 1000,
+                "host_overhead_ms": (med - replay) * 1000,
                 "tokens_per_s": batch / med,
                 "e2e_tokens_per_s": batch * GEN_TOKENS / e2e,
                 "floor_ms": floor_s * 1000,
@@ -187,6 +192,7 @@ def decode(model_dir: Path, out: Path, bandwidth: float) -> None:
 def decode_steps(engine, batch: int) -> tuple[list[float], float]:
     """Per-step wall times of steady-state batched decode, and one request's end-to-end time."""
     import torch
+
     from torpor.worker.engine.requests import GenerationRequest
     from torpor.worker.engine.sampling import SamplingParams
 
@@ -207,6 +213,22 @@ def decode_steps(engine, batch: int) -> tuple[list[float], float]:
     return times[5:-1], e2e
 
 
+def graph_replay_s(engine, batch: int) -> float:
+    """GPU time of one captured decode step alone (median of CUDA-event timings)."""
+    import torch
+
+    graph, _ = engine._decoder.graphs[batch, engine._decoder.spans[0]]
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times[5:])
+
+
 def hf(model_dir: Path, out: Path) -> None:
     import torch
     import transformers
@@ -219,7 +241,7 @@ def hf(model_dir: Path, out: Path) -> None:
     for batch in (1, 32):
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, 128000, (batch, PROMPT_LEN), generator=g).cuda()
-        kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+        kw = {"do_sample": False, "pad_token_id": 0}
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
         torch.cuda.synchronize()
         t = time.perf_counter()

@@ -26,7 +26,10 @@ date -u +%Y-%m-%dT%H:%M:%SZ
 
 if want tests; then
   echo "== gpu tests"
+  # Modules that need packages this host lacks (the store's database drivers) fail to
+  # collect; they hold no gpu tests, so collection goes on without them.
   python3 -m pytest -q -m gpu tests -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
+    --continue-on-collection-errors \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -60
 fi
 

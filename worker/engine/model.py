@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.fp8 import Fp8Linear
+from torpor.worker.engine.kernels import Ops, rms_norm_ref
 from torpor.worker.engine.layout import TensorSpec
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -56,7 +57,11 @@ class Layer:
 
 
 class Transformer:
-    """Forward passes of one model: `prefill` one request into a slot, `decode` a batch."""
+    """Forward passes of one model: `prefill` one request into a slot, `decode` a batch.
+
+    The residual stream is updated in place and each residual add is fused with the RMSNorm
+    that follows it (`Ops.add_rms_norm`), the rotary embedding with the KV-cache write.
+    """
 
     def __init__(
         self,
@@ -65,6 +70,7 @@ class Transformer:
         kv: torch.Tensor,
         max_seq_len: int,
         dtype: torch.dtype,
+        ops: Ops | None = None,
     ) -> None:
         self.cfg = cfg
         self.dtype = dtype
@@ -74,6 +80,7 @@ class Transformer:
         self.lm_head = make_linear(weights, "lm_head" if "lm_head" in weights else "embed", None)
         self.layers = [self._layer(weights, n) for n in range(cfg.num_layers)]
         device = self.embed.device
+        self.ops = ops or Ops(device)
         # cos/sin tables [max_seq_len, head_dim], computed in float32 as transformers does
         # and then cast to the compute dtype.
         inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(device)
@@ -93,6 +100,19 @@ class Transformer:
             window=self.cfg.layer_windows[n],
         )
 
+    def _forward(
+        self, x: torch.Tensor, attention: Callable[[int, Layer, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Run every layer over the residual stream x [T, H]; return the final normed [T, H]."""
+        eps = self.cfg.rms_norm_eps
+        h = self.ops.rms_norm(x, self.layers[0].attn_norm, eps)
+        for i, layer in enumerate(self.layers):
+            x, h = self.ops.add_rms_norm(x, attention(i, layer, h), layer.mlp_norm, eps)
+            mlp = layer.w2(self.ops.silu_mul(layer.w13(h)))
+            after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            x, h = self.ops.add_rms_norm(x, mlp, after, eps)
+        return h
+
     # -- prefill ---------------------------------------------------------------------------
 
     def prefill(self, tokens: torch.Tensor, slot: int, all_logits: bool = False) -> torch.Tensor:
@@ -101,39 +121,30 @@ class Transformer:
         Returns float32 logits: [L, vocab] if `all_logits`, else [vocab] of the last token.
         """
         length = tokens.shape[0]
-        cos, sin = self.cos[:length], self.sin[:length]  # [L, D]
-        x = F.embedding(tokens, self.embed)[None]  # [1, L, H]
-        masks = _prefill_masks(self.cfg.layer_windows, length, x.device)
-        for n, layer in enumerate(self.layers):
-            x = x + self._prefill_attention(layer, n, x, cos, sin, slot, masks[layer.window])
-            x = x + self._mlp(layer, x)
-        x = x[0] if all_logits else x[0, -1:]
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float().squeeze(0)
+        positions = torch.arange(length, device=tokens.device)
+        slots = torch.full_like(positions, slot)
+        masks = _prefill_masks(self.cfg.layer_windows, length, tokens.device)
 
-    def _prefill_attention(
-        self,
-        layer: Layer,
-        n: int,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slot: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        length = x.shape[1]
-        h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-        q, k, v = layer.wqkv(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(1, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [1, NH, L, D]
-        k = k.view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [1, KVH, L, D]
-        v = v.view(1, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        self.kv[n, 0, slot, :, :length] = k[0]
-        self.kv[n, 1, slot, :, :length] = v[0]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-        )  # [1, NH, L, D]
-        return layer.wo(out.transpose(1, 2).reshape(1, length, cfg.q_size))
+        def attention(i: int, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+            cfg = self.cfg
+            cache_k, cache_v = self.kv[i, 0], self.kv[i, 1]  # [slots, KVH, S, D]
+            q = self.ops.rope_to_cache(
+                layer.wqkv(h), self.cos, self.sin, slots, positions, cache_k, cache_v, cfg.num_heads
+            )  # [L, NH, D]
+            mask = masks[layer.window]
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],  # [1, NH, L, D]
+                cache_k[slot, :, :length][None],  # [1, KVH, L, D]
+                cache_v[slot, :, :length][None],
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=True,
+            )  # [1, NH, L, D]
+            return layer.wo(out[0].transpose(0, 1).reshape(length, cfg.q_size))
+
+        h = self._forward(F.embedding(tokens, self.embed), attention)  # [L, H]
+        h = h if all_logits else h[-1:]
+        return self.lm_head(h).float().squeeze(0)
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -145,66 +156,33 @@ class Transformer:
         idle slots may carry any token at position 0: their outputs are ignored.
         """
         n = tokens.shape[0]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, D]
-        x = F.embedding(tokens, self.embed)  # [n, H]
-        rows = torch.arange(n, device=tokens.device)
+        slots = torch.arange(n, device=tokens.device)
         keys = torch.arange(span, device=tokens.device)  # [span]
         masks = _decode_masks(self.cfg.layer_windows, keys, positions)
-        for i, layer in enumerate(self.layers):
-            x = x + self._decode_attention(layer, i, x, cos, sin, rows, positions, span, masks)
-            x = x + self._mlp(layer, x)
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps)).float()
-
-    def _decode_attention(
-        self,
-        layer: Layer,
-        i: int,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        span: int,
-        masks: dict[int | None, torch.Tensor],
-    ) -> torch.Tensor:
         cfg = self.cfg
-        n = x.shape[0]
-        h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-        q, k, v = layer.wqkv(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)  # [n, NH, D]
-        k = rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [n, KVH, D]
-        cache_k, cache_v = self.kv[i, 0, :n], self.kv[i, 1, :n]  # [n, KVH, S, D]
-        cache_k[rows, :, positions] = k
-        cache_v[rows, :, positions] = v.view(n, cfg.num_kv_heads, cfg.head_dim)
-        # Grouped-query attention without copying K/V: the query heads that share a KV head
-        # become that head's rows of queries. [n, KVH, group, D] against [n, KVH, span, D].
         group = cfg.num_heads // cfg.num_kv_heads
-        out = F.scaled_dot_product_attention(
-            q.view(n, cfg.num_kv_heads, group, cfg.head_dim),
-            cache_k[:, :, :span],
-            cache_v[:, :, :span],
-            attn_mask=masks[layer.window],
-        )
-        return layer.wo(out.reshape(n, cfg.q_size))
 
-    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
-        gate, up = layer.w13(h).chunk(2, dim=-1)
-        return layer.w2(F.silu(gate) * up)
+        def attention(i: int, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+            cache_k, cache_v = self.kv[i, 0], self.kv[i, 1]  # [slots, KVH, S, D]
+            q = self.ops.rope_to_cache(
+                layer.wqkv(h), self.cos, self.sin, slots, positions, cache_k, cache_v, cfg.num_heads
+            )  # [n, NH, D]
+            # Grouped-query attention without copying K/V: the query heads that share a KV
+            # head become that head's rows of queries. [n, KVH, group, D] vs [n, KVH, span, D].
+            out = F.scaled_dot_product_attention(
+                q.view(n, cfg.num_kv_heads, group, cfg.head_dim),
+                cache_k[:n, :, :span],
+                cache_v[:n, :, :span],
+                attn_mask=masks[layer.window],
+            )
+            return layer.wo(out.reshape(n, cfg.q_size))
+
+        h = self._forward(F.embedding(tokens, self.embed), attention)
+        return self.lm_head(h).float()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in float32, then scale in the compute dtype (as the reference does).
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, "rotate half" convention of HF Llama checkpoints. x: [..., D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return rms_norm_ref(x, weight, eps)
 
 
 def _prefill_masks(
