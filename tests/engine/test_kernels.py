@@ -1,7 +1,7 @@
 """The fused Triton kernels compute what their torch references compute.
 
-They run on a GPU; with Triton installed but no GPU they run in Triton's interpreter
-(TRITON_INTERPRET=1 set before triton is imported), and without Triton they are skipped.
+They are `gpu` tests. With Triton installed but no GPU they can also run in Triton's
+interpreter: TRITON_INTERPRET=1 TORPOR_TEST_INTERPRET=1 pytest -m gpu tests/engine/test_kernels.py
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from torpor.worker.engine import kernels as K
+
+pytestmark = pytest.mark.gpu
 
 if K.triton is None:
     pytest.skip("triton is not installed (CPU build of torch)", allow_module_level=True)
@@ -51,9 +53,10 @@ def test_add_rms_norm(dtype: torch.dtype, hidden: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_to_cache(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_rope_to_cache(dtype: torch.dtype, head_dim: int) -> None:
     g = torch.Generator().manual_seed(0)
-    heads, kv_heads, head_dim, seq, slots, tokens = 8, 2, 64, 40, 4, 5
+    heads, kv_heads, seq, slots, tokens = 8, 2, 40, 4, 5
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
     cos = torch.randn(seq, head_dim, generator=g).to(DEVICE, dtype)
     sin = torch.randn(seq, head_dim, generator=g).to(DEVICE, dtype)

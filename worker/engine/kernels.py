@@ -12,10 +12,8 @@ intermediates to the compute dtype where the reference does, so both give the sa
 to the order of a float32 sum.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
+# No `from __future__ import annotations` here: Triton reads the annotations of @jit
+# functions (tl.constexpr) and must see objects, not strings.
 import torch
 import torch.nn.functional as F
 
@@ -86,7 +84,7 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _round(x: Any, like: Any) -> Any:
+    def _round(x, like):
         # Round a float32 value to the dtype of `like` and back: what an eager op stores.
         return x.to(like.dtype.element_ty).to(tl.float32)
 
@@ -135,22 +133,23 @@ if triton is not None:
         vc_slot,
         vc_head,
         vc_pos,
-        HALF: tl.constexpr,
+        HALF: tl.constexpr, BLOCK: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        offs = tl.arange(0, HALF)
+        offs = tl.arange(0, BLOCK)
+        m = offs < HALF
         src = qkv_ptr + t * width + h * (2 * HALF)
-        x1 = tl.load(src + offs).to(tl.float32)
-        x2 = tl.load(src + HALF + offs).to(tl.float32)
+        x1 = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=m, other=0.0).to(tl.float32)
         if h < num_heads + kv_heads:
             row = pos * (2 * HALF)
-            c1 = tl.load(cos_ptr + row + offs).to(tl.float32)
-            c2 = tl.load(cos_ptr + row + HALF + offs).to(tl.float32)
-            s1 = tl.load(sin_ptr + row + offs).to(tl.float32)
-            s2 = tl.load(sin_ptr + row + HALF + offs).to(tl.float32)
+            c1 = tl.load(cos_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + row + HALF + offs, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + row + offs, mask=m, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + row + HALF + offs, mask=m, other=0.0).to(tl.float32)
             # x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it.
             o1 = _round(_round(x1 * c1, qkv_ptr) + _round(-x2 * s1, qkv_ptr), qkv_ptr)
             o2 = _round(_round(x2 * c2, qkv_ptr) + _round(x1 * s2, qkv_ptr), qkv_ptr)
@@ -158,12 +157,12 @@ if triton is not None:
                 dst = q_ptr + (t * num_heads + h) * (2 * HALF)
             else:
                 dst = kc_ptr + slot * kc_slot + (h - num_heads) * kc_head + pos * kc_pos
-            tl.store(dst + offs, o1.to(qkv_ptr.dtype.element_ty))
-            tl.store(dst + HALF + offs, o2.to(qkv_ptr.dtype.element_ty))
+            tl.store(dst + offs, o1.to(qkv_ptr.dtype.element_ty), mask=m)
+            tl.store(dst + HALF + offs, o2.to(qkv_ptr.dtype.element_ty), mask=m)
         else:
             dst = vc_ptr + slot * vc_slot + (h - num_heads - kv_heads) * vc_head + pos * vc_pos
-            tl.store(dst + offs, x1.to(qkv_ptr.dtype.element_ty))
-            tl.store(dst + HALF + offs, x2.to(qkv_ptr.dtype.element_ty))
+            tl.store(dst + offs, x1.to(qkv_ptr.dtype.element_ty), mask=m)
+            tl.store(dst + HALF + offs, x2.to(qkv_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _silu_mul_kernel(h_ptr, out_ptr, inner, BLOCK: tl.constexpr):
@@ -229,6 +228,7 @@ def rope_to_cache_triton(
         cache_v.stride(1),
         cache_v.stride(2),
         HALF=head_dim // 2,
+        BLOCK=triton.next_power_of_2(head_dim // 2),
         num_warps=1,
     )
     return q
