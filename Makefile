@@ -36,8 +36,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/torpord --state-dir $(STATE_DIR) --demo
 
+# The store's tests run against SQLite and a throwaway PostgreSQL server, which this script
+# installs (if missing), starts on loopback, and stops again.
 test: install proto-check
-	$(VENV)/bin/pytest -q -m "not gpu" $(PYTEST_ARGS)
+	bash tests/postgres/run-with-postgres.sh $(VENV)/bin/pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ from google.protobuf.descriptor import (
     FileDescriptor,
     ServiceDescriptor,
 )
+
 from torpor import protogen
 from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2, worker_pb2
 

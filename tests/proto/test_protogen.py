@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from torpor import protogen
 
 pytest.importorskip("grpc_tools")

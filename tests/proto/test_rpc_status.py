@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from torpor import errors, rpc_status
 from torpor.v1 import scheduler_pb2, scheduler_pb2_grpc
 

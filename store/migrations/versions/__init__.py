@@ -1,0 +1,1 @@
+"""Catalog schema revisions, oldest first: 0001 the initial schema, 0002 query indexes."""

@@ -1,0 +1,1 @@
+"""Tests of torpor.store: the catalog, the chunk store and snapshots."""
