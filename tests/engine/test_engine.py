@@ -190,3 +190,27 @@ def test_engine_loop_serves_concurrent_threads(engine: Engine) -> None:
             assert not paused_engine.has_work()
     with pytest.raises(Exception, match="shutting down"):
         loop.submit(GenerationRequest("late", tuple(ps[0]), GREEDY))
+
+
+def test_pause_parks_with_nothing_in_flight(engine: Engine) -> None:
+    prompt = prompts(engine)[4]
+    expected = alone(engine, prompt)
+    with EngineLoop(engine) as loop:
+        deltas = iter(loop.submit(GenerationRequest("p", tuple(prompt), GREEDY)))
+        got = [next(deltas) for _ in range(3)]
+        with loop.paused() as paused:
+            assert paused.steps_in_flight == 0
+            assert paused.num_running == 1  # the request keeps its slot
+        got += list(deltas)
+    assert GenerationResult.collect("p", got).token_ids == expected.token_ids
+
+
+def test_steps_are_pipelined(engine: Engine) -> None:
+    engine.add_request(GenerationRequest("pipe", tuple(prompts(engine)[0]), GREEDY))
+    first = engine.step()  # prefill, launch step 1, read the prefill's token
+    assert [len(d.token_ids) for d in first] == [1]
+    assert engine.steps_in_flight == 1
+    engine.flush()
+    assert engine.steps_in_flight == 0
+    while engine.has_work():
+        engine.step()

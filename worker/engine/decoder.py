@@ -1,4 +1,9 @@
-"""How a batched decode step is executed: eagerly, or by replaying a captured CUDA graph."""
+"""How a batched decode step is executed: eagerly, or by replaying a captured CUDA graph.
+
+A decoder owns the step's inputs as static device tensors, `tokens` and `positions` (one row
+per KV slot), so the engine can feed each step's sampled tokens back on the device without a
+round trip through the host.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,12 @@ from torpor.worker.engine.options import EngineOptions, bucket
 
 
 class Decoder(Protocol):
-    def run(self, tokens: list[int], positions: list[int], needed_span: int) -> torch.Tensor:
-        """float32 logits [n >= len(tokens), vocab]; row i is slot i."""
+    tokens: torch.Tensor  # [max_batch] int64, on the device; row i is slot i
+    positions: torch.Tensor  # [max_batch] int64, on the device
+
+    def launch(self, batch: int, span: int) -> torch.Tensor:
+        """Enqueue one decode step over at least the first `batch` slots, attending over at
+        least `span` positions; return float32 logits [n >= batch, vocab] (not yet computed)."""
         ...
 
 
@@ -22,9 +31,9 @@ class EagerDecoder:
     def __init__(self, model: Transformer, options: EngineOptions) -> None:
         self.model = model
         self.spans = options.spans()
-        self.device = model.embed.device
+        device = model.embed.device
+        self.tokens = torch.zeros(options.max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(options.max_batch, dtype=torch.long, device=device)
 
-    def run(self, tokens: list[int], positions: list[int], needed_span: int) -> torch.Tensor:
-        t = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        p = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self.model.decode(t, p, bucket(self.spans, needed_span))
+    def launch(self, batch: int, span: int) -> torch.Tensor:
+        return self.model.decode(self.tokens[:batch], self.positions[:batch], bucket(self.spans, span))

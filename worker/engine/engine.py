@@ -4,6 +4,11 @@ Requests wait, are admitted into free slots (one prefill each), then advance tog
 batched decode step at a time; they leave their slot when they finish, and a waiting request
 takes it at the next step. The engine is single-threaded: `step()` is driven by one thread
 (see `loop.EngineLoop` for the thread-safe front).
+
+Steps are pipelined. Sampled tokens stay on the device and are fed to the next step there;
+`step()` enqueues step k+1 first and only then reads step k's tokens back, so the host's
+work (stop checks, detokenizing, streaming) overlaps the device's. A request that stopped at
+step k has one speculative row in step k+1, whose output is discarded.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torpor.worker.engine.requests import (
     RequestDelta,
 )
 from torpor.worker.engine.runtime import LoadTimings, RuntimeMemory, load_runtime
-from torpor.worker.engine.sampling import RequestSampler, sample_batch
+from torpor.worker.engine.sampling import RequestSampler, sample_on_device
 from torpor.worker.engine.tokenizer import Detokenizer, Tokenizer
 
 log = get_logger("engine")
@@ -47,8 +52,19 @@ class _Sequence:
     stop_ids: frozenset[int]
     slot: int = -1
     position: int = 0  # where the next fed token's KV goes
-    last_token: int = -1
-    generated: int = 0
+    generated: int = 0  # tokens read back and emitted
+    pending: int = 0  # tokens sampled on the device, not yet read back
+    done: bool = False
+
+
+@dataclass
+class _Pending:
+    """Tokens sampled on the device for `seqs` (row i is seqs[i]), on their way to the host."""
+
+    seqs: list[_Sequence]
+    tokens: torch.Tensor  # [m] int64, host (pinned on CUDA), filled asynchronously
+    logprobs: torch.Tensor  # [m] float32, host
+    ready: torch.cuda.Event | None  # None on the CPU, where the copy is already done
 
 
 @dataclass
@@ -89,6 +105,8 @@ class Engine:
         self._free_slots = list(range(options.max_batch))
         self._ids: set[str] = set()
         self._aborted: list[str] = []
+        self._inflight: list[_Pending] = []
+        self._pin = self.device.type == "cuda"
 
     @classmethod
     def load(
@@ -140,12 +158,19 @@ class Engine:
 
         start = time.perf_counter()
         with torch.no_grad():
-            self._decoder = GraphDecoder(self.model, self.options, pool=self.memory.graph_pool)
+            self._swap_decoder(GraphDecoder(self.model, self.options, pool=self.memory.graph_pool))
         self.timings = self.timings.with_graphs(time.perf_counter() - start)
 
     def disable_graphs(self) -> None:
         """Drop captured graphs and decode eagerly (before the graph memory is released)."""
-        self._decoder = EagerDecoder(self.model, self.options)
+        self._swap_decoder(EagerDecoder(self.model, self.options))
+
+    def _swap_decoder(self, new: Decoder) -> None:
+        # The decoders' static inputs hold the running requests' next tokens and positions.
+        rows = min(len(new.tokens), len(self._decoder.tokens))
+        new.tokens[:rows].copy_(self._decoder.tokens[:rows])
+        new.positions[:rows].copy_(self._decoder.positions[:rows])
+        self._decoder = new
 
     # -- requests --------------------------------------------------------------------------
 
@@ -196,7 +221,12 @@ class Engine:
             self._aborted.append(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running or self._aborted)
+        return bool(self._waiting or self._running or self._aborted or self._inflight)
+
+    @property
+    def steps_in_flight(self) -> int:
+        """Decode steps enqueued on the device whose tokens are not read back yet."""
+        return len(self._inflight)
 
     @property
     def num_running(self) -> int:
@@ -209,12 +239,26 @@ class Engine:
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
-        """Abort, admit and prefill, then one batched decode step; return the deltas."""
+        """Apply aborts, admit and prefill waiting requests, enqueue the next decode step,
+        then read back what earlier steps sampled; return the resulting deltas."""
         with torch.no_grad():
             deltas = self._apply_aborts()
-            deltas += self._admit()
-            if self._running:
-                deltas += self._decode()
+            earlier, self._inflight = self._inflight, []
+            prefilled = self._admit()
+            launched = self._launch_decode()
+            for pending in (*earlier, *prefilled):
+                deltas += self._read(pending)
+            if launched is not None:
+                self._inflight.append(launched)
+        return deltas
+
+    def flush(self) -> list[RequestDelta]:
+        """Read back every step in flight, so no device work remains (before a suspend)."""
+        deltas: list[RequestDelta] = []
+        with torch.no_grad():
+            earlier, self._inflight = self._inflight, []
+            for pending in earlier:
+                deltas += self._read(pending)
         return deltas
 
     def _apply_aborts(self) -> list[RequestDelta]:
@@ -225,47 +269,91 @@ class Engine:
                 self._waiting.remove(seq)
             else:
                 seq = next(
-                    (s for s in self._running.values() if s.request.request_id == request_id), None
+                    (s for s in self._running.values() if s.request.request_id == request_id),
+                    None,
                 )
             if seq is not None:
                 deltas.append(self._finish(seq, FinishReason.ABORT, ""))
         self._aborted.clear()
         return deltas
 
-    def _admit(self) -> list[RequestDelta]:
-        deltas: list[RequestDelta] = []
+    def _admit(self) -> list[_Pending]:
+        """Prefill waiting requests into free slots; their first tokens stay on the device."""
+        prefilled: list[_Pending] = []
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
             seq.slot = heapq.heappop(self._free_slots)
             self._running[seq.slot] = seq
-            prompt = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
+            prompt = self._to_device(seq.request.prompt_ids)
             logits = self.model.prefill(prompt, seq.slot)  # [vocab]
             self.stats.prefills += 1
             seq.position = len(seq.request.prompt_ids)
-            (token,), (logprob,) = sample_batch(logits[None], [seq.sampler])
-            deltas.append(self._emit(seq, token, logprob))
-        return deltas
+            tokens, logprobs = sample_on_device(logits[None], [seq.sampler])
+            self._decoder.tokens[seq.slot : seq.slot + 1].copy_(tokens)
+            self._decoder.positions[seq.slot : seq.slot + 1].fill_(seq.position)
+            seq.pending += 1
+            prefilled.append(self._to_host([seq], tokens, logprobs))
+        return prefilled
 
-    def _decode(self) -> list[RequestDelta]:
-        seqs = sorted(self._running.values(), key=lambda s: s.slot)
-        batch = seqs[-1].slot + 1
-        tokens = [0] * batch
-        positions = [0] * batch
-        for s in seqs:
-            tokens[s.slot], positions[s.slot] = s.last_token, s.position
-        logits = self._decoder.run(tokens, positions, max(positions) + 1)  # [>= batch, vocab]
-        self.stats.decode_steps += 1
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        ids, logprobs = sample_batch(logits.index_select(0, rows), [s.sampler for s in seqs])
-        deltas = []
-        for seq, token, logprob in zip(seqs, ids, logprobs, strict=True):
+    def _launch_decode(self) -> _Pending | None:
+        """Enqueue one decode step for every request that may still need a token."""
+        seqs = sorted(
+            (
+                s
+                for s in self._running.values()
+                if s.generated + s.pending < s.request.params.max_tokens
+            ),
+            key=lambda s: s.slot,
+        )
+        if not seqs:
+            return None
+        logits = self._decoder.launch(seqs[-1].slot + 1, max(s.position for s in seqs) + 1)
+        slots = self._to_device([s.slot for s in seqs])
+        tokens, logprobs = sample_on_device(
+            logits.index_select(0, slots), [s.sampler for s in seqs]
+        )
+        # Feed the sampled tokens to the next step, on the device.
+        self._decoder.tokens.index_copy_(0, slots, tokens)
+        self._decoder.positions.index_add_(0, slots, torch.ones_like(slots))
+        for seq in seqs:
             seq.position += 1
-            deltas.append(self._emit(seq, token, logprob))
+            seq.pending += 1
+        self.stats.decode_steps += 1
+        return self._to_host(seqs, tokens, logprobs)
+
+    def _to_device(self, values: tuple[int, ...] | list[int]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.long)
+        if self._pin:
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    def _to_host(
+        self, seqs: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor
+    ) -> _Pending:
+        if not self._pin:
+            return _Pending(seqs, tokens, logprobs, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs.copy_(logprobs, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Pending(seqs, host_tokens, host_logprobs, ready)
+
+    def _read(self, pending: _Pending) -> list[RequestDelta]:
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        deltas = []
+        for seq, token, logprob in zip(
+            pending.seqs, pending.tokens.tolist(), pending.logprobs.tolist(), strict=True
+        ):
+            seq.pending -= 1
+            if not seq.done:  # a speculative row of a request that already finished
+                deltas.append(self._emit(seq, token, logprob))
         return deltas
 
     def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestDelta:
         seq.generated += 1
-        seq.last_token = token
         self.stats.tokens += 1
         text = seq.detok.add(token)
         finish = None
@@ -285,6 +373,7 @@ class Engine:
         token: int | None = None,
         logprob: float = 0.0,
     ) -> RequestDelta:
+        seq.done = True
         if seq.slot >= 0:
             del self._running[seq.slot]
             heapq.heappush(self._free_slots, seq.slot)

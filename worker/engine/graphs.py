@@ -24,8 +24,9 @@ class GraphDecoder:
         self.spans = options.spans()
         device = model.embed.device
         largest = self.batch_sizes[-1]
-        self.tokens = torch.zeros(largest, dtype=torch.long, device=device)  # static input
-        self.positions = torch.zeros(largest, dtype=torch.long, device=device)  # static input
+        # Static inputs: the engine writes them on the device between replays.
+        self.tokens = torch.zeros(largest, dtype=torch.long, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm_up()
@@ -49,11 +50,7 @@ class GraphDecoder:
             logits = self.model.decode(self.tokens[:batch], self.positions[:batch], span)
         return graph, logits
 
-    def run(self, tokens: list[int], positions: list[int], needed_span: int) -> torch.Tensor:
-        batch = bucket(self.batch_sizes, len(tokens))
-        pad = [0] * (batch - len(tokens))
-        self.tokens[:batch].copy_(torch.tensor(tokens + pad, dtype=torch.long))
-        self.positions[:batch].copy_(torch.tensor(positions + pad, dtype=torch.long))
-        graph, logits = self.graphs[batch, bucket(self.spans, needed_span)]
+    def launch(self, batch: int, span: int) -> torch.Tensor:
+        graph, logits = self.graphs[bucket(self.batch_sizes, batch), bucket(self.spans, span)]
         graph.replay()
         return logits

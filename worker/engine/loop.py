@@ -102,7 +102,8 @@ class EngineLoop:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[Engine]:
-        """Park the loop between steps for the duration of the block (nested pauses stack)."""
+        """Park the loop between steps, with no device work in flight, for the duration of the
+        block (nested pauses stack). Requests keep their slots and resume afterwards."""
         with self._cond:
             self._pause_requests += 1
             self._cond.notify_all()
@@ -138,20 +139,24 @@ class EngineLoop:
 
     def _next_batch_of_work(self) -> bool:
         """Wait for work or a pause; move the inbox into the engine. False when stopping."""
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 if self._stopping:
                     return False
-                if self._pause_requests:
-                    self._parked = True
-                    self._cond.notify_all()
-                    self._cond.wait_for(lambda: not self._pause_requests or self._stopping)
-                    self._parked = False
+                pause = self._pause_requests > 0
+                if not pause:
+                    inbox, self._inbox = self._inbox, _Inbox([], [])
+                    if inbox.requests or inbox.aborts or self.engine.has_work():
+                        break
+                    self._cond.wait()
                     continue
-                inbox, self._inbox = self._inbox, _Inbox([], [])
-                if inbox.requests or inbox.aborts or self.engine.has_work():
-                    break
-                self._cond.wait()
+            # Park with nothing in flight on the device: read back what earlier steps sampled.
+            self._dispatch(self.engine.flush())
+            with self._cond:
+                self._parked = True
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: not self._pause_requests or self._stopping)
+                self._parked = False
         self._accept(inbox)
         return True
 

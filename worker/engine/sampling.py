@@ -117,16 +117,15 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample_batch(
+def sample_on_device(
     logits: torch.Tensor, samplers: list[RequestSampler]
-) -> tuple[list[int], list[float]]:
-    """Pick one token per row of float32 logits [n, vocab] (rows beyond the samplers are
-    ignored); return the token ids and their log-probabilities under the raw distribution."""
-    n = len(samplers)
-    rows = logits[:n]
-    tokens = rows.argmax(dim=-1)  # greedy for every row; sampled rows are replaced below
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of float32 logits [n, vocab], one sampler per row, without
+    waiting for the device. Returns token ids [n] (int64) and their log-probabilities [n]
+    (float32) under the raw distribution, both still on the device."""
+    tokens = logits.argmax(dim=-1)  # greedy for every row; sampled rows are replaced below
     for i, sampler in enumerate(samplers):
         if sampler.params.temperature > 0:
-            tokens[i] = sampler.sample(rows[i])
-    logprobs = torch.log_softmax(rows, dim=-1).gather(1, tokens[:, None])[:, 0]
-    return tokens.tolist(), logprobs.tolist()
+            tokens[i] = sampler.sample(logits[i])
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs
