@@ -140,7 +140,7 @@ class Engine:
             weight_bytes=memory.weights.nbytes,
             kv_bytes=memory.kv.nbytes,
             graphs=engine.graphs_enabled,
-            **timings.as_dict(),
+            **engine.timings.as_dict(),
         )
         return engine
 
