@@ -12,7 +12,7 @@ from torpor.errors import InvalidArgument
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
-from torpor.worker.engine.requests import GenerationRequest, GenerationResult
+from torpor.worker.engine.requests import GenerationRequest, GenerationResult, RequestDelta
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.engine.tokenizer import Tokenizer
 
@@ -76,7 +76,7 @@ def run_once(
     start = time.perf_counter()
     engine = Engine.load(model_dir, options)
     loaded = time.perf_counter()
-    deltas = []
+    deltas: list[RequestDelta] = []
     first = 0.0
     for delta in engine.generate(GenerationRequest("run", tuple(prompt_ids), params)):
         if not deltas:

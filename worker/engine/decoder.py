@@ -36,4 +36,5 @@ class EagerDecoder:
         self.positions = torch.zeros(options.max_batch, dtype=torch.long, device=device)
 
     def launch(self, batch: int, span: int) -> torch.Tensor:
-        return self.model.decode(self.tokens[:batch], self.positions[:batch], bucket(self.spans, span))
+        span = bucket(self.spans, span)
+        return self.model.decode(self.tokens[:batch], self.positions[:batch], span)

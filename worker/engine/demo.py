@@ -77,6 +77,7 @@ def make_demo(out_dir: Path, spec: DemoSpec = DemoSpec()) -> Path:
     tokenizer = _train_tokenizer(spec.vocab)
     tokenizer.save(str(out / "tokenizer.json"))
     bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    assert bos is not None and eos is not None  # both are special tokens of the trainer
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(_config(spec, bos, eos), indent=2) + "\n")
     generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}

@@ -27,6 +27,7 @@ from torpor.errors import InvalidArgument
 from torpor.log import get_logger
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.decoder import Decoder, EagerDecoder
+from torpor.worker.engine.layout import Placement
 from torpor.worker.engine.model import Transformer
 from torpor.worker.engine.options import EngineOptions, resolve_device, resolve_dtype
 from torpor.worker.engine.requests import (
@@ -113,7 +114,7 @@ class Engine:
         cls,
         model_dir: Path | str,
         options: EngineOptions | None = None,
-        placement: object | None = None,
+        placement: Placement | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Engine:
         """Load a Hugging Face checkpoint directory and make it ready to serve."""

@@ -133,7 +133,8 @@ if triton is not None:
         vc_slot,
         vc_head,
         vc_pos,
-        HALF: tl.constexpr, BLOCK: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
