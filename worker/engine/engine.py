@@ -36,7 +36,7 @@ from torpor.worker.engine.requests import (
     GenerationResult,
     RequestDelta,
 )
-from torpor.worker.engine.runtime import LoadTimings, RuntimeMemory, load_runtime
+from torpor.worker.engine.runtime import LoadTimings, RuntimeMemory, WeightFiller, load_runtime
 from torpor.worker.engine.sampling import RequestSampler, sample_on_device
 from torpor.worker.engine.tokenizer import Detokenizer, Tokenizer
 
@@ -116,8 +116,13 @@ class Engine:
         options: EngineOptions | None = None,
         placement: Placement | None = None,
         progress: Callable[[int, int], None] | None = None,
+        filler: WeightFiller | None = None,
     ) -> Engine:
-        """Load a Hugging Face checkpoint directory and make it ready to serve."""
+        """Load a Hugging Face checkpoint directory and make it ready to serve.
+
+        `placement` provides the memory (default: ordinary device buffers); `filler` provides
+        the weight bytes (default: the directory's safetensors; the pager passes a snapshot).
+        """
         options = options or EngineOptions()
         options.validate()
         model_dir = Path(model_dir)
@@ -126,7 +131,15 @@ class Engine:
         device = resolve_device(options.device)
         dtype_name, compute_dtype = resolve_dtype(options.dtype, cfg, device)
         model, memory, timings = load_runtime(
-            model_dir, cfg, options, device, dtype_name, compute_dtype, placement, progress
+            model_dir,
+            cfg,
+            options,
+            device,
+            dtype_name,
+            compute_dtype,
+            placement,
+            progress,
+            filler,
         )
         tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         engine = cls(
@@ -220,6 +233,10 @@ class Engine:
         """End a request at the next step with FinishReason.ABORT (no-op if unknown)."""
         if request_id in self._ids:
             self._aborted.append(request_id)
+
+    def request_ids(self) -> list[str]:
+        """Ids of every request waiting or running."""
+        return sorted(self._ids)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._aborted or self._inflight)

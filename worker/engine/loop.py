@@ -115,6 +115,17 @@ class EngineLoop:
                 self._pause_requests -= 1
                 self._cond.notify_all()
 
+    def abort_parked(self) -> int:
+        """While paused: end every request with FinishReason.ABORT now; return how many.
+        (Requests submitted after the pause began stay queued for after it.)"""
+        if not self._parked:
+            raise RuntimeError("abort_parked() needs the loop paused")
+        ids = self.engine.request_ids()
+        for request_id in ids:
+            self.engine.abort(request_id)
+        self._dispatch(self.engine.step())
+        return len(ids)
+
     def shutdown(self) -> None:
         """Stop the thread; requests still open end with Unavailable. Idempotent."""
         with self._cond:

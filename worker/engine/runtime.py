@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -15,7 +15,13 @@ from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.layout import DevicePlacement, Layout, Placement
 from torpor.worker.engine.model import Transformer, kv_spec
 from torpor.worker.engine.options import EngineOptions
-from torpor.worker.engine.weights import Checkpoint, load_weights, weight_plan, weight_specs
+from torpor.worker.engine.weights import (
+    Checkpoint,
+    WeightSource,
+    load_weights,
+    weight_plan,
+    weight_specs,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,57 @@ class RuntimeMemory:
     graph_pool: Any = field(default=None)
 
 
+class WeightFiller(Protocol):
+    """Fills placed weight tensors: from a checkpoint (a cold load) or from a snapshot."""
+
+    def check(self, plan: list[WeightSource], layout: Layout) -> None:
+        """Raise before anything is placed if this source cannot fill `layout`."""
+        ...
+
+    def fill(
+        self,
+        plan: list[WeightSource],
+        tensors: dict[str, torch.Tensor],
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Write every weight; `progress` gets the bytes written so far."""
+        ...
+
+
+class CheckpointFiller:
+    """Reads (converting or quantizing) a Hugging Face safetensors checkpoint."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.checkpoint = Checkpoint(model_dir)
+
+    def check(self, plan: list[WeightSource], layout: Layout) -> None:
+        self.checkpoint.validate(plan)
+
+    def fill(
+        self,
+        plan: list[WeightSource],
+        tensors: dict[str, torch.Tensor],
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        load_weights(self.checkpoint, plan, tensors, progress)
+
+
+def plan_memory(
+    cfg: ModelConfig, options: EngineOptions, dtype_name: str, compute_dtype: torch.dtype
+) -> tuple[list[WeightSource], Layout, Layout]:
+    """The weight plan and the layouts of the two regions a runtime needs."""
+    if options.max_seq_len > cfg.max_position_embeddings:
+        raise InvalidArgument(
+            f"max_seq_len={options.max_seq_len} exceeds the model's max_position_embeddings="
+            f"{cfg.max_position_embeddings}",
+            reason="MAX_SEQ_LEN_TOO_LARGE",
+        )
+    plan = weight_plan(cfg, fp8_weights=dtype_name == "fp8")
+    weights = Layout.plan("weights", weight_specs(plan, compute_dtype))
+    kv = Layout.plan("kv", [kv_spec(cfg, options.max_batch, options.max_seq_len, compute_dtype)])
+    return plan, weights, kv
+
+
 def load_runtime(
     model_dir: Path,
     cfg: ModelConfig,
@@ -56,30 +113,19 @@ def load_runtime(
     compute_dtype: torch.dtype,
     placement: Placement | None,
     progress: Callable[[int, int], None] | None,
+    filler: WeightFiller | None = None,
 ) -> tuple[Transformer, RuntimeMemory, LoadTimings]:
-    """Validate the checkpoint, place and fill the weights, place and zero the KV cache."""
+    """Check the weight source, place and fill the weights, place and zero the KV cache."""
     start = time.perf_counter()
-    if options.max_seq_len > cfg.max_position_embeddings:
-        raise InvalidArgument(
-            f"max_seq_len={options.max_seq_len} exceeds the model's max_position_embeddings="
-            f"{cfg.max_position_embeddings}",
-            reason="MAX_SEQ_LEN_TOO_LARGE",
-        )
-    plan = weight_plan(cfg, fp8_weights=dtype_name == "fp8")
-    ckpt = Checkpoint(model_dir)
-    ckpt.validate(plan)
+    plan, weights_layout, kv_layout = plan_memory(cfg, options, dtype_name, compute_dtype)
+    filler = filler if filler is not None else CheckpointFiller(model_dir)
+    filler.check(plan, weights_layout)
     placement = placement if placement is not None else DevicePlacement(device)
-    weights_layout = Layout.plan("weights", weight_specs(plan, compute_dtype))
-    kv_layout = Layout.plan(
-        "kv", [kv_spec(cfg, options.max_batch, options.max_seq_len, compute_dtype)]
-    )
     t_config = time.perf_counter()
 
     tensors = placement.place(weights_layout)
     total = weights_layout.nbytes
-    load_weights(
-        ckpt, plan, tensors, None if progress is None else lambda done: progress(done, total)
-    )
+    filler.fill(plan, tensors, None if progress is None else lambda done: progress(done, total))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_weights = time.perf_counter()
@@ -98,7 +144,7 @@ def load_runtime(
         kv,
         placement,
         dtype_name,
-        graph_pool=getattr(placement, "graph_pool", None),
+        graph_pool=getattr(placement, "graph_pool_id", None),
     )
     timings = LoadTimings(t_config - start, t_weights - t_config, t_kv - t_weights)
     return model, memory, timings

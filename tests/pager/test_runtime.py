@@ -1,0 +1,234 @@
+"""Suspend and resume of a whole runtime at every level, on the CPU backend (real arenas:
+mmap + memfd), with the engine serving before and after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pager import procfs
+from torpor.errors import DataLoss, FailedPrecondition
+from torpor.store.chunks import ChunkStore
+from torpor.worker.engine.demo import DemoSpec, make_demo
+from torpor.worker.engine.options import EngineOptions
+from torpor.worker.engine.requests import GenerationRequest, GenerationResult
+from torpor.worker.engine.sampling import SamplingParams
+from torpor.worker.pager.placement import PagerOptions
+from torpor.worker.pager.runtime import PagedRuntime, Residency, SuspendLevel
+
+MiB = 1 << 20
+OPTIONS = EngineOptions(max_batch=4, max_seq_len=512)
+PAGER = PagerOptions(device="cpu", handle_bytes=2 * MiB)
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # About 20 MiB of float32 weights: large enough that released memory shows in RSS.
+    spec = DemoSpec(layers=4, hidden=512, heads=8, kv_heads=2, vocab=2048, seed=3)
+    return make_demo(tmp_path_factory.mktemp("runtime") / "demo", spec)
+
+
+@pytest.fixture
+def runtime(model_dir: Path):
+    rt = PagedRuntime.load(model_dir, OPTIONS, PAGER)
+    yield rt
+    rt.close()
+
+
+def generate(rt: PagedRuntime, params: SamplingParams, name: str = "g") -> GenerationResult:
+    assert rt.engine.tokenizer is not None
+    prompt = tuple(rt.engine.tokenizer.encode("The scheduler wakes the model and"))
+    stream = rt.loop.submit(GenerationRequest(name, prompt, params))
+    return GenerationResult.collect(name, list(stream))
+
+
+def addresses(rt: PagedRuntime) -> dict[str, int]:
+    out = {name: t.data_ptr() for name, t in rt.engine.memory.weight_tensors.items()}
+    out["kv"] = rt.engine.memory.kv_tensor.data_ptr()
+    return out
+
+
+@pytest.mark.parametrize("level", list(SuspendLevel))
+def test_every_level_keeps_addresses_and_output(
+    runtime: PagedRuntime, level: SuspendLevel, tmp_path: Path
+) -> None:
+    store = ChunkStore(tmp_path / "store")
+    before = (generate(runtime, GREEDY), generate(runtime, SAMPLED, "s"))
+    where = addresses(runtime)
+    arena_bytes = runtime.memory().arena_bytes
+    shmem = procfs.rss_shmem()
+
+    runtime.suspend(level, store=store)
+    assert runtime.residency.value == f"suspended_{level.value}"
+    assert runtime.memory().arena_bytes == 0
+    assert shmem - procfs.rss_shmem() >= 0.9 * arena_bytes  # the kernel got it back
+    if level is SuspendLevel.DISK:
+        assert runtime.memory().host_bytes == 0  # the host copy is released too
+
+    report = runtime.resume()
+    assert report.tier == level.value and report.bytes == runtime.engine.memory.weights.nbytes
+    assert addresses(runtime) == where
+    assert not runtime.engine.memory.kv_tensor.any()  # KV comes back zeroed
+    after = (generate(runtime, GREEDY), generate(runtime, SAMPLED, "s"))
+    for a, b in zip(before, after, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs  # bit-identical
+
+
+def test_hundred_cycles_leak_nothing(runtime: PagedRuntime) -> None:
+    runtime.wait_host_copy()
+    runtime.suspend(SuspendLevel.HOST)
+    runtime.resume()
+    base = (procfs.rss_shmem(), procfs.rss_anon(), procfs.open_fds())
+    for _ in range(100):
+        runtime.suspend(SuspendLevel.HOST)
+        runtime.resume()
+    shmem, anon, fds = procfs.rss_shmem(), procfs.rss_anon(), procfs.open_fds()
+    assert fds == base[2]
+    assert abs(shmem - base[0]) < 2 * MiB
+    assert anon - base[1] < 8 * MiB
+    assert generate(runtime, GREEDY).finish.value == "length"
+
+
+def test_busy_runtime_is_not_suspended_unless_aborted(runtime: PagedRuntime) -> None:
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    prompt = tuple(runtime.engine.encode("hello"))
+    stream = iter(runtime.loop.submit(GenerationRequest("busy", prompt, long)))
+    next(stream)  # it is running
+    with pytest.raises(FailedPrecondition, match="serving 1 requests") as info:
+        runtime.suspend(SuspendLevel.HOST)
+    assert info.value.reason == "RUNTIME_BUSY"
+    assert runtime.residency is Residency.RESIDENT
+    report = runtime.suspend(SuspendLevel.HOST, abort=True)
+    assert report.requests_aborted == 1
+    rest = list(stream)
+    assert rest[-1].finish is not None and rest[-1].finish.value == "abort"
+    runtime.resume()
+    assert generate(runtime, GREEDY).finish.value == "length"
+
+
+def test_wrong_state_is_refused(runtime: PagedRuntime) -> None:
+    with pytest.raises(FailedPrecondition, match="cannot resume a runtime that is resident"):
+        runtime.resume()
+    runtime.suspend(SuspendLevel.HOST)
+    with pytest.raises(FailedPrecondition, match="cannot suspend"):
+        runtime.suspend(SuspendLevel.DISK)
+    runtime.resume()
+
+
+def test_snapshot_is_written_once(runtime: PagedRuntime, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    first = runtime.snapshot(store)
+    assert first.new_bytes == runtime.engine.memory.weights.nbytes - _padding(runtime)
+    second = runtime.snapshot(store)
+    assert second.new_bytes == 0  # same weights: no new bytes
+    assert second.manifest.pieces == first.manifest.pieces
+    assert set(first.manifest.files) >= {"config.json", "tokenizer.json"}
+
+
+def _padding(rt: PagedRuntime) -> int:
+    layout = rt.engine.memory.weights
+    return layout.nbytes - sum(e.spec.nbytes for e in layout.entries)
+
+
+def test_flipped_byte_never_reaches_the_runtime(runtime: PagedRuntime, tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    runtime.snapshot(store)
+    runtime.suspend(SuspendLevel.DISK, store=store)
+    assert runtime.manifest is not None
+    victim = max(runtime.manifest.pieces, key=lambda p: p.ref.size)
+    path = store.path(victim.ref.hash)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataLoss) as info:
+        runtime.resume()
+    assert info.value.reason == "CHUNK_CORRUPT"
+    assert runtime.residency is Residency.SUSPENDED_DISK  # not serving from bad bytes
+    assert not runtime.placement.arenas["weights"].is_mapped
+
+
+def test_stream_never_copies_an_unverified_chunk(runtime: PagedRuntime, tmp_path: Path) -> None:
+    from torpor.worker.pager.stream import StagingRing, stream_pieces
+
+    store = ChunkStore(tmp_path / "store")
+    manifest = runtime.snapshot(store).manifest
+    victim = manifest.pieces[len(manifest.pieces) // 2]
+    path = store.path(victim.ref.hash)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    dst = torch.full((manifest.weights.nbytes,), 0xAA, dtype=torch.uint8)
+    ring = StagingRing(3, 64 * MiB, None)
+    try:
+        with pytest.raises(DataLoss):
+            stream_pieces(manifest.pieces, store, dst, ring, threads=3, direct_io=True)
+    finally:
+        ring.close()
+    window = dst[victim.offset : victim.offset + victim.ref.size]
+    assert bool((window == 0xAA).all())
+
+
+def _child(*args: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.pager.restore_child", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_new_worker_restores_from_snapshot_without_the_checkpoint(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(model_dir, source)
+    store = tmp_path / "store"
+    _child("snapshot", str(source), str(store), str(tmp_path / "a.json"))
+    original = json.loads((tmp_path / "a.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(original["manifest"]))
+    shutil.rmtree(source)  # the restore must not need the source checkpoint
+    _child(
+        "restore",
+        str(tmp_path / "manifest.json"),
+        str(store),
+        str(tmp_path / "w"),
+        str(tmp_path / "b.json"),
+    )
+    restored = json.loads((tmp_path / "b.json").read_text())
+    assert restored["tokens"] == original["tokens"]
+    assert restored["logprobs"] == original["logprobs"]
+    # A fresh process has the recorded ranges free: the arenas land where they were.
+    assert restored["honored"] == {"weights": True, "kv": True}
+    assert restored["addresses"] == original["manifest"]["addresses"]
+
+
+def test_incompatible_snapshot_is_refused(runtime: PagedRuntime, tmp_path: Path) -> None:
+    import dataclasses
+
+    from torpor.worker.pager.manifest import SnapshotManifest
+
+    store = ChunkStore(tmp_path / "store")
+    manifest = runtime.snapshot(store).manifest
+    other = dataclasses.replace(
+        manifest, environment=dataclasses.replace(manifest.environment, torch="1.0")
+    )
+    with pytest.raises(FailedPrecondition, match=r"torch version: snapshot 1\.0") as info:
+        PagedRuntime.restore(other, store, tmp_path / "w", PAGER)
+    assert info.value.reason == "SNAPSHOT_INCOMPATIBLE"
+    roundtrip = SnapshotManifest.loads(manifest.dumps())
+    assert roundtrip == manifest

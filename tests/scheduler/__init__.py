@@ -1,0 +1,1 @@
+"""Tests of torpor.scheduler: config, inventory, metrics, the policy core and the daemon."""

@@ -1,0 +1,113 @@
+"""Deep suspend: the CUDA driver's process checkpoint of what remains after the arenas are
+unmapped (the CUDA context and cuBLAS state, about 0.7 GiB on an H100), so a suspended
+runtime holds zero GPU bytes.
+
+The driver API (`cuCheckpointProcessLock/Checkpoint/Restore/Unlock`) is meant for an
+external controller: locking blocks every further CUDA call of the target process. So the
+worker does not call it on itself; it runs this module as a short-lived controller process
+on its own pid:
+
+    python -m torpor.worker.pager.checkpoint suspend PID   # lock, then checkpoint
+    python -m torpor.worker.pager.checkpoint resume PID    # restore, then unlock
+
+The controller imports only `cuda.bindings`, never torch, so it starts in well under a
+second. The virtual address reservations of the worker survive the checkpoint (DESIGN.md:
+remapping afterwards and replaying a graph gave bit-identical output).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from torpor.errors import FailedPrecondition, Internal, Unavailable
+
+LOCK_TIMEOUT_MS = 10_000
+
+
+def _check(call: str, result: object) -> None:
+    from cuda.bindings import driver
+
+    err = result[0] if isinstance(result, tuple) else result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        name = driver.cuGetErrorName(err)[1]
+        raise Unavailable(
+            f"{call} failed: {name!r}", reason="CHECKPOINT_FAILED", metadata={"call": call}
+        )
+
+
+def suspend(pid: int) -> None:
+    """Lock the process's CUDA API and move its GPU state to host memory."""
+    from cuda.bindings import driver
+
+    _check("cuInit", driver.cuInit(0))
+    args = driver.CUcheckpointLockArgs()
+    args.timeoutMs = LOCK_TIMEOUT_MS
+    _check("cuCheckpointProcessLock", driver.cuCheckpointProcessLock(pid, args))
+    _check("cuCheckpointProcessCheckpoint", driver.cuCheckpointProcessCheckpoint(pid, None))
+
+
+def resume(pid: int) -> None:
+    """Bring the process's GPU state back and unlock its CUDA API."""
+    from cuda.bindings import driver
+
+    _check("cuInit", driver.cuInit(0))
+    _check("cuCheckpointProcessRestore", driver.cuCheckpointProcessRestore(pid, None))
+    _check("cuCheckpointProcessUnlock", driver.cuCheckpointProcessUnlock(pid, None))
+
+
+def run_controller(action: str, pid: int, timeout_s: float = 120.0) -> float:
+    """Run the controller for `action` on `pid` in a child process; return its seconds."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", __name__, action, str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise Unavailable(
+            f"the checkpoint controller ({action}) did not finish in {timeout_s:.0f} s",
+            reason="CHECKPOINT_TIMEOUT",
+        ) from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise Unavailable(
+            f"deep {action} of process {pid} failed: {tail[0]}",
+            reason="CHECKPOINT_FAILED",
+            metadata={"action": action, "pid": pid},
+        )
+    return time.perf_counter() - start
+
+
+def check_supported() -> None:
+    """Raise FailedPrecondition when the driver has no process-checkpoint API."""
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:
+        raise FailedPrecondition(
+            "deep suspend needs cuda-bindings", reason="NO_CHECKPOINT"
+        ) from exc
+    if not hasattr(driver, "cuCheckpointProcessLock"):
+        raise FailedPrecondition(
+            "this cuda-bindings has no cuCheckpointProcess* API (CUDA 12.8+ needed)",
+            reason="NO_CHECKPOINT",
+        )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("suspend", "resume") or not argv[1].isdigit():
+        print("usage: python -m torpor.worker.pager.checkpoint suspend|resume PID", file=sys.stderr)
+        return 2
+    try:
+        (suspend if argv[0] == "suspend" else resume)(int(argv[1]))
+    except (Unavailable, Internal) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

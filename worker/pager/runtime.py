@@ -1,0 +1,470 @@
+"""A paged runtime: an engine whose memory can leave the GPU and come back at the same
+addresses, so its captured graphs, allocator layout and warmed kernels survive.
+
+Levels of suspend (DESIGN.md, "Tiers and states"):
+- HOST: the weights' retained host copy (made once, in the background, right after load)
+  already holds the bytes, so suspending only unmaps the weights, KV and graph arenas.
+- DEEP: HOST, then the driver checkpoints what remains (the CUDA context), leaving zero GPU
+  bytes. On the CPU backend DEEP behaves as HOST.
+- DISK: the weights are in the chunk store (written once; reused), the host copy is released
+  too. Resuming streams the chunks back, verified, through a ring of staging buffers.
+Resuming maps every arena again, refills the weights, and zeroes the KV cache so nothing of
+an earlier tenant can leak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from torpor.errors import FailedPrecondition
+from torpor.log import get_logger
+from torpor.store.chunks import ChunkStore
+from torpor.worker.engine.engine import Engine
+from torpor.worker.engine.loop import EngineLoop
+from torpor.worker.engine.options import EngineOptions
+from torpor.worker.pager import checkpoint
+from torpor.worker.pager.host import HostBuffer, HostPinner
+from torpor.worker.pager.manifest import Environment, SnapshotManifest
+from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
+from torpor.worker.pager.snapshot import (
+    MAX_CHUNK,
+    SnapshotFiller,
+    SnapshotReport,
+    materialize_files,
+    store_model_files,
+    write_pieces,
+)
+from torpor.worker.pager.stream import StagingRing, stream_pieces
+
+log = get_logger("pager.runtime")
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class SuspendLevel(enum.Enum):
+    """How far a suspend goes; later members free more and restore slower."""
+
+    HOST = "host"
+    DEEP = "deep"
+    DISK = "disk"
+
+
+class Residency(enum.Enum):
+    """Where the runtime's weights are."""
+
+    RESIDENT = "resident"
+    SUSPENDED_HOST = "suspended_host"
+    SUSPENDED_DEEP = "suspended_deep"
+    SUSPENDED_DISK = "suspended_disk"
+    CLOSED = "closed"
+
+
+_SUSPENDED = {
+    SuspendLevel.HOST: Residency.SUSPENDED_HOST,
+    SuspendLevel.DEEP: Residency.SUSPENDED_DEEP,
+    SuspendLevel.DISK: Residency.SUSPENDED_DISK,
+}
+
+
+@dataclass(frozen=True)
+class SuspendReport:
+    level: SuspendLevel
+    seconds: float
+    gpu_bytes_released: int
+    requests_aborted: int
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    tier: str  # host | deep | disk
+    seconds: float
+    bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    gpu_bytes: int  # mapped arena bytes on the device (0 on the CPU backend)
+    arena_bytes: int  # mapped arena bytes, whatever the backend
+    host_bytes: int  # retained host copy of the weights
+    disk_bytes: int  # the weights' snapshot on disk
+
+
+class PagedRuntime:
+    """An engine in arenas, with suspend, resume and snapshot. Thread-safe."""
+
+    def __init__(
+        self, engine: Engine, placement: ArenaPlacement, options: PagerOptions, model_dir: Path
+    ) -> None:
+        self.engine = engine
+        self.placement = placement
+        self.options = options
+        self.model_dir = model_dir
+        self.loop = EngineLoop(engine).start()
+        self.residency = Residency.RESIDENT
+        self.manifest: SnapshotManifest | None = None
+        self.host: HostBuffer | None = None
+        self._host_ready = threading.Event()
+        self._host_error: BaseException | None = None
+        self._lock = threading.RLock()
+        self._pause: contextlib.ExitStack | None = None
+        self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
+        self.environment = Environment.current(engine.device)
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        engine_options: EngineOptions,
+        options: PagerOptions,
+        progress: Progress | None = None,
+    ) -> PagedRuntime:
+        """Cold load from a Hugging Face checkpoint into arenas."""
+        options.validate()
+        placement = ArenaPlacement(options)
+        try:
+            engine = Engine.load(model_dir, _on(engine_options, options), placement, progress)
+        except BaseException:
+            placement.close()
+            raise
+        runtime = cls(engine, placement, options, Path(model_dir))
+        runtime._start_host_copy()
+        return runtime
+
+    @classmethod
+    def restore(
+        cls,
+        manifest: SnapshotManifest,
+        store: ChunkStore,
+        workdir: Path,
+        options: PagerOptions,
+        progress: Progress | None = None,
+    ) -> PagedRuntime:
+        """Build the runtime in this (new) process from a snapshot: arenas at the recorded
+        addresses when they are free, weights streamed from disk and verified, graphs
+        captured again. The source checkpoint is not read."""
+        options.validate()
+        model_dir = materialize_files(manifest, store, Path(workdir) / "model")
+        placement = ArenaPlacement(options, addresses=manifest.addresses)
+        ring_holder: list[StagingRing] = []
+        filler = SnapshotFiller(
+            manifest,
+            store,
+            lambda: placement.regions["weights"],
+            lambda: _ring(ring_holder, options, placement),
+            options,
+            Environment.current(placement.backend.device),
+        )
+        engine_options = EngineOptions(
+            max_batch=manifest.max_batch, max_seq_len=manifest.max_seq_len, dtype=manifest.dtype
+        )
+        try:
+            engine = Engine.load(
+                model_dir, _on(engine_options, options), placement, progress, filler
+            )
+        except BaseException:
+            placement.close()
+            raise
+        finally:
+            for ring in ring_holder:
+                ring.close()
+        runtime = cls(engine, placement, options, model_dir)
+        runtime.manifest = manifest
+        runtime._store = store
+        runtime._start_host_copy()
+        return runtime
+
+    # -- the host copy -----------------------------------------------------------------------
+
+    def _start_host_copy(self) -> None:
+        """Pin and fill the weights' host copy in the background (never on the suspend path)."""
+        self._host_ready.clear()
+        self._host_error = None
+        if not self.options.host_copy:
+            return
+        threading.Thread(target=self._make_host_copy, name="host-copy", daemon=True).start()
+
+    def _make_host_copy(self) -> None:
+        try:
+            arena = self.placement.arenas["weights"]
+            host = HostBuffer.for_arena(arena, self.engine.memory.weights.nbytes)
+            host.copy_from(arena)
+            self.host = host
+        except BaseException as exc:  # reported when a suspend needs it
+            self._host_error = exc
+            log.error("host_copy_failed", error=repr(exc))
+        finally:
+            self._host_ready.set()
+
+    def wait_host_copy(self) -> HostBuffer | None:
+        """The host copy, once it is made (None when host copies are disabled)."""
+        if not self.options.host_copy:
+            return None
+        self._host_ready.wait()
+        if self._host_error is not None:
+            raise FailedPrecondition(
+                f"the host copy of the weights could not be made: {self._host_error!r}",
+                reason="HOST_COPY_FAILED",
+            )
+        return self.host
+
+    # -- snapshot ----------------------------------------------------------------------------
+
+    def snapshot(self, store: ChunkStore, progress: Progress | None = None) -> SnapshotReport:
+        """Write the weights (once) and the model files to the chunk store."""
+        with self._lock:
+            self._require(Residency.RESIDENT, Residency.SUSPENDED_HOST, verb="snapshot")
+            start = time.perf_counter()
+            layout = self.engine.memory.weights
+            host = self.wait_host_copy()
+            source = host.tensor if host is not None else self.placement.regions["weights"]
+            if host is None and self.residency is not Residency.RESIDENT:
+                raise FailedPrecondition(
+                    "no weight bytes to snapshot", reason="NOTHING_TO_SNAPSHOT"
+                )
+            total = layout.nbytes
+            pieces, new = write_pieces(
+                source,
+                layout,
+                store,
+                self._pinner(),
+                None if progress is None else lambda d: progress(d, total),
+            )
+            options = self.engine.options
+            self.manifest = SnapshotManifest(
+                environment=self.environment,
+                dtype=self.engine.memory.dtype,
+                max_batch=options.max_batch,
+                max_seq_len=options.max_seq_len,
+                weights=layout,
+                kv=self.engine.memory.kv,
+                addresses=self.placement.arena_addresses(),
+                files=store_model_files(self.model_dir, store),
+                pieces=pieces,
+                model=self.engine.cfg.to_json(),
+            )
+            report = SnapshotReport(self.manifest, new, time.perf_counter() - start)
+            log.info(
+                "snapshot_written",
+                bytes=self.manifest.weight_bytes,
+                new_bytes=new,
+                seconds=round(report.seconds, 3),
+            )
+            return report
+
+    # -- suspend and resume ------------------------------------------------------------------
+
+    def suspend(
+        self, level: SuspendLevel, *, abort: bool = False, store: ChunkStore | None = None
+    ) -> SuspendReport:
+        """Release the runtime's memory down to `level`. With requests running this fails
+        (FailedPrecondition RUNTIME_BUSY) unless `abort`, which ends them first."""
+        with self._lock:
+            self._require(Residency.RESIDENT, verb="suspend")
+            start = time.perf_counter()
+            engine = self._park()
+            aborted = 0
+            if engine.has_work():
+                if not abort:
+                    self._unpark()
+                    raise FailedPrecondition(
+                        f"the runtime is serving {len(engine.request_ids())} requests; drain "
+                        "them first or suspend with abort",
+                        reason="RUNTIME_BUSY",
+                    )
+                aborted = self.loop.abort_parked()
+            try:
+                self._prepare_level(level, store)
+            except BaseException:
+                self._unpark()
+                raise
+            released = self._unmap_all()
+            if level is SuspendLevel.DISK and self.host is not None:
+                self.host.close()
+                self.host = None
+            if level is SuspendLevel.DEEP and self._cuda:
+                checkpoint.run_controller("suspend", os.getpid())
+            self.residency = _SUSPENDED[level]
+            report = SuspendReport(level, time.perf_counter() - start, released, aborted)
+            log.info(
+                "suspended",
+                level=level.value,
+                seconds=round(report.seconds, 4),
+                gpu_bytes_released=released,
+            )
+            return report
+
+    def _prepare_level(self, level: SuspendLevel, store: ChunkStore | None) -> None:
+        if level is SuspendLevel.DISK:
+            if self.manifest is None:
+                if store is None:
+                    raise FailedPrecondition(
+                        "a disk suspend needs a snapshot or a chunk store", reason="NO_SNAPSHOT"
+                    )
+                self.snapshot(store)
+            self._store = store or self._store
+        elif self.wait_host_copy() is None:
+            raise FailedPrecondition(
+                "a host-level suspend needs the host copy of the weights (host_copy is off)",
+                reason="NO_HOST_COPY",
+            )
+
+    def _unmap_all(self) -> int:
+        if self._cuda:
+            torch.cuda.synchronize(self.engine.device)
+        released = self.placement.mapped_bytes()
+        for arena in self.placement.arenas.values():
+            arena.unmap()
+        if self._cuda:
+            torch.cuda.empty_cache()  # blocks freed since load (warm-up, capture) go back too
+        return released if self._cuda else 0
+
+    def resume(
+        self, store: ChunkStore | None = None, progress: Progress | None = None
+    ) -> ResumeReport:
+        """Bring the runtime back: same addresses, weights refilled, KV zeroed."""
+        with self._lock:
+            self._require(
+                Residency.SUSPENDED_HOST,
+                Residency.SUSPENDED_DEEP,
+                Residency.SUSPENDED_DISK,
+                verb="resume",
+            )
+            start = time.perf_counter()
+            tier = self.residency.value.removeprefix("suspended_")
+            if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
+                checkpoint.run_controller("resume", os.getpid())
+            arenas = self.placement.arenas
+            weights = arenas["weights"]
+            weights.map()
+            try:
+                moved = self._refill(weights, store, progress)
+            except BaseException:
+                weights.unmap()  # never serve from a half-filled or unverified arena
+                raise
+            arenas["kv"].map(zero=True)
+            if "graphs" in arenas:
+                arenas["graphs"].map()
+            came_from_disk = self.residency is Residency.SUSPENDED_DISK
+            self.residency = Residency.RESIDENT
+            self._unpark()
+            if came_from_disk:
+                self._start_host_copy()
+            report = ResumeReport(tier, time.perf_counter() - start, moved)
+            log.info(
+                "resumed", tier=tier, seconds=round(report.seconds, 4), gbps=round(report.gbps, 2)
+            )
+            return report
+
+    def _refill(self, weights: object, store: ChunkStore | None, progress: Progress | None) -> int:
+        nbytes = self.engine.memory.weights.nbytes
+        if self.residency is not Residency.SUSPENDED_DISK:
+            assert self.host is not None
+            self.host.copy_to(self.placement.arenas["weights"], nbytes)
+            if progress is not None:
+                progress(nbytes, nbytes)
+            return nbytes
+        store = store or self._store
+        if store is None or self.manifest is None:
+            raise FailedPrecondition(
+                "resuming from disk needs the chunk store", reason="NO_SNAPSHOT"
+            )
+        ring = StagingRing(self.options.staging_buffers, MAX_CHUNK, self._pinner())
+        try:
+            stats = stream_pieces(
+                self.manifest.pieces,
+                store,
+                self.placement.regions["weights"],
+                ring,
+                threads=self.options.reader_threads,
+                direct_io=self.options.direct_io,
+                progress=None if progress is None else lambda d: progress(d, nbytes),
+            )
+        finally:
+            ring.close()
+        return stats.bytes
+
+    # -- what it holds -----------------------------------------------------------------------
+
+    def memory(self) -> MemoryUsage:
+        arena_bytes = self.placement.mapped_bytes()
+        host = self.host.nbytes if self.host is not None else 0
+        disk = self.manifest.weight_bytes if self.manifest is not None else 0
+        return MemoryUsage(arena_bytes if self._cuda else 0, arena_bytes, host, disk)
+
+    def close(self) -> None:
+        """Stop the engine and release every arena and the host copy. Idempotent."""
+        with self._lock:
+            if self.residency is Residency.CLOSED:
+                return
+            self._host_ready.wait(timeout=60)
+            self.loop.shutdown()
+            if self._pause is not None:
+                self._pause.close()
+                self._pause = None
+            if self.host is not None:
+                self.host.close()
+                self.host = None
+            self.placement.close()
+            self.residency = Residency.CLOSED
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _cuda(self) -> bool:
+        return self.engine.device.type == "cuda"
+
+    def _pinner(self) -> HostPinner | None:
+        backend = self.placement.backend
+        return backend if isinstance(backend, HostPinner) else None
+
+    def _require(self, *states: Residency, verb: str) -> None:
+        if self.residency not in states:
+            raise FailedPrecondition(
+                f"cannot {verb} a runtime that is {self.residency.value}",
+                reason="BAD_RUNTIME_STATE",
+                metadata={"state": self.residency.value, "verb": verb},
+            )
+
+    def _park(self) -> Engine:
+        """Pause the engine loop (nothing in flight) until `_unpark`."""
+        stack = contextlib.ExitStack()
+        engine = stack.enter_context(self.loop.paused())
+        self._pause = stack
+        return engine
+
+    def _unpark(self) -> None:
+        if self._pause is not None:
+            self._pause.close()
+            self._pause = None
+
+
+def _on(engine_options: EngineOptions, options: PagerOptions) -> EngineOptions:
+    """Engine options on the pager's device."""
+    return dataclasses.replace(engine_options, device=options.device)
+
+
+def _ring(
+    holder: list[StagingRing], options: PagerOptions, placement: ArenaPlacement
+) -> StagingRing:
+    backend = placement.backend
+    ring = StagingRing(
+        options.staging_buffers, MAX_CHUNK, backend if isinstance(backend, HostPinner) else None
+    )
+    holder.append(ring)
+    return ring

@@ -1,0 +1,131 @@
+"""Writing a runtime's weights to the chunk store, and restoring them into a new worker.
+
+Weights are immutable after load, so a snapshot is written once and reused by every later
+disk-level suspend; chunks are cut at tensor boundaries (and every `max_chunk` bytes inside a
+large tensor), so a second snapshot of the same weights stores nothing new and a fine-tune
+that changes a few tensors stores only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes
+from torpor.worker.engine.layout import Layout
+from torpor.worker.engine.runtime import WeightFiller
+from torpor.worker.engine.weights import WeightSource
+from torpor.worker.pager.host import HostBuffer, HostPinner
+from torpor.worker.pager.manifest import MODEL_FILES, Environment, Piece, SnapshotManifest
+from torpor.worker.pager.stream import StagingRing, StreamStats, stream_pieces
+
+MAX_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class SnapshotReport:
+    """A written snapshot: its manifest, and how many bytes were new on disk."""
+
+    manifest: SnapshotManifest
+    new_bytes: int
+    seconds: float
+
+
+def pieces_of(layout: Layout, max_chunk: int = MAX_CHUNK) -> Iterator[tuple[int, int]]:
+    """(offset, size) of every chunk of a region: each tensor, cut every max_chunk bytes."""
+    for entry in layout.entries:
+        for start in range(entry.offset, entry.end, max_chunk):
+            yield start, min(max_chunk, entry.end - start)
+
+
+def write_pieces(
+    source: torch.Tensor,
+    layout: Layout,
+    store: ChunkStore,
+    pinner: HostPinner | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[tuple[Piece, ...], int]:
+    """Store every chunk of `source` (the region's flat uint8 view, on the host or a GPU);
+    return the pieces and the bytes that were not in the store before."""
+    staging = HostBuffer(MAX_CHUNK, pinner=pinner) if source.device.type != "cpu" else None
+    pieces, new, done = [], 0, 0
+    try:
+        for offset, size in pieces_of(layout):
+            chunk = source[offset : offset + size]
+            if staging is not None:  # device bytes go through a pinned buffer
+                staging.tensor[:size].copy_(chunk)
+                chunk = staging.tensor[:size]
+            data = chunk.numpy().data
+            ref = ChunkRef(hash_bytes(data), size)
+            if not store.has(ref):  # dedup: a chunk already stored is not written again
+                ref = store.put(data)
+                new += size
+            pieces.append(Piece(offset, ref))
+            done += size
+            if progress is not None:
+                progress(done)
+    finally:
+        if staging is not None:
+            staging.close()
+    return tuple(pieces), new
+
+
+def store_model_files(model_dir: Path, store: ChunkStore) -> dict[str, ChunkRef]:
+    """The model's small files (config, tokenizer), so a restore needs no source checkpoint."""
+    return {
+        name: store.put((model_dir / name).read_bytes())
+        for name in MODEL_FILES
+        if (model_dir / name).is_file()
+    }
+
+
+def materialize_files(manifest: SnapshotManifest, store: ChunkStore, out_dir: Path) -> Path:
+    """Write the snapshot's model files into `out_dir` (verified) and return it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, ref in manifest.files.items():
+        (out_dir / name).write_bytes(store.read(ref))
+    return out_dir
+
+
+class SnapshotFiller(WeightFiller):
+    """Fills a new runtime's weights region from a snapshot, through the staging ring."""
+
+    def __init__(
+        self,
+        manifest: SnapshotManifest,
+        store: ChunkStore,
+        region: Callable[[], torch.Tensor],
+        ring: Callable[[], StagingRing],
+        options: Any,
+        here: Environment,
+    ) -> None:
+        self.manifest = manifest
+        self.store = store
+        self.region = region  # the placed weights region, once placed
+        self.ring = ring
+        self.options = options
+        self.here = here
+        self.stats: StreamStats | None = None
+
+    def check(self, plan: list[WeightSource], layout: Layout) -> None:
+        self.manifest.check_restorable(self.here, layout)
+
+    def fill(
+        self,
+        plan: list[WeightSource],
+        tensors: dict[str, torch.Tensor],
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self.stats = stream_pieces(
+            self.manifest.pieces,
+            self.store,
+            self.region(),
+            self.ring(),
+            threads=self.options.reader_threads,
+            direct_io=self.options.direct_io,
+            progress=progress,
+        )

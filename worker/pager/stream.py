@@ -1,0 +1,177 @@
+"""Disk to device, pipelined: chunk files → a ring of (pinned) staging buffers → the arena.
+
+Several reader threads each fill a staging buffer with one chunk (O_DIRECT
+where the filesystem allows, so the page cache neither slows nor pollutes the restore),
+verify its hash, and hand it to the copier. The copier (the calling thread) issues the
+host-to-device copy on its own CUDA stream and returns the buffer to the ring once the copy
+is done, so reads, hash checks and copies overlap. A chunk that fails its hash never reaches
+the destination: the stream stops and raises `DataLoss`, and the caller must treat the
+destination as garbage (the runtime falls back to another source).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from torpor.errors import DataLoss, Unavailable
+from torpor.store.chunks import ChunkStore, verify
+from torpor.worker.pager.backend import round_up
+from torpor.worker.pager.host import HostBuffer, HostPinner
+from torpor.worker.pager.manifest import Piece
+
+_ALIGN = 4096  # O_DIRECT wants the buffer, length and offset aligned to the block size
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What a restore from disk moved, and how fast."""
+
+    bytes: int
+    seconds: float
+    direct_io: bool
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class StagingRing:
+    """A fixed set of host buffers for the disk path, pinned when the target is a GPU."""
+
+    def __init__(self, count: int, nbytes: int, pinner: HostPinner | None) -> None:
+        self.nbytes = round_up(max(nbytes, _ALIGN), _ALIGN)
+        self.buffers = [HostBuffer(self.nbytes, pinner=pinner) for _ in range(count)]
+
+    def close(self) -> None:
+        for buf in self.buffers:
+            buf.close()
+
+
+def stream_pieces(
+    pieces: Sequence[Piece],
+    store: ChunkStore,
+    dst: torch.Tensor,
+    ring: StagingRing,
+    *,
+    threads: int,
+    direct_io: bool,
+    progress: Callable[[int], None] | None = None,
+) -> StreamStats:
+    """Fill `dst` (a flat uint8 tensor) with every piece, verified; raise DataLoss on a bad
+    chunk (nothing unverified is ever copied into `dst`).
+
+    Only this thread hands out staging buffers, in piece order, and at most one per buffer
+    of the ring is in flight; readers never wait for a buffer, so an in-order consumer can
+    never deadlock with readers that finished out of order.
+    """
+    start = time.perf_counter()
+    copier = _Copier(dst, ring)
+    used_direct = [direct_io]
+
+    def read(piece: Piece, buf: HostBuffer) -> tuple[Piece, HostBuffer]:
+        view = buf.tensor.numpy().data[: round_up(piece.ref.size, _ALIGN)]
+        used_direct[0] &= _read_file(store.path(piece.ref.hash), view, direct_io)
+        verify(piece.ref, view[: piece.ref.size], path=store.path(piece.ref.hash))
+        return piece, buf
+
+    done = 0
+    inflight: deque[Future[tuple[Piece, HostBuffer]]] = deque()
+    todo = iter(pieces)
+    with ThreadPoolExecutor(threads, thread_name_prefix="restore-read") as pool:
+        try:
+            for piece in itertools.islice(todo, len(ring.buffers)):
+                inflight.append(pool.submit(read, piece, copier.take()))
+            while inflight:
+                piece, buf = inflight.popleft().result()
+                copier.copy(piece, buf)
+                done += piece.ref.size
+                if progress is not None:
+                    progress(done)
+                following = next(todo, None)
+                if following is not None:
+                    inflight.append(pool.submit(read, following, copier.take()))
+            copier.finish()
+        except BaseException:
+            for future in inflight:
+                future.cancel()
+            copier.finish()
+            raise
+    return StreamStats(done, time.perf_counter() - start, used_direct[0])
+
+
+class _Copier:
+    """Host-to-device copies on a side stream; hands out the ring's buffers, each one again
+    once its copy is done."""
+
+    def __init__(self, dst: torch.Tensor, ring: StagingRing) -> None:
+        self.dst = dst
+        self.free = deque(ring.buffers)
+        self.cuda = dst.device.type == "cuda"
+        self.stream = torch.cuda.Stream(dst.device) if self.cuda else None
+        self.copying: deque[tuple[torch.cuda.Event, HostBuffer]] = deque()
+
+    def take(self) -> HostBuffer:
+        if not self.free:  # every buffer is being copied from: wait for the oldest copy
+            event, buf = self.copying.popleft()
+            event.synchronize()
+            self.free.append(buf)
+        return self.free.popleft()
+
+    def copy(self, piece: Piece, buf: HostBuffer) -> None:
+        n = piece.ref.size
+        target = self.dst[piece.offset : piece.offset + n]
+        if not self.cuda:
+            target.copy_(buf.tensor[:n])
+            self.free.append(buf)
+            return
+        with torch.cuda.stream(self.stream):
+            target.copy_(buf.tensor[:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self.copying.append((done, buf))
+
+    def finish(self) -> None:
+        while self.copying:
+            event, buf = self.copying.popleft()
+            event.synchronize()
+            self.free.append(buf)
+
+
+def _read_file(path: os.PathLike[str] | str, view: memoryview, direct_io: bool) -> bool:
+    """Read a whole chunk file into `view` (aligned, at least the file size rounded up);
+    return whether O_DIRECT was used."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct_io else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and direct_io:  # the filesystem refuses O_DIRECT
+            return _read_file(path, view, direct_io=False)
+        if exc.errno == errno.ENOENT:
+            raise DataLoss(f"chunk file {path} is missing", reason="CHUNK_MISSING") from exc
+        raise Unavailable(f"cannot open chunk {path}: {exc}", reason="STORE_IO_ERROR") from exc
+    try:
+        got = 0
+        while got < len(view):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and direct_io:
+            os.close(fd)
+            fd = -1
+            return _read_file(path, view, direct_io=False)
+        raise Unavailable(f"cannot read chunk {path}: {exc}", reason="STORE_IO_ERROR") from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return direct_io
