@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine]...      (default: all)
+#   bash bench/gpu.sh [all|tests|engine|pager]...      (default: all)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -42,5 +42,13 @@ if want engine; then
   python3 bench/engine_gpu.py cold $CK --out "$RES" --launched "$(date +%s.%N)"
   python3 bench/engine_gpu.py decode $CK --out "$RES"
   python3 bench/engine_gpu.py hf $CK --out "$RES"
+fi
+if want pager; then
+  echo "== pager tests and benchmark"
+  python3 -m pytest -q -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
+    -W ignore::pytest.PytestConfigWarning 2>&1 | tail -40
+  CK=/tmp/torpor-bench/llama3-8b
+  [ -f $CK/model.safetensors.index.json ] || python3 bench/engine_gpu.py write-ckpt $CK || exit 1
+  python3 bench/pager_gpu.py 8b $CK --out "$RES" --store /tmp/torpor-bench/store
 fi
 echo "== done"

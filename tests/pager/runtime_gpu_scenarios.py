@@ -1,0 +1,132 @@
+"""GPU scenarios for the paged runtime, one per process:
+`python -m tests.pager.runtime_gpu_scenarios NAME`.
+
+Each builds a small random Llama in bf16 on the GPU, with CUDA graphs, and checks what the
+CPU tests check, plus the device's own accounting (`mem_get_info`, NVML).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from torpor.log import configure
+from torpor.store.chunks import ChunkStore
+from torpor.worker.engine.demo import DemoSpec, make_demo
+from torpor.worker.engine.options import EngineOptions
+from torpor.worker.engine.requests import GenerationRequest, GenerationResult
+from torpor.worker.engine.sampling import SamplingParams
+from torpor.worker.pager.placement import PagerOptions
+from torpor.worker.pager.runtime import PagedRuntime, SuspendLevel
+
+MiB = 1 << 20
+SCENARIOS: dict[str, Callable[[Path], None]] = {}
+OPTIONS = EngineOptions(max_batch=4, max_seq_len=512, dtype="bfloat16")
+PAGER = PagerOptions(device="cuda", graph_pool_bytes=256 * MiB)
+PARAMS = (
+    SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True),
+)
+
+
+def scenario(fn: Callable[[Path], None]) -> Callable[[Path], None]:
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+def model(tmp: Path) -> Path:
+    spec = DemoSpec(layers=4, hidden=1024, heads=8, kv_heads=2, vocab=4096, seed=1)
+    return make_demo(tmp / "model", spec)
+
+
+def generate(rt: PagedRuntime) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    prompt = tuple(rt.engine.encode("The scheduler wakes the model and the tokens flow"))
+    out = []
+    for i, params in enumerate(PARAMS):
+        r = GenerationResult.collect(
+            str(i), list(rt.loop.submit(GenerationRequest(str(i), prompt, params)))
+        )
+        out.append((r.token_ids, r.logprobs))
+    return out
+
+
+def free_bytes() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
+def pointers(rt: PagedRuntime) -> list[int]:
+    return [t.data_ptr() for t in rt.engine.memory.weight_tensors.values()] + [
+        rt.engine.memory.kv_tensor.data_ptr()
+    ]
+
+
+@scenario
+def every_level_keeps_addresses_and_tokens(tmp: Path) -> None:
+    rt = PagedRuntime.load(model(tmp), OPTIONS, PAGER)
+    assert rt.engine.graphs_enabled
+    store = ChunkStore(tmp / "store")
+    before, where = generate(rt), pointers(rt)
+    for level in SuspendLevel:
+        mapped = rt.placement.mapped_bytes()
+        free = free_bytes()
+        rt.suspend(level, store=store)
+        gained = free_bytes() - free
+        assert gained >= mapped - 64 * MiB, (level, gained, mapped)
+        rt.resume()
+        assert pointers(rt) == where
+        assert not rt.engine.memory.kv_tensor.any()
+        assert generate(rt) == before, level
+    rt.close()
+
+
+@scenario
+def deep_suspend_holds_no_gpu_memory(tmp: Path) -> None:
+    import pynvml
+
+    rt = PagedRuntime.load(model(tmp), OPTIONS, PAGER)
+    before = generate(rt)
+    rt.suspend(SuspendLevel.DEEP)
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    mine = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
+    used = sum(p.usedGpuMemory or 0 for p in mine)
+    assert used == 0, f"{used} bytes still on the GPU"
+    rt.resume()
+    assert generate(rt) == before
+    rt.close()
+
+
+@scenario
+def hundred_cycles_leak_nothing(tmp: Path) -> None:
+    rt = PagedRuntime.load(model(tmp), OPTIONS, PAGER)
+    rt.wait_host_copy()
+    rt.suspend(SuspendLevel.HOST)
+    rt.resume()
+    base = free_bytes()
+    for _ in range(100):
+        rt.suspend(SuspendLevel.HOST)
+        rt.resume()
+    assert abs(free_bytes() - base) <= 64 * MiB
+    generate(rt)
+    rt.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in SCENARIOS:
+        print(f"usage: {argv[0]} {{{','.join(SCENARIOS)}}}", file=sys.stderr)
+        return 2
+    configure(json=False, level="warning")
+    with tempfile.TemporaryDirectory() as tmp:
+        SCENARIOS[argv[1]](Path(tmp))
+    print(f"OK {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
