@@ -28,9 +28,10 @@ if want tests; then
   echo "== gpu tests"
   # Modules that need packages this host lacks (the store's database drivers) fail to
   # collect; they hold no gpu tests, so collection goes on without them.
-  python3 -m pytest -q -m gpu tests -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
-    --continue-on-collection-errors \
-    --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -60
+  # -v and tee, not tail: a hang must still leave the tests that ran in the log.
+  timeout 900 python3 -m pytest -v -m gpu tests -p no:cacheprovider \
+    -W ignore::pytest.PytestConfigWarning --continue-on-collection-errors --timeout 300 \
+    --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
 fi
 
 if want engine; then
@@ -45,8 +46,9 @@ if want engine; then
 fi
 if want pager; then
   echo "== pager tests and benchmark"
-  python3 -m pytest -q -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
-    -W ignore::pytest.PytestConfigWarning 2>&1 | tail -40
+  timeout 600 python3 -m pytest -v -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
+    -W ignore::pytest.PytestConfigWarning --timeout 200 2>&1 | tee "$OUT/pager-tests.log" \
+    | grep -E "PASSED|FAILED|ERROR|passed|failed"
   CK=/tmp/torpor-bench/llama3-8b
   [ -f $CK/model.safetensors.index.json ] || python3 bench/engine_gpu.py write-ckpt $CK || exit 1
   python3 bench/pager_gpu.py 8b $CK --out "$RES" --store /tmp/torpor-bench/store

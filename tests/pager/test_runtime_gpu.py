@@ -18,17 +18,20 @@ ROOT = Path(__file__).parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
+    # A bounded wait: a driver call that hangs (the process checkpoint, say) fails this test
+    # rather than the whole GPU session.
     return subprocess.run(
         [sys.executable, "-m", *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=150,
         cwd=ROOT,
         check=False,
     )
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+# Deep suspend last: it depends on the driver's process checkpoint, the least proven path.
+@pytest.mark.parametrize("name", sorted(SCENARIOS, key=lambda n: (n.startswith("deep"), n)))
 def test_runtime_scenario(name: str) -> None:
     result = run("tests.pager.runtime_gpu_scenarios", name)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
