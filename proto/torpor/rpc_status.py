@@ -9,6 +9,9 @@ retryable follows from its class. Servicers abort with it, sync or `grpc.aio` al
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -97,3 +100,34 @@ def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
         return rpc_status.from_call(exc)  # type: ignore[arg-type]
     except (AttributeError, ValueError, TypeError):
         return None
+
+
+def servicer_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a sync gRPC servicer method (unary or streaming): a TorporError ends the
+    call with its status; any other exception is a bug and ends it as INTERNAL."""
+    import functools
+    import inspect
+
+    def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+        err = exc if isinstance(exc, TorporError) else Internal(f"{type(exc).__name__}: {exc}")
+        context.abort_with_status(to_status(err))
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                fail(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            fail(context, exc)
+
+    return unary

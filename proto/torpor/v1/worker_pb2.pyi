@@ -114,10 +114,12 @@ class WorkerGenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class WorkerSuspendRequest(_message.Message):
-    __slots__ = ("level",)
+    __slots__ = ("level", "abort")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     level: _common_pb2.Tier
-    def __init__(self, level: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
+    abort: bool
+    def __init__(self, level: _Optional[_Union[_common_pb2.Tier, str]] = ..., abort: _Optional[bool] = ...) -> None: ...
 
 class WorkerSuspendResponse(_message.Message):
     __slots__ = ("state", "gpu_bytes_released", "host_bytes_released", "gpu_bytes_remaining", "unmap", "checkpoint", "total")

@@ -1,0 +1,204 @@
+"""The worker process as torpord sees it: a real `torpor-worker` subprocess on a Unix socket,
+driven through the generated gRPC stubs."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.helpers import assert_eventually
+from torpor.errors import FailedPrecondition, InvalidArgument
+from torpor.rpc_status import from_rpc_error
+from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from torpor.worker.engine.demo import DemoSpec, make_demo
+from torpor.worker.engine.engine import Engine
+from torpor.worker.engine.options import EngineOptions
+from torpor.worker.engine.requests import GenerationRequest
+from torpor.worker.engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo(tmp_path_factory.mktemp("w") / "m", DemoSpec(layers=2, hidden=128, vocab=512))
+
+
+class Worker:
+    """A torpor-worker subprocess and a stub connected to it."""
+
+    def __init__(self, root: Path, store: Path) -> None:
+        self.socket = root / "w.sock"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torpor.worker.main",
+                "--socket",
+                str(self.socket),
+                "--store",
+                str(store),
+                "--device",
+                "cpu",
+                "--handle-size",
+                "2MiB",
+                "--log-level",
+                "warning",
+            ],
+        )
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        grpc.channel_ready_future(self.channel).result(timeout=60)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+
+    def call(self, method: str, request: object) -> object:
+        try:
+            result = getattr(self.stub, method)(request, timeout=120)
+            return (
+                list(result)
+                if isinstance(result, Iterator) or hasattr(result, "__next__")
+                else result
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(grpc.RpcError):  # it may be on its way out already
+                self.stub.Shutdown(worker_pb2.WorkerShutdownRequest(), timeout=30)
+            self.proc.wait(timeout=30)
+        self.channel.close()
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    w = Worker(tmp_path, tmp_path / "store")
+    yield w
+    w.close()
+
+
+def load(worker: Worker, model_dir: Path) -> list[worker_pb2.WorkerLoadResponse]:
+    return worker.call(
+        "Load",
+        worker_pb2.WorkerLoadRequest(
+            model="demo", model_dir=str(model_dir), max_batch=4, max_seq_len=256
+        ),
+    )
+
+
+def generate(worker: Worker, ids: list[int], **sampling: object) -> list[common_pb2.GenerateChunk]:
+    params = common_pb2.SamplingParams(max_tokens=12, **sampling)
+    return worker.call(
+        "Generate",
+        worker_pb2.WorkerGenerateRequest(
+            request_id="r", prompt_token_ids=common_pb2.TokenIds(ids=ids), sampling=params
+        ),
+    )
+
+
+def tokens(chunks: list[common_pb2.GenerateChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def test_load_generate_suspend_resume(worker: Worker, model_dir: Path) -> None:
+    events = load(worker, model_dir)
+    assert events[-1].HasField("done")
+    assert any(e.HasField("progress") for e in events)
+    assert events[-1].done.status.state == common_pb2.RUNTIME_STATE_RESIDENT
+    chunks = generate(worker, [1, 2, 3, 4], temperature=0, ignore_eos=True)
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 12 and usage.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    expected = Engine.load(model_dir, EngineOptions(max_batch=4, max_seq_len=256)).generate_all(
+        [
+            GenerationRequest(
+                "x", (1, 2, 3, 4), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+            )
+        ]
+    )[0]
+    assert tokens(chunks) == list(expected.token_ids)
+    assert "".join(c.text for c in chunks) == expected.text
+
+    for tier in (common_pb2.TIER_HOST, common_pb2.TIER_DISK):
+        reply = worker.call("Suspend", worker_pb2.WorkerSuspendRequest(level=tier))
+        assert reply.state in (
+            common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
+            common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
+        )
+        status = worker.call("Status", worker_pb2.WorkerStatusRequest())
+        assert all(a.mapped_bytes == 0 for a in status.arenas)
+        with pytest.raises(FailedPrecondition, match="resume it first"):
+            generate(worker, [1, 2, 3])
+        resumed = worker.call("Resume", worker_pb2.WorkerResumeRequest())
+        assert resumed[-1].done.tier == tier
+        assert tokens(generate(worker, [1, 2, 3, 4], temperature=0, ignore_eos=True)) == tokens(
+            chunks
+        )
+
+
+def test_errors_have_their_codes(worker: Worker, model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition, match="Load first"):
+        generate(worker, [1])
+    with pytest.raises(InvalidArgument, match=r"no config\.json"):
+        worker.call("Load", worker_pb2.WorkerLoadRequest(model="x", model_dir=str(tmp_path)))
+    load(worker, model_dir)
+    with pytest.raises(FailedPrecondition, match="already holds a runtime"):
+        load(worker, model_dir)
+    with pytest.raises(InvalidArgument, match="temperature"):
+        generate(worker, [1, 2], temperature=-1)
+    with pytest.raises(InvalidArgument, match="out of the vocabulary"):
+        generate(worker, [1, 10_000])
+    with pytest.raises(InvalidArgument, match="not TIER_DROP"):
+        worker.call("Suspend", worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_DROP))
+
+
+def test_snapshot_then_restore_in_a_new_worker(tmp_path: Path, model_dir: Path) -> None:
+    store = tmp_path / "store"
+    first = Worker(tmp_path / "a", store)
+    try:
+        load(first, model_dir)
+        expected = tokens(generate(first, [5, 6, 7], temperature=0.9, seed=4, ignore_eos=True))
+        done = first.call("Snapshot", worker_pb2.WorkerSnapshotRequest())[-1].done
+        assert done.bytes > 0 and done.bytes_written == done.bytes
+        again = first.call("Snapshot", worker_pb2.WorkerSnapshotRequest())[-1].done
+        assert again.bytes_written == 0 and again.snapshot_id == done.snapshot_id
+    finally:
+        first.close()
+    second = Worker(tmp_path / "b", store)
+    try:
+        events = second.call(
+            "Load", worker_pb2.WorkerLoadRequest(model="demo", snapshot_id=done.snapshot_id)
+        )
+        assert events[-1].done.status.snapshot_id == done.snapshot_id
+        assert (
+            tokens(generate(second, [5, 6, 7], temperature=0.9, seed=4, ignore_eos=True))
+            == expected
+        )
+    finally:
+        second.close()
+
+
+def test_client_disconnect_aborts_the_request(worker: Worker, model_dir: Path) -> None:
+    load(worker, model_dir)
+    params = common_pb2.SamplingParams(max_tokens=240, temperature=0, ignore_eos=True)
+    call = worker.stub.Generate(
+        worker_pb2.WorkerGenerateRequest(
+            request_id="gone", prompt_token_ids=common_pb2.TokenIds(ids=[1, 2]), sampling=params
+        )
+    )
+    next(call)
+    call.cancel()
+    assert_eventually(
+        lambda: worker.call("Status", worker_pb2.WorkerStatusRequest()),
+        lambda status: status.active_requests == 0,
+    )
+
+
+def test_sigterm_stops_the_worker(worker: Worker) -> None:
+    import signal
+
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(timeout=30) == 0
+    assert not worker.socket.exists()

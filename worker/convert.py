@@ -1,0 +1,75 @@
+"""The worker's side of the wire: torpor.v1 messages to engine and pager dataclasses, and back."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+
+from torpor.errors import InvalidArgument
+from torpor.v1 import common_pb2
+from torpor.worker.engine.requests import FinishReason
+from torpor.worker.engine.sampling import SamplingParams
+from torpor.worker.pager.runtime import Residency, SuspendLevel
+
+DTYPES: dict[int, str] = {
+    common_pb2.DTYPE_UNSPECIFIED: "auto",
+    common_pb2.DTYPE_FLOAT32: "float32",
+    common_pb2.DTYPE_BFLOAT16: "bfloat16",
+    common_pb2.DTYPE_FLOAT16: "float16",
+    common_pb2.DTYPE_FP8: "fp8",
+}
+LEVELS: dict[int, SuspendLevel] = {
+    common_pb2.TIER_HOST: SuspendLevel.HOST,
+    common_pb2.TIER_DEEP: SuspendLevel.DEEP,
+    common_pb2.TIER_DISK: SuspendLevel.DISK,
+}
+TIERS: dict[str, common_pb2.Tier] = {"host": common_pb2.TIER_HOST, "deep": common_pb2.TIER_DEEP, "disk": common_pb2.TIER_DISK}
+STATES: dict[Residency, common_pb2.RuntimeState] = {
+    Residency.RESIDENT: common_pb2.RUNTIME_STATE_RESIDENT,
+    Residency.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
+    Residency.SUSPENDED_DEEP: common_pb2.RUNTIME_STATE_SUSPENDED_DEEP,
+    Residency.SUSPENDED_DISK: common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
+    Residency.CLOSED: common_pb2.RUNTIME_STATE_COLD,
+}
+FINISH: dict[FinishReason, common_pb2.FinishReason] = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+
+
+def dtype(value: int) -> str:
+    try:
+        return DTYPES[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown dtype enum value {value}", reason="BAD_DTYPE") from None
+
+
+def level(tier: int) -> SuspendLevel:
+    if tier not in LEVELS:
+        name = common_pb2.Tier.Name(tier) if tier in common_pb2.Tier.values() else str(tier)
+        raise InvalidArgument(
+            f"a worker suspends to HOST, DEEP or DISK, not {name}",
+            reason="BAD_SUSPEND_LEVEL",
+            metadata={"level": name},
+        )
+    return LEVELS[tier]
+
+
+def sampling(msg: common_pb2.SamplingParams, prompt_len: int, max_seq_len: int) -> SamplingParams:
+    """Engine sampling parameters; the proto's zeros mean "the default" (see common.proto)."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens or max(1, max_seq_len - prompt_len),
+        temperature=msg.temperature,
+        top_p=msg.top_p if 0 < msg.top_p < 1 else 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d

@@ -1,0 +1,344 @@
+"""The `torpor.v1.Worker` service: torpord's handle on one runtime in this process.
+
+A worker holds at most one runtime. It obeys: Load (cold, or from a snapshot by its manifest
+hash), Generate, Suspend, Resume, Snapshot, Status, Shutdown. It decides nothing; every
+error is a typed status (torpor.rpc_status). Long operations stream their progress.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from torpor.errors import FailedPrecondition, InvalidArgument
+from torpor.log import bind, get_logger
+from torpor.rpc_status import servicer_errors
+from torpor.store.chunks import ChunkRef, ChunkStore
+from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from torpor.worker import convert
+from torpor.worker.engine.options import EngineOptions
+from torpor.worker.engine.requests import GenerationRequest
+from torpor.worker.pager.manifest import SnapshotManifest
+from torpor.worker.pager.placement import PagerOptions
+from torpor.worker.pager.runtime import PagedRuntime, Residency
+
+log = get_logger("worker")
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What torpord starts a worker with."""
+
+    device: str  # cpu, cuda or cuda:N
+    store: Path  # the chunk store root (snapshots)
+    workdir: Path  # private scratch (a restored model's small files)
+    pager: PagerOptions
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, on_shutdown: Callable[[], None]) -> None:
+        self.config = config
+        self.store = ChunkStore(config.store)
+        self.runtime: PagedRuntime | None = None
+        self.model = ""
+        self.snapshot_id = ""
+        self._loading = threading.Lock()
+        self._on_shutdown = on_shutdown
+
+    # -- load ------------------------------------------------------------------------------
+
+    @servicer_errors
+    def Load(
+        self, request: worker_pb2.WorkerLoadRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        if not self._loading.acquire(blocking=False) or self.runtime is not None:
+            raise FailedPrecondition("this worker already holds a runtime", reason="ALREADY_LOADED")
+        try:
+            with bind(model=request.model):
+                start = time.perf_counter()
+                events: queue.Queue[Any] = queue.Queue()
+                worker = threading.Thread(target=self._load, args=(request, events), daemon=True)
+                worker.start()
+                yield from _drain(
+                    events,
+                    lambda done, total: worker_pb2.WorkerLoadResponse(
+                        progress=worker_pb2.WorkerLoadResponse.Progress(
+                            phase=worker_pb2.LOAD_PHASE_WEIGHTS, bytes_done=done, bytes_total=total
+                        )
+                    ),
+                )
+                assert self.runtime is not None
+                timings = self.runtime.engine.timings
+                yield worker_pb2.WorkerLoadResponse(
+                    done=worker_pb2.WorkerLoadResponse.Done(
+                        timings=worker_pb2.LoadTimings(
+                            weights=convert.duration(timings.weights_s),
+                            graphs=convert.duration(timings.graphs_s),
+                            total=convert.duration(time.perf_counter() - start),
+                        ),
+                        status=self._status(),
+                    )
+                )
+        finally:
+            self._loading.release()
+
+    def _load(self, request: worker_pb2.WorkerLoadRequest, events: queue.Queue[Any]) -> None:
+        def progress(done: int, total: int) -> None:
+            events.put((done, total))
+
+        try:
+            pager = self.config.pager
+            if request.snapshot_id:
+                manifest = self._manifest(request.snapshot_id)
+                self.runtime = PagedRuntime.restore(
+                    manifest, self.store, self.config.workdir, pager, progress
+                )
+                self.snapshot_id = request.snapshot_id
+            else:
+                if not request.model_dir:
+                    raise InvalidArgument(
+                        "Load needs model_dir or snapshot_id", reason="NOTHING_TO_LOAD"
+                    )
+                options = EngineOptions(
+                    max_batch=request.max_batch or 8,
+                    max_seq_len=request.max_seq_len,
+                    dtype=convert.dtype(request.dtype),
+                )
+                self.runtime = PagedRuntime.load(Path(request.model_dir), options, pager, progress)
+            self.model = request.model
+            events.put(_DONE)
+        except BaseException as exc:
+            events.put(exc)
+
+    def _manifest(self, snapshot_id: str) -> SnapshotManifest:
+        path = self.store.path(snapshot_id)
+        if not path.is_file():
+            raise InvalidArgument(
+                f"no snapshot manifest {snapshot_id} in {self.config.store}",
+                reason="SNAPSHOT_NOT_FOUND",
+            )
+        ref = ChunkRef(snapshot_id, path.stat().st_size)
+        return SnapshotManifest.loads(self.store.read(ref).decode())
+
+    # -- generate --------------------------------------------------------------------------
+
+    @servicer_errors
+    def Generate(
+        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        runtime = self._resident("generate")
+        engine = runtime.engine
+        start = time.perf_counter()
+        which = request.WhichOneof("prompt")
+        if which == "prompt_text":
+            prompt = tuple(engine.encode(request.prompt_text))
+        elif which == "prompt_token_ids":
+            prompt = tuple(request.prompt_token_ids.ids)
+        else:
+            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        params = convert.sampling(request.sampling, len(prompt), engine.options.max_seq_len)
+        request_id = request.request_id or f"w{os.getpid()}-{time.monotonic_ns()}"
+        with bind(request=request_id, model=self.model):
+            stream = runtime.loop.submit(GenerationRequest(request_id, prompt, params))
+            context.add_callback(stream.cancel)  # the caller went away: stop generating
+            first = None
+            generated = 0
+            for delta in stream:
+                first = first if first is not None else time.perf_counter() - start
+                generated += len(delta.token_ids)
+                chunk = common_pb2.GenerateChunk(
+                    token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs
+                )
+                if delta.finish is not None:
+                    chunk.usage.CopyFrom(
+                        common_pb2.Usage(
+                            prompt_tokens=len(prompt),
+                            completion_tokens=generated,
+                            finish_reason=convert.FINISH[delta.finish],
+                            timings=common_pb2.GenerateTimings(
+                                first_token=convert.duration(first),
+                                total=convert.duration(time.perf_counter() - start),
+                            ),
+                        )
+                    )
+                yield chunk
+
+    # -- suspend, resume, snapshot -----------------------------------------------------------
+
+    @servicer_errors
+    def Suspend(
+        self, request: worker_pb2.WorkerSuspendRequest, context: grpc.ServicerContext
+    ) -> Any:
+        runtime = self._runtime()
+        before = runtime.memory()
+        report = runtime.suspend(
+            convert.level(request.level), abort=request.abort, store=self.store
+        )
+        after = runtime.memory()
+        return worker_pb2.WorkerSuspendResponse(
+            state=convert.STATES[runtime.residency],
+            gpu_bytes_released=report.gpu_bytes_released,
+            host_bytes_released=max(0, before.host_bytes - after.host_bytes),
+            gpu_bytes_remaining=after.gpu_bytes,
+            total=convert.duration(report.seconds),
+        )
+
+    @servicer_errors
+    def Resume(
+        self, request: worker_pb2.WorkerResumeRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        runtime = self._runtime()
+        tier = convert.TIERS.get(
+            runtime.residency.value.removeprefix("suspended_"), common_pb2.TIER_UNSPECIFIED
+        )
+        events: queue.Queue[Any] = queue.Queue()
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append(runtime.resume(self.store, lambda d, t: events.put((d, t))))
+                events.put(_DONE)
+            except BaseException as exc:
+                events.put(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        yield from _drain(
+            events,
+            lambda d, t: worker_pb2.WorkerResumeResponse(
+                progress=common_pb2.TransferProgress(tier=tier, bytes_done=d, bytes_total=t)
+            ),
+        )
+        report = result[0]
+        yield worker_pb2.WorkerResumeResponse(
+            done=worker_pb2.WorkerResumeResponse.Done(
+                tier=convert.TIERS[report.tier],
+                bytes=report.bytes,
+                total=convert.duration(report.seconds),
+            )
+        )
+
+    @servicer_errors
+    def Snapshot(
+        self, request: worker_pb2.WorkerSnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        runtime = self._runtime()
+        events: queue.Queue[Any] = queue.Queue()
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append(runtime.snapshot(self.store, lambda d, t: events.put((d, t))))
+                events.put(_DONE)
+            except BaseException as exc:
+                events.put(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        yield from _drain(
+            events,
+            lambda d, t: worker_pb2.WorkerSnapshotResponse(
+                progress=common_pb2.TransferProgress(
+                    tier=common_pb2.TIER_DISK, bytes_done=d, bytes_total=t
+                )
+            ),
+        )
+        report = result[0]
+        manifest_ref = self.store.put(report.manifest.dumps().encode())
+        self.snapshot_id = manifest_ref.hash
+        yield worker_pb2.WorkerSnapshotResponse(
+            done=worker_pb2.WorkerSnapshotResponse.Done(
+                snapshot_id=manifest_ref.hash,
+                manifest_hash=manifest_ref.hash,
+                bytes=report.manifest.weight_bytes,
+                bytes_written=report.new_bytes,
+                chunks=len(report.manifest.chunks),
+                elapsed=convert.duration(report.seconds),
+            )
+        )
+
+    # -- status and shutdown -----------------------------------------------------------------
+
+    @servicer_errors
+    def Status(self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext) -> Any:
+        return self._status()
+
+    def _status(self) -> worker_pb2.WorkerStatusResponse:
+        status = worker_pb2.WorkerStatusResponse(
+            model=self.model,
+            device=self.config.device,
+            pid=os.getpid(),
+            snapshot_id=self.snapshot_id,
+        )
+        runtime = self.runtime
+        if runtime is None:
+            status.state = (
+                common_pb2.RUNTIME_STATE_LOADING
+                if self._loading.locked()
+                else common_pb2.RUNTIME_STATE_COLD
+            )
+            return status
+        usage = runtime.memory()
+        status.state = convert.STATES[runtime.residency]
+        status.gpu_bytes, status.host_bytes, status.disk_bytes = (
+            usage.gpu_bytes,
+            usage.host_bytes,
+            usage.disk_bytes,
+        )
+        status.active_requests = runtime.engine.num_running + runtime.engine.num_waiting
+        for name, arena in runtime.placement.arenas.items():
+            status.arenas.add(
+                name=name,
+                base_address=arena.address,
+                reserved_bytes=arena.nbytes,
+                mapped_bytes=arena.nbytes if arena.is_mapped else 0,
+            )
+        return status
+
+    @servicer_errors
+    def Shutdown(
+        self, request: worker_pb2.WorkerShutdownRequest, context: grpc.ServicerContext
+    ) -> Any:
+        if self.runtime is not None:
+            self.runtime.close()
+        self._on_shutdown()
+        return worker_pb2.WorkerShutdownResponse()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _runtime(self) -> PagedRuntime:
+        if self.runtime is None:
+            raise FailedPrecondition(
+                "this worker holds no runtime yet: Load first", reason="NOT_LOADED"
+            )
+        return self.runtime
+
+    def _resident(self, verb: str) -> PagedRuntime:
+        runtime = self._runtime()
+        if runtime.residency is not Residency.RESIDENT:
+            raise FailedPrecondition(
+                f"cannot {verb}: the runtime is {runtime.residency.value}; resume it first",
+                reason="NOT_RESIDENT",
+                metadata={"state": runtime.residency.value},
+            )
+        return runtime
+
+
+def _drain(events: queue.Queue[Any], progress: Callable[[int, int], Any]) -> Iterator[Any]:
+    """Yield a progress message per (done, total) event until the worker thread finishes;
+    re-raise its error."""
+    while True:
+        event = events.get()
+        if event is _DONE:
+            return
+        if isinstance(event, BaseException):
+            raise event
+        yield progress(*event)
