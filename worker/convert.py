@@ -22,7 +22,11 @@ LEVELS: dict[int, SuspendLevel] = {
     common_pb2.TIER_DEEP: SuspendLevel.DEEP,
     common_pb2.TIER_DISK: SuspendLevel.DISK,
 }
-TIERS: dict[str, common_pb2.Tier] = {"host": common_pb2.TIER_HOST, "deep": common_pb2.TIER_DEEP, "disk": common_pb2.TIER_DISK}
+TIERS: dict[str, common_pb2.Tier] = {
+    "host": common_pb2.TIER_HOST,
+    "deep": common_pb2.TIER_DEEP,
+    "disk": common_pb2.TIER_DISK,
+}
 STATES: dict[Residency, common_pb2.RuntimeState] = {
     Residency.RESIDENT: common_pb2.RUNTIME_STATE_RESIDENT,
     Residency.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
