@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 
 from torpor import log
+from torpor.errors import TorporError
 from torpor.units import parse_size
 from torpor.v1 import worker_pb2_grpc
+from torpor.worker.engine.options import resolve_device
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.service import WorkerConfig, WorkerService
 
@@ -68,7 +70,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(serve(parse_args(sys.argv[1:] if argv is None else argv)))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        resolve_device(args.device)  # fail at start, not at the first Load
+    except TorporError as err:
+        print(f"torpor-worker: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(serve(args))
 
 
 if __name__ == "__main__":

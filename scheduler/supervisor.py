@@ -1,0 +1,259 @@
+"""Worker supervision: one `torpor-worker` process per runtime, started, watched and stopped.
+
+A worker that exits is noticed at once: children through `wait()`, workers adopted from an
+earlier torpord through a pidfd (which is readable the moment the process ends). Each worker
+leaves a small record in `<runtime_dir>/workers/` so that a restarted torpord can find it
+again and either adopt it (it still answers) or stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from torpor.errors import Unavailable
+from torpor.log import get_logger
+from torpor.v1 import worker_pb2, worker_pb2_grpc
+
+log = get_logger("supervisor")
+
+OnExit = Callable[["WorkerProcess"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start the worker of one runtime."""
+
+    runtime_id: str
+    model: str
+    device: str  # cpu, cuda:N
+    socket: Path
+    store: Path
+    handle_size: str = "512MiB"
+    graph_pool: str = "512MiB"
+    log_level: str = "info"
+    python: str = sys.executable
+
+    def argv(self) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "torpor.worker.main",
+            "--socket",
+            str(self.socket),
+            "--device",
+            self.device,
+            "--store",
+            str(self.store),
+            "--handle-size",
+            self.handle_size,
+            "--graph-pool",
+            self.graph_pool,
+            "--log-level",
+            self.log_level,
+        ]
+
+
+class WorkerProcess:
+    """A running worker and its gRPC stub."""
+
+    def __init__(self, spec: WorkerSpec, pid: int, proc: asyncio.subprocess.Process | None) -> None:
+        self.spec = spec
+        self.pid = pid
+        self._proc = proc
+        self.channel = grpc.aio.insecure_channel(f"unix://{spec.socket}")
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.exited = asyncio.Event()
+        self.returncode: int | None = None
+        self.stopping = False  # an exit we asked for is not a crash
+
+    @property
+    def runtime_id(self) -> str:
+        return self.spec.runtime_id
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Until the worker's socket answers; Unavailable if it exits or takes too long."""
+        ready = asyncio.ensure_future(self.channel.channel_ready())
+        exited = asyncio.ensure_future(self.exited.wait())
+        done, _ = await asyncio.wait(
+            {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in (ready, exited):
+            task.cancel()
+        if ready not in done or ready.cancelled():
+            why = (
+                f"exited with status {self.returncode}"
+                if self.exited.is_set()
+                else f"did not answer in {timeout:.0f} s"
+            )
+            raise Unavailable(
+                f"worker for {self.spec.model} {why}",
+                reason="WORKER_START_FAILED",
+                metadata={"runtime": self.runtime_id, "pid": self.pid},
+            )
+
+    async def watch(self, on_exit: OnExit) -> None:
+        """Wait for the process to end, then report it once."""
+        if self._proc is not None:
+            self.returncode = await self._proc.wait()
+        else:
+            self.returncode = await _wait_pidfd(self.pid)
+        self.exited.set()
+        await self.channel.close()
+        await on_exit(self)
+
+    async def stop(self, timeout: float) -> None:
+        """Ask it to shut down; SIGTERM, then SIGKILL, if it does not."""
+        self.stopping = True
+        if self.exited.is_set():
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await self.stub.Shutdown(worker_pb2.WorkerShutdownRequest(), timeout=timeout)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                await asyncio.wait_for(self.exited.wait(), timeout)
+                return
+            except asyncio.TimeoutError:
+                self.signal(sig)
+        await self.exited.wait()
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+
+class Supervisor:
+    """Starts, watches, adopts and stops the worker processes of one torpord."""
+
+    def __init__(self, runtime_dir: Path, on_exit: OnExit, start_timeout: float = 60.0) -> None:
+        self.records = runtime_dir / "workers"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.on_exit = on_exit
+        self.start_timeout = start_timeout
+        self.workers: dict[str, WorkerProcess] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def spawn(self, spec: WorkerSpec) -> WorkerProcess:
+        spec.socket.unlink(missing_ok=True)
+        proc = await asyncio.create_subprocess_exec(*spec.argv(), stdin=asyncio.subprocess.DEVNULL)
+        worker = WorkerProcess(spec, proc.pid, proc)
+        self._track(worker)
+        try:
+            await worker.wait_ready(self.start_timeout)
+        except BaseException:
+            await worker.stop(timeout=5)
+            raise
+        log.info(
+            "worker_started",
+            runtime=spec.runtime_id,
+            model=spec.model,
+            pid=proc.pid,
+            device=spec.device,
+        )
+        return worker
+
+    def _track(self, worker: WorkerProcess) -> None:
+        self.workers[worker.runtime_id] = worker
+        self._record(worker)
+        task = asyncio.create_task(worker.watch(self._exited), name=f"watch-{worker.runtime_id}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _exited(self, worker: WorkerProcess) -> None:
+        self.workers.pop(worker.runtime_id, None)
+        (self.records / f"{worker.runtime_id}.json").unlink(missing_ok=True)
+        level = "info" if worker.stopping else "error"
+        getattr(log, level)(
+            "worker_exited",
+            runtime=worker.runtime_id,
+            model=worker.spec.model,
+            pid=worker.pid,
+            returncode=worker.returncode,
+            expected=worker.stopping,
+        )
+        await self.on_exit(worker)
+
+    def _record(self, worker: WorkerProcess) -> None:
+        record = {"pid": worker.pid, **{k: str(v) for k, v in asdict(worker.spec).items()}}
+        path = self.records / f"{worker.runtime_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    async def adopt(self) -> list[WorkerProcess]:
+        """Find the workers an earlier torpord left: adopt those that answer, stop the rest."""
+        adopted = []
+        for path in sorted(self.records.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                pid = int(record.pop("pid"))
+                spec = WorkerSpec(
+                    **{**record, "socket": Path(record["socket"]), "store": Path(record["store"])}
+                )
+            except (OSError, ValueError, TypeError, KeyError):
+                path.unlink(missing_ok=True)
+                continue
+            worker = await self._try_adopt(spec, pid)
+            if worker is None:
+                path.unlink(missing_ok=True)
+            else:
+                adopted.append(worker)
+        return adopted
+
+    async def _try_adopt(self, spec: WorkerSpec, pid: int) -> WorkerProcess | None:
+        if not _alive(pid):
+            return None
+        worker = WorkerProcess(spec, pid, None)
+        try:
+            await asyncio.wait_for(worker.channel.channel_ready(), 5)
+            await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=5)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            log.warning("worker_unresponsive_stopped", runtime=spec.runtime_id, pid=pid)
+            worker.signal(signal.SIGKILL)
+            await worker.channel.close()
+            return None
+        self._track(worker)
+        log.info("worker_adopted", runtime=spec.runtime_id, model=spec.model, pid=pid)
+        return worker
+
+    async def stop_all(self, timeout: float) -> None:
+        workers = list(self.workers.values())
+        await asyncio.gather(*(w.stop(timeout) for w in workers), return_exceptions=True)
+        if self._watchers:
+            await asyncio.wait(self._watchers, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _wait_pidfd(pid: int) -> int | None:
+    """Until `pid` (not our child) exits; its status is not ours to know (None)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return None
