@@ -80,7 +80,7 @@ class WorkerProcess:
     def runtime_id(self) -> str:
         return self.spec.runtime_id
 
-    async def wait_ready(self, timeout: float) -> None:
+    async def wait_ready(self, within_s: float) -> None:
         """Until the worker's socket answers; Unavailable if it exits or takes too long."""
         ready = asyncio.ensure_future(self.channel.channel_ready())
         exited = asyncio.ensure_future(self.exited.wait())
@@ -93,7 +93,7 @@ class WorkerProcess:
             why = (
                 f"exited with status {self.returncode}"
                 if self.exited.is_set()
-                else f"did not answer in {timeout:.0f} s"
+                else f"did not answer in {within_s:.0f} s"
             )
             raise Unavailable(
                 f"worker for {self.spec.model} {why}",
@@ -111,18 +111,18 @@ class WorkerProcess:
         await self.channel.close()
         await on_exit(self)
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, grace_s: float) -> None:
         """Ask it to shut down; SIGTERM, then SIGKILL, if it does not."""
         self.stopping = True
         if self.exited.is_set():
             return
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await self.stub.Shutdown(worker_pb2.WorkerShutdownRequest(), timeout=timeout)
+            await self.stub.Shutdown(worker_pb2.WorkerShutdownRequest(), timeout=grace_s)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                await asyncio.wait_for(self.exited.wait(), timeout)
+                await asyncio.wait_for(self.exited.wait(), grace_s)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.signal(sig)
         await self.exited.wait()
 
@@ -150,7 +150,7 @@ class Supervisor:
         try:
             await worker.wait_ready(self.start_timeout)
         except BaseException:
-            await worker.stop(timeout=5)
+            await worker.stop(grace_s=5)
             raise
         log.info(
             "worker_started",
@@ -216,7 +216,7 @@ class Supervisor:
         try:
             await asyncio.wait_for(worker.channel.channel_ready(), 5)
             await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=5)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+        except (TimeoutError, grpc.aio.AioRpcError):
             log.warning("worker_unresponsive_stopped", runtime=spec.runtime_id, pid=pid)
             worker.signal(signal.SIGKILL)
             await worker.channel.close()
@@ -225,11 +225,11 @@ class Supervisor:
         log.info("worker_adopted", runtime=spec.runtime_id, model=spec.model, pid=pid)
         return worker
 
-    async def stop_all(self, timeout: float) -> None:
+    async def stop_all(self, grace_s: float) -> None:
         workers = list(self.workers.values())
-        await asyncio.gather(*(w.stop(timeout) for w in workers), return_exceptions=True)
+        await asyncio.gather(*(w.stop(grace_s) for w in workers), return_exceptions=True)
         if self._watchers:
-            await asyncio.wait(self._watchers, timeout=timeout)
+            await asyncio.wait(self._watchers, timeout=grace_s)
 
 
 def _alive(pid: int) -> bool:

@@ -43,8 +43,8 @@ async def test_crash_is_noticed_at_once(tmp_path: Path) -> None:
 async def test_stop_is_clean(tmp_path: Path) -> None:
     exits: asyncio.Queue[WorkerProcess] = asyncio.Queue()
     sup = Supervisor(tmp_path / "run", exits.put)
-    worker = await sup.spawn(spec(tmp_path))
-    await sup.stop_all(timeout=10)
+    await sup.spawn(spec(tmp_path))
+    await sup.stop_all(grace_s=10)
     gone = await asyncio.wait_for(exits.get(), 10)
     assert gone.stopping and gone.returncode == 0
 
@@ -66,7 +66,7 @@ async def test_a_restarted_supervisor_adopts_live_workers(tmp_path: Path) -> Non
     os.kill(pid, signal.SIGKILL)  # an adopted worker's death is noticed too (pidfd)
     gone = await asyncio.wait_for(exits.get(), 10)
     assert gone.pid == pid
-    await first.stop_all(timeout=5)
+    await first.stop_all(grace_s=5)
 
 
 async def test_a_worker_that_cannot_start_is_unavailable(tmp_path: Path) -> None:
