@@ -85,7 +85,7 @@ class WorkerProcess:
         ready = asyncio.ensure_future(self.channel.channel_ready())
         exited = asyncio.ensure_future(self.exited.wait())
         done, _ = await asyncio.wait(
-            {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            {ready, exited}, timeout=within_s, return_when=asyncio.FIRST_COMPLETED
         )
         for task in (ready, exited):
             task.cancel()
