@@ -68,3 +68,62 @@ bench-gpu:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# ---- install-service: torpord as a systemd service on a GPU host (docs/DEPLOY.md) ----------
+# Run as root on the host: `sudo make install-service`. The layout:
+#   $(SERVICE_VENV)                       torpor, installed (not editable) from this checkout
+#   $(SERVICE_BINDIR)/torpor, torpord     links into the venv
+#   $(SYSTEMD_UNIT_DIR)/torpord.service   deploy/torpord.service, ExecStart in $(SERVICE_VENV)
+#   $(SYSUSERS_DIR), $(TMPFILES_DIR)      the torpor user; /var/lib/torpor and its directories
+#   /etc/torpor/torpord.toml              deploy/torpord.toml, only if there is none yet
+# The unit and the sysusers/tmpfiles files go under /usr/local/lib, the place for locally
+# installed ones; /etc stays the administrator's (the config, `systemctl edit` drop-ins).
+#
+# DESTDIR=DIR stages every file under DIR and skips what only the target host can do (creating
+# the user, the directories, daemon-reload). A venv cannot be staged (its #! lines name its
+# path): the default SERVICE_VENV_INSTALL refuses under DESTDIR, so pass a command of your own
+# (it gets the venv's path under DESTDIR) or SERVICE_VENV_INSTALL=: to skip it.
+SERVICE_PREFIX ?= /opt/torpor
+SERVICE_VENV ?= $(SERVICE_PREFIX)/venv
+# --system-site-packages keeps a CUDA torch that the host already has; set it empty to isolate.
+SERVICE_VENV_ARGS ?= --system-site-packages
+SERVICE_VENV_INSTALL ?= bash deploy/install-venv.sh
+SERVICE_BINDIR ?= /usr/local/bin
+SYSTEMD_UNIT_DIR ?= /usr/local/lib/systemd/system
+SYSUSERS_DIR ?= /usr/local/lib/sysusers.d
+TMPFILES_DIR ?= /usr/local/lib/tmpfiles.d
+SYSTEMCTL ?= systemctl
+SYSTEMD_SYSUSERS ?= systemd-sysusers
+SYSTEMD_TMPFILES ?= systemd-tmpfiles
+# torpord reads this path by default and the unit names it: not a variable.
+SERVICE_CONFIG_DIR := /etc/torpor
+SERVICE_CONFIG := $(SERVICE_CONFIG_DIR)/torpord.toml
+# $(call on_host,COMMAND): COMMAND on a real install; under DESTDIR only a note (no commas in it).
+on_host = $(if $(DESTDIR),@echo "[install-service] staged so not run: $(1)",$(1))
+
+.PHONY: install-service
+install-service:
+	$(if $(DESTDIR),,@[[ $$(id -u) == 0 ]] || { echo "install-service: run it as root (sudo make install-service)" >&2; exit 1; })
+	DESTDIR='$(DESTDIR)' PYTHON='$(PYTHON)' SERVICE_VENV_ARGS='$(SERVICE_VENV_ARGS)' $(SERVICE_VENV_INSTALL) $(DESTDIR)$(SERVICE_VENV)
+	install -d -m 0755 $(DESTDIR)$(SERVICE_BINDIR)
+	ln -sfn $(SERVICE_VENV)/bin/torpor $(DESTDIR)$(SERVICE_BINDIR)/torpor
+	ln -sfn $(SERVICE_VENV)/bin/torpord $(DESTDIR)$(SERVICE_BINDIR)/torpord
+	install -D -m 0644 deploy/sysusers.d/torpor.conf $(DESTDIR)$(SYSUSERS_DIR)/torpor.conf
+	install -D -m 0644 deploy/tmpfiles.d/torpor.conf $(DESTDIR)$(TMPFILES_DIR)/torpor.conf
+	install -d -m 0755 $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	sed 's|/opt/torpor/venv|$(SERVICE_VENV)|g' deploy/torpord.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/torpord.service
+	chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/torpord.service
+	$(call on_host,$(SYSTEMD_SYSUSERS) $(SYSUSERS_DIR)/torpor.conf)
+	install -d -m 0755 $(DESTDIR)$(SERVICE_CONFIG_DIR)
+	if [[ -e $(DESTDIR)$(SERVICE_CONFIG) ]]; then \
+	  echo "[install-service] kept $(DESTDIR)$(SERVICE_CONFIG); the shipped one is deploy/torpord.toml"; \
+	else \
+	  install -m 0640 $(if $(DESTDIR),,-g torpor) deploy/torpord.toml $(DESTDIR)$(SERVICE_CONFIG); \
+	fi
+	$(call on_host,$(SYSTEMD_TMPFILES) --create $(TMPFILES_DIR)/torpor.conf)
+	$(call on_host,$(SYSTEMCTL) daemon-reload)
+	@echo "[install-service] $(if $(DESTDIR),staged under $(DESTDIR). On the target host run systemd-sysusers and systemd-tmpfiles --create and systemctl daemon-reload. Then:,installed. Next:)"
+	@echo "  systemctl enable --now torpord       # start now and at boot"
+	@echo "  usermod -aG torpor USER              # lets USER run the torpor CLI (after a new login)"
+	@echo "  torpor status                        # as a member of group torpor"
+	@echo "  journalctl -u torpord -f             # its log, JSON lines"

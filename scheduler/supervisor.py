@@ -89,7 +89,9 @@ class WorkerProcess:
         )
         for task in (ready, exited):
             task.cancel()
-        if ready not in done or ready.cancelled():
+        # Closing the channel when the process exits also ends channel_ready(): an exit wins.
+        answered = ready in done and not ready.cancelled() and ready.exception() is None
+        if self.exited.is_set() or not answered:
             why = (
                 f"exited with status {self.returncode}"
                 if self.exited.is_set()
