@@ -15,6 +15,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from torpor.errors import Code, TorporError
+from torpor.scheduler.client import register as register_client_commands
 
 app = typer.Typer(
     name="torpor",
@@ -146,6 +147,10 @@ def make_demo(
         fail(err)
     size = sum(p.stat().st_size for p in out.iterdir())
     typer.echo(f"wrote {out} ({format_size(size)})")
+
+
+# The daemon's client commands (ps, generate, acquire, ...) and the global options they share.
+register_client_commands(app)
 
 
 def main() -> None:

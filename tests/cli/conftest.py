@@ -1,0 +1,81 @@
+"""Fixtures of the client CLI's tests: a fake torpord on a Unix socket, and the real `torpor`
+CLI run as a subprocess against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli.fake_daemon import FakeTorpord
+
+TORPOR = [sys.executable, "-m", "torpor.cli"]
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    """The environment without any TORPOR_* or systemd variable of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORPOR_")}
+    env.pop("RUNTIME_DIRECTORY", None)
+    env["TORPOR_CONFIG"] = "/nonexistent/torpord.toml"  # not the host's /etc/torpor one
+    return {**env, **extra}
+
+
+class Cli:
+    """`torpor --socket <the fake's socket> ...` as a subprocess."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    def argv(self, *args: str) -> list[str]:
+        return [*TORPOR, "--socket", str(self.socket), *args]
+
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args), capture_output=True, text=True, timeout=60, env=env or client_env()
+        )
+
+    def ok(self, *args: str) -> str:
+        """stdout of a command that must succeed without a word on stderr."""
+        proc = self(*args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def json(self, *args: str) -> Any:
+        """The one JSON document a `--json` command prints."""
+        return json.loads(self.ok(*args))
+
+    def fails(self, code: int, *args: str) -> str:
+        """The one-line reason of a command that must exit with `code`."""
+        proc = self(*args)
+        assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+        assert proc.stdout == ""
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("torpor: error: "), proc.stderr
+        return lines[0]
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short temporary directory: a Unix socket path must fit in 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="torpor-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+def daemon(socket_dir: Path) -> Iterator[FakeTorpord]:
+    with FakeTorpord(socket_dir / "torpord.sock") as fake:
+        yield fake
+
+
+@pytest.fixture
+def cli(daemon: FakeTorpord) -> Cli:
+    return Cli(daemon.socket)
