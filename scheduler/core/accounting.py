@@ -1,0 +1,88 @@
+"""Byte accounting: what a runtime holds on its GPU, in pinned host RAM, on disk, and whether
+it holds a worker slot, by state.
+
+| state | GPU bytes | host bytes | disk bytes |
+| --- | --- | --- | --- |
+| RESIDENT | footprint (all parts) | weights if it keeps its host copy | snapshot |
+| SUSPENDED_HOST | context + residue | weights | snapshot |
+| SUSPENDED_DEEP | 0 | weights + context (the checkpointed context) | snapshot |
+| SUSPENDED_DISK | context | 0 | snapshot |
+| SNAPSHOT, COLD, FAILED | 0 | 0 | snapshot |
+
+A runtime in a transition holds the larger of its two ends, part by part, until the
+transition completes: the daemon may start every action of a plan at once and still never
+exceed a budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torpor.errors import Internal
+from torpor.scheduler.core.states import Residency, RuntimeState
+from torpor.scheduler.core.world import Footprint
+
+S = RuntimeState
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one runtime holds; `gpu` is the device that `gpu_bytes` are on."""
+
+    gpu: int | None = None
+    gpu_bytes: int = 0
+    host: int = 0
+    disk: int = 0
+    workers: int = 0
+
+    def peak(self, other: Usage) -> Usage:
+        """Part-by-part maximum: what a transition between the two holds."""
+        if self.gpu is not None and other.gpu is not None and self.gpu != other.gpu:
+            raise Internal(f"a transition cannot span GPUs {self.gpu} and {other.gpu}")
+        return Usage(
+            gpu=self.gpu if self.gpu is not None else other.gpu,
+            gpu_bytes=max(self.gpu_bytes, other.gpu_bytes),
+            host=max(self.host, other.host),
+            disk=max(self.disk, other.disk),
+            workers=max(self.workers, other.workers),
+        )
+
+
+def gpu_bytes(res: Residency, fp: Footprint) -> int:
+    """GPU bytes a runtime holds in the stable residency `res`."""
+    match res.state:
+        case S.RESIDENT:
+            return fp.resident
+        case S.SUSPENDED_HOST:
+            return fp.context + fp.residue
+        case S.SUSPENDED_DISK:
+            return fp.context
+        case _:
+            return 0
+
+
+def host_bytes(res: Residency, fp: Footprint) -> int:
+    """Pinned host bytes: the weights' retained copy, plus the context of a deep suspend."""
+    copy = fp.weights if res.host_copy else 0
+    return copy + (fp.context if res.state is S.SUSPENDED_DEEP else 0)
+
+
+def disk_bytes(res: Residency, fp: Footprint) -> int:
+    """Chunk-store bytes of its snapshot (the weights; the KV cache is never saved)."""
+    return fp.weights if res.snapshot else 0
+
+
+def usage(res: Residency, fp: Footprint) -> Usage:
+    """Everything a runtime in the stable residency `res` holds."""
+    return Usage(
+        gpu=res.gpu,
+        gpu_bytes=gpu_bytes(res, fp),
+        host=host_bytes(res, fp),
+        disk=disk_bytes(res, fp),
+        workers=1 if res.state.has_worker else 0,
+    )
+
+
+def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
+    """What a runtime holds while it moves from `frm` to `to`: the larger of both ends."""
+    return usage(frm, fp).peak(usage(to, fp))

@@ -1,0 +1,216 @@
+"""Placement: how a model's runtime gets onto a GPU (or into host RAM) from where it is.
+
+A runtime with a live worker resumes on its worker's GPU; one without a worker loads on any
+GPU that is not draining. Every admissible GPU is tried on a fork of the pass's `Sim`; the
+cheapest option wins (estimated seconds, then total victim score, then GPU index).
+
+Never-fits, decided at once and never queued (FAILED_PRECONDITION):
+- NEVER_FITS: the footprint exceeds every GPU's capacity (total minus reserve);
+- BLOCKED_BY_PINNED: on every GPU that is not draining, pinned runtimes leave too little
+  room even with every unpinned runtime evicted, or they hold every worker slot. Pins are
+  operator decisions that no amount of waiting undoes: queueing would mean waiting forever.
+Every GPU that could hold it draining is UNAVAILABLE (NO_GPU): drains are temporary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from torpor.errors import FailedPrecondition, TorporError, Unavailable
+from torpor.scheduler.core.accounting import gpu_bytes, host_bytes
+from torpor.scheduler.core.actions import Decision, Reason, VictimChoice
+from torpor.scheduler.core.costs import prefetch_host_seconds, restore_seconds
+from torpor.scheduler.core.draft import Draft
+from torpor.scheduler.core.sim import Sim
+from torpor.scheduler.core.state import Runtime
+from torpor.scheduler.core.states import Residency, RuntimeState
+from torpor.scheduler.core.victims import (
+    BUSY,
+    free_worker_slot,
+    page_host,
+    protection,
+    select_gpu_victims,
+)
+from torpor.scheduler.core.world import GiB
+
+S = RuntimeState
+FATAL = frozenset({Reason.NEVER_FITS, Reason.BLOCKED_BY_PINNED, Reason.NO_GPU})
+
+
+@dataclass(slots=True)
+class Placement:
+    """The outcome of placing one model: a decision, and the fork that realizes it."""
+
+    decision: Decision
+    sim: Sim | None = None
+    target: Residency | None = None
+    victims: list[VictimChoice] = field(default_factory=list)
+    relocate: bool = False
+    """Its worker sits on a GPU it cannot use: drop the worker, then load elsewhere."""
+
+
+def fatal_error(decision: Decision) -> TorporError:
+    """The error that answers the queue of a model whose placement is impossible."""
+    meta = {"model": decision.model, "required_bytes": decision.required_bytes}
+    if decision.reason is Reason.NO_GPU:
+        return Unavailable(decision.detail, reason=decision.reason.value, metadata=meta)
+    return FailedPrecondition(decision.detail, reason=decision.reason.value, metadata=meta)
+
+
+def _pinned_blocked(d: Draft, sim: Sim, rt: Runtime, gpu: int) -> bool:
+    held = sum(
+        gpu_bytes(sim.proj[rid], d.fp(other.model))
+        for rid, other in d.runtimes.items()
+        if other.model != rt.model
+        and sim.proj[rid].gpu == gpu
+        and d.models[other.model].spec.pinned
+    )
+    return sim.caps.gpu[gpu] - held < d.fp(rt.model).resident
+
+
+def _slots_pinned(d: Draft, sim: Sim, rt: Runtime) -> bool:
+    """Would a new worker for `rt` never get a slot, every one being held by a pinned one?"""
+    if rt.at.state.has_worker:
+        return False
+    pinned = sum(
+        1
+        for rid, other in d.runtimes.items()
+        if other.model != rt.model
+        and d.models[other.model].spec.pinned
+        and sim.proj[rid].state.has_worker
+    )
+    return pinned >= sim.caps.workers
+
+
+def place(d: Draft, sim: Sim, model: str, bar: float | None = None) -> Placement:
+    """Plan `model`'s runtime onto a GPU; `bar` limits victims to lower scores (prefetch)."""
+    rt, fp = d.runtime_of(model), d.fp(model)
+    base = Decision(
+        model, Reason.QUEUE_BUSY, "", source_tier=rt.at.tier, required_bytes=fp.resident
+    )
+    largest = max(g.capacity for g in d.gpus)
+    if fp.resident > largest:
+        detail = f"needs {fp.resident / GiB:.2f} GiB; the largest GPU gives {largest / GiB:.2f} GiB"
+        return Placement(replace(base, reason=Reason.NEVER_FITS, detail=detail))
+    usable = [g.index for g in d.gpus if g.index not in d.draining]
+    open_ = [g for g in usable if not _pinned_blocked(d, sim, rt, g)]
+    bound = rt.at.gpu if rt.at.state.has_worker else None
+    if bound is not None and bound in open_:
+        open_ = [bound]
+    elif bound is not None and open_:
+        detail = f"its worker's GPU {bound} is draining or full of pinned runtimes: moving it"
+        return Placement(replace(base, reason=Reason.MOVING, detail=detail), relocate=True)
+    if not usable:
+        return Placement(replace(base, reason=Reason.NO_GPU, detail="every GPU is draining"))
+    if not open_ or _slots_pinned(d, sim, rt):
+        detail = "pinned runtimes leave too little room (GPU bytes or worker slots)"
+        return Placement(replace(base, reason=Reason.BLOCKED_BY_PINNED, detail=detail))
+    options = [p for g in open_ if (p := _option(d, sim, rt, g, bar, base)) is not None]
+    if not options:
+        return _blocked(d, sim, rt, open_, base)
+    return min(options, key=_cost)
+
+
+def _cost(p: Placement) -> tuple[float, float, int]:
+    score = sum(v.score for v in p.victims)
+    return (p.decision.estimate_s, score, p.decision.gpu or 0)
+
+
+def _option(
+    d: Draft, sim: Sim, rt: Runtime, gpu: int, bar: float | None, base: Decision
+) -> Placement | None:
+    """Make room for `rt` on `gpu` on a fork; None if the idle runtimes are not enough."""
+    trial = sim.fork()
+    at, fp = rt.at, d.fp(rt.model)
+    moves: list[VictimChoice] = []
+    if not at.state.has_worker and trial.free_workers() < 1:
+        slot = free_worker_slot(d, trial, rt.model, bar)
+        if slot is None:
+            return None
+        moves += slot
+    target = Residency(S.RESIDENT, gpu, host_copy=at.host_copy, snapshot=at.snapshot)
+    need = gpu_bytes(target, fp) - (gpu_bytes(trial.proj[rt.id], fp) if at.gpu == gpu else 0)
+    if trial.free_gpu(gpu) < need:
+        victims = select_gpu_victims(d, trial, gpu, need, rt.model, bar)
+        if victims is None:
+            return None
+        moves += victims
+    if not at.state.has_worker and trial.fits(rt.id, replace(target, host_copy=True)):
+        target = replace(target, host_copy=True)  # a host copy makes its next suspend cheap
+    if not trial.fits(rt.id, target):
+        return None
+    trial.move(rt.id, target)
+    estimate = sum(m.seconds for m in moves) + restore_seconds(at, fp, d.costs)
+    reason = Reason.EVICT if moves else Reason.FITS
+    detail = f"fits on gpu {gpu}" + (f" after moving {len(moves)} runtime(s)" if moves else "")
+    decision = replace(
+        base, reason=reason, detail=detail, gpu=gpu, victims=tuple(moves), estimate_s=estimate
+    )
+    return Placement(decision, trial, target, moves)
+
+
+def _blocked(d: Draft, sim: Sim, rt: Runtime, gpus: list[int], base: Decision) -> Placement:
+    """No room now: name the busy runtimes it waits for on its most promising GPU."""
+
+    def busy_on(gpu: int) -> list[str]:
+        return [
+            rid
+            for rid, other in d.runtimes.items()
+            if other.model != rt.model
+            and sim.proj[rid].gpu == gpu
+            and other.at.state is S.RESIDENT
+            and protection(d, other) in BUSY
+        ]
+
+    def potential(gpu: int) -> int:
+        held = sum(gpu_bytes(sim.proj[r], d.fp(d.runtimes[r].model)) for r in busy_on(gpu))
+        return sim.free_gpu(gpu) + held
+
+    gpu = max(gpus, key=lambda g: (potential(g), -g))
+    blockers = tuple(sorted(busy_on(gpu)))
+    what = f"waits for {len(blockers)} busy runtime(s)" if blockers else "victims are protected"
+    detail = f"no room on gpu {gpu}: {what}"
+    estimate = restore_seconds(rt.at, d.fp(rt.model), d.costs)
+    return Placement(replace(base, detail=detail, gpu=gpu, blockers=blockers, estimate_s=estimate))
+
+
+def place_host(d: Draft, sim: Sim, model: str, bar: float) -> Placement | None:
+    """Plan a Prefetch(HOST): the weights into pinned host RAM, the worker's context on a
+    GPU with free room. Only host runtimes worth less than `bar` are paged out for it; no
+    GPU runtime is evicted. None when there is no such room."""
+    rt, fp = d.runtime_of(model), d.fp(model)
+    at = rt.at
+    trial = sim.fork()
+    moves: list[VictimChoice] = []
+    if at.state is S.SUSPENDED_DISK:
+        assert at.gpu is not None
+        gpus = [at.gpu] if at.gpu not in d.draining else []
+    else:
+        if trial.free_workers() < 1:
+            return None  # a prefetch takes only a free worker slot
+        gpus = [g.index for g in d.gpus if g.index not in d.draining]
+    gpus = sorted(gpus, key=lambda g: (-trial.free_gpu(g), g))
+    if not gpus:
+        return None
+    target = Residency(S.SUSPENDED_HOST, gpus[0], host_copy=True, snapshot=at.snapshot)
+    need = host_bytes(target, fp) - host_bytes(at, fp)
+    if trial.free_host() < need:
+        paged = page_host(d, trial, need, bar, model)
+        if paged is None:
+            return None
+        moves += paged
+    if not trial.fits(rt.id, target):
+        return None
+    trial.move(rt.id, target)
+    estimate = sum(m.seconds for m in moves) + prefetch_host_seconds(at, fp, d.costs)
+    decision = Decision(
+        model,
+        Reason.EVICT if moves else Reason.FITS,
+        "prefetch into host RAM",
+        gpu=target.gpu,
+        victims=tuple(moves),
+        estimate_s=estimate,
+        source_tier=at.tier,
+        required_bytes=fp.resident,
+    )
+    return Placement(decision, trial, target, moves)

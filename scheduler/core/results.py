@@ -1,0 +1,80 @@
+"""How results of actions change the Draft: a transition completed or failed, a worker died.
+
+A result whose `seq` (or `incarnation`) does not match the runtime's current op (or worker)
+is stale: it raced a WorkerDied or an unregister, and is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torpor.errors import Internal, Unavailable
+from torpor.scheduler.core.actions import LeaseEnd, Reject
+from torpor.scheduler.core.draft import Draft
+from torpor.scheduler.core.events import TransitionCompleted, TransitionFailed, WorkerDied
+from torpor.scheduler.core.state import Runtime
+from torpor.scheduler.core.states import Residency, RuntimeState
+
+S = RuntimeState
+
+
+def _current(d: Draft, runtime_id: str, seq: int) -> Runtime | None:
+    rt = d.runtimes.get(runtime_id)
+    if rt is None or rt.op is None or rt.op.seq != seq:
+        return None
+    return rt
+
+
+def on_completed(d: Draft, ev: TransitionCompleted) -> None:
+    """The runtime reached its op's target."""
+    rt = _current(d, ev.runtime_id, ev.seq)
+    if rt is None or rt.op is None:
+        return
+    to = rt.op.to
+    if ev.state is not None and ev.state is not to.state:
+        raise Internal(
+            f"runtime {rt.id}: worker reports {ev.state.name}, plan expected {to.state.name}",
+            reason="STATE_MISMATCH",
+        )
+    up = rt.op.state in (S.LOADING, S.RESUMING)
+    d.settle(rt, to, failures=0 if up else rt.failures)
+    if ev.footprint is not None:
+        model = d.models[rt.model]
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=ev.footprint))
+
+
+def on_failed(d: Draft, ev: TransitionFailed) -> None:
+    """The op failed and its worker is gone: FAILED, recovered by the next request."""
+    rt = _current(d, ev.runtime_id, ev.seq)
+    if rt is not None:
+        _fail(d, rt, f"{rt.state.name.lower()} failed: {ev.error.message}")
+
+
+def on_worker_died(d: Draft, ev: WorkerDied) -> None:
+    """A worker exited on its own."""
+    rt = d.runtimes.get(ev.runtime_id)
+    if rt is None or rt.incarnation != ev.incarnation or not rt.state.has_worker:
+        return
+    _fail(d, rt, f"worker exited{': ' + ev.reason if ev.reason else ''}")
+
+
+def _fail(d: Draft, rt: Runtime, why: str) -> None:
+    """Move `rt` to FAILED: its leases end UNAVAILABLE; after `max_load_failures` failed
+    loads in a row its queue is answered UNAVAILABLE instead of retried forever."""
+    error = Unavailable(f"runtime of {rt.model}: {why}", reason="WORKER_FAILED")
+    for lease in d.leases_on(rt.id):
+        d.end_lease(lease, LeaseEnd.WORKER_DIED, error)
+    up = rt.op is not None and rt.op.state in (S.LOADING, S.RESUMING)
+    failures = rt.failures + 1 if up else rt.failures
+    # A snapshot that was being written is lost with the worker; a complete one survives.
+    rt = d.settle(rt, Residency(S.FAILED, snapshot=rt.at.snapshot), failures=failures)
+    if rt.prefetch is not None:
+        d.emit(Reject(rt.prefetch.request_id, error))
+        rt = replace(rt, prefetch=None)
+    if failures >= d.config.max_load_failures:
+        d.reject_queue(
+            rt.model,
+            Unavailable(f"{rt.model} failed to load {failures} times: {why}", reason="LOAD_FAILED"),
+        )
+        rt = replace(rt, failures=0)
+    d.runtimes[rt.id] = rt

@@ -1,0 +1,196 @@
+"""Operator evictions and drains, pins, and prefetches."""
+
+from __future__ import annotations
+
+import pytest
+
+from torpor.errors import Code, FailedPrecondition
+from torpor.scheduler.core import (
+    AbortRequests,
+    ClientGone,
+    DrainRequested,
+    DrainStarted,
+    Drop,
+    EndLease,
+    EvictFinished,
+    EvictMode,
+    EvictRequested,
+    LeaseEnd,
+    Load,
+    PrefetchDone,
+    PrefetchRequested,
+    Reason,
+    RequestStarted,
+    RuntimeState,
+    SnapshotDeleted,
+    Suspend,
+    Tier,
+    snapshot_in_use,
+)
+
+from .harness import Harness, world
+
+S = RuntimeState
+
+
+def _of(h: Harness, kind: type) -> list:
+    return [a for a in h.plans[-1].actions if isinstance(a, kind)]
+
+
+def _leased(**kw) -> Harness:
+    h = Harness(world(gpus=(40, 40), **kw))
+    h.register("a", 10)
+    h.register("b", 10)
+    h.acquire("a", client="holder")
+    h.settle()
+    return h
+
+
+def test_evict_drain_waits_for_leases_and_stops_granting() -> None:
+    h = _leased()
+    h.send(EvictRequested("e1", "a", Tier.HOST))
+    assert not _of(h, Suspend)
+    late = h.acquire("a", client="late")
+    assert late not in h.grants
+    assert h.plans[-1].decisions[0].reason is Reason.QUEUE_YIELDING
+    h.send(ClientGone("holder"))
+    [move] = _of(h, Suspend)
+    assert (move.model, move.level) == ("a", Tier.HOST)
+    h.complete(move)
+    assert _of(h, EvictFinished) == [EvictFinished("e1", h.rt("a").id, "a", S.SUSPENDED_HOST)]
+    h.settle()  # the queued request brings it back
+    assert late in h.grants and h.grants[late].restored_from is Tier.GPU
+
+
+def test_evict_drain_times_out_and_the_runtime_keeps_serving() -> None:
+    h = _leased()
+    h.send(EvictRequested("e1", "a", Tier.DISK, drain_timeout_s=5.0))
+    assert h.plans[-1].wake_at == 5.0
+    h.tick(5.0)
+    [done] = _of(h, EvictFinished)
+    assert done.error is not None and done.error.code is Code.DEADLINE_EXCEEDED
+    assert h.rt("a").evict is None and h.rt("a").state is S.RESIDENT
+    assert h.acquire("a", client="x") in h.grants
+
+
+def test_evict_abort_revokes_leases_and_aborts_requests() -> None:
+    h = _leased()
+    h.send(RequestStarted("a"))
+    h.send(EvictRequested("e1", "a", Tier.DROP, EvictMode.ABORT))
+    [end] = _of(h, EndLease)
+    assert end.why is LeaseEnd.REVOKED and end.error.code is Code.ABORTED
+    assert _of(h, AbortRequests) and [d.model for d in _of(h, Drop)] == ["a"]
+    h.settle()
+    assert h.rt("a").state is S.COLD and "e1" not in h.rejects
+
+
+def test_evict_of_a_pinned_model_is_failed_precondition() -> None:
+    h = _leased()
+    h.register("p", 1, pinned=True)
+    h.send(EvictRequested("e1", "p", Tier.HOST))
+    assert h.rejects["e1"].code is Code.FAILED_PRECONDITION
+
+
+def test_evict_to_a_full_tier_is_resource_exhausted() -> None:
+    h = _leased(host=0)
+    h.send(ClientGone("holder"))
+    h.send(EvictRequested("e1", "a", Tier.HOST))
+    [done] = _of(h, EvictFinished)
+    assert done.error is not None and done.error.code is Code.RESOURCE_EXHAUSTED
+    assert h.rt("a").state is S.RESIDENT
+
+
+def test_evict_of_a_runtime_already_lower_finishes_at_once() -> None:
+    h = _leased()
+    h.send(EvictRequested("e1", "b", Tier.HOST))
+    assert _of(h, EvictFinished) == [EvictFinished("e1", h.rt("b").id, "b", S.COLD)]
+
+
+def test_drain_moves_runtimes_off_and_places_nothing_new_there() -> None:
+    h = _leased()
+    h.send(ClientGone("holder"))
+    h.send(DrainRequested("d1", 0, to_tier=Tier.DEEP))
+    assert _of(h, DrainStarted) == [DrainStarted("d1", 0, (h.rt("a").id,))]
+    [move] = _of(h, Suspend)
+    assert (move.model, move.level) == ("a", Tier.DEEP)
+    h.settle()
+    assert h.rt("a").state is S.SUSPENDED_DEEP
+    h.acquire("b")
+    assert [load.gpu for load in _of(h, Load)] == [1]
+    h.settle()
+    # a's worker is bound to the drained GPU: it is dropped and loaded on the other one.
+    h.acquire("a", client="again")
+    assert [d.model for d in _of(h, Drop)] == ["a"]
+    h.settle()
+    assert h.rt("a").at.gpu == 1 and h.grants["r3"].gpu == 1
+    h.send(DrainRequested("d2", 0, undrain=True))
+    assert 0 not in h.state.draining
+
+
+def test_drain_falls_down_the_tiers_when_the_asked_one_is_full() -> None:
+    h = _leased(host=0)
+    h.send(ClientGone("holder"))
+    h.send(DrainRequested("d1", 0))  # HOST by default, but there is no host budget
+    [move] = _of(h, Suspend)
+    assert (move.level, move.write_snapshot) == (Tier.DISK, True)
+
+
+def test_prefetch_to_gpu_into_free_room() -> None:
+    h = Harness(world(gpus=(40,), keep_alive_s=30.0))
+    h.register("a", 10)
+    h.send(PrefetchRequested("p1", "a", Tier.GPU))
+    [load] = _of(h, Load)
+    h.complete(load)
+    assert _of(h, PrefetchDone) == [PrefetchDone("p1", "a", S.RESIDENT)]
+    assert not h.state.leases
+    assert h.state.models["a"].last_used == h.now  # keep-alive protects it from now
+
+
+def test_prefetch_never_pushes_out_a_more_valuable_runtime() -> None:
+    h = Harness(world(gpus=(24,)))
+    h.register("hot", 20)
+    h.register("cold", 20)
+    for _ in range(20):
+        h.acquire("hot", client="hot")
+        h.settle()
+    h.send(ClientGone("hot"))
+    h.send(PrefetchRequested("p1", "cold", Tier.GPU))
+    assert h.rejects["p1"].code is Code.RESOURCE_EXHAUSTED
+    assert h.rt("hot").state is S.RESIDENT
+    # The reverse is allowed: hot is worth more than the cold runtime in its way.
+    h.send(EvictRequested("e1", "hot", Tier.DROP))
+    h.settle()
+    h.acquire("cold", client="cold")
+    h.settle()
+    h.send(ClientGone("cold"))
+    h.send(PrefetchRequested("p2", "hot", Tier.GPU))
+    assert [m.model for m in _of(h, Suspend)] == ["cold"]
+
+
+def test_prefetch_to_host_loads_into_host_ram() -> None:
+    h = Harness(world(gpus=(40,)))
+    h.register("a", 10)
+    h.send(PrefetchRequested("p1", "a", Tier.HOST))
+    [load] = _of(h, Load)
+    assert (load.target, load.keep_host_copy) == (S.SUSPENDED_HOST, True)
+    h.complete(load)
+    assert _of(h, PrefetchDone) == [PrefetchDone("p1", "a", S.SUSPENDED_HOST)]
+
+
+def test_a_snapshot_in_use_cannot_be_deleted() -> None:
+    h = Harness(world(gpus=(40,), host=0))
+    h.register("a", 10)
+    h.register("b", 10)
+    h.acquire("a", client="a")
+    h.settle()
+    h.send(ClientGone("a"))
+    h.send(EvictRequested("e1", "a", Tier.DISK))
+    h.settle()
+    assert h.rt("a").state is S.SUSPENDED_DISK and snapshot_in_use(h.state, "a")
+    with pytest.raises(FailedPrecondition):
+        h.send(SnapshotDeleted("a"))
+    h.send(EvictRequested("e2", "a", Tier.DROP))
+    h.settle()
+    assert h.rt("a").state is S.SNAPSHOT and not snapshot_in_use(h.state, "a")
+    h.send(SnapshotDeleted("a"))
+    assert h.rt("a").state is S.COLD
