@@ -252,7 +252,12 @@ async def _wait_pidfd(pid: int) -> int | None:
         return None
     loop = asyncio.get_running_loop()
     ended = loop.create_future()
-    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await ended
     finally:
