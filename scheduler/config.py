@@ -149,9 +149,7 @@ class BudgetsSection(_Section):
     """[budgets]: memory that runtimes may use besides the GPUs' own."""
 
     NAME: ClassVar[str] = "budgets"
-    host_memory: int = _key(
-        "auto", kind="size", lo=64 * MiB, hi=1024 * TiB, auto=_half_host_memory
-    )
+    host_memory: int = _key("auto", kind="size", lo=64 * MiB, hi=1024 * TiB, auto=_half_host_memory)
     """Pinned host RAM for suspended runtimes' copies, in bytes; auto is half of the
     host's physical memory."""
     gpu_reserve: int = _key(512 * MiB, kind="size", lo=0, hi=TiB)

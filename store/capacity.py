@@ -143,8 +143,13 @@ def _plan(store: SnapshotStore, s: Session, need: int) -> _Plan:
     return _Plan(tuple(victims), tuple(claims), freed)
 
 
-def collect_garbage(store: SnapshotStore) -> GcReport:
-    """Delete chunks no snapshot references: rows first (committed), then files."""
+def collect_garbage(store: SnapshotStore, *, dry_run: bool = False) -> GcReport:
+    """Delete chunks no snapshot references: rows first (committed), then files. With
+    `dry_run`, only report what would go."""
+    if dry_run:
+        with store.catalog.session(write=False) as s:
+            gone = rows.unreferenced(s, store.store_id)
+        return GcReport(chunks_removed=len(gone), bytes_freed=sum(r.size for r in gone))
     with store.locks.exclusive():
         with store.catalog.session() as s:
             gone = rows.take_unreferenced(s, store.store_id)

@@ -115,6 +115,14 @@ def take_unreferenced(s: Session, store_id: str) -> list[ChunkRef]:
     return [ChunkRef(h, size) for h, size in s.execute(stmt)]
 
 
+def unreferenced(s: Session, store_id: str) -> list[ChunkRef]:
+    """The chunks nobody references (what take_unreferenced would delete)."""
+    query = select(ChunkRow.hash, ChunkRow.size).where(
+        ChunkRow.store_id == store_id, ChunkRow.refcount <= 0
+    )
+    return [ChunkRef(h, size) for h, size in s.execute(query)]
+
+
 def used_bytes(s: Session, store_id: str) -> int:
     """Bytes of every chunk row of the store (each shared chunk once)."""
     query = select(func.coalesce(func.sum(ChunkRow.size), 0)).where(ChunkRow.store_id == store_id)

@@ -281,9 +281,9 @@ class SnapshotStore:
             self.delete(info.id)
         return len(snapshots)
 
-    def collect_garbage(self) -> GcReport:
-        """Delete chunks that no snapshot references (CollectGarbage)."""
-        return capacity.collect_garbage(self)
+    def collect_garbage(self, *, dry_run: bool = False) -> GcReport:
+        """Delete chunks that no snapshot references (CollectGarbage); `dry_run` reports only."""
+        return capacity.collect_garbage(self, dry_run=dry_run)
 
     def scrub(self, *, deep: bool = False) -> ScrubReport:
         """Reconcile files and catalog (start-up); `deep` also re-hashes every chunk."""

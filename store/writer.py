@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from torpor.errors import Aborted, FailedPrecondition, InvalidArgument
+from torpor.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument
 from torpor.log import get_logger
 from torpor.store import capacity, rows
 from torpor.store.chunks import Buffer, ChunkRef, hash_bytes
@@ -90,6 +90,28 @@ class SnapshotWriter:
                     return ref
             # A new chunk beyond the reservation: grow it (may evict; needs the lock
             # exclusive, so the shared one is released first), then try again.
+            self._grow(ref.size - self._reserved_left)
+
+    def add_stored(self, ref: ChunkRef) -> ChunkRef:
+        """Append a chunk another process (a worker) already wrote to the chunk store.
+
+        The file must be there with the right size; its bytes are verified on every read,
+        as any chunk's are. DataLoss (CHUNK_MISSING) if it is not there.
+        """
+        self._check_open()
+        store = self.store
+        while True:
+            with store.locks.shared():
+                if not store.chunks.has(ref):
+                    raise DataLoss(
+                        f"chunk {ref.hash} ({ref.size} bytes) is not in the chunk store",
+                        reason="CHUNK_MISSING",
+                        metadata={"hash": ref.hash, "size": ref.size},
+                    )
+                is_new = not self._known(ref)
+                if not is_new or ref.size <= self._reserved_left:
+                    self._reference(ref, is_new)
+                    return ref
             self._grow(ref.size - self._reserved_left)
 
     def commit(self, manifest: Mapping[str, Any]) -> SnapshotInfo:

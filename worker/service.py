@@ -7,6 +7,7 @@ error is a typed status (torpor.rpc_status). Long operations stream their progre
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -97,7 +98,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             events.put((done, total))
 
         try:
-            pager = self.config.pager
+            host_copy = request.options.get("host_copy", "true") != "false"
+            pager = dataclasses.replace(self.config.pager, host_copy=host_copy)
             if request.snapshot_id:
                 manifest = self._manifest(request.snapshot_id)
                 self.runtime = PagedRuntime.restore(

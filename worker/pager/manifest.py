@@ -109,6 +109,8 @@ class SnapshotManifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            # Readers without torch (torpord) take the fingerprint and the chunk list from here.
+            "fingerprint": self.environment.fingerprint(),
             "environment": self.environment.__dict__,
             "dtype": self.dtype,
             "max_batch": self.max_batch,

@@ -1,0 +1,266 @@
+"""`torpor.v1.Admin`: the operators' service (asyncio): residency, evictions, pins, plans,
+events, snapshots, draining and status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from torpor import __version__
+from torpor.errors import FailedPrecondition
+from torpor.rpc_status import aio_servicer_errors as aio_errors
+from torpor.scheduler import convert, events
+from torpor.scheduler.core import (
+    DrainRequested,
+    DrainStarted,
+    EvictFinished,
+    EvictRequested,
+    PinChanged,
+    Reject,
+    RuntimeState,
+    SnapshotDeleted,
+    Tier,
+    snapshot_in_use,
+)
+from torpor.scheduler.residency import gpu_infos, runtime_infos
+from torpor.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from torpor.scheduler.daemon import Daemon
+
+_EVICT_TIERS = (Tier.HOST, Tier.DEEP, Tier.DISK, Tier.DROP)
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    @aio_errors
+    async def ListResidency(self, request: Any, context: Any) -> Any:
+        reply = admin_pb2.ListResidencyResponse(gpus=gpu_infos(self.d))
+        reply.runtimes.extend(runtime_infos(self.d, request.model, request.include_cold))
+        host_used, disk_used = self.d.tier_usage()
+        state = self.d.controller.state
+        reply.host.CopyFrom(
+            admin_pb2.MemoryBudget(
+                total_bytes=state.host_budget,
+                used_bytes=host_used,
+                free_bytes=max(0, state.host_budget - host_used),
+            )
+        )
+        reply.disk.CopyFrom(
+            admin_pb2.MemoryBudget(
+                total_bytes=state.disk_budget,
+                used_bytes=disk_used,
+                free_bytes=max(0, state.disk_budget - disk_used),
+            )
+        )
+        return reply
+
+    @aio_errors
+    async def Evict(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        to_tier = convert.tier(request.to_tier, _EVICT_TIERS, "to_tier")
+        timeout = (
+            request.drain_timeout.ToNanoseconds() / 1e9
+            if request.HasField("drain_timeout")
+            else None
+        )
+        ctl = self.d.controller
+        request_id = ctl.new_id("evict")
+        ticket = ctl.open(request_id, request.model, progress=False)
+        start = time.perf_counter()
+        try:
+            runtime = (
+                ctl.state.runtime_of(request.model) if request.model in ctl.state.models else None
+            )
+            ctl.submit(
+                EvictRequested(
+                    request_id, request.model, to_tier, convert.evict_mode(request.mode), timeout
+                )
+            )
+            if runtime is not None and (ctl.state.leases_on(runtime.id) or runtime.inflight):
+                yield admin_pb2.EvictResponse(
+                    runtime_id=runtime.id, draining=ctl.state.leases_on(runtime.id)
+                )
+            while True:
+                done = await ticket.updates.get()
+                if isinstance(done, Reject):
+                    raise done.error
+                if isinstance(done, EvictFinished):
+                    break
+            if done.error is not None:
+                raise done.error
+            yield admin_pb2.EvictResponse(
+                runtime_id=done.runtime_id,
+                done=admin_pb2.EvictResponse.Done(
+                    state=convert.state_name(done.state),
+                    elapsed=convert.duration(time.perf_counter() - start),
+                ),
+            )
+            self.d.events.append(
+                "eviction",
+                model=done.model,
+                runtime=done.runtime_id,
+                to=to_tier.name.lower(),
+                by="operator",
+            )
+        finally:
+            ctl.close(ticket)
+
+    @aio_errors
+    async def SetPinned(self, request: Any, context: Any) -> Any:
+        self.d.controller.submit(PinChanged(request.model, request.pinned))
+        await asyncio.to_thread(self.d.catalog.set_model_pinned, request.model, request.pinned)
+        self.d.events.append("pinned_changed", model=request.model, pinned=request.pinned)
+        return admin_pb2.SetPinnedResponse(model=await self.d.model_message(request.model))
+
+    @aio_errors
+    async def Explain(self, request: Any, context: Any) -> Any:
+        return convert.explain(self.d.controller.explain(request.model, request.priority))
+
+    @aio_errors
+    async def WatchEvents(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        kinds = frozenset(
+            admin_pb2.EventKind.Name(k).removeprefix("EVENT_KIND_").lower() for k in request.kinds
+        )
+        flt = events.Filter(kinds, request.model, request.gpu if request.HasField("gpu") else None)
+        after = request.after_id
+        if request.WhichOneof("start") == "since":
+            after = await asyncio.to_thread(self.d.first_event_id_since, request.since.ToDatetime())
+        elif request.WhichOneof("start") is None and request.follow:
+            after = await asyncio.to_thread(self.d.last_event_id)  # live only
+        async for event in self.d.events.watch(flt, after, request.follow):
+            yield events.message(event)
+
+    @aio_errors
+    async def ListSnapshots(self, request: Any, context: Any) -> Any:
+        infos = await asyncio.to_thread(
+            self.d.snapshots.list, request.model or None, include_corrupt=True
+        )
+        return admin_pb2.ListSnapshotsResponse(snapshots=[_snapshot(i) for i in infos])
+
+    @aio_errors
+    async def DeleteSnapshot(self, request: Any, context: Any) -> Any:
+        info = await asyncio.to_thread(self.d.snapshots.get, request.snapshot_id)
+        if (
+            self.d.recorder.latest.get(info.model) == info.id
+            and info.model in self.d.controller.state.models
+        ):
+            if snapshot_in_use(self.d.controller.state, info.model):
+                raise FailedPrecondition(
+                    f"snapshot {info.id} holds {info.model}'s only copy of its weights",
+                    reason="SNAPSHOT_IN_USE",
+                )
+            self.d.controller.submit(SnapshotDeleted(info.model))
+            self.d.recorder.latest.pop(info.model, None)
+        report = await asyncio.to_thread(self.d.snapshots.delete, request.snapshot_id)
+        self.d.events.append("snapshot_deleted", model=info.model, snapshot=info.id)
+        return admin_pb2.DeleteSnapshotResponse(bytes_freed=report.bytes_freed)
+
+    @aio_errors
+    async def CollectGarbage(self, request: Any, context: Any) -> Any:
+        report = await asyncio.to_thread(self.d.snapshots.collect_garbage, dry_run=request.dry_run)
+        return admin_pb2.CollectGarbageResponse(
+            chunks_deleted=report.chunks_removed, bytes_freed=report.bytes_freed
+        )
+
+    @aio_errors
+    async def Drain(self, request: Any, context: Any) -> Any:
+        to_tier = convert.tier(request.to_tier or int(Tier.HOST), _EVICT_TIERS, "to_tier")
+        timeout = (
+            request.drain_timeout.ToNanoseconds() / 1e9
+            if request.HasField("drain_timeout")
+            else None
+        )
+        ctl = self.d.controller
+        request_id = ctl.new_id("drain")
+        ticket = ctl.open(request_id, "", progress=False)
+        try:
+            ctl.submit(
+                DrainRequested(
+                    request_id,
+                    request.gpu,
+                    to_tier,
+                    convert.evict_mode(request.mode),
+                    timeout,
+                    undrain=request.undrain,
+                )
+            )
+            started = await _next(ticket, DrainStarted) if not request.undrain else None
+        finally:
+            ctl.close(ticket)
+        self.d.events.append("gpu_draining_changed", gpu=request.gpu, draining=not request.undrain)
+        reply = admin_pb2.DrainResponse()
+        for info in gpu_infos(self.d):
+            if info.index == request.gpu:
+                reply.gpu.CopyFrom(info)
+        if started is not None:
+            for rid in started.runtime_ids:
+                runtime = ctl.state.runtimes.get(rid)
+                reply.evicted.add(
+                    model=runtime.model if runtime else "",
+                    runtime_id=rid,
+                    gpu=request.gpu,
+                    to_tier=int(to_tier),
+                )
+        return reply
+
+    @aio_errors
+    async def GetStatus(self, request: Any, context: Any) -> Any:
+        state = self.d.controller.state
+        workers = sum(1 for r in state.runtimes.values() if r.state in _WITH_WORKER)
+        return admin_pb2.GetStatusResponse(
+            version=__version__,
+            backend=admin_pb2.BACKEND_CUDA if self.d.cuda else admin_pb2.BACKEND_CPU,
+            gpus=gpu_infos(self.d),
+            started_at=convert.timestamp(self.d.started_at),
+            uptime=convert.duration(time.time() - self.d.started_at),
+            models=len(state.models),
+            workers=workers,
+            hostname=self.d.recorder.host,
+        )
+
+
+_WITH_WORKER = {
+    RuntimeState.RESIDENT,
+    RuntimeState.SUSPENDED_HOST,
+    RuntimeState.SUSPENDED_DEEP,
+    RuntimeState.SUSPENDED_DISK,
+    RuntimeState.LOADING,
+    RuntimeState.SUSPENDING,
+    RuntimeState.RESUMING,
+}
+
+
+async def _next(ticket: Any, kind: type) -> Any:
+    while True:
+        update = await ticket.updates.get()
+        if isinstance(update, kind):
+            return update
+        if isinstance(update, Reject):
+            raise update.error
+
+
+def _snapshot(info: Any) -> admin_pb2.SnapshotInfo:
+    msg = admin_pb2.SnapshotInfo(
+        snapshot_id=info.id,
+        model=info.model,
+        state=_SNAPSHOT_STATES.get(info.state.value, "SNAPSHOT_STATE_UNSPECIFIED"),
+        fingerprint=info.fingerprint,
+        bytes=info.total_bytes,
+        created_at=convert.timestamp(info.created_at),
+        last_used=convert.timestamp(info.last_used_at),
+    )
+    chunks = getattr(info, "chunk_count", None)
+    if chunks is not None:
+        msg.chunks = chunks
+    return msg
+
+
+_SNAPSHOT_STATES = {
+    "writing": admin_pb2.SNAPSHOT_STATE_WRITING,
+    "complete": admin_pb2.SNAPSHOT_STATE_COMPLETE,
+    "corrupt": admin_pb2.SNAPSHOT_STATE_CORRUPT,
+}

@@ -1,0 +1,325 @@
+"""`torpor.v1.Scheduler`: the clients' service (asyncio). A thin adapter: it validates,
+turns requests into core events through the controller, and streams the answers back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from torpor.errors import InvalidArgument, NotFound, TorporError
+from torpor.log import bind
+from torpor.rpc_status import aio_servicer_errors as aio_errors
+from torpor.rpc_status import from_rpc_error
+from torpor.scheduler import convert
+from torpor.scheduler.controller import Evicting, Progress, Queued, Ticket
+from torpor.scheduler.core import (
+    AcquireRequested,
+    ClientGone,
+    EndLease,
+    Grant,
+    LeaseEnd,
+    LeaseReleased,
+    PrefetchDone,
+    PrefetchRequested,
+    Reject,
+    Renewed,
+    RenewRequested,
+    RequestFinished,
+    RequestStarted,
+    Tier,
+)
+from torpor.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
+
+if TYPE_CHECKING:
+    from torpor.scheduler.daemon import Daemon
+
+_LEASE_ERRORS = {LeaseEnd.REVOKED, LeaseEnd.WORKER_DIED}
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    # -- models ---------------------------------------------------------------------------
+
+    @aio_errors
+    async def RegisterModel(self, request: Any, context: Any) -> Any:
+        model = await self.d.register(request.spec)
+        return scheduler_pb2.RegisterModelResponse(model=model)
+
+    @aio_errors
+    async def UnregisterModel(self, request: Any, context: Any) -> Any:
+        await self.d.unregister(request.name)
+        return scheduler_pb2.UnregisterModelResponse()
+
+    @aio_errors
+    async def GetModel(self, request: Any, context: Any) -> Any:
+        return scheduler_pb2.GetModelResponse(model=await self.d.model_message(request.name))
+
+    @aio_errors
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        names = sorted(self.d.sources)
+        return scheduler_pb2.ListModelsResponse(
+            models=[await self.d.model_message(n) for n in names]
+        )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    @aio_errors
+    async def Acquire(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        ctl = self.d.controller
+        request_id = ctl.new_id("acq")
+        ticket = ctl.open(request_id, request.model)
+        try:
+            with bind(model=request.model, request=request_id):
+                ctl.submit(self._acquire_event(request, request_id, context))
+                grant = None
+                async for update in self._until_granted(ticket):
+                    if isinstance(update, Grant):
+                        grant = update
+                    else:
+                        yield update
+                assert grant is not None
+                yield scheduler_pb2.AcquireEvent(ready=self._ready(grant))
+                end = await _next(ticket, EndLease)  # held until the lease ends
+                if end.why in _LEASE_ERRORS and end.error is not None:
+                    raise end.error
+        finally:
+            ctl.close(ticket)
+            self._client_gone(request_id)  # its lease (or its place in the queue) ends
+
+    def _acquire_event(self, request: Any, request_id: str, context: Any) -> AcquireRequested:
+        deadline = None
+        if request.HasField("deadline"):
+            deadline = self.d.clocks.monotonic(request.deadline.ToNanoseconds() / 1e9)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call_deadline = self.d.controller.clock() + remaining
+            deadline = call_deadline if deadline is None else min(deadline, call_deadline)
+        ttl = request.lease_ttl.ToNanoseconds() / 1e9 if request.HasField("lease_ttl") else None
+        if ttl is not None and not 1 <= ttl <= 3600:
+            raise InvalidArgument(
+                f"lease_ttl={ttl:g} s is out of range [1, 3600]", reason="BAD_LEASE_TTL"
+            )
+        if not -100 <= request.priority <= 100:
+            raise InvalidArgument(
+                f"priority={request.priority} is out of range [-100, 100]", reason="BAD_PRIORITY"
+            )
+        return AcquireRequested(
+            request_id,
+            request.model,
+            client=request_id,
+            priority=request.priority,
+            deadline=deadline,
+            lease_ttl_s=ttl,
+        )
+
+    async def _until_granted(self, ticket: Ticket) -> AsyncIterator[Any]:
+        """AcquireEvents until the grant (yielded last, as the Grant itself); raises the
+        rejection's error."""
+        last_queued = None
+        while True:
+            update = await ticket.updates.get()
+            if isinstance(update, Grant):
+                yield update
+                return
+            if isinstance(update, Reject):
+                raise update.error
+            if isinstance(update, Queued) and update != last_queued:
+                last_queued = update
+                yield scheduler_pb2.AcquireEvent(
+                    queued=scheduler_pb2.AcquireEvent.Queued(
+                        position=update.position, queue_depth=update.depth
+                    )
+                )
+            elif isinstance(update, Evicting):
+                yield scheduler_pb2.AcquireEvent(
+                    evicting=scheduler_pb2.AcquireEvent.Evicting(
+                        victims=[convert.victim(v) for v in update.victims]
+                    )
+                )
+            elif isinstance(update, Progress):
+                progress = common_pb2.TransferProgress(
+                    tier=convert.tier_name(update.tier),
+                    bytes_done=update.done,
+                    bytes_total=update.total,
+                )
+                key = "loading" if update.loading else "restoring"
+                yield scheduler_pb2.AcquireEvent(**{key: progress})
+
+    def _ready(self, grant: Grant) -> Any:
+        worker = self.d.executor.worker(grant.runtime_id)
+        endpoint = f"unix://{worker.spec.socket}" if worker is not None else ""
+        return scheduler_pb2.AcquireEvent.Ready(
+            lease_id=grant.lease_id,
+            expires_at=convert.timestamp(self.d.clocks.wall(grant.expires_at)),
+            gpu=grant.gpu,
+            worker_endpoint=endpoint,
+            runtime_id=grant.runtime_id,
+        )
+
+    def _client_gone(self, client: str) -> None:
+        with contextlib.suppress(TorporError):  # already gone is fine
+            self.d.controller.submit(ClientGone(client))
+
+    @aio_errors
+    async def Renew(self, request: Any, context: Any) -> Any:
+        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+        plan = self.d.controller.submit(RenewRequested(request.lease_id, ttl))
+        renewed = next(a for a in plan.actions if isinstance(a, Renewed))
+        return scheduler_pb2.RenewResponse(
+            expires_at=convert.timestamp(self.d.clocks.wall(renewed.expires_at))
+        )
+
+    @aio_errors
+    async def Release(self, request: Any, context: Any) -> Any:
+        self.d.controller.submit(LeaseReleased(request.lease_id))
+        return scheduler_pb2.ReleaseResponse()
+
+    # -- generate ---------------------------------------------------------------------------
+
+    @aio_errors
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        start = self.d.controller.clock()
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument("Generate needs a model or a lease_id", reason="NO_TARGET")
+        if request.WhichOneof("prompt") is None:
+            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        if target == "lease_id":
+            grant, ticket = self._lease(request.lease_id), None
+        else:
+            grant, ticket = await self._implicit_acquire(request, context)
+        granted = self.d.controller.clock()
+        try:
+            async for chunk in self._proxy(grant, request):
+                if chunk.HasField("usage"):
+                    self._fill_usage(chunk.usage, grant, start, granted)
+                yield chunk
+        finally:
+            if ticket is not None:
+                self.d.controller.close(ticket)
+                self._client_gone(ticket.request_id)
+
+    async def _implicit_acquire(self, request: Any, context: Any) -> tuple[Grant, Ticket]:
+        ctl = self.d.controller
+        request_id = ctl.new_id("gen")
+        ticket = ctl.open(request_id, request.model, progress=False)
+        try:
+            ctl.submit(
+                AcquireRequested(
+                    request_id,
+                    request.model,
+                    client=request_id,
+                    priority=request.priority,
+                    deadline=self._deadline(context),
+                )
+            )
+            while True:
+                update = await ticket.updates.get()
+                if isinstance(update, Grant):
+                    return update, ticket
+                if isinstance(update, Reject):
+                    raise update.error
+        except BaseException:
+            ctl.close(ticket)
+            self._client_gone(request_id)
+            raise
+
+    def _deadline(self, context: Any) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else self.d.controller.clock() + remaining
+
+    def _lease(self, lease_id: str) -> Grant:
+        lease = self.d.controller.state.leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"no lease {lease_id!r} (expired or released)", reason="LEASE_NOT_FOUND")
+        return Grant(
+            lease.request_id, lease.model, lease.runtime_id, 0, lease.id, lease.expires_at, Tier.GPU
+        )
+
+    async def _proxy(self, grant: Grant, request: Any) -> AsyncIterator[Any]:
+        ctl = self.d.controller
+        worker = self.d.executor.worker(grant.runtime_id)
+        if worker is None:
+            from torpor.errors import Unavailable
+
+            raise Unavailable(f"the runtime of {grant.model} has no worker", reason="NO_WORKER")
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        forward = worker_pb2.WorkerGenerateRequest(sampling=sampling)
+        if request.WhichOneof("prompt") == "prompt_text":
+            forward.prompt_text = request.prompt_text
+        else:
+            forward.prompt_token_ids.CopyFrom(request.prompt_token_ids)
+        ctl.submit(RequestStarted(grant.model))
+        call = worker.stub.Generate(forward)
+        calls = self.d.executor.calls.setdefault(grant.runtime_id, set())
+        calls.add(call)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_error(exc, grant.model) from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            calls.discard(call)
+            ctl.submit(RequestFinished(grant.model))
+
+    def _fill_usage(self, usage: Any, grant: Grant, start: float, granted: float) -> None:
+        restore_s = self.d.executor.restores.pop(grant.runtime_id, 0.0)
+        usage.timings.queued.CopyFrom(convert.duration(max(0.0, granted - start - restore_s)))
+        usage.timings.restore.CopyFrom(convert.duration(restore_s))
+        usage.restored_from = int(grant.restored_from)  # type: ignore[assignment]
+        usage.runtime_id = grant.runtime_id
+        usage.gpu = grant.gpu
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    @aio_errors
+    async def Prefetch(self, request: Any, context: Any) -> Any:
+        tier = convert.tier(request.tier, (Tier.GPU, Tier.HOST), "Prefetch tier")
+        ctl = self.d.controller
+        request_id = ctl.new_id("pre")
+        ticket = ctl.open(request_id, request.model, progress=False)
+        try:
+            ctl.submit(PrefetchRequested(request_id, request.model, tier))
+            if request.wait:
+                done = await _next(ticket, PrefetchDone)
+                state = done.state
+            else:
+                state = ctl.state.runtime_of(request.model).state
+        finally:
+            ctl.close(ticket)
+        return scheduler_pb2.PrefetchResponse(
+            state=convert.state_name(state), tier=convert.tier_name(tier)
+        )
+
+
+async def _next(ticket: Ticket, kind: type) -> Any:
+    while True:
+        update = await ticket.updates.get()
+        if isinstance(update, kind):
+            return update
+        if isinstance(update, Reject):
+            raise update.error
+
+
+def _worker_error(exc: grpc.aio.AioRpcError, model: str) -> TorporError:
+    """A worker call that broke: a worker that died (or was evicted with ABORT) is
+    UNAVAILABLE or ABORTED for the client, never a hang."""
+    from torpor.errors import Aborted, Unavailable
+
+    if exc.code() == grpc.StatusCode.CANCELLED:
+        return Aborted(f"the request on {model} was aborted (eviction)", reason="REQUEST_ABORTED")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(
+            f"the worker of {model} went away during the request", reason="WORKER_DIED"
+        )
+    return from_rpc_error(exc)

@@ -1,0 +1,397 @@
+"""torpord: start, serve, shut down.
+
+    torpord [--config FILE] [--state-dir DIR] [--socket PATH] [--listen HOST:PORT]
+            [--metrics-port N] [--backend auto|cuda|cpu] [--cpu-devices N]
+            [--cpu-device-memory SIZE] [--demo]
+
+Start-up: config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
+policy state with the registered models (a model with a snapshot restores from it), workers
+left by an earlier torpord stopped, then the gRPC services on the Unix socket (and TCP if
+asked), metrics, and READY=1 to systemd. SIGTERM: stop accepting, drain in-flight calls up
+to the drain timeout, stop the workers, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from torpor import log
+from torpor.errors import NotFound, TorporError
+from torpor.scheduler import convert, footprint, notify
+from torpor.scheduler.config import (
+    DaemonConfig,
+    default_config_path,
+    load_config,
+    overrides_from_args,
+)
+from torpor.scheduler.controller import Controller
+from torpor.scheduler.core import (
+    CostsUpdated,
+    GpuSpec,
+    ModelRegistered,
+    ModelUnregistered,
+    Plan,
+    PolicyConfig,
+    SchedulerState,
+    initial_state,
+)
+from torpor.scheduler.core import ModelSpec as CoreSpec
+from torpor.scheduler.events import EventLog
+from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
+from torpor.scheduler.inventory import from_config
+from torpor.scheduler.metrics import Metrics
+from torpor.scheduler.plan_log import record_plan
+from torpor.scheduler.recorder import Recorder
+from torpor.scheduler.server import Server
+from torpor.scheduler.supervisor import Supervisor, WorkerProcess
+from torpor.store.catalog import Catalog
+from torpor.store.names import check_source_path
+from torpor.store.records import RegisteredModel
+from torpor.store.snapshots import SnapshotStore
+from torpor.v1 import common_pb2
+
+_log = log.get_logger("daemon")
+
+
+class Daemon:
+    """Every long-lived part of torpord, started and stopped together."""
+
+    def __init__(self, config: DaemonConfig, demo: bool = False) -> None:
+        self.config = config
+        self.demo = demo
+        self.started_at = time.time()
+        self.clocks = convert.Clocks()
+        self.metrics = Metrics()
+        self.sources: dict[str, ModelSource] = {}
+        self.registered: dict[str, RegisteredModel] = {}
+        self._stopping = asyncio.Event()
+        self._started = False
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("Daemon.start() called twice")
+        self._started = True
+        cfg = self.config
+        for directory in (cfg.daemon.state_dir, cfg.daemon.runtime_dir, cfg.store.snapshot_dir):
+            await asyncio.to_thread(Path(directory).mkdir, parents=True, exist_ok=True)
+        self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
+        self.snapshots = await asyncio.to_thread(
+            SnapshotStore.open, self.catalog, cfg.snapshot_store_config()
+        )
+        self.inventory = from_config(cfg.backend)
+        self.cuda = self.inventory.backend == "cuda"
+        self.recorder = Recorder(
+            self.catalog, self.snapshots, lambda: self.controller.state.costs, self._costs
+        )
+        state = await asyncio.to_thread(self._initial_state)
+        self.supervisor = Supervisor(
+            Path(cfg.daemon.runtime_dir), self._worker_exited, cfg.worker.start_timeout_s
+        )
+        await self._stop_leftover_workers()
+        self.executor = Executor(
+            self.supervisor,
+            self._worker_defaults(),
+            self.sources,
+            self._report,
+            self._progress,
+            self.recorder,
+            self.metrics,
+        )
+        self.controller = Controller(state, self.executor, on_plan=self._on_plan)
+        self.events = EventLog(self.catalog)
+        self.events.start()
+        await self._load_models()
+        if self.demo:
+            from torpor.scheduler.demo import ensure_demo_models
+
+            await ensure_demo_models(self)
+        self.server = Server(self)
+        await self.server.start()
+        self.metrics_server = (
+            self.metrics.serve(cfg.daemon.metrics_port) if cfg.daemon.metrics_port else None
+        )
+        notify.notify("READY=1\nSTATUS=serving")
+        _log.info(
+            "torpord_ready",
+            socket=str(cfg.daemon.socket),
+            listen=cfg.daemon.listen or None,
+            backend=self.inventory.backend,
+            gpus=len(state.gpus),
+            models=len(self.sources),
+        )
+
+    def _initial_state(self) -> SchedulerState:
+        cfg = self.config
+        reserve = cfg.budgets.gpu_reserve if self.cuda else 0
+        gpus = tuple(
+            GpuSpec(g.index, g.total_bytes, min(reserve, g.total_bytes - 1), g.name)
+            for g in self.inventory.gpus()
+        )
+        policy = PolicyConfig(
+            **{f.name: getattr(cfg.policy, f.name) for f in dataclasses.fields(PolicyConfig)}
+        )
+        from torpor.scheduler.core import Costs
+
+        return initial_state(
+            gpus,
+            host_budget=cfg.budgets.host_memory,
+            disk_budget=cfg.store.capacity,
+            costs=self.recorder.costs(Costs()),
+            config=policy,
+        )
+
+    def _worker_defaults(self) -> WorkerDefaults:
+        cfg = self.config
+        return WorkerDefaults(
+            runtime_dir=Path(cfg.daemon.runtime_dir),
+            store=Path(cfg.store.snapshot_dir),
+            cuda=self.cuda,
+            handle_size=str(cfg.worker.handle_size),
+            graph_pool="512MiB",
+            python=str(cfg.worker.python),
+            log_level=cfg.daemon.log_level,
+            stop_grace_s=cfg.worker.stop_timeout_s,
+        )
+
+    async def _stop_leftover_workers(self) -> None:
+        # Workers of an earlier torpord are found and stopped: their runtimes are known again
+        # from the catalog (with their snapshots), and the policy starts from a clean slate.
+        for worker in await self.supervisor.adopt():
+            _log.warning("leftover_worker_stopped", runtime=worker.runtime_id, pid=worker.pid)
+            await worker.stop(self.config.worker.stop_timeout_s)
+
+    async def _load_models(self) -> None:
+        snapshots = await asyncio.to_thread(self.recorder.known_snapshots)
+        for registered in await asyncio.to_thread(self.catalog.list_models):
+            try:
+                await self._admit_model(registered, has_snapshot=registered.spec.name in snapshots)
+            except TorporError as err:  # a checkpoint that went away: keep serving the rest
+                _log.error("model_not_loaded", model=registered.spec.name, error=str(err))
+
+    # -- models --------------------------------------------------------------------------
+
+    async def register(self, msg: common_pb2.ModelSpec) -> common_pb2.Model:
+        spec = convert.model_spec(msg, default_max_seq_len=0)
+        source = check_source_path(spec.source_path, self.config.daemon.model_roots)
+        limit = await asyncio.to_thread(footprint.max_positions, source)
+        spec = dataclasses.replace(
+            spec, source_path=str(source), max_seq_len=spec.max_seq_len or min(limit, 4096)
+        )
+        if spec.max_seq_len > limit:
+            from torpor.errors import InvalidArgument
+
+            raise InvalidArgument(
+                f"max_seq_len={spec.max_seq_len} exceeds the model's "
+                f"max_position_embeddings={limit}",
+                reason="MAX_SEQ_LEN_TOO_LARGE",
+            )
+        await asyncio.to_thread(
+            footprint.estimate,
+            source,
+            spec.dtype.value,
+            spec.max_batch,
+            spec.max_seq_len,
+            self.cuda,
+        )
+        registered = await asyncio.to_thread(self.catalog.register_model, spec)
+        try:
+            await self._admit_model(registered, has_snapshot=False)
+        except BaseException:
+            await asyncio.to_thread(self.catalog.delete_model, spec.name)
+            raise
+        self.events.append(
+            "model_registered", model=spec.name, source=spec.source_path, dtype=spec.dtype.value
+        )
+        return await self.model_message(spec.name)
+
+    async def _admit_model(self, registered: RegisteredModel, has_snapshot: bool) -> None:
+        spec = registered.spec
+        estimate = await asyncio.to_thread(
+            footprint.estimate,
+            Path(spec.source_path),
+            spec.dtype.value,
+            spec.max_batch,
+            spec.max_seq_len,
+            self.cuda,
+        )
+        self.sources[spec.name] = ModelSource(
+            Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
+        )
+        core_spec = CoreSpec(
+            spec.name,
+            estimate,
+            priority=max(-100, min(100, spec.priority)),
+            pinned=spec.pinned,
+            keep_alive_s=spec.keep_alive_s,
+        )
+        try:
+            self.controller.submit(ModelRegistered(core_spec, has_snapshot=has_snapshot))
+        except BaseException:
+            self.sources.pop(spec.name, None)
+            raise
+        self.registered[spec.name] = registered
+
+    async def unregister(self, name: str) -> None:
+        self.controller.submit(ModelUnregistered(name))
+        self.sources.pop(name, None)
+        self.registered.pop(name, None)
+        self.recorder.latest.pop(name, None)
+        await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
+        await asyncio.to_thread(self.catalog.delete_model, name)
+        self.events.append("model_unregistered", model=name)
+
+    async def model_message(self, name: str) -> common_pb2.Model:
+        registered = self.registered.get(name)
+        if registered is None or name not in self.controller.state.models:
+            raise NotFound(f"no model {name!r} is registered", reason="MODEL_NOT_FOUND")
+        state = self.controller.state
+        model = state.models[name]
+        return common_pb2.Model(
+            spec=convert.spec_message(registered.spec),
+            registered_at=convert.timestamp(registered.created_at),
+            state=convert.state_name(state.runtimes[model.runtime_id].state),
+            footprint_bytes=model.spec.footprint.resident,
+            snapshot_id=self.recorder.latest.get(name, ""),
+        )
+
+    # -- wiring --------------------------------------------------------------------------
+
+    def _report(self, event: Any) -> None:
+        self.controller.submit(event)
+
+    def _progress(self, model: str, tier: Any, done: int, total: int, loading: bool) -> None:
+        self.controller.progress(model, tier, done, total, loading)
+
+    def _costs(self, costs: Any) -> None:
+        self.controller.submit(CostsUpdated(costs))
+
+    async def _worker_exited(self, worker: WorkerProcess) -> None:
+        self.events.append(
+            "worker_exited",
+            model=worker.spec.model,
+            runtime=worker.runtime_id,
+            pid=worker.pid,
+            returncode=worker.returncode,
+            expected=worker.stopping,
+        )
+        died = self.executor.on_worker_exit(worker)
+        if died is not None and not self._stopping.is_set():
+            with contextlib.suppress(TorporError):
+                self.controller.submit(died)
+
+    def _on_plan(self, state: SchedulerState, plan: Plan) -> None:
+        record_plan(self, state, plan)
+
+    def tier_usage(self) -> tuple[int, int]:
+        state = self.controller.state
+        held = [state.held(r) for r in state.runtimes.values()]
+        return sum(h.host for h in held), sum(h.disk for h in held)
+
+    def first_event_id_since(self, since: Any) -> int:
+        last = 0
+        while True:
+            batch = self.catalog.events_after(last, limit=1000)
+            for event in batch:
+                if event.ts.replace(tzinfo=None) >= since.replace(tzinfo=None):
+                    return event.id - 1
+                last = event.id
+            if len(batch) < 1000:
+                return last
+
+    def last_event_id(self) -> int:
+        last = 0
+        while batch := self.catalog.events_after(last, limit=1000):
+            last = batch[-1].id
+        return last
+
+    # -- run and stop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain in-flight calls, stop workers. Idempotent."""
+        if getattr(self, "_shut", False):
+            return
+        self._shut = True
+        self._stopping.set()
+        notify.notify("STOPPING=1")
+        grace = self.config.daemon.drain_timeout_s
+        _log.info("torpord_stopping", drain_timeout_s=grace)
+        await self.server.stop(grace)
+        await self.executor.drain(grace)
+        await self.supervisor.stop_all(self.config.worker.stop_timeout_s)
+        self.controller.close_all()
+        await self.events.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        await asyncio.to_thread(self.catalog.close)
+        _log.info("torpord_stopped")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="torpord", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default $TORPOR_CONFIG or /etc/torpor/torpord.toml)",
+    )
+    parser.add_argument("--state-dir", help="catalog, snapshots and model roots live here")
+    parser.add_argument("--socket", help="Unix socket to serve on")
+    parser.add_argument("--listen", help="also serve on TCP HOST:PORT")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus metrics on 127.0.0.1:PORT (0: off)"
+    )
+    parser.add_argument("--backend", choices=["auto", "cuda", "cpu"], help="GPU backend")
+    parser.add_argument("--cpu-devices", type=int, help="simulated devices (cpu backend)")
+    parser.add_argument("--cpu-device-memory", help="memory of each simulated device, e.g. 256MiB")
+    parser.add_argument("--demo", action="store_true", help="create and register three demo models")
+    return parser.parse_args(argv)
+
+
+async def _serve(config: DaemonConfig, demo: bool) -> int:
+    daemon = Daemon(config, demo)
+    try:
+        await daemon.start()
+    except TorporError as err:
+        print(f"torpord: {err}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await daemon.shutdown()
+        return 1
+    await daemon.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        path = args.config or default_config_path(os.environ)
+        config = load_config(path, overrides=overrides_from_args(args))
+    except TorporError as err:
+        print(f"torpord: {err}", file=sys.stderr)
+        sys.exit(2)
+    log.configure(json=config.daemon.log_json, level=config.daemon.log_level)
+    sys.exit(asyncio.run(_serve(config, args.demo)))
+
+
+if __name__ == "__main__":
+    main()

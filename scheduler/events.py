@@ -1,0 +1,129 @@
+"""The residency audit trail: every state change, eviction, lease and snapshot, written to
+the catalog (one writer task, so ids follow time) and streamed live to `WatchEvents`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torpor.log import get_logger
+from torpor.scheduler import convert
+from torpor.store.catalog import Catalog
+from torpor.store.records import Event
+from torpor.v1 import admin_pb2
+
+log = get_logger("events")
+
+KINDS = {
+    name.removeprefix("EVENT_KIND_").lower(): value for name, value in admin_pb2.EventKind.items()
+}
+
+
+@dataclass(frozen=True)
+class Filter:
+    kinds: frozenset[str] = frozenset()
+    model: str = ""
+    gpu: int | None = None
+
+    def accepts(self, event: Event) -> bool:
+        return (
+            (not self.kinds or event.kind in self.kinds)
+            and (not self.model or event.model == self.model)
+            and (self.gpu is None or event.gpu == str(self.gpu))
+        )
+
+
+@dataclass(eq=False)  # identity: watchers live in a set
+class _Watcher:
+    filter: Filter
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+
+
+class EventLog:
+    """Appends events in order and fans them out to live watchers."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._pending: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self._watchers: set[_Watcher] = set()
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write(), name="event-log")
+
+    def append(
+        self,
+        kind: str,
+        *,
+        model: str | None = None,
+        runtime: str | None = None,
+        gpu: int | None = None,
+        **detail: Any,
+    ) -> None:
+        """Record an event (returns at once; the catalog write happens in order, off-loop)."""
+        assert kind in KINDS, kind
+        fields = {
+            "model": model,
+            "runtime": runtime,
+            "gpu": None if gpu is None else str(gpu),
+            "detail": {k: v for k, v in detail.items() if v is not None},
+        }
+        self._pending.put_nowait((kind, fields))
+
+    async def _write(self) -> None:
+        while (item := await self._pending.get()) is not None:
+            kind, fields = item
+            try:
+                event = await asyncio.to_thread(self.catalog.append_event, kind, **fields)
+            except Exception as exc:  # the audit trail must not take the daemon down
+                log.error("event_write_failed", kind=kind, error=repr(exc))
+                continue
+            for watcher in self._watchers:
+                if watcher.filter.accepts(event):
+                    watcher.queue.put_nowait(event)
+
+    async def watch(self, flt: Filter, after_id: int, follow: bool) -> AsyncIterator[Event]:
+        """Events after `after_id` from the catalog, then (with `follow`) live ones."""
+        watcher = _Watcher(flt)
+        if follow:
+            self._watchers.add(watcher)
+        try:
+            last = after_id
+            while True:
+                batch = await asyncio.to_thread(self.catalog.events_after, last, limit=500)
+                for event in batch:
+                    last = event.id
+                    if flt.accepts(event):
+                        yield event
+                if len(batch) < 500:
+                    break
+            while follow:
+                event = await watcher.queue.get()
+                if event.id > last:
+                    last = event.id
+                    yield event
+        finally:
+            self._watchers.discard(watcher)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._pending.put_nowait(None)
+            await self._writer
+
+
+def message(event: Event) -> admin_pb2.Event:
+    msg = admin_pb2.Event(
+        id=event.id,
+        time=convert.timestamp(event.ts),
+        kind=KINDS.get(event.kind, 0),
+        model=event.model or "",
+        runtime_id=event.runtime or "",
+        detail=json.dumps(dict(event.detail), sort_keys=True) if event.detail else "",
+        attributes={k: str(v) for k, v in event.detail.items()},
+    )
+    if event.gpu is not None and event.gpu.isdigit():
+        msg.gpu = int(event.gpu)
+    return msg

@@ -1,0 +1,328 @@
+"""Carries out the core's transitions on worker processes, and reports how they ended.
+
+Every Load, Resume, Suspend and Drop runs as its own task and ends with exactly one
+TransitionCompleted or TransitionFailed back into the controller. A failed transition kills
+its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is never
+left half-suspended. Progress of loads and restores is forwarded as it streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from torpor.errors import FailedPrecondition, Internal, TorporError, Unavailable
+from torpor.log import bind, get_logger
+from torpor.rpc_status import from_rpc_error
+from torpor.scheduler.core import (
+    Drop,
+    Footprint,
+    Load,
+    Resume,
+    RuntimeState,
+    SnapshotDeleted,
+    Suspend,
+    Tier,
+    TransitionCompleted,
+    TransitionFailed,
+    WorkerDied,
+)
+from torpor.scheduler.metrics import Metrics
+from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
+from torpor.v1 import common_pb2, worker_pb2
+
+log = get_logger("executor")
+
+_DTYPES = {
+    "float32": common_pb2.DTYPE_FLOAT32,
+    "bfloat16": common_pb2.DTYPE_BFLOAT16,
+    "float16": common_pb2.DTYPE_FLOAT16,
+    "fp8": common_pb2.DTYPE_FP8,
+}
+_LEVELS = {
+    Tier.HOST: common_pb2.TIER_HOST,
+    Tier.DEEP: common_pb2.TIER_DEEP,
+    Tier.DISK: common_pb2.TIER_DISK,
+}
+_STATES = {
+    common_pb2.RUNTIME_STATE_RESIDENT: RuntimeState.RESIDENT,
+    common_pb2.RUNTIME_STATE_SUSPENDED_HOST: RuntimeState.SUSPENDED_HOST,
+    common_pb2.RUNTIME_STATE_SUSPENDED_DEEP: RuntimeState.SUSPENDED_DEEP,
+    common_pb2.RUNTIME_STATE_SUSPENDED_DISK: RuntimeState.SUSPENDED_DISK,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to build a model's runtime: the registered spec's parts a worker needs."""
+
+    source: Path
+    dtype: str
+    max_batch: int
+    max_seq_len: int
+    estimate: Footprint
+
+
+@dataclass(frozen=True)
+class WorkerDefaults:
+    """What every worker gets from torpord's config."""
+
+    runtime_dir: Path
+    store: Path
+    cuda: bool
+    handle_size: str
+    graph_pool: str
+    python: str
+    log_level: str
+    stop_grace_s: float
+
+
+class Executor:
+    """Runs transitions; `report` feeds their results to the controller."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        defaults: WorkerDefaults,
+        models: dict[str, ModelSource],
+        report: Callable[[Any], None],
+        progress: Callable[[str, Tier, int, int, bool], None],
+        snapshots: Any,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.supervisor = supervisor
+        self.defaults = defaults
+        self.models = models
+        self.report = report
+        self.progress = progress
+        self.snapshots = snapshots  # SnapshotRecorder: record(model, hash), manifest_for(model)
+        self.metrics = metrics
+        self.incarnations: dict[str, int] = {}
+        self.busy: set[str] = set()  # runtimes with a transition running
+        self.calls: dict[str, set[Any]] = {}  # runtime -> proxied generate calls
+        self.restores: dict[str, float] = {}  # runtime -> seconds of its last load or restore
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def worker(self, runtime_id: str) -> WorkerProcess | None:
+        return self.supervisor.workers.get(runtime_id)
+
+    def start(self, action: Load | Resume | Suspend | Drop) -> None:
+        self.busy.add(action.runtime_id)
+        task = asyncio.create_task(
+            self._run(action), name=f"{type(action).__name__}-{action.runtime_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def abort_requests(self, runtime_id: str) -> None:
+        for call in list(self.calls.get(runtime_id, ())):
+            call.cancel()
+
+    async def _run(self, action: Load | Resume | Suspend | Drop) -> None:
+        kind = type(action).__name__.lower()
+        start = time.perf_counter()
+        with bind(model=action.model, runtime=action.runtime_id):
+            try:
+                event = await getattr(self, f"_{kind}")(action)
+            except Exception as exc:  # every failure is reported, none escapes the task
+                error = exc if isinstance(exc, TorporError) else Internal(f"{kind} failed: {exc!r}")
+                log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
+                await self._kill(action.runtime_id)
+                self.busy.discard(action.runtime_id)
+                if error.reason in ("CHUNK_CORRUPT", "CHUNK_MISSING", "SNAPSHOT_INCOMPATIBLE"):
+                    await self.snapshots.forget(action.model, error)
+                    self._safe_report(SnapshotDeleted(action.model))
+                self._safe_report(TransitionFailed(action.runtime_id, action.seq, error))
+                return
+            self.busy.discard(action.runtime_id)
+            log.info("transition_done", action=kind, seconds=round(time.perf_counter() - start, 4))
+            self._safe_report(event)
+
+    def _safe_report(self, event: Any) -> None:
+        try:
+            self.report(event)
+        except TorporError as err:  # a stale report the core refuses is not our crash
+            log.warning("report_refused", event=type(event).__name__, error=str(err))
+
+    # -- the four transitions -------------------------------------------------------------
+
+    async def _load(self, action: Load) -> TransitionCompleted:
+        source = self.models[action.model]
+        self.incarnations[action.runtime_id] = action.incarnation
+        start = time.perf_counter()  # the worker's start is part of a cold restore
+        worker = await self.supervisor.spawn(self._spec(action))
+        request = worker_pb2.WorkerLoadRequest(
+            model=action.model,
+            dtype=_DTYPES[source.dtype],
+            max_batch=source.max_batch,
+            max_seq_len=source.max_seq_len,
+            device=self._device(action.gpu),
+            options={"host_copy": "true" if action.keep_host_copy else "false"},
+        )
+        if action.source is Tier.DISK:
+            request.snapshot_id = await self.snapshots.manifest_for(action.model)
+        else:
+            request.model_dir = str(source.source)
+        status = None
+        async for event in _stream(worker.stub.Load(request)):
+            if event.HasField("progress"):
+                self.progress(
+                    action.model,
+                    action.source,
+                    event.progress.bytes_done,
+                    event.progress.bytes_total,
+                    True,
+                )
+            else:
+                status = event.done.status
+        self.restores[action.runtime_id] = time.perf_counter() - start
+        if self.metrics is not None:
+            kind = "snapshot" if action.source is Tier.DISK else "cold"
+            self.metrics.observe_load(kind, self.restores[action.runtime_id])
+        if action.target is RuntimeState.SUSPENDED_HOST:
+            await _call(
+                worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST))
+            )
+        return TransitionCompleted(
+            action.runtime_id, action.seq, action.target, self._footprint(status, source)
+        )
+
+    async def _resume(self, action: Resume) -> TransitionCompleted:
+        worker = self._require_worker(action.runtime_id)
+        start = time.perf_counter()
+        moved = 0
+        async for event in _stream(worker.stub.Resume(worker_pb2.WorkerResumeRequest())):
+            if event.HasField("progress"):
+                self.progress(
+                    action.model,
+                    action.source,
+                    event.progress.bytes_done,
+                    event.progress.bytes_total,
+                    False,
+                )
+            else:
+                moved = event.done.bytes
+        seconds = time.perf_counter() - start
+        self.restores[action.runtime_id] = seconds
+        if self.metrics is not None:
+            self.metrics.observe_resume(_tier_name(action.source), seconds)
+        await self.snapshots.bandwidth(action.source, moved, seconds)
+        if action.target is RuntimeState.SUSPENDED_HOST:  # pulled up to host only (prefetch)
+            await _call(
+                worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST))
+            )
+        return TransitionCompleted(action.runtime_id, action.seq, action.target)
+
+    async def _suspend(self, action: Suspend) -> TransitionCompleted:
+        worker = self._require_worker(action.runtime_id)
+        start = time.perf_counter()
+        if action.write_snapshot:
+            done = None
+            async for event in _stream(worker.stub.Snapshot(worker_pb2.WorkerSnapshotRequest())):
+                if event.HasField("done"):
+                    done = event.done
+            assert done is not None
+            await self.snapshots.record(action.model, done.manifest_hash)
+        reply = await _call(
+            worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level]))
+        )
+        if self.metrics is not None:
+            self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
+        return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))
+
+    async def _drop(self, action: Drop) -> TransitionCompleted:
+        worker = self.worker(action.runtime_id)
+        if worker is not None:
+            await worker.stop(self.defaults.stop_grace_s)
+        return TransitionCompleted(action.runtime_id, action.seq)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def on_worker_exit(self, worker: WorkerProcess) -> WorkerDied | None:
+        """The event for a worker that exited, or None when the exit was expected or a
+        running transition will report it."""
+        rid = worker.runtime_id
+        for call in list(self.calls.get(rid, ())):
+            call.cancel()
+        if worker.stopping or rid in self.busy:
+            return None
+        if self.metrics is not None:
+            self.metrics.worker_crash(worker.spec.model)
+        return WorkerDied(rid, self.incarnations.get(rid, 0), f"exit status {worker.returncode}")
+
+    def _spec(self, action: Load) -> WorkerSpec:
+        d = self.defaults
+        name = hashlib.sha1(action.runtime_id.encode()).hexdigest()[:16]  # socket paths are short
+        return WorkerSpec(
+            runtime_id=action.runtime_id,
+            model=action.model,
+            device=self._device(action.gpu),
+            socket=d.runtime_dir / "workers" / f"{name}.sock",
+            store=d.store,
+            handle_size=d.handle_size,
+            graph_pool=d.graph_pool,
+            log_level=d.log_level,
+            python=d.python,
+        )
+
+    def _device(self, gpu: int) -> str:
+        return f"cuda:{gpu}" if self.defaults.cuda else "cpu"
+
+    def _require_worker(self, runtime_id: str) -> WorkerProcess:
+        worker = self.worker(runtime_id)
+        if worker is None:
+            raise Unavailable(f"runtime {runtime_id} has no worker", reason="NO_WORKER")
+        return worker
+
+    def _footprint(self, status: Any, source: ModelSource) -> Footprint:
+        if status is None:
+            return source.estimate
+        arenas = {a.name: a.reserved_bytes for a in status.arenas}
+        est = source.estimate
+        return Footprint(
+            weights=arenas.get("weights", est.weights),
+            kv=arenas.get("kv", est.kv),
+            graph_pool=arenas.get("graphs", est.graph_pool),
+            context=est.context,
+            residue=est.residue,
+        )
+
+    async def _kill(self, runtime_id: str) -> None:
+        worker = self.worker(runtime_id)
+        if worker is not None:
+            await worker.stop(self.defaults.stop_grace_s)
+
+    async def drain(self, grace_s: float) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace_s)
+
+
+def _tier_name(tier: Tier) -> str:
+    return {Tier.GPU: "resident", Tier.HOST: "host", Tier.DEEP: "deep", Tier.DISK: "disk"}.get(
+        tier, "cold"
+    )
+
+
+async def _call(call: Any) -> Any:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+async def _stream(call: Any) -> Any:
+    try:
+        async for event in call:
+            yield event
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+__all__ = ["Executor", "FailedPrecondition", "ModelSource", "WorkerDefaults"]

@@ -1,0 +1,72 @@
+"""What each plan changed, as audit events and metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from torpor.scheduler.core import EndLease, Grant, LeaseEnd, Plan, SchedulerState, Suspend, Tier
+from torpor.scheduler.residency import accounted_gpu_bytes
+
+if TYPE_CHECKING:
+    from torpor.scheduler.daemon import Daemon
+
+_HITS = {
+    Tier.GPU: "resident",
+    Tier.HOST: "host",
+    Tier.DEEP: "deep",
+    Tier.DISK: "disk",
+    Tier.SOURCE: "cold",
+}
+_ENDS = {LeaseEnd.EXPIRED: "lease_expired"}
+
+
+def record_plan(d: Daemon, state: SchedulerState, plan: Plan) -> None:
+    events = getattr(d, "events", None)
+    if events is None:
+        return
+    for t in plan.transitions:
+        runtime = state.runtimes.get(t.runtime_id)
+        events.append(
+            "state_changed",
+            model=t.model,
+            runtime=t.runtime_id,
+            gpu=runtime.gpu if runtime else None,
+            frm=t.frm.name.lower(),
+            to=t.to.name.lower(),
+        )
+    for action in plan.actions:
+        if isinstance(action, Grant):
+            events.append(
+                "lease_granted",
+                model=action.model,
+                runtime=action.runtime_id,
+                gpu=action.gpu,
+                lease=action.lease_id,
+                restored_from=action.restored_from.name.lower(),
+            )
+            d.metrics.hit(_HITS.get(action.restored_from, "cold"))
+        elif isinstance(action, EndLease):
+            events.append(
+                _ENDS.get(action.why, "lease_released"), lease=action.lease_id, why=action.why.value
+            )
+        elif isinstance(action, Suspend):
+            events.append(
+                "eviction",
+                model=action.model,
+                runtime=action.runtime_id,
+                to=action.level.name.lower(),
+                snapshot=action.write_snapshot,
+            )
+            d.metrics.eviction("pressure", action.level.name.lower())
+    _metrics(d, state)
+
+
+def _metrics(d: Daemon, state: SchedulerState) -> None:
+    m = d.metrics
+    m.set_runtime_states(Counter(r.state.name.lower() for r in state.runtimes.values()))
+    for gpu, used in accounted_gpu_bytes(d).items():
+        m.set_tier_bytes(gpu, "gpu", used)
+    m.set_leases(len(state.leases))
+    for model, waiters in state.queues.items():
+        m.set_queue_depth(model, len(waiters))
