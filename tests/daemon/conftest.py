@@ -96,7 +96,7 @@ class Torpord:
         return self.proc.wait(timeout=60)
 
 
-def call(method, request, timeout: float = 60):  # noqa: ANN001, ANN201
+def call(method, request, timeout: float = 60):
     """A unary or streaming call; a TorporError instead of an RpcError."""
     try:
         result = method(request, timeout=timeout)
@@ -169,4 +169,4 @@ def torpord(tmp_path: Path, model_root: Path) -> Iterator[Torpord]:
     assert daemon.stop() == 0
 
 
-__all__ = ["MODELS", "Torpord", "TorporError", "call", "start_torpord"]
+__all__ = ["MODELS", "TorporError", "Torpord", "call", "start_torpord"]
