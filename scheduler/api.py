@@ -266,10 +266,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except grpc.aio.AioRpcError as exc:
             raise _worker_error(exc, grant.model) from exc
         except asyncio.CancelledError:
-            call.cancel()
-            raise
+            why = self.d.executor.cancelled.pop(call, None)
+            task = asyncio.current_task()
+            if why is None or (task is not None and task.cancelling()):
+                call.cancel()  # our client went away: stop the worker's work too
+                raise
+            raise why from None  # we cancelled it: the worker died, or an eviction aborted it
         finally:
             calls.discard(call)
+            self.d.executor.cancelled.pop(call, None)
             ctl.submit(RequestFinished(grant.model))
 
     def _fill_usage(self, usage: Any, grant: Grant, start: float, granted: float) -> None:

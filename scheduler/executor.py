@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from torpor.errors import FailedPrecondition, Internal, TorporError, Unavailable
+from torpor.errors import Aborted, FailedPrecondition, Internal, TorporError, Unavailable
 from torpor.log import bind, get_logger
 from torpor.rpc_status import from_rpc_error
 from torpor.scheduler.core import (
@@ -108,6 +108,7 @@ class Executor:
         self.busy: set[str] = set()  # runtimes with a transition running
         self.calls: dict[str, set[Any]] = {}  # runtime -> proxied generate calls
         self.restores: dict[str, float] = {}  # runtime -> seconds of its last load or restore
+        self.cancelled: dict[Any, TorporError] = {}  # proxied call -> why we cancelled it
         self._tasks: set[asyncio.Task[None]] = set()
 
     def worker(self, runtime_id: str) -> WorkerProcess | None:
@@ -122,7 +123,17 @@ class Executor:
         task.add_done_callback(self._tasks.discard)
 
     def abort_requests(self, runtime_id: str) -> None:
+        self._cancel_calls(
+            runtime_id,
+            Aborted(
+                f"the request on {runtime_id} was aborted by an eviction", reason="REQUEST_ABORTED"
+            ),
+        )
+
+    def _cancel_calls(self, runtime_id: str, why: TorporError) -> None:
+        """End the proxied calls on a runtime; their handlers raise `why` to their clients."""
         for call in list(self.calls.get(runtime_id, ())):
+            self.cancelled[call] = why
             call.cancel()
 
     async def _run(self, action: Load | Resume | Suspend | Drop) -> None:
@@ -249,8 +260,12 @@ class Executor:
         """The event for a worker that exited, or None when the exit was expected or a
         running transition will report it."""
         rid = worker.runtime_id
-        for call in list(self.calls.get(rid, ())):
-            call.cancel()
+        self._cancel_calls(
+            rid,
+            Unavailable(
+                f"the worker of {worker.spec.model} exited during the request", reason="WORKER_DIED"
+            ),
+        )
         if worker.stopping or rid in self.busy:
             return None
         if self.metrics is not None:

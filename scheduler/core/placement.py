@@ -90,7 +90,10 @@ def place(d: Draft, sim: Sim, model: str, bar: float | None = None) -> Placement
     )
     largest = max(g.capacity for g in d.gpus)
     if fp.resident > largest:
-        detail = f"needs {fp.resident / GiB:.2f} GiB; the largest GPU gives {largest / GiB:.2f} GiB"
+        detail = (
+            f"{model} can never fit: its runtime needs {_size(fp.resident)} on one GPU and the "
+            f"largest GPU gives {_size(largest)}"
+        )
         return Placement(replace(base, reason=Reason.NEVER_FITS, detail=detail))
     usable = [g.index for g in d.gpus if g.index not in d.draining]
     open_ = [g for g in usable if not _pinned_blocked(d, sim, rt, g)]
@@ -214,3 +217,7 @@ def place_host(d: Draft, sim: Sim, model: str, bar: float) -> Placement | None:
         required_bytes=fp.resident,
     )
     return Placement(decision, trial, target, moves)
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"

@@ -58,15 +58,14 @@ class Torpord:
         return admin_pb2_grpc.AdminStub(self.channel)
 
     def register(self, name: str, source: Path, **spec: object) -> common_pb2.Model:
+        fields = {
+            "dtype": common_pb2.DTYPE_FLOAT32,
+            "max_batch": 4,
+            "max_seq_len": MAX_SEQ_LEN,
+            **spec,
+        }
         request = scheduler_pb2.RegisterModelRequest(
-            spec=common_pb2.ModelSpec(
-                name=name,
-                source=str(source),
-                dtype=common_pb2.DTYPE_FLOAT32,
-                max_batch=4,
-                max_seq_len=MAX_SEQ_LEN,
-                **spec,
-            )
+            spec=common_pb2.ModelSpec(name=name, source=str(source), **fields)
         )
         return call(self.scheduler.RegisterModel, request).model
 
