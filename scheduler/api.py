@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from torpor.errors import InvalidArgument, NotFound, TorporError
+from torpor.errors import InvalidArgument, NotFound, TorporError, Unavailable
 from torpor.log import bind
 from torpor.rpc_status import aio_servicer_errors as aio_errors
 from torpor.rpc_status import from_rpc_error
@@ -246,8 +246,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         ctl = self.d.controller
         worker = self.d.executor.worker(grant.runtime_id)
         if worker is None:
-            from torpor.errors import Unavailable
-
             raise Unavailable(f"the runtime of {grant.model} has no worker", reason="NO_WORKER")
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
@@ -264,7 +262,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            raise _worker_error(exc, grant.model) from exc
+            why = self.d.executor.cancelled.pop(call, None)
+            if why is None and worker.exited.is_set():
+                why = Unavailable(
+                    f"the worker of {grant.model} exited during the request", reason="WORKER_DIED"
+                )
+            raise (why or _worker_error(exc, grant.model)) from exc
         except asyncio.CancelledError:
             why = self.d.executor.cancelled.pop(call, None)
             task = asyncio.current_task()

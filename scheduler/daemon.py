@@ -98,7 +98,6 @@ class Daemon:
         self.supervisor = Supervisor(
             Path(cfg.daemon.runtime_dir), self._worker_exited, cfg.worker.start_timeout_s
         )
-        await self._stop_leftover_workers()
         self.executor = Executor(
             self.supervisor,
             self._worker_defaults(),
@@ -111,6 +110,7 @@ class Daemon:
         self.controller = Controller(state, self.executor, on_plan=self._on_plan)
         self.events = EventLog(self.catalog)
         self.events.start()
+        await self._stop_leftover_workers()
         await self._load_models()
         if self.demo:
             from torpor.scheduler.demo import ensure_demo_models

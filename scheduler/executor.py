@@ -241,9 +241,10 @@ class Executor:
                     done = event.done
             assert done is not None
             await self.snapshots.record(action.model, done.manifest_hash)
-        reply = await _call(
-            worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level]))
-        )
+        # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
+        # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
+        request = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
+        reply = await _call(worker.stub.Suspend(request))
         if self.metrics is not None:
             self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
         return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))

@@ -104,11 +104,15 @@ def call(method, request, timeout: float = 60):
         raise from_rpc_error(exc) from exc
 
 
-def start_torpord(state_dir: Path, model_root: Path, memory: int, **env: str) -> Torpord:
+def start_torpord(
+    state_dir: Path, model_root: Path, memory: int, metrics_port: int = 0, **env: str
+) -> Torpord:
     socket = state_dir / "torpord.sock"
     environ = {
         **os.environ,
         "TORPOR_DAEMON_MODEL_ROOTS": str(model_root),
+        # Its own runtime directory: worker records there belong to this torpord alone.
+        "TORPOR_DAEMON_RUNTIME_DIR": str(state_dir / "run"),
         "TORPOR_POLICY_MIN_RESIDENCY_S": "0",
         "TORPOR_DAEMON_LOG_LEVEL": "warning",
         **env,
@@ -123,7 +127,7 @@ def start_torpord(state_dir: Path, model_root: Path, memory: int, **env: str) ->
             "--socket",
             str(socket),
             "--metrics-port",
-            "0",
+            str(metrics_port),
             "--backend",
             "cpu",
             "--cpu-devices",
