@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from torpor.errors import FailedPrecondition, InvalidArgument, NotFound
+from torpor.paths import default_runtime_dir, default_state_dir
 from torpor.scheduler.config_rules import (
     GiB,
     MiB,
@@ -68,11 +69,15 @@ class DaemonSection(_Section):
 
     NAME: ClassVar[str] = "daemon"
     state_dir: Path = field(
-        metadata=_derived("$STATE_DIRECTORY, else /var/lib/torpor", kind="path")
+        metadata=_derived(
+            "$STATE_DIRECTORY, else /var/lib/torpor (root) or ~/.local/state/torpor", kind="path"
+        )
     )
     """Persistent state: the SQLite catalog, snapshots and demo models by default."""
     runtime_dir: Path = field(
-        metadata=_derived("$RUNTIME_DIRECTORY, else /run/torpor", kind="path")
+        metadata=_derived(
+            "$RUNTIME_DIRECTORY, else /run/torpor (root) or $XDG_RUNTIME_DIR/torpor", kind="path"
+        )
     )
     """Volatile files: the daemon socket and the workers' private sockets."""
     socket: Path = field(metadata=_derived("<runtime_dir>/torpord.sock", kind="path"))
@@ -398,8 +403,12 @@ def _derive(values: dict[str, tuple[object, str]], env: Mapping[str, str]) -> No
         first = env.get(variable, "").split(":")[0]  # systemd joins several with ':'
         return (first, f"${variable}") if first else (fallback, "the default")
 
-    values.setdefault("daemon.state_dir", systemd_dir("STATE_DIRECTORY", "/var/lib/torpor"))
-    values.setdefault("daemon.runtime_dir", systemd_dir("RUNTIME_DIRECTORY", "/run/torpor"))
+    values.setdefault(
+        "daemon.state_dir", systemd_dir("STATE_DIRECTORY", str(default_state_dir(env)))
+    )
+    values.setdefault(
+        "daemon.runtime_dir", systemd_dir("RUNTIME_DIRECTORY", str(default_runtime_dir(env)))
+    )
     state = _parsed("daemon.state_dir", values)
     runtime = _parsed("daemon.runtime_dir", values)
     derived = {

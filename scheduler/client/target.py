@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torpor.errors import InvalidArgument
+from torpor.paths import default_runtime_dir
 
 SOCKET_NAME = "torpord.sock"
-DEFAULT_RUNTIME_DIR = "/run/torpor"
 DEFAULT_CONFIG_PATH = Path("/etc/torpor/torpord.toml")
 
 
@@ -58,7 +58,8 @@ def resolve_target(
 def default_socket(env: Mapping[str, str]) -> Path:
     """The socket torpord listens on by default, as scheduler/config.py derives it.
 
-    Later wins: `/run/torpor` < `$RUNTIME_DIRECTORY` < the config file's `[daemon]` keys <
+    Later wins: the default (`/run/torpor` for root; torpor.paths) < `$RUNTIME_DIRECTORY` <
+    the config file's `[daemon]` keys <
     `TORPOR_DAEMON_RUNTIME_DIR` / `TORPOR_DAEMON_SOCKET`; an explicit socket wins over one
     derived from a runtime directory.
     """
@@ -70,7 +71,7 @@ def default_socket(env: Mapping[str, str]) -> Path:
         env.get("TORPOR_DAEMON_RUNTIME_DIR")
         or file_keys.get("runtime_dir")
         or env.get("RUNTIME_DIRECTORY", "").split(":")[0]  # systemd joins several with ':'
-        or DEFAULT_RUNTIME_DIR
+        or str(default_runtime_dir(env))
     )
     return _path(runtime) / SOCKET_NAME
 
