@@ -75,6 +75,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             runtime = (
                 ctl.state.runtime_of(request.model) if request.model in ctl.state.models else None
             )
+            before = ctl.state.held(runtime).gpu_bytes if runtime is not None else 0
             ctl.submit(
                 EvictRequested(
                     request_id, request.model, to_tier, convert.evict_mode(request.mode), timeout
@@ -96,6 +97,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 runtime_id=done.runtime_id,
                 done=admin_pb2.EvictResponse.Done(
                     state=convert.state_name(done.state),
+                    gpu_bytes_freed=max(0, before - self._gpu_bytes(done.runtime_id)),
                     elapsed=convert.duration(time.perf_counter() - start),
                 ),
             )
@@ -108,6 +110,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         finally:
             ctl.close(ticket)
+
+    def _gpu_bytes(self, runtime_id: str) -> int:
+        runtime = self.d.controller.state.runtimes.get(runtime_id)
+        return self.d.controller.state.held(runtime).gpu_bytes if runtime is not None else 0
 
     @aio_errors
     async def SetPinned(self, request: Any, context: Any) -> Any:

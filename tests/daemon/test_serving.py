@@ -93,6 +93,7 @@ def test_operator_evicts_and_the_next_request_restores(torpord: Torpord, tier: i
     first = torpord.generate("beta", prompt(4))
     replies = call(torpord.admin.Evict, admin_pb2.EvictRequest(model="beta", to_tier=tier))
     assert replies[-1].HasField("done")
+    assert replies[-1].done.gpu_bytes_freed > 0
     state = torpord.runtime("beta").state
     assert state in (
         common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
