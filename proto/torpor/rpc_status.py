@@ -131,3 +131,44 @@ def servicer_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             fail(context, exc)
 
     return unary
+
+
+def aio_servicer_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The asyncio twin of `servicer_errors`, for grpc.aio servicer methods (coroutines and
+    async generators)."""
+    import functools
+    import inspect
+
+    async def fail(context: Any, exc: BaseException) -> None:
+        err = exc if isinstance(exc, TorporError) else Internal(f"{type(exc).__name__}: {exc}")
+        await context.abort_with_status(to_status(err))
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                await fail(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await fail(context, exc)
+
+    return unary
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises an internal exception that must propagate untouched.
+    return type(exc).__name__ == "AbortError"
