@@ -149,3 +149,17 @@ def test_watch_events_follows_live(torpord: Torpord) -> None:
     assert got.wait(30)
     stream.cancel()
     assert seen[0].model == "gamma" and seen[0].kind == admin_pb2.EVENT_KIND_LEASE_GRANTED
+
+
+def test_reflection_lists_the_services(torpord: Torpord) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(torpord.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"torpor.v1.Scheduler", "torpor.v1.Admin", "grpc.health.v1.Health"} <= names
+    # A client with no .proto files can fetch the API's descriptors (what grpcurl does).
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="torpor.v1.Admin")
+    (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    assert reply.file_descriptor_response.file_descriptor_proto
