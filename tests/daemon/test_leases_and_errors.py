@@ -217,3 +217,13 @@ def test_bad_requests_get_their_codes(torpord: Torpord, model_root: Path, tmp_pa
 
     with pytest.raises(AlreadyExists):
         torpord.register("alpha", model_root / "alpha")
+
+
+def test_lease_holder_hears_of_a_dead_worker(torpord: Torpord) -> None:
+    lease = Lease(torpord, "beta")
+    lease.wait_ready()
+    os.kill(torpord.runtime("beta").worker_pid, signal.SIGKILL)
+    assert lease.ended.wait(30)  # never left hanging
+    assert isinstance(lease.error, Unavailable)
+    assert_eventually(lambda: torpord.runtime("beta").leases, lambda n: n == 0)
+    assert torpord.generate("beta", [1, 2])[-1].usage.completion_tokens == 8  # recovered
