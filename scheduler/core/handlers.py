@@ -181,7 +181,10 @@ def on_pin(d: Draft, ev: PinChanged) -> None:
     model = model_or_raise(d, ev.model)
     d.models[ev.model] = replace(model, spec=replace(model.spec, pinned=ev.pinned))
     rt = d.runtimes[model.runtime_id]
-    if ev.pinned and rt.evict is not None and rt.evict.request_id is not None and rt.op is None:
+    # An eviction already suspending the runtime cannot be called back; any other order
+    # (waiting for leases to drain, or behind a load or resume in progress) is cancelled.
+    suspending = rt.op is not None and rt.op.state is S.SUSPENDING
+    if ev.pinned and rt.evict is not None and not suspending:
         d.end_eviction(rt, FailedPrecondition(f"model {ev.model!r} was pinned", reason="PINNED"))
 
 

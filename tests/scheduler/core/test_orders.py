@@ -17,6 +17,7 @@ from torpor.scheduler.core import (
     EvictRequested,
     LeaseEnd,
     Load,
+    PinChanged,
     PrefetchDone,
     PrefetchRequested,
     Reason,
@@ -194,3 +195,23 @@ def test_a_snapshot_in_use_cannot_be_deleted() -> None:
     assert h.rt("a").state is S.SNAPSHOT and not snapshot_in_use(h.state, "a")
     h.send(SnapshotDeleted("a"))
     assert h.rt("a").state is S.COLD
+
+
+def test_pinning_cancels_an_eviction_waiting_behind_a_load() -> None:
+    # Found by the stateful test in CI: an eviction ordered while the runtime was loading
+    # survived a pin (only idle runtimes had their order cancelled), and moved the pinned
+    # runtime off its GPU once the load finished.
+    h = Harness(world(gpus=[40], host=24))
+    h.register("m", 6)
+    h.acquire("m")  # starts the load
+    (load,) = [m for m in h.moves.values() if isinstance(m, Load)]
+    h.send(EvictRequested("e1", "m", Tier.HOST, EvictMode.DRAIN))
+    assert h.rt("m").evict is not None and h.rt("m").op is not None
+    h.send(PinChanged("m", True))
+    (finished,) = _of(h, EvictFinished)
+    assert finished.error is not None and finished.error.reason == "PINNED"
+    h.complete(load)
+    h.send(ClientGone("c"))  # the lease ends: nothing may move the pinned runtime now
+    h.settle()
+    assert not [a for p in h.plans[-3:] for a in p.actions if isinstance(a, Suspend)]
+    assert h.rt("m").state is S.RESIDENT
