@@ -103,6 +103,13 @@ def generate(
                 if not as_json:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
+        except BaseException:
+            # A stream that breaks after some text (an ABORT eviction, a dead worker, Ctrl-C)
+            # ends that text's line, so the one-line reason that follows is a line of its own.
+            if not as_json and any(result.pieces):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            raise
         finally:
             view.close()
     if as_json:

@@ -1,13 +1,15 @@
 """Fixtures of the client CLI's tests: a fake torpord on a Unix socket, and the real `torpor`
-CLI run as a subprocess against it."""
+CLI run as a subprocess against it (to completion, or running until it is stopped)."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,3 +81,63 @@ def daemon(socket_dir: Path) -> Iterator[FakeTorpord]:
 @pytest.fixture
 def cli(daemon: FakeTorpord) -> Cli:
     return Cli(daemon.socket)
+
+
+class Running:
+    """A CLI subprocess whose stdout lines arrive on a queue, read by a thread, so that a
+    test waits for a line with a deadline instead of blocking forever."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for_line(self, text: str, timeout: float = 30.0) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} in {timeout} s: {self.seen}") from None
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def output(self, timeout: float = 30.0) -> str:
+        """All of stdout (the lines waited for included), once the process has ended."""
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get_nowait())
+        return "".join(self.seen)
+
+    def stop(self, signum: int) -> tuple[int, str]:
+        """Send `signum`; the exit status and stderr."""
+        self.proc.send_signal(signum)
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read()
+        return self.proc.wait(timeout=30), err
+
+
+@pytest.fixture
+def running() -> Iterator[list[Running]]:
+    started: list[Running] = []
+    yield started
+    for r in started:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def start(running: list[Running], argv: list[str]) -> Running:
+    r = Running(argv)
+    running.append(r)
+    return r

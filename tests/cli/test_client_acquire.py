@@ -5,67 +5,12 @@ Also `torpor events --follow`, the other command that runs until interrupted."""
 from __future__ import annotations
 
 import json
-import queue
 import signal
-import subprocess
-import threading
-from collections.abc import Iterator
 
 import pytest
 
-from tests.cli.conftest import Cli, client_env
+from tests.cli.conftest import Cli, Running, start
 from tests.cli.fake_daemon import FakeTorpord
-
-
-class Running:
-    """A CLI subprocess whose stdout lines arrive on a queue, read by a thread, so that a
-    test waits for a line with a deadline instead of blocking forever."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for_line(self, text: str, timeout: float = 30.0) -> str:
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no line with {text!r} in {timeout} s: {self.seen}") from None
-            self.seen.append(line)
-            if text in line:
-                return line
-
-    def stop(self, signum: int) -> tuple[int, str]:
-        """Send `signum`; the exit status and stderr."""
-        self.proc.send_signal(signum)
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read()
-        return self.proc.wait(timeout=30), err
-
-
-@pytest.fixture
-def running() -> Iterator[list[Running]]:
-    started: list[Running] = []
-    yield started
-    for r in started:
-        if r.proc.poll() is None:
-            r.proc.kill()
-            r.proc.wait()
-
-
-def start(running: list[Running], argv: list[str]) -> Running:
-    r = Running(argv)
-    running.append(r)
-    return r
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
