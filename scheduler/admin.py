@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from torpor import __version__
-from torpor.errors import FailedPrecondition
+from torpor.errors import FailedPrecondition, Unavailable
 from torpor.rpc_status import aio_servicer_errors as aio_errors
 from torpor.scheduler import convert, events
 from torpor.scheduler.core import (
@@ -93,11 +93,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     break
             if done.error is not None:
                 raise done.error
+            if done.state is RuntimeState.FAILED:
+                raise Unavailable(
+                    f"evicting {done.model} failed: its worker failed and was stopped; the next "
+                    "request loads it again",
+                    reason="EVICTION_FAILED",
+                )
             yield admin_pb2.EvictResponse(
                 runtime_id=done.runtime_id,
                 done=admin_pb2.EvictResponse.Done(
                     state=convert.state_name(done.state),
                     gpu_bytes_freed=max(0, before - self._gpu_bytes(done.runtime_id)),
+                    aborted_requests=self.d.executor.aborted.pop(done.runtime_id, 0),
                     elapsed=convert.duration(time.perf_counter() - start),
                 ),
             )
@@ -118,7 +125,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @aio_errors
     async def SetPinned(self, request: Any, context: Any) -> Any:
         self.d.controller.submit(PinChanged(request.model, request.pinned))
-        await asyncio.to_thread(self.d.catalog.set_model_pinned, request.model, request.pinned)
+        self.d.registered[request.model] = await asyncio.to_thread(
+            self.d.catalog.set_model_pinned, request.model, request.pinned
+        )
         self.d.events.append("pinned_changed", model=request.model, pinned=request.pinned)
         return admin_pb2.SetPinnedResponse(model=await self.d.model_message(request.model))
 
@@ -142,10 +151,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @aio_errors
     async def ListSnapshots(self, request: Any, context: Any) -> Any:
-        infos = await asyncio.to_thread(
-            self.d.snapshots.list, request.model or None, include_corrupt=True
-        )
-        return admin_pb2.ListSnapshotsResponse(snapshots=[_snapshot(i) for i in infos])
+        def listing() -> list[admin_pb2.SnapshotInfo]:
+            infos = self.d.snapshots.list(request.model or None, include_corrupt=True)
+            return [_snapshot(i, self.d.snapshots.details(i.id)) for i in infos]
+
+        return admin_pb2.ListSnapshotsResponse(snapshots=await asyncio.to_thread(listing))
 
     @aio_errors
     async def DeleteSnapshot(self, request: Any, context: Any) -> Any:
@@ -249,20 +259,19 @@ async def _next(ticket: Any, kind: type) -> Any:
             raise update.error
 
 
-def _snapshot(info: Any) -> admin_pb2.SnapshotInfo:
-    msg = admin_pb2.SnapshotInfo(
+def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:
+    return admin_pb2.SnapshotInfo(
         snapshot_id=info.id,
         model=info.model,
         state=_SNAPSHOT_STATES.get(info.state.value, "SNAPSHOT_STATE_UNSPECIFIED"),
+        manifest_hash=str(details.manifest.get("manifest_hash", "")),
         fingerprint=info.fingerprint,
         bytes=info.total_bytes,
+        unique_bytes=details.unique_bytes,
+        chunks=details.chunks,
         created_at=convert.timestamp(info.created_at),
         last_used=convert.timestamp(info.last_used_at),
     )
-    chunks = getattr(info, "chunk_count", None)
-    if chunks is not None:
-        msg.chunks = chunks
-    return msg
 
 
 _SNAPSHOT_STATES = {

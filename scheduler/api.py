@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -30,6 +31,7 @@ from torpor.scheduler.core import (
     RenewRequested,
     RequestFinished,
     RequestStarted,
+    RuntimeState,
     Tier,
 )
 from torpor.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
@@ -53,7 +55,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def UnregisterModel(self, request: Any, context: Any) -> Any:
-        await self.d.unregister(request.name)
+        await self.d.unregister(request.name, request.delete_snapshots)
         return scheduler_pb2.UnregisterModelResponse()
 
     @aio_errors
@@ -195,10 +197,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         else:
             grant, ticket = await self._implicit_acquire(request, context)
         granted = self.d.controller.clock()
+        first: float | None = None
         try:
             async for chunk in self._proxy(grant, request):
+                if first is None and chunk.token_ids:
+                    first = self.d.controller.clock()
                 if chunk.HasField("usage"):
-                    self._fill_usage(chunk.usage, grant, start, granted)
+                    times = _Times(start, granted, first or granted, self.d.controller.clock())
+                    self._fill_usage(chunk.usage, grant, times)
                 yield chunk
         finally:
             if ticket is not None:
@@ -280,10 +286,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.d.executor.cancelled.pop(call, None)
             ctl.submit(RequestFinished(grant.model))
 
-    def _fill_usage(self, usage: Any, grant: Grant, start: float, granted: float) -> None:
-        restore_s = self.d.executor.restores.pop(grant.runtime_id, 0.0)
-        usage.timings.queued.CopyFrom(convert.duration(max(0.0, granted - start - restore_s)))
+    def _fill_usage(self, usage: Any, grant: Grant, t: _Times) -> None:
+        """Timings as the client sees them, all counted from the request's arrival at torpord:
+        waiting (queue, and the restore it waited for, if its runtime was not resident), the
+        first token, the whole call."""
+        waited = t.granted - t.start
+        restore_s = 0.0
+        if grant.restored_from is not Tier.GPU:  # it waited for a load or a resume
+            restore_s = min(waited, self.d.executor.restores.get(grant.runtime_id, 0.0))
+        usage.timings.queued.CopyFrom(convert.duration(waited - restore_s))
         usage.timings.restore.CopyFrom(convert.duration(restore_s))
+        usage.timings.first_token.CopyFrom(convert.duration(t.first - t.start))
+        usage.timings.total.CopyFrom(convert.duration(t.end - t.start))
         usage.restored_from = int(grant.restored_from)  # type: ignore[assignment]
         usage.runtime_id = grant.runtime_id
         usage.gpu = grant.gpu
@@ -306,8 +320,29 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             ctl.close(ticket)
         return scheduler_pb2.PrefetchResponse(
-            state=convert.state_name(state), tier=convert.tier_name(tier)
+            state=convert.state_name(state), tier=convert.tier_name(_TIER_OF.get(state, tier))
         )
+
+
+@dataclass(frozen=True)
+class _Times:
+    """Moments of one Generate call, on the controller's clock."""
+
+    start: float  # arrival at torpord
+    granted: float  # its runtime is resident and leased to it
+    first: float  # the first token came back
+    end: float  # the last message
+
+
+# Where a runtime's weights are, by its state (what Prefetch reports).
+_TIER_OF = {
+    RuntimeState.RESIDENT: Tier.GPU,
+    RuntimeState.SUSPENDED_HOST: Tier.HOST,
+    RuntimeState.SUSPENDED_DEEP: Tier.DEEP,
+    RuntimeState.SUSPENDED_DISK: Tier.DISK,
+    RuntimeState.SNAPSHOT: Tier.DISK,
+    RuntimeState.COLD: Tier.SOURCE,
+}
 
 
 async def _next(ticket: Ticket, kind: type) -> Any:

@@ -90,7 +90,7 @@ class Controller:
         state: SchedulerState,
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
-        on_plan: Callable[[SchedulerState, Plan], None] | None = None,
+        on_plan: Callable[[SchedulerState, SchedulerState, Plan], None] | None = None,
     ) -> None:
         self.state = state
         self.executor = executor
@@ -108,11 +108,12 @@ class Controller:
 
     def submit(self, event: Event) -> Plan:
         """Step the core; raises the TorporError of an invalid command (state unchanged)."""
-        self.state, plan = core.step(self.state, event, self.clock())
+        before = self.state
+        self.state, plan = core.step(before, event, self.clock())
         self._dispatch(plan)
         self._schedule_wake(plan.wake_at)
         if self.on_plan is not None:
-            self.on_plan(self.state, plan)
+            self.on_plan(before, self.state, plan)
         return plan
 
     def explain(self, model: str, priority: int = 0) -> Decision:

@@ -55,20 +55,19 @@ class Clocks:
         return wall - self.offset
 
 
-def model_spec(msg: common_pb2.ModelSpec, default_max_seq_len: int) -> ModelSpec:
-    """A registration as the catalog stores it (validated there: name, bounds)."""
+def model_spec(
+    msg: common_pb2.ModelSpec, source: str, default_dtype: DType, default_max_seq_len: int
+) -> ModelSpec:
+    """A registration as the catalog stores it (validated there: name, bounds), with the
+    checkpoint's dtype and max_seq_len where the message leaves them unset."""
     dtype = _DTYPES.get(msg.dtype)
     if dtype is None:
         if msg.dtype != common_pb2.DTYPE_UNSPECIFIED:
             raise InvalidArgument(f"unknown dtype enum value {msg.dtype}", reason="BAD_DTYPE")
-        dtype = DType.BFLOAT16
-    if not msg.source:
-        raise InvalidArgument(
-            "spec.source (the checkpoint directory) is required", reason="NO_SOURCE"
-        )
+        dtype = default_dtype
     return ModelSpec(
         name=msg.name,
-        source_path=msg.source,
+        source_path=source,
         dtype=dtype,
         max_batch=msg.max_batch or 8,
         max_seq_len=msg.max_seq_len or default_max_seq_len,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor import log
-from torpor.errors import NotFound, TorporError
+from torpor.errors import FailedPrecondition, InvalidArgument, NotFound, TorporError
 from torpor.scheduler import convert, footprint, notify
 from torpor.scheduler.config import (
     DaemonConfig,
@@ -54,8 +54,9 @@ from torpor.scheduler.recorder import Recorder
 from torpor.scheduler.server import Server
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.store.catalog import Catalog
-from torpor.store.names import check_source_path
+from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import RegisteredModel
+from torpor.store.schema import DType
 from torpor.store.snapshots import SnapshotStore
 from torpor.v1 import common_pb2
 
@@ -110,6 +111,9 @@ class Daemon:
         self.controller = Controller(state, self.executor, on_plan=self._on_plan)
         self.events = EventLog(self.catalog)
         self.events.start()
+        self.recorder.on_recorded = lambda info: self.events.append(
+            "snapshot_created", model=info.model, snapshot=info.id, bytes=info.total_bytes
+        )
         await self._stop_leftover_workers()
         await self._load_models()
         if self.demo:
@@ -182,28 +186,27 @@ class Daemon:
     # -- models --------------------------------------------------------------------------
 
     async def register(self, msg: common_pb2.ModelSpec) -> common_pb2.Model:
-        spec = convert.model_spec(msg, default_max_seq_len=0)
-        source = check_source_path(spec.source_path, self.config.daemon.model_roots)
+        validate_model_name(msg.name)  # before anything else: a name never becomes a path
+        if not msg.source:
+            raise InvalidArgument(
+                "spec.source (the checkpoint directory) is required", reason="NO_SOURCE"
+            )
+        source = check_source_path(msg.source, self.config.daemon.model_roots)
         limit = await asyncio.to_thread(footprint.max_positions, source)
-        spec = dataclasses.replace(
-            spec, source_path=str(source), max_seq_len=spec.max_seq_len or min(limit, 4096)
-        )
+        dtype = DType(await asyncio.to_thread(footprint.checkpoint_dtype, source))
+        spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096))
         if spec.max_seq_len > limit:
-            from torpor.errors import InvalidArgument
-
             raise InvalidArgument(
                 f"max_seq_len={spec.max_seq_len} exceeds the model's "
                 f"max_position_embeddings={limit}",
                 reason="MAX_SEQ_LEN_TOO_LARGE",
             )
-        await asyncio.to_thread(
-            footprint.estimate,
-            source,
-            spec.dtype.value,
-            spec.max_batch,
-            spec.max_seq_len,
-            self.cuda,
-        )
+        if spec.dtype is DType.FP8 and not self.cuda:
+            raise InvalidArgument(
+                "fp8 needs a CUDA GPU with compute capability 8.9 or newer; this torpord runs "
+                "the cpu backend. Register it as bfloat16, float16 or float32.",
+                reason="FP8_UNSUPPORTED",
+            )
         registered = await asyncio.to_thread(self.catalog.register_model, spec)
         try:
             await self._admit_model(registered, has_snapshot=False)
@@ -242,7 +245,17 @@ class Daemon:
             raise
         self.registered[spec.name] = registered
 
-    async def unregister(self, name: str) -> None:
+    async def unregister(self, name: str, delete_snapshots: bool) -> None:
+        if name in self.registered and not delete_snapshots:
+            held = await asyncio.to_thread(self.snapshots.list, name, include_corrupt=True)
+            if held:
+                raise FailedPrecondition(
+                    f"model {name!r} has {len(held)} snapshot(s); unregister it with "
+                    "delete_snapshots (torpor unregister --delete-snapshots), or delete them "
+                    "first (torpor snapshots rm)",
+                    reason="HAS_SNAPSHOTS",
+                    metadata={"snapshots": len(held)},
+                )
         self.controller.submit(ModelUnregistered(name))
         self.sources.pop(name, None)
         self.registered.pop(name, None)
@@ -290,8 +303,8 @@ class Daemon:
             with contextlib.suppress(TorporError):
                 self.controller.submit(died)
 
-    def _on_plan(self, state: SchedulerState, plan: Plan) -> None:
-        record_plan(self, state, plan)
+    def _on_plan(self, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
+        record_plan(self, before, state, plan)
 
     def tier_usage(self) -> tuple[int, int]:
         state = self.controller.state

@@ -109,6 +109,7 @@ class Executor:
         self.calls: dict[str, set[Any]] = {}  # runtime -> proxied generate calls
         self.restores: dict[str, float] = {}  # runtime -> seconds of its last load or restore
         self.cancelled: dict[Any, TorporError] = {}  # proxied call -> why we cancelled it
+        self.aborted: dict[str, int] = {}  # runtime -> requests aborted by evictions, unreported
         self._tasks: set[asyncio.Task[None]] = set()
 
     def worker(self, runtime_id: str) -> WorkerProcess | None:
@@ -123,6 +124,9 @@ class Executor:
         task.add_done_callback(self._tasks.discard)
 
     def abort_requests(self, runtime_id: str) -> None:
+        self.aborted[runtime_id] = self.aborted.get(runtime_id, 0) + len(
+            self.calls.get(runtime_id, ())
+        )
         self._cancel_calls(
             runtime_id,
             Aborted(

@@ -97,6 +97,17 @@ def estimate(
     )
 
 
+_CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype config.json says the weights are in (`dtype`, or the older `torch_dtype`);
+    float32 when it says nothing torpor runs."""
+    config = _config(model_dir)
+    value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return _CHECKPOINT_DTYPES.get(str(value), "float32")
+
+
 def max_positions(model_dir: Path) -> int:
     """The model's max_position_embeddings (the longest max_seq_len it allows)."""
     return _int(_config(model_dir), "max_position_embeddings", 4096)

@@ -21,7 +21,8 @@ _HITS = {
 _ENDS = {LeaseEnd.EXPIRED: "lease_expired"}
 
 
-def record_plan(d: Daemon, state: SchedulerState, plan: Plan) -> None:
+def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
+    """Audit events and metrics for one step (`before` knows the leases that just ended)."""
     events = getattr(d, "events", None)
     if events is None:
         return
@@ -47,8 +48,15 @@ def record_plan(d: Daemon, state: SchedulerState, plan: Plan) -> None:
             )
             d.metrics.hit(_HITS.get(action.restored_from, "cold"))
         elif isinstance(action, EndLease):
+            lease = before.leases.get(action.lease_id)
+            runtime = before.runtimes.get(lease.runtime_id) if lease is not None else None
             events.append(
-                _ENDS.get(action.why, "lease_released"), lease=action.lease_id, why=action.why.value
+                _ENDS.get(action.why, "lease_released"),
+                model=lease.model if lease else None,
+                runtime=lease.runtime_id if lease else None,
+                gpu=runtime.gpu if runtime else None,
+                lease=action.lease_id,
+                why=action.why.value,
             )
         elif isinstance(action, Suspend):
             events.append(

@@ -13,6 +13,7 @@ from torpor.log import get_logger
 from torpor.scheduler import snapshots as snaps
 from torpor.scheduler.core import Costs, Tier
 from torpor.store.catalog import Catalog
+from torpor.store.records import SnapshotInfo
 from torpor.store.schema import BandwidthTier
 from torpor.store.snapshots import SnapshotStore
 
@@ -47,6 +48,7 @@ class Recorder:
         self.on_costs = on_costs
         self.host = socket.gethostname()
         self.latest: dict[str, str] = {}  # model -> snapshot id
+        self.on_recorded: Callable[[SnapshotInfo], None] | None = None
 
     def known_snapshots(self) -> dict[str, str]:
         """At start-up (blocking): the newest complete snapshot of every model."""
@@ -65,6 +67,8 @@ class Recorder:
         info = await asyncio.to_thread(snaps.record_snapshot, self.store, model, manifest_hash)
         self.latest[model] = info.id
         log.info("snapshot_recorded", model=model, snapshot=info.id, bytes=info.total_bytes)
+        if self.on_recorded is not None:
+            self.on_recorded(info)
 
     async def manifest_for(self, model: str) -> str:
         snapshot_id = self.latest.get(model)

@@ -3,7 +3,7 @@ runtime with its state, tier, bytes, leases and estimated restore time."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torpor.scheduler import convert
 from torpor.scheduler.core import RuntimeState
@@ -22,6 +22,13 @@ _TIER = {
     RuntimeState.SNAPSHOT: "TIER_DISK",
     RuntimeState.COLD: "TIER_SOURCE",
 }
+
+
+def _tier(runtime: Any) -> str:
+    """Where its weights are; a FAILED runtime has its snapshot, or only the source."""
+    if runtime.at.state is RuntimeState.FAILED:
+        return "TIER_DISK" if runtime.at.snapshot else "TIER_SOURCE"
+    return _TIER.get(runtime.at.state, "TIER_UNSPECIFIED")
 
 
 def accounted_gpu_bytes(d: Daemon) -> dict[int, int]:
@@ -74,7 +81,7 @@ def runtime_infos(d: Daemon, model: str, include_cold: bool) -> list[admin_pb2.R
             model=name,
             runtime_id=runtime.id,
             state=convert.state_name(runtime.state),
-            tier=_TIER.get(runtime.at.state, "TIER_UNSPECIFIED"),
+            tier=_tier(runtime),
             gpu_bytes=held.gpu_bytes,
             host_bytes=held.host,
             disk_bytes=held.disk,

@@ -99,6 +99,15 @@ class SnapshotContents:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotDetails:
+    """A snapshot's chunk count, the bytes only it references, and its manifest."""
+
+    chunks: int
+    unique_bytes: int
+    manifest: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Bandwidth:
     """A measured transfer rate: an exponentially weighted mean over `samples` samples."""
 

@@ -24,7 +24,13 @@ from torpor.store.chunks import ChunkRef, ChunkStore, check_hash
 from torpor.store.config import SnapshotStoreConfig
 from torpor.store.locks import StoreLocks, check_snapshot_id
 from torpor.store.names import validate_model_name
-from torpor.store.records import GcReport, ScrubReport, SnapshotContents, SnapshotInfo
+from torpor.store.records import (
+    GcReport,
+    ScrubReport,
+    SnapshotContents,
+    SnapshotDetails,
+    SnapshotInfo,
+)
 from torpor.store.schema import ChunkRow, EventRow, ModelRow, SnapshotRow, SnapshotState
 from torpor.store.writer import SnapshotWriter
 
@@ -280,6 +286,19 @@ class SnapshotStore:
         for info in snapshots:
             self.delete(info.id)
         return len(snapshots)
+
+    def details(self, snapshot_id: str) -> SnapshotDetails:
+        """What ListSnapshots shows beyond the info: chunk count, the bytes only this snapshot
+        holds (freed by deleting it) and its manifest (no bytes are read)."""
+        with self.catalog.session(write=False) as s:
+            row = rows.get_snapshot(s, check_snapshot_id(snapshot_id))
+            chunks = rows.snapshot_chunks(s, snapshot_id)
+            counts = rows.membership_counts(s, snapshot_id)
+            table = rows.chunk_table(s, self.store_id)
+            unique = sum(
+                table[h].size for h, n in counts.items() if h in table and table[h].refcount <= n
+            )
+            return SnapshotDetails(len(chunks), unique, dict(row.manifest or {}))
 
     def collect_garbage(self, *, dry_run: bool = False) -> GcReport:
         """Delete chunks that no snapshot references (CollectGarbage); `dry_run` reports only."""

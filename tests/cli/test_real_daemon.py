@@ -4,10 +4,6 @@ One torpord (a subprocess, CPU backend) serves this whole module, with the three
 models of tests/daemon on one simulated device that holds two of them, so that loading the
 third evicts one. Every command runs as a subprocess of the real CLI. A test that needs
 some residency arranges it first (`only_on_gpu`), so the tests hold in any order.
-
-Tests marked xfail(strict=True) pin down what the daemon does wrong today; each reason
-names the function at fault. They turn into failures (XPASS) once the daemon is fixed, and
-the mark comes off then.
 """
 
 from __future__ import annotations
@@ -256,12 +252,6 @@ def test_register_rejects_an_unknown_dtype(cli: Cli, real: Real) -> None:
     assert "--dtype must be one of" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: Daemon.register (scheduler/daemon.py) builds the store ModelSpec with "
-    "max_seq_len=0 (convert.model_spec(default_max_seq_len=0)) before resolving the default, "
-    "and the store refuses 0, so registering without --max-seq-len fails INVALID_ARGUMENT",
-)
 def test_register_without_max_seq_len_takes_the_checkpoints(cli: Cli, real: Real) -> None:
     try:
         doc = cli.json("register", "zeta", str(real.root / "alpha"), "--dtype", "fp32", "--json")
@@ -270,11 +260,6 @@ def test_register_without_max_seq_len_takes_the_checkpoints(cli: Cli, real: Real
         cli("unregister", "zeta")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: convert.model_spec (scheduler/convert.py) turns DTYPE_UNSPECIFIED into "
-    "bfloat16; the proto says unspecified keeps the checkpoint's dtype (float32 here)",
-)
 def test_register_without_dtype_keeps_the_checkpoints(cli: Cli, real: Real) -> None:
     try:
         doc = cli.json(
@@ -285,12 +270,6 @@ def test_register_without_dtype_keeps_the_checkpoints(cli: Cli, real: Real) -> N
         cli("unregister", "eta")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: Daemon.register (scheduler/daemon.py) accepts fp8 on the CPU backend; "
-    "the model then fails every load (Generate: UNAVAILABLE after 3 tries) where the register "
-    "should have been INVALID_ARGUMENT, as `torpor run --dtype fp8 --device cpu` is",
-)
 def test_register_refuses_fp8_on_the_cpu_backend(cli: Cli, real: Real) -> None:
     proc = cli("register", "theta", str(real.root / "alpha"), "--dtype", "fp8", *SPEC[2:])
     if proc.returncode == 0:
@@ -360,12 +339,6 @@ def test_generate_samples_with_a_seed_like_torpor_run(cli: Cli, real: Real) -> N
     assert top1["token_ids"] == greedy["token_ids"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: SchedulerService._fill_usage (scheduler/api.py) passes on the worker's "
-    "first_token and total, measured from when the worker got the request, while queued and "
-    "restore are measured from torpord's arrival; a cold request reports total < restore",
-)
 def test_generate_timings_count_from_the_requests_arrival(cli: Cli) -> None:
     only_on_gpu(cli, "beta")
     cli.ok("evict", "beta", "--to", "drop")  # the next request starts a worker
@@ -375,12 +348,6 @@ def test_generate_timings_count_from_the_requests_arrival(cli: Cli) -> None:
     assert t["total_s"] >= t["first_token_s"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: SchedulerService._fill_usage (scheduler/api.py) takes the restore time "
-    "from executor.restores.pop(runtime_id), the runtime's last load or resume whoever asked "
-    "for it: a hit after a prefetch (or acquire) reports restored_from gpu with restore > 0",
-)
 def test_a_hit_reports_no_restore_time(cli: Cli) -> None:
     only_on_gpu(cli, "alpha")
     cli.ok("evict", "alpha", "--to", "host")
@@ -509,25 +476,12 @@ def test_evict_abort_ends_a_running_generate(cli: Cli, running: list[Running]) -
     assert text.endswith("\n") and len(text) > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: AdminService.Evict (scheduler/admin.py) never fills "
-    "EvictResponse.Done.aborted_requests: 0 after an ABORT eviction ended a running request",
-)
 def test_evict_abort_counts_the_requests_it_aborted(cli: Cli, running: list[Running]) -> None:
     generating(cli, running, "beta")
     (done,) = cli.json("evict", "beta", "--to", "host", "--abort", "--json")["runtimes"]
     assert done["aborted_requests"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: evicting a SUSPENDED_HOST runtime further down (DISK or DEEP): the "
-    "core plans a Suspend that Executor._suspend (scheduler/executor.py) sends as is to the "
-    "worker, which only suspends a RESIDENT runtime (BAD_RUNTIME_STATE); the worker is "
-    "killed, the runtime ends FAILED, and AdminService.Evict still answers OK with a Done "
-    "whose state is FAILED (the CLI exits 0, 'now failed')",
-)
 def test_evict_a_suspended_model_further_down(cli: Cli) -> None:
     only_on_gpu(cli, "gamma")
     cli.ok("evict", "gamma", "--to", "host")
@@ -569,12 +523,6 @@ def test_a_pinned_model_is_not_evicted(cli: Cli, running: list[Running]) -> None
     assert r.stop(signal.SIGINT)[0] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: Daemon.model_message (scheduler/daemon.py) builds Model.spec from "
-    "self.registered, which AdminService.SetPinned never updates: the SetPinned reply, "
-    "GetModel and ListModels still say pinned=false after a pin (ps says true)",
-)
 def test_pin_json_and_models_show_the_pin(cli: Cli) -> None:
     try:
         assert cli.json("pin", "beta", "--json")["pinned"] is True
@@ -595,12 +543,6 @@ def test_prefetch_to_host_then_gpu(cli: Cli) -> None:
     assert runtimes(cli)["gamma"]["state"] == "resident"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: SchedulerService.Prefetch (scheduler/api.py) answers the tier that was "
-    "asked for, not the tier of the weights when the call returned (a resident model "
-    "prefetched to host reads state resident, tier host)",
-)
 def test_prefetch_reports_where_the_weights_are(cli: Cli) -> None:
     only_on_gpu(cli, "alpha")
     doc = cli.json("prefetch", "alpha", "--to", "host", "--json")
@@ -666,11 +608,6 @@ def test_events_follow_sees_a_new_event(cli: Cli, running: list[Running]) -> Non
     assert (code, err) == (0, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: no code appends a snapshot_created event (EVENT_KIND_SNAPSHOT_CREATED);"
-    " Recorder.record (scheduler/recorder.py) records the snapshot silently",
-)
 def test_a_disk_eviction_logs_snapshot_created(cli: Cli) -> None:
     only_on_gpu(cli, "alpha")
     last = last_event_id(cli)
@@ -681,11 +618,6 @@ def test_a_disk_eviction_logs_snapshot_created(cli: Cli) -> None:
     assert "snapshot_created" in kinds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: record_plan (scheduler/plan_log.py) appends lease_released and "
-    "lease_expired without the model and runtime, so `events --model M` never shows them",
-)
 def test_lease_events_name_the_model(cli: Cli) -> None:
     last = last_event_id(cli)
     cli.ok("generate", "alpha", PROMPT, "--max-tokens", "1")  # a lease granted, then released
@@ -727,11 +659,6 @@ def test_snapshots_ls_rm_gc(cli: Cli) -> None:
     assert set(done) == keys and done["dry_run"] is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: AdminService.ListSnapshots' _snapshot (scheduler/admin.py) leaves "
-    "manifest_hash, unique_bytes and chunks unset (the store's SnapshotInfo has no chunk_count)",
-)
 def test_snapshots_ls_reports_chunks_and_manifest(cli: Cli) -> None:
     only_on_gpu(cli, "alpha")
     cli.ok("evict", "alpha", "--to", "disk")

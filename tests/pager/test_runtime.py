@@ -116,8 +116,28 @@ def test_wrong_state_is_refused(runtime: PagedRuntime) -> None:
         runtime.resume()
     runtime.suspend(SuspendLevel.HOST)
     with pytest.raises(FailedPrecondition, match="cannot suspend"):
-        runtime.suspend(SuspendLevel.DISK)
+        runtime.suspend(SuspendLevel.HOST)  # not further down
     runtime.resume()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        (SuspendLevel.HOST, SuspendLevel.DISK),
+        (SuspendLevel.HOST, SuspendLevel.DEEP, SuspendLevel.DISK),
+    ],
+)
+def test_a_suspended_runtime_moves_further_down(
+    runtime: PagedRuntime, tmp_path: Path, path: tuple[SuspendLevel, ...]
+) -> None:
+    store = ChunkStore(tmp_path / "store")
+    before = generate(runtime, GREEDY)
+    for level in path:
+        runtime.suspend(level, store=store)
+        assert runtime.residency.value == f"suspended_{level.value}"
+    assert runtime.memory().host_bytes == 0 and runtime.manifest is not None
+    assert runtime.resume().tier == "disk"
+    assert generate(runtime, GREEDY).token_ids == before.token_ids
 
 
 def test_snapshot_is_written_once(runtime: PagedRuntime, tmp_path: Path) -> None:

@@ -76,6 +76,13 @@ _SUSPENDED = {
 }
 
 
+# Suspended states and the levels a runtime in them may still move down to.
+_DEEPER = {
+    Residency.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
+    Residency.SUSPENDED_DEEP: (SuspendLevel.DISK,),
+}
+
+
 @dataclass(frozen=True)
 class SuspendReport:
     level: SuspendLevel
@@ -228,7 +235,12 @@ class PagedRuntime:
     def snapshot(self, store: ChunkStore, progress: Progress | None = None) -> SnapshotReport:
         """Write the weights (once) and the model files to the chunk store."""
         with self._lock:
-            self._require(Residency.RESIDENT, Residency.SUSPENDED_HOST, verb="snapshot")
+            self._require(
+                Residency.RESIDENT,
+                Residency.SUSPENDED_HOST,
+                Residency.SUSPENDED_DEEP,
+                verb="snapshot",
+            )
             start = time.perf_counter()
             layout = self.engine.memory.weights
             host = self.wait_host_copy()
@@ -273,8 +285,11 @@ class PagedRuntime:
         self, level: SuspendLevel, *, abort: bool = False, store: ChunkStore | None = None
     ) -> SuspendReport:
         """Release the runtime's memory down to `level`. With requests running this fails
-        (FailedPrecondition RUNTIME_BUSY) unless `abort`, which ends them first."""
+        (FailedPrecondition RUNTIME_BUSY) unless `abort`, which ends them first. A suspended
+        runtime can be moved further down (HOST to DEEP or DISK, DEEP to DISK)."""
         with self._lock:
+            if self.residency in _DEEPER and level in _DEEPER[self.residency]:
+                return self._deepen(level, store)
             self._require(Residency.RESIDENT, verb="suspend")
             start = time.perf_counter()
             engine = self._park()
@@ -308,6 +323,29 @@ class PagedRuntime:
                 gpu_bytes_released=released,
             )
             return report
+
+    def _deepen(self, level: SuspendLevel, store: ChunkStore | None) -> SuspendReport:
+        """Move an already suspended runtime further down; its arenas stay unmapped."""
+        start = time.perf_counter()
+        if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
+            checkpoint.run_controller("resume", os.getpid())  # DISK keeps the context
+        if level is SuspendLevel.DISK:
+            if self.manifest is None:
+                if store is None:
+                    raise FailedPrecondition(
+                        "a disk suspend needs a snapshot or a chunk store", reason="NO_SNAPSHOT"
+                    )
+                self.snapshot(store)
+            self._store = store or self._store
+            if self.host is not None:
+                self.host.close()
+                self.host = None
+        elif level is SuspendLevel.DEEP and self._cuda:
+            checkpoint.run_controller("suspend", os.getpid())
+        self.residency = _SUSPENDED[level]
+        report = SuspendReport(level, time.perf_counter() - start, 0, 0)
+        log.info("suspended_further", level=level.value, seconds=round(report.seconds, 4))
+        return report
 
     def _prepare_level(self, level: SuspendLevel, store: ChunkStore | None) -> None:
         if level is SuspendLevel.DISK:

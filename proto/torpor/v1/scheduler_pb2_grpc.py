@@ -102,7 +102,8 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnregisterModel(self, request, context):
-        """Unregister a model; its runtimes are stopped. FAILED_PRECONDITION while it holds leases.
+        """Unregister a model; its runtimes are stopped. FAILED_PRECONDITION while it holds leases,
+        or while it has snapshots and delete_snapshots is not set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
