@@ -12,10 +12,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -32,6 +32,9 @@ from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime, Residency
 
 log = get_logger("worker")
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]
 
 _DONE = object()
 
@@ -67,11 +70,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             with bind(model=request.model):
                 start = time.perf_counter()
-                events: queue.Queue[Any] = queue.Queue()
-                worker = threading.Thread(target=self._load, args=(request, events), daemon=True)
-                worker.start()
-                yield from _drain(
-                    events,
+                yield from _with_progress(
+                    lambda progress: self._load(request, progress),
                     lambda done, total: worker_pb2.WorkerLoadResponse(
                         progress=worker_pb2.WorkerLoadResponse.Progress(
                             phase=worker_pb2.LOAD_PHASE_WEIGHTS, bytes_done=done, bytes_total=total
@@ -93,34 +93,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             self._loading.release()
 
-    def _load(self, request: worker_pb2.WorkerLoadRequest, events: queue.Queue[Any]) -> None:
-        def progress(done: int, total: int) -> None:
-            events.put((done, total))
-
-        try:
-            host_copy = request.options.get("host_copy", "true") != "false"
-            pager = dataclasses.replace(self.config.pager, host_copy=host_copy)
-            if request.snapshot_id:
-                manifest = self._manifest(request.snapshot_id)
-                self.runtime = PagedRuntime.restore(
-                    manifest, self.store, self.config.workdir, pager, progress
+    def _load(self, request: worker_pb2.WorkerLoadRequest, progress: Progress) -> None:
+        host_copy = request.options.get("host_copy", "true") != "false"
+        pager = dataclasses.replace(self.config.pager, host_copy=host_copy)
+        if request.snapshot_id:
+            manifest = self._manifest(request.snapshot_id)
+            self.runtime = PagedRuntime.restore(
+                manifest, self.store, self.config.workdir, pager, progress
+            )
+            self.snapshot_id = request.snapshot_id
+        else:
+            if not request.model_dir:
+                raise InvalidArgument(
+                    "Load needs model_dir or snapshot_id", reason="NOTHING_TO_LOAD"
                 )
-                self.snapshot_id = request.snapshot_id
-            else:
-                if not request.model_dir:
-                    raise InvalidArgument(
-                        "Load needs model_dir or snapshot_id", reason="NOTHING_TO_LOAD"
-                    )
-                options = EngineOptions(
-                    max_batch=request.max_batch or 8,
-                    max_seq_len=request.max_seq_len,
-                    dtype=convert.dtype(request.dtype),
-                )
-                self.runtime = PagedRuntime.load(Path(request.model_dir), options, pager, progress)
-            self.model = request.model
-            events.put(_DONE)
-        except BaseException as exc:
-            events.put(exc)
+            options = EngineOptions(
+                max_batch=request.max_batch or 8,
+                max_seq_len=request.max_seq_len,
+                dtype=convert.dtype(request.dtype),
+            )
+            self.runtime = PagedRuntime.load(Path(request.model_dir), options, pager, progress)
+        self.model = request.model
 
     def _manifest(self, snapshot_id: str) -> SnapshotManifest:
         path = self.store.path(snapshot_id)
@@ -203,24 +196,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         tier = convert.TIERS.get(
             runtime.residency.value.removeprefix("suspended_"), common_pb2.TIER_UNSPECIFIED
         )
-        events: queue.Queue[Any] = queue.Queue()
-        result: list[Any] = []
-
-        def run() -> None:
-            try:
-                result.append(runtime.resume(self.store, lambda d, t: events.put((d, t))))
-                events.put(_DONE)
-            except BaseException as exc:
-                events.put(exc)
-
-        threading.Thread(target=run, daemon=True).start()
-        yield from _drain(
-            events,
+        report = yield from _with_progress(
+            lambda progress: runtime.resume(self.store, progress),
             lambda d, t: worker_pb2.WorkerResumeResponse(
                 progress=common_pb2.TransferProgress(tier=tier, bytes_done=d, bytes_total=t)
             ),
         )
-        report = result[0]
         yield worker_pb2.WorkerResumeResponse(
             done=worker_pb2.WorkerResumeResponse.Done(
                 tier=convert.TIERS[report.tier],
@@ -234,26 +215,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerSnapshotRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         runtime = self._runtime()
-        events: queue.Queue[Any] = queue.Queue()
-        result: list[Any] = []
-
-        def run() -> None:
-            try:
-                result.append(runtime.snapshot(self.store, lambda d, t: events.put((d, t))))
-                events.put(_DONE)
-            except BaseException as exc:
-                events.put(exc)
-
-        threading.Thread(target=run, daemon=True).start()
-        yield from _drain(
-            events,
+        report = yield from _with_progress(
+            lambda progress: runtime.snapshot(self.store, progress),
             lambda d, t: worker_pb2.WorkerSnapshotResponse(
                 progress=common_pb2.TransferProgress(
                     tier=common_pb2.TIER_DISK, bytes_done=d, bytes_total=t
                 )
             ),
         )
-        report = result[0]
         manifest_ref = self.store.put(report.manifest.dumps().encode())
         self.snapshot_id = manifest_ref.hash
         yield worker_pb2.WorkerSnapshotResponse(
@@ -334,13 +303,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return runtime
 
 
-def _drain(events: queue.Queue[Any], progress: Callable[[int, int], Any]) -> Iterator[Any]:
-    """Yield a progress message per (done, total) event until the worker thread finishes;
-    re-raise its error."""
-    while True:
-        event = events.get()
-        if event is _DONE:
-            return
+def _with_progress(
+    work: Callable[[Progress], T], message: Callable[[int, int], Any]
+) -> Generator[Any, None, T]:
+    """Run `work(progress)` on a thread (it may take seconds; the RPC streams meanwhile),
+    yield `message(done, total)` for every progress report, and return its result (or raise
+    its error)."""
+    events: queue.Queue[Any] = queue.Queue()
+    result: list[T] = []
+
+    def run() -> None:
+        try:
+            result.append(work(lambda done, total: events.put((done, total))))
+            events.put(_DONE)
+        except BaseException as exc:
+            events.put(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (event := events.get()) is not _DONE:
         if isinstance(event, BaseException):
             raise event
-        yield progress(*event)
+        yield message(*event)
+    return result[0]

@@ -330,13 +330,7 @@ class PagedRuntime:
         if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
             checkpoint.run_controller("resume", os.getpid())  # DISK keeps the context
         if level is SuspendLevel.DISK:
-            if self.manifest is None:
-                if store is None:
-                    raise FailedPrecondition(
-                        "a disk suspend needs a snapshot or a chunk store", reason="NO_SNAPSHOT"
-                    )
-                self.snapshot(store)
-            self._store = store or self._store
+            self._ensure_snapshot(store)
             if self.host is not None:
                 self.host.close()
                 self.host = None
@@ -347,15 +341,19 @@ class PagedRuntime:
         log.info("suspended_further", level=level.value, seconds=round(report.seconds, 4))
         return report
 
+    def _ensure_snapshot(self, store: ChunkStore | None) -> None:
+        """The weights on disk before a disk-level suspend: written once, then reused."""
+        if self.manifest is None:
+            if store is None:
+                raise FailedPrecondition(
+                    "a disk suspend needs a snapshot or a chunk store", reason="NO_SNAPSHOT"
+                )
+            self.snapshot(store)
+        self._store = store or self._store
+
     def _prepare_level(self, level: SuspendLevel, store: ChunkStore | None) -> None:
         if level is SuspendLevel.DISK:
-            if self.manifest is None:
-                if store is None:
-                    raise FailedPrecondition(
-                        "a disk suspend needs a snapshot or a chunk store", reason="NO_SNAPSHOT"
-                    )
-                self.snapshot(store)
-            self._store = store or self._store
+            self._ensure_snapshot(store)
         elif self.wait_host_copy() is None:
             raise FailedPrecondition(
                 "a host-level suspend needs the host copy of the weights (host_copy is off)",
