@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager]...      (default: all)
+#   bash bench/gpu.sh [all|tests|engine|pager|baseline|pager70]...      (default: all)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -45,12 +45,21 @@ if want engine; then
   python3 bench/engine_gpu.py hf $CK --out "$RES"
 fi
 if want pager; then
-  echo "== pager tests and benchmark"
-  timeout 600 python3 -m pytest -v -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
+  echo "== pager gpu tests"
+  timeout 300 python3 -m pytest -v -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
     -W ignore::pytest.PytestConfigWarning --timeout 200 2>&1 | tee "$OUT/pager-tests.log" \
     | grep -E "PASSED|FAILED|ERROR|passed|failed"
-  CK=/tmp/torpor-bench/llama3-8b
-  [ -f $CK/model.safetensors.index.json ] || python3 bench/engine_gpu.py write-ckpt $CK || exit 1
-  python3 bench/pager_gpu.py 8b $CK --out "$RES" --store /tmp/torpor-bench/store
+  echo "== pager benchmark: 8B-shaped bf16 (deep last: it is the least proven path)"
+  timeout 60 python3 bench/pager_gpu.py context --out "$RES"
+  timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels host,disk,deep \
+    --out "$RES" --store /tmp/torpor-bench/store
+fi
+if want baseline; then
+  echo "== whole-process driver checkpoint of the 8B-shaped runtime (baseline)"
+  timeout 180 python3 bench/pager_gpu.py baseline --shape 8b --out "$RES"
+fi
+if want pager70; then
+  echo "== pager benchmark: 70B-shaped fp8"
+  timeout 360 python3 bench/pager_gpu.py runtime --shape 70b --levels host,deep --out "$RES"
 fi
 echo "== done"

@@ -1,9 +1,26 @@
-"""Pager benchmarks on a GPU (issue 3): suspend and resume of a paged runtime at each level,
-against floors measured in the same run, JSON lines appended to --out.
+"""Pager benchmarks (issue 3): suspend and resume of a paged runtime at each level, against
+floors measured in the same run; one JSON line per figure appended to --out.
 
-    python bench/pager_gpu.py 8b CKPT_DIR --out F --store DIR
+    python bench/pager_gpu.py context  --out F
+    python bench/pager_gpu.py runtime  --shape 8b  --out F --store DIR [--levels host,deep,disk]
+    python bench/pager_gpu.py runtime  --shape 70b --out F --levels host,deep
+    python bench/pager_gpu.py baseline --shape 8b  --out F
 
-CKPT_DIR is the Llama-3-8B-shaped checkpoint `bench/engine_gpu.py write-ckpt` writes.
+- context: NVML's bytes of a fresh process holding only a CUDA context and cuBLAS; the
+  residual-bytes target of a host-suspended runtime is this + 256 MiB.
+- runtime: a Llama-3-8B-shaped bf16 or Llama-3-70B-shaped fp8 runtime with random weights
+  generated on the GPU (no checkpoint that size fits the host's disk), loaded into arenas.
+  Floors first: pinned host->device copy; for the disk level, O_DIRECT parallel reads of the
+  snapshot's own chunk files. Then --cycles suspend/resume cycles per level. Each resume is
+  timed as a request arriving for the suspended runtime: resume, then the first token of a
+  128-token prompt (TTFT), then a check that 16 greedy tokens are bit-identical to the ones
+  produced before any suspend.
+- baseline: the driver's whole-process checkpoint and restore (`cuCheckpointProcess*`, what
+  cuda-checkpoint and CRIU-based snapshots use) of the same runtime shape loaded the plain
+  way, with nothing released first.
+
+`--device cpu --shape tiny` runs the same code on the CPU backend, to check the script
+without a GPU (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -13,22 +30,136 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
 GiB = 1 << 30
+MiB = 1 << 20
+PROMPT = tuple(range(1000, 1128))  # 128 token ids, valid in every shape's vocabulary
+
+_LLAMA3 = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "dtype": "bfloat16",
+}
+SHAPES: dict[str, tuple[dict[str, Any], str]] = {
+    "8b": (
+        _LLAMA3
+        | {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+        },
+        "bfloat16",
+    ),
+    "70b": (
+        _LLAMA3
+        | {
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+        },
+        "fp8",
+    ),
+    "tiny": (
+        _LLAMA3
+        | {
+            "vocab_size": 2048,
+            "hidden_size": 256,
+            "intermediate_size": 704,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "dtype": "float32",
+        },
+        "float32",
+    ),
+}
 
 
-def emit(out: Path, record: dict) -> None:
+# -- plumbing -------------------------------------------------------------------------------
+
+
+def emit(out: Path, record: dict[str, Any]) -> None:
     record["t"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with out.open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
 
 
+def shape_dir(shape: str) -> tuple[Path, int, str]:
+    """A directory holding only the shape's config.json; its layer count and dtype."""
+    config, dtype = SHAPES[shape]
+    path = Path(f"/tmp/torpor-bench/shape-{shape}")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path, config["num_hidden_layers"], dtype
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def drop_page_cache() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def process_gpu_bytes(pid: int | None = None) -> int | None:
+    """NVML's device bytes of one process (None where NVML is not there)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:
+        return None
+    pid = os.getpid() if pid is None else pid
+    return sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
+
+
+def device_used() -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- floors ---------------------------------------------------------------------------------
+
+
 def pinned_h2d_floor(nbytes: int = 8 * GiB) -> float:
-    """Bytes/s of a pinned host → device copy (median of 5)."""
+    """Bytes/s of one pinned host -> device copy (median of 5 after a warm-up)."""
     from torpor.worker.pager.cuda import CudaBackend
     from torpor.worker.pager.host import HostBuffer
 
@@ -43,27 +174,28 @@ def pinned_h2d_floor(nbytes: int = 8 * GiB) -> float:
     host.close()
     del dev
     torch.cuda.empty_cache()
-    return nbytes / statistics.median(times[1:])
+    return nbytes / median(times[1:])
 
 
-def disk_read_floor(store, pieces, threads: int) -> float:
-    """Bytes/s of O_DIRECT parallel reads of the snapshot's chunk files into pinned buffers
-    (no hashing, no device copy): what the disk itself gives."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def disk_read_floor(store: Any, pieces: list[Any], threads: int, device: str) -> float:
+    """Bytes/s of O_DIRECT reads of the snapshot's chunk files by `threads` readers into
+    pinned buffers (no hashing, no device copy): what the disk itself gives."""
     from torpor.worker.pager.backend import round_up
-    from torpor.worker.pager.cuda import CudaBackend
     from torpor.worker.pager.stream import StagingRing, _read_file
 
-    ring = StagingRing(threads, max(p.ref.size for p in pieces), CudaBackend(0))
-    os.system("sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")
+    pinner = None
+    if device.startswith("cuda"):
+        from torpor.worker.pager.cuda import CudaBackend
+
+        pinner = CudaBackend(0)
+    ring = StagingRing(threads, max(p.ref.size for p in pieces), pinner)
+    drop_page_cache()
 
     def read(i: int) -> int:
-        buf = ring.buffers[i % threads]
+        view = ring.buffers[i].tensor.numpy().data
         total = 0
         for p in pieces[i::threads]:
-            view = buf.tensor.numpy().data[: round_up(p.ref.size, 4096)]
-            _read_file(store.path(p.ref.hash), view, True)
+            _read_file(store.path(p.ref.hash), view[: round_up(p.ref.size, 4096)], True)
             total += p.ref.size
         return total
 
@@ -75,127 +207,234 @@ def disk_read_floor(store, pieces, threads: int) -> float:
     return total / seconds
 
 
-def first_token_s(rt, prompt: tuple[int, ...]) -> float:
+# -- serving --------------------------------------------------------------------------------
+
+
+def first_token_s(rt: Any, tag: str) -> float:
     from torpor.worker.engine.requests import GenerationRequest
     from torpor.worker.engine.sampling import SamplingParams
 
     start = time.perf_counter()
-    stream = iter(
-        rt.loop.submit(
-            GenerationRequest(f"ttft-{start}", prompt, SamplingParams(max_tokens=1, temperature=0))
-        )
-    )
-    next(stream)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for _ in rt.loop.submit(GenerationRequest(f"ttft-{tag}", PROMPT, params)):
+        break
     return time.perf_counter() - start
 
 
-def tokens(rt, prompt: tuple[int, ...]) -> tuple[int, ...]:
+def greedy_tokens(loop: Any, tag: str) -> tuple[int, ...]:
     from torpor.worker.engine.requests import GenerationRequest, GenerationResult
     from torpor.worker.engine.sampling import SamplingParams
 
-    req = GenerationRequest(
-        f"check-{time.perf_counter()}",
-        prompt,
-        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    req = GenerationRequest(f"check-{tag}", PROMPT, params)
+    return GenerationResult.collect(req.request_id, list(loop.submit(req))).token_ids
+
+
+# -- phases ---------------------------------------------------------------------------------
+
+
+def context(out: Path) -> None:
+    """A fresh process with a CUDA context and a cuBLAS handle, nothing else."""
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    (a @ a).sum().item()
+    del a
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    emit(
+        out,
+        {
+            "bench": "pager_context",
+            "nvml_process_bytes": process_gpu_bytes(),
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
     )
-    return GenerationResult.collect(req.request_id, list(rt.loop.submit(req))).token_ids
 
 
-def bench_8b(ckpt: Path, out: Path, store_dir: Path) -> None:
+def runtime(args: argparse.Namespace) -> None:
     from torpor.store.chunks import ChunkStore
+    from torpor.worker.engine.demo import RandomFiller
     from torpor.worker.engine.options import EngineOptions
     from torpor.worker.pager.placement import PagerOptions
     from torpor.worker.pager.runtime import PagedRuntime, SuspendLevel
 
-    h2d = pinned_h2d_floor()
-    emit(
-        out,
-        {"bench": "pager_floor", "pinned_h2d_GBps": h2d / 1e9, "gpu": torch.cuda.get_device_name()},
-    )
-    options = EngineOptions(max_batch=8, max_seq_len=1024, dtype="bfloat16")
+    out, shape, device = args.out, args.shape, args.device
+    cuda = device.startswith("cuda")
+    levels = [SuspendLevel(x) for x in args.levels.split(",")]
+    base = {"shape": shape, "device": device}
+    h2d = pinned_h2d_floor() if cuda else float("nan")
+    emit(out, base | {"bench": "pager_floor_h2d", "pinned_h2d_GBps": h2d / 1e9})
+
+    model_dir, layers, dtype = shape_dir(shape)
+    options = EngineOptions(max_batch=8, max_seq_len=1024, dtype=dtype)
     start = time.perf_counter()
-    rt = PagedRuntime.load(ckpt, options, PagerOptions(device="cuda"))
+    rt = PagedRuntime.load(
+        model_dir, options, PagerOptions(device=device), filler=RandomFiller(layers)
+    )
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     rt.wait_host_copy()
     host_copy_s = time.perf_counter() - start
-    prompt = tuple(range(1, 129))
-    expected = tokens(rt, prompt)
+    expected = greedy_tokens(rt.loop, "expected")
+    sync(device)
     weights = rt.engine.memory.weights.nbytes
     emit(
         out,
-        {
+        base
+        | {
             "bench": "pager_load",
-            "model": "llama3-8b-shape",
+            "dtype": dtype,
             "load_s": load_s,
             "host_copy_wait_s": host_copy_s,
             "weight_bytes": weights,
+            "kv_bytes": rt.engine.memory.kv.nbytes,
             "arena_bytes": rt.placement.mapped_bytes(),
+            "nvml_process_bytes_resident": process_gpu_bytes(),
+            "first_tokens": list(expected[:4]),
         },
     )
+    store = ChunkStore(args.store)
+    for level in levels:
+        floor = disk_floor(rt, store, out, base) if level is SuspendLevel.DISK else h2d
+        for cycle in range(args.cycles if level is not SuspendLevel.DISK else 2):
+            try:
+                one_cycle(rt, level, store, out, base | {"cycle": cycle}, expected, floor)
+            except Exception as exc:  # report it and go on with the next level
+                emit(out, base | {"bench": f"pager_{level.value}", "error": repr(exc)})
+                if rt.residency.value != "resident":
+                    return
+                break
+    rt.close()
 
-    for level in (SuspendLevel.HOST, SuspendLevel.HOST, SuspendLevel.HOST):
-        s = rt.suspend(level)
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        r = rt.resume()
-        ttft = first_token_s(rt, prompt)
-        same = tokens(rt, prompt) == expected
-        emit(
-            out,
-            {
-                "bench": "pager_host",
-                "suspend_s": s.seconds,
-                "resume_s": r.seconds,
-                "resume_GBps": r.gbps,
-                "fraction_of_pinned_floor": r.gbps * 1e9 / h2d,
-                "first_token_after_resume_s": ttft,
-                "bit_identical_tokens": same,
-                "gpu_bytes_released": s.gpu_bytes_released,
-                "device_used_while_suspended": total - free,
-            },
-        )
 
-    store = ChunkStore(store_dir)
-    snap = rt.snapshot(store)
+def disk_floor(rt: Any, store: Any, out: Path, base: dict[str, Any]) -> float:
+    """Write the snapshot (timed), then measure the raw read floor on its chunk files."""
+    report = rt.snapshot(store)
+    manifest = report.manifest
     emit(
         out,
-        {
+        base
+        | {
             "bench": "pager_snapshot",
-            "seconds": snap.seconds,
-            "bytes": snap.manifest.weight_bytes,
-            "new_bytes": snap.new_bytes,
-            "GBps": snap.manifest.weight_bytes / snap.seconds / 1e9,
+            "seconds": report.seconds,
+            "bytes": manifest.weight_bytes,
+            "new_bytes": report.new_bytes,
+            "GBps": manifest.weight_bytes / report.seconds / 1e9,
+            "chunks": len(manifest.pieces),
         },
     )
-    floor = disk_read_floor(store, list(snap.manifest.pieces), rt.options.reader_threads)
-    s = rt.suspend(SuspendLevel.DISK, store=store)
-    os.system("sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")
-    r = rt.resume(store)
-    same = tokens(rt, prompt) == expected
-    emit(
-        out,
-        {
-            "bench": "pager_disk",
-            "suspend_s": s.seconds,
-            "resume_s": r.seconds,
-            "resume_GBps": r.gbps,
-            "disk_read_floor_GBps": floor / 1e9,
+    floor = disk_read_floor(store, list(manifest.pieces), rt.options.reader_threads, rt_dev(rt))
+    emit(out, base | {"bench": "pager_floor_disk", "odirect_read_GBps": floor / 1e9})
+    return floor
+
+
+def rt_dev(rt: Any) -> str:
+    return str(rt.engine.device)
+
+
+def one_cycle(
+    rt: Any,
+    level: Any,
+    store: Any,
+    out: Path,
+    base: dict[str, Any],
+    expected: tuple[int, ...],
+    floor: float,
+) -> None:
+    """One suspend, then a request arriving: resume, first token, identical tokens."""
+    device = rt_dev(rt)
+    s = rt.suspend(level, store=store)
+    sync_ok = level.value != "deep"  # a checkpointed process must make no CUDA call
+    if sync_ok:
+        sync(device)
+    suspended = {
+        "nvml_process_bytes_suspended": process_gpu_bytes(),
+        "device_used_suspended": device_used() if sync_ok else None,
+    }
+    page_cache_dropped = drop_page_cache() if level.value == "disk" else None
+    start = time.perf_counter()
+    r = rt.resume()
+    ttft = first_token_s(rt, f"{level.value}-{base['cycle']}")
+    arrival_to_first_token = time.perf_counter() - start
+    same = greedy_tokens(rt.loop, f"{level.value}-{base['cycle']}") == expected
+    record = base | {
+        "bench": f"pager_{level.value}",
+        "suspend_s": s.seconds,
+        "gpu_bytes_released": s.gpu_bytes_released,
+        "resume_s": r.seconds,
+        "resume_GBps": r.gbps,
+        "first_token_after_resume_s": ttft,
+        "arrival_to_first_token_s": arrival_to_first_token,
+        "bit_identical_tokens": same,
+        **suspended,
+    }
+    if level.value == "disk":
+        record |= {
+            "page_cache_dropped": page_cache_dropped,
             "fraction_of_read_floor": r.gbps * 1e9 / floor,
+        }
+    else:
+        record["fraction_of_pinned_floor"] = r.gbps * 1e9 / floor
+    emit(out, record)
+
+
+def baseline(args: argparse.Namespace) -> None:
+    """The driver's whole-process checkpoint of the runtime with nothing released first."""
+    from torpor.worker.engine.demo import RandomFiller
+    from torpor.worker.engine.engine import Engine
+    from torpor.worker.engine.loop import EngineLoop
+    from torpor.worker.engine.options import EngineOptions
+    from torpor.worker.pager import checkpoint
+
+    model_dir, layers, dtype = shape_dir(args.shape)
+    options = EngineOptions(max_batch=8, max_seq_len=1024, dtype=dtype, device=args.device)
+    engine = Engine.load(model_dir, options, filler=RandomFiller(layers))
+    loop = EngineLoop(engine).start()
+    expected = greedy_tokens(loop, "expected")
+    sync(args.device)
+    resident = process_gpu_bytes()
+    pid = os.getpid()
+    checkpoint_s = checkpoint.run_controller("suspend", pid, timeout_s=240)
+    suspended = process_gpu_bytes()
+    restore_s = checkpoint.run_controller("resume", pid, timeout_s=240)
+    same = greedy_tokens(loop, "after") == expected
+    emit(
+        args.out,
+        {
+            "bench": "pager_baseline_whole_process",
+            "shape": args.shape,
+            "weight_bytes": engine.memory.weights.nbytes,
+            "nvml_process_bytes_resident": resident,
+            "nvml_process_bytes_checkpointed": suspended,
+            "checkpoint_s": checkpoint_s,
+            "restore_s": restore_s,
+            "restore_GBps": (resident or 0) / restore_s / 1e9,
             "bit_identical_tokens": same,
         },
     )
-    rt.close()
+    loop.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["8b"])
-    parser.add_argument("ckpt", type=Path)
+    parser.add_argument("phase", choices=["context", "runtime", "baseline"])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--store", type=Path, default=Path("/tmp/torpor-bench/store"))
+    parser.add_argument("--levels", default="host,deep,disk")
+    parser.add_argument("--cycles", type=int, default=5)
     args = parser.parse_args()
-    bench_8b(args.ckpt, args.out, args.store)
+    from torpor.log import configure
+
+    configure(json=False, level="warning")
+    phases: dict[str, Callable[[], None]] = {
+        "context": lambda: context(args.out),
+        "runtime": lambda: runtime(args),
+        "baseline": lambda: baseline(args),
+    }
+    phases[args.phase]()
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ from typing import Any
 from torpor.log import get_logger
 from torpor.scheduler import convert
 from torpor.store.catalog import Catalog
-from torpor.store.records import Event
+from torpor.store.records import Event, NewEvent
 from torpor.v1 import admin_pb2
 
 log = get_logger("events")
+
+WRITE_BATCH = 1000  # events per catalog transaction at most
 
 KINDS = {
     name.removeprefix("EVENT_KIND_").lower(): value for name, value in admin_pb2.EventKind.items()
@@ -47,7 +49,7 @@ class EventLog:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self._pending: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self._pending: asyncio.Queue[NewEvent | None] = asyncio.Queue()
         self._watchers: set[_Watcher] = set()
         self._writer: asyncio.Task[None] | None = None
 
@@ -65,22 +67,40 @@ class EventLog:
     ) -> None:
         """Record an event (returns at once; the catalog write happens in order, off-loop)."""
         assert kind in KINDS, kind
-        fields = {
-            "model": model,
-            "runtime": runtime,
-            "gpu": None if gpu is None else str(gpu),
-            "detail": {k: v for k, v in detail.items() if v is not None},
-        }
-        self._pending.put_nowait((kind, fields))
+        self._pending.put_nowait(
+            NewEvent(
+                kind,
+                model=model,
+                runtime=runtime,
+                gpu=None if gpu is None else str(gpu),
+                detail={k: v for k, v in detail.items() if v is not None},
+                ts=self.catalog.clock(),  # when it happened, not when the writer got to it
+            )
+        )
 
     async def _write(self) -> None:
-        while (item := await self._pending.get()) is not None:
-            kind, fields = item
-            try:
-                event = await asyncio.to_thread(self.catalog.append_event, kind, **fields)
-            except Exception as exc:  # the audit trail must not take the daemon down
-                log.error("event_write_failed", kind=kind, error=repr(exc))
-                continue
+        """Writes what has queued up since the last write in one transaction, so a burst of
+        events costs one commit, not one each."""
+        closing = False
+        while not closing:
+            batch: list[NewEvent] = []
+            item = await self._pending.get()
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= WRITE_BATCH or self._pending.empty():
+                    break
+                item = self._pending.get_nowait()
+            closing = item is None
+            if batch:
+                await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[NewEvent]) -> None:
+        try:
+            events = await asyncio.to_thread(self.catalog.append_events, batch)
+        except Exception as exc:  # the audit trail must not take the daemon down
+            log.error("event_write_failed", events=len(batch), kind=batch[0].kind, error=repr(exc))
+            return
+        for event in events:
             for watcher in self._watchers:
                 if watcher.filter.accepts(event):
                     watcher.queue.put_nowait(event)

@@ -12,7 +12,7 @@ lock upgrade. PostgreSQL is reached by URL (psycopg 3).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +25,7 @@ from torpor.log import get_logger
 from torpor.store import migrate
 from torpor.store.config import CatalogConfig
 from torpor.store.names import check_source_path, validate_model_name
-from torpor.store.records import Bandwidth, Event, ModelSpec, RegisteredModel
+from torpor.store.records import Bandwidth, Event, ModelSpec, NewEvent, RegisteredModel
 from torpor.store.schema import BandwidthRow, BandwidthTier, EventRow, ModelRow, SnapshotRow
 
 Clock = Callable[[], datetime]
@@ -227,19 +227,33 @@ class Catalog:
         detail: Mapping[str, Any] | None = None,
     ) -> Event:
         """Record a residency event; returns it with its id (ids increase)."""
-        Event.check_kind(kind)
-        row = EventRow(
-            ts=self.clock(),
-            kind=kind,
-            model=model,
-            runtime=runtime,
-            gpu=gpu,
-            detail=dict(detail or {}),
+        (written,) = self.append_events(
+            [NewEvent(kind, model=model, runtime=runtime, gpu=gpu, detail=detail or {})]
         )
+        return written
+
+    def append_events(self, events: Sequence[NewEvent]) -> tuple[Event, ...]:
+        """Record several events in one transaction, in order (a busy daemon's audit trail
+        is written in batches: one fsync per batch, not per event)."""
+        for new in events:
+            Event.check_kind(new.kind)
+        rows = [
+            EventRow(
+                ts=new.ts or self.clock(),
+                kind=new.kind,
+                model=new.model,
+                runtime=new.runtime,
+                gpu=new.gpu,
+                detail=dict(new.detail),
+            )
+            for new in events
+        ]
+        if not rows:
+            return ()
         with self.session() as s:
-            s.add(row)
+            s.add_all(rows)
             s.flush()
-            return _event(row)
+            return tuple(_event(r) for r in rows)
 
     def events_after(
         self, after_id: int = 0, *, limit: int = 1000, model: str | None = None

@@ -142,6 +142,18 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event not yet written: `ts` is when it happened (None: when it is written)."""
+
+    kind: str
+    model: str | None = None
+    runtime: str | None = None
+    gpu: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    ts: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GcReport:
     """What a garbage collection removed."""
 

@@ -3,6 +3,7 @@ mmap + memfd), with the engine serving before and after."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,12 @@ import torch
 from tests.pager import procfs
 from torpor.errors import DataLoss, FailedPrecondition
 from torpor.store.chunks import ChunkStore
-from torpor.worker.engine.demo import DemoSpec, make_demo
+from torpor.worker.engine.demo import DemoSpec, RandomFiller, make_demo
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
+from torpor.worker.pager.arena import Arena
+from torpor.worker.pager.host import HostBuffer
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime, Residency, SuspendLevel
 
@@ -140,6 +143,28 @@ def test_a_suspended_runtime_moves_further_down(
     assert generate(runtime, GREEDY).token_ids == before.token_ids
 
 
+def test_a_suspend_waits_for_the_host_copy_it_would_unmap_under(
+    runtime: PagedRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk resume restarts the background host copy; a disk suspend right after must not
+    unmap the weights while that copy still reads them."""
+    store = ChunkStore(tmp_path / "store")
+    runtime.suspend(SuspendLevel.DISK, store=store)
+    seen: list[bool] = []
+    original = HostBuffer.copy_from
+
+    def slow_copy(self: HostBuffer, arena: Arena) -> None:
+        time.sleep(0.3)
+        original(self, arena)
+        seen.append(arena.is_mapped)
+
+    monkeypatch.setattr(HostBuffer, "copy_from", slow_copy)
+    runtime.resume()
+    runtime.suspend(SuspendLevel.DISK, store=store)  # at once, while the copy sleeps
+    assert seen == [True]  # the copy finished on a mapped arena
+    assert runtime.memory().host_bytes == 0
+
+
 def test_snapshot_is_written_once(runtime: PagedRuntime, tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "store")
     first = runtime.snapshot(store)
@@ -252,3 +277,37 @@ def test_incompatible_snapshot_is_refused(runtime: PagedRuntime, tmp_path: Path)
     assert info.value.reason == "SNAPSHOT_INCOMPATIBLE"
     roundtrip = SnapshotManifest.loads(manifest.dumps())
     assert roundtrip == manifest
+
+
+def test_random_weights_need_no_checkpoint_and_page_like_any(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The benchmarks' 70B-shaped runtime: weights generated in place (RandomFiller), from a
+    directory holding only config.json."""
+    shape = tmp_path / "shape"
+    shape.mkdir()
+    shape.joinpath("config.json").write_text(model_dir.joinpath("config.json").read_text())
+    filler = RandomFiller(num_layers=4, seed=5)
+    prompt = (1, 2, 3, 4, 5, 6, 7, 8)
+
+    def tokens(rt: PagedRuntime) -> GenerationResult:
+        stream = rt.loop.submit(GenerationRequest("r", prompt, GREEDY))
+        return GenerationResult.collect("r", list(stream))
+
+    rt = PagedRuntime.load(shape, OPTIONS, PAGER, filler=filler)
+    try:
+        weights = rt.engine.memory.weight_tensors
+        assert all(t.abs().sum() > 0 for t in weights.values())
+        assert torch.all(weights["layers.0.attn_norm"] == 1)
+        first = tokens(rt)
+        assert len(set(first.token_ids)) > 1  # not one token over and over
+        rt.suspend(SuspendLevel.DISK, store=ChunkStore(tmp_path / "store"))
+        rt.resume()
+        assert tokens(rt) == first
+    finally:
+        rt.close()
+    again = PagedRuntime.load(shape, OPTIONS, PAGER, filler=RandomFiller(num_layers=4, seed=5))
+    try:
+        assert tokens(again) == first  # deterministic for a seed
+    finally:
+        again.close()

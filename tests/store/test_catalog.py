@@ -18,6 +18,7 @@ from torpor.errors import (
 )
 from torpor.store.catalog import Catalog
 from torpor.store.config import CatalogConfig
+from torpor.store.records import NewEvent
 from torpor.store.schema import BandwidthTier, DType
 from torpor.store.snapshots import SnapshotStore
 
@@ -128,6 +129,21 @@ def test_events_are_an_ordered_audit_trail(catalog: Catalog, clock: FakeClock) -
     assert catalog.events_after(0) == (second,)
     with pytest.raises(InvalidArgument):
         catalog.append_event("Bad Kind")
+
+
+def test_a_batch_of_events_is_one_transaction_in_order(catalog: Catalog, clock: FakeClock) -> None:
+    happened = clock.now - timedelta(seconds=3)
+    written = catalog.append_events(
+        [NewEvent("granted", model=MODEL, ts=happened), NewEvent("released", detail={"n": 2})]
+    )
+    assert [e.kind for e in written] == ["granted", "released"]
+    assert written[0].id < written[1].id
+    assert written[0].ts == happened and written[1].ts == clock.now  # None: when written
+    assert catalog.events_after(0) == written
+    assert catalog.append_events([]) == ()
+    with pytest.raises(InvalidArgument):  # one bad kind refuses the whole batch
+        catalog.append_events([NewEvent("ok"), NewEvent("Bad Kind")])
+    assert catalog.events_after(0) == written
 
 
 def test_times_come_back_utc_aware(catalog: Catalog, clock: FakeClock) -> None:

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from torpor.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from torpor.worker.engine.layout import Layout
+    from torpor.worker.engine.weights import WeightSource
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 _TEXT = """\
@@ -176,3 +182,55 @@ def _weights(spec: DemoSpec) -> dict[str, torch.Tensor]:
     # Logits of standard deviation about 3: peaked enough that greedy text is not noise.
     w["lm_head.weight"] = normal(spec.vocab, h, std=3 / math.sqrt(h))
     return {k: v.contiguous() for k, v in w.items()}
+
+
+class RandomFiller:
+    """Fills placed weights with random values generated where they live (on the GPU for a
+    CUDA runtime), scaled like `make_demo`'s, for runtimes too big to write as a checkpoint
+    (a 70B-shaped benchmark runtime). fp8 weights get values of unit spread and per-row
+    scales of 1/sqrt(fan-in). Deterministic for a seed and a device."""
+
+    CHUNK_ELEMENTS = 1 << 26  # rows are generated in pieces of about this many elements
+
+    def __init__(self, num_layers: int, seed: int = 0) -> None:
+        self.num_layers = num_layers
+        self.seed = seed
+
+    def check(self, plan: list[WeightSource], layout: Layout) -> None:
+        """Nothing to check: any plan can be filled."""
+
+    def fill(
+        self,
+        plan: list[WeightSource],
+        tensors: dict[str, torch.Tensor],
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        done = 0
+        for name, tensor in tensors.items():
+            gen = torch.Generator(tensor.device).manual_seed(self.seed + done)
+            if name.endswith(".scale"):
+                fan_in = tensors[name.removesuffix(".scale")].shape[1]
+                tensor.fill_(self._std(name.removesuffix(".scale"), fan_in))
+            elif tensor.dim() == 1:  # norms (biases are not in Llama-shaped plans)
+                tensor.fill_(1.0)
+            else:
+                std = 1.0 if tensor.dtype.itemsize == 1 else self._std(name, tensor.shape[1])
+                self._normal(tensor, std, gen)
+            done += tensor.numel() * tensor.element_size()
+            if progress is not None:
+                progress(done)
+
+    def _std(self, name: str, fan_in: int) -> float:
+        if name == "embed":
+            return 1.0
+        if name == "lm_head":
+            return 3 / math.sqrt(fan_in)
+        branch = 1 / math.sqrt(2 * self.num_layers) if name.endswith(("wo", "w2")) else 1.0
+        return branch / math.sqrt(fan_in)
+
+    def _normal(self, tensor: torch.Tensor, std: float, gen: torch.Generator) -> None:
+        rows = max(1, self.CHUNK_ELEMENTS // max(1, tensor.shape[1]))
+        for start in range(0, tensor.shape[0], rows):
+            part = tensor[start : start + rows]
+            values = torch.randn(part.shape, generator=gen, device=part.device) * std
+            part.copy_(values.to(part.dtype))

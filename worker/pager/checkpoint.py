@@ -9,6 +9,7 @@ on its own pid:
 
     python -m torpor.worker.pager.checkpoint suspend PID   # lock, then checkpoint
     python -m torpor.worker.pager.checkpoint resume PID    # restore, then unlock
+    python -m torpor.worker.pager.checkpoint recover PID   # whatever brings it back to running
 
 The controller imports only `cuda.bindings`, never torch, so it starts in well under a
 second. The virtual address reservations of the worker survive the checkpoint (DESIGN.md:
@@ -17,9 +18,11 @@ remapping afterwards and replaying a graph gave bit-identical output).
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from torpor.errors import FailedPrecondition, Internal, Unavailable
 
@@ -45,7 +48,12 @@ def suspend(pid: int) -> None:
     args = driver.CUcheckpointLockArgs()
     args.timeoutMs = LOCK_TIMEOUT_MS
     _check("cuCheckpointProcessLock", driver.cuCheckpointProcessLock(pid, args))
-    _check("cuCheckpointProcessCheckpoint", driver.cuCheckpointProcessCheckpoint(pid, None))
+    try:
+        _check("cuCheckpointProcessCheckpoint", driver.cuCheckpointProcessCheckpoint(pid, None))
+    except Unavailable:
+        # Never leave the process locked: its next CUDA call would block for good.
+        driver.cuCheckpointProcessUnlock(pid, None)
+        raise
 
 
 def resume(pid: int) -> None:
@@ -57,8 +65,48 @@ def resume(pid: int) -> None:
     _check("cuCheckpointProcessUnlock", driver.cuCheckpointProcessUnlock(pid, None))
 
 
+def state(pid: int) -> str:
+    """The process's checkpoint state: running, locked, checkpointed or failed."""
+    from cuda.bindings import driver
+
+    _check("cuInit", driver.cuInit(0))
+    result = driver.cuCheckpointProcessGetState(pid)
+    _check("cuCheckpointProcessGetState", result)
+    return result[1].name.removeprefix("CU_PROCESS_STATE_").lower()
+
+
+def recover(pid: int) -> None:
+    """Bring a process that a failed or killed controller left checkpointed or locked back
+    to running (whatever step it was stopped at)."""
+    from cuda.bindings import driver
+
+    if state(pid) == "checkpointed":
+        _check("cuCheckpointProcessRestore", driver.cuCheckpointProcessRestore(pid, None))
+    if state(pid) == "locked":
+        _check("cuCheckpointProcessUnlock", driver.cuCheckpointProcessUnlock(pid, None))
+
+
+ACTIONS: dict[str, Callable[[int], None]] = {
+    "suspend": suspend,
+    "resume": resume,
+    "recover": recover,
+}
+
+
 def run_controller(action: str, pid: int, timeout_s: float = 120.0) -> float:
-    """Run the controller for `action` on `pid` in a child process; return its seconds."""
+    """Run the controller for `action` on `pid` in a child process; return its seconds.
+    When a suspend fails or hangs, a second controller puts the process back to running,
+    so the caller's CUDA calls never block on a lock nobody holds."""
+    try:
+        return _controller(action, pid, timeout_s)
+    except Unavailable:
+        if action == "suspend":
+            with contextlib.suppress(Unavailable):
+                _controller("recover", pid, timeout_s)
+        raise
+
+
+def _controller(action: str, pid: int, timeout_s: float) -> float:
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -98,11 +146,12 @@ def check_supported() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("suspend", "resume") or not argv[1].isdigit():
-        print("usage: python -m torpor.worker.pager.checkpoint suspend|resume PID", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ACTIONS or not argv[1].isdigit():
+        usage = "|".join(ACTIONS)
+        print(f"usage: python -m torpor.worker.pager.checkpoint {usage} PID", file=sys.stderr)
         return 2
     try:
-        (suspend if argv[0] == "suspend" else resume)(int(argv[1]))
+        ACTIONS[argv[0]](int(argv[1]))
     except (Unavailable, Internal) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

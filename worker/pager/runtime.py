@@ -32,6 +32,7 @@ from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions
+from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.pager import checkpoint
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.manifest import Environment, SnapshotManifest
@@ -140,12 +141,17 @@ class PagedRuntime:
         engine_options: EngineOptions,
         options: PagerOptions,
         progress: Progress | None = None,
+        filler: WeightFiller | None = None,
     ) -> PagedRuntime:
-        """Cold load from a Hugging Face checkpoint into arenas."""
+        """Cold load from a Hugging Face checkpoint into arenas (`filler`: another source of
+        the weight bytes, e.g. random ones for a benchmark; the directory's safetensors by
+        default)."""
         options.validate()
         placement = ArenaPlacement(options)
         try:
-            engine = Engine.load(model_dir, _on(engine_options, options), placement, progress)
+            engine = Engine.load(
+                model_dir, _on(engine_options, options), placement, progress, filler
+            )
         except BaseException:
             placement.close()
             raise
@@ -361,6 +367,10 @@ class PagedRuntime:
             )
 
     def _unmap_all(self) -> int:
+        # The background host copy reads the weights arena: never unmap under it (a disk
+        # suspend right after a disk resume would otherwise race the copy it restarted).
+        if self.options.host_copy:
+            self._host_ready.wait()
         if self._cuda:
             torch.cuda.synchronize(self.engine.device)
         released = self.placement.mapped_bytes()
