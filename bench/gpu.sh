@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|baseline|pager70]...      (default: all)
+#   bash bench/gpu.sh [all|tests|engine|pager|baseline|pager70|probe]...      (default: all)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -60,6 +60,11 @@ if want baseline; then
 fi
 if want pager70; then
   echo "== pager benchmark: 70B-shaped fp8"
-  timeout 360 python3 bench/pager_gpu.py runtime --shape 70b --levels host,deep --out "$RES"
+  timeout 300 python3 bench/pager_gpu.py runtime --shape 70b --levels "${PAGER70_LEVELS:-host,deep}" \
+    --out "$RES"
+fi
+if want probe; then
+  echo "== deep-suspend probe: which process state the driver's checkpoint handles"
+  timeout 240 python3 bench/deep_probe.py --out "$RES"
 fi
 echo "== done"

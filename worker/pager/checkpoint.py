@@ -23,33 +23,43 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from torpor.errors import FailedPrecondition, Internal, Unavailable
 
 LOCK_TIMEOUT_MS = 10_000
+DEFAULT_TIMEOUT_S = 60.0
+"""How long a controller may take (the residue of a runtime checkpoints in under a second)."""
 
 
-def _check(call: str, result: object) -> None:
+def _call(name: str, *args: object) -> Any:
+    """Call `driver.<name>(*args)`, check its result, and trace it on stderr (the parent
+    shows the trace when a step fails or hangs, so the step that hung is named)."""
     from cuda.bindings import driver
 
+    print(f"{name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    result = getattr(driver, name)(*args)
     err = result[0] if isinstance(result, tuple) else result
     if err != driver.CUresult.CUDA_SUCCESS:
-        name = driver.cuGetErrorName(err)[1]
+        error = driver.cuGetErrorName(err)[1]
         raise Unavailable(
-            f"{call} failed: {name!r}", reason="CHECKPOINT_FAILED", metadata={"call": call}
+            f"{name} failed: {error!r}", reason="CHECKPOINT_FAILED", metadata={"call": name}
         )
+    print(f"{name} ok {time.perf_counter() - start:.3f}s", file=sys.stderr, flush=True)
+    return result[1] if isinstance(result, tuple) and len(result) > 1 else None
 
 
 def suspend(pid: int) -> None:
     """Lock the process's CUDA API and move its GPU state to host memory."""
     from cuda.bindings import driver
 
-    _check("cuInit", driver.cuInit(0))
+    _call("cuInit", 0)
     args = driver.CUcheckpointLockArgs()
     args.timeoutMs = LOCK_TIMEOUT_MS
-    _check("cuCheckpointProcessLock", driver.cuCheckpointProcessLock(pid, args))
+    _call("cuCheckpointProcessLock", pid, args)
     try:
-        _check("cuCheckpointProcessCheckpoint", driver.cuCheckpointProcessCheckpoint(pid, None))
+        _call("cuCheckpointProcessCheckpoint", pid, None)
     except Unavailable:
         # Never leave the process locked: its next CUDA call would block for good.
         driver.cuCheckpointProcessUnlock(pid, None)
@@ -58,32 +68,25 @@ def suspend(pid: int) -> None:
 
 def resume(pid: int) -> None:
     """Bring the process's GPU state back and unlock its CUDA API."""
-    from cuda.bindings import driver
-
-    _check("cuInit", driver.cuInit(0))
-    _check("cuCheckpointProcessRestore", driver.cuCheckpointProcessRestore(pid, None))
-    _check("cuCheckpointProcessUnlock", driver.cuCheckpointProcessUnlock(pid, None))
+    _call("cuInit", 0)
+    _call("cuCheckpointProcessRestore", pid, None)
+    _call("cuCheckpointProcessUnlock", pid, None)
 
 
 def state(pid: int) -> str:
     """The process's checkpoint state: running, locked, checkpointed or failed."""
-    from cuda.bindings import driver
-
-    _check("cuInit", driver.cuInit(0))
-    result = driver.cuCheckpointProcessGetState(pid)
-    _check("cuCheckpointProcessGetState", result)
-    return result[1].name.removeprefix("CU_PROCESS_STATE_").lower()
+    _call("cuInit", 0)
+    value = _call("cuCheckpointProcessGetState", pid)
+    return str(value.name).removeprefix("CU_PROCESS_STATE_").lower()
 
 
 def recover(pid: int) -> None:
     """Bring a process that a failed or killed controller left checkpointed or locked back
     to running (whatever step it was stopped at)."""
-    from cuda.bindings import driver
-
     if state(pid) == "checkpointed":
-        _check("cuCheckpointProcessRestore", driver.cuCheckpointProcessRestore(pid, None))
+        _call("cuCheckpointProcessRestore", pid, None)
     if state(pid) == "locked":
-        _check("cuCheckpointProcessUnlock", driver.cuCheckpointProcessUnlock(pid, None))
+        _call("cuCheckpointProcessUnlock", pid, None)
 
 
 ACTIONS: dict[str, Callable[[int], None]] = {
@@ -93,10 +96,11 @@ ACTIONS: dict[str, Callable[[int], None]] = {
 }
 
 
-def run_controller(action: str, pid: int, timeout_s: float = 120.0) -> float:
+def run_controller(action: str, pid: int, timeout_s: float | None = None) -> float:
     """Run the controller for `action` on `pid` in a child process; return its seconds.
     When a suspend fails or hangs, a second controller puts the process back to running,
     so the caller's CUDA calls never block on a lock nobody holds."""
+    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         return _controller(action, pid, timeout_s)
     except Unavailable:
@@ -116,9 +120,13 @@ def _controller(action: str, pid: int, timeout_s: float) -> float:
             timeout=timeout_s,
         )
     except subprocess.TimeoutExpired as exc:
+        trace = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        last = (trace.strip().splitlines() or ["no output"])[-1]
         raise Unavailable(
-            f"the checkpoint controller ({action}) did not finish in {timeout_s:.0f} s",
+            f"the checkpoint controller ({action}) did not finish in {timeout_s:.0f} s; "
+            f"its last step: {last}",
             reason="CHECKPOINT_TIMEOUT",
+            metadata={"action": action, "pid": pid},
         ) from exc
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
