@@ -21,19 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests.pager.nvsmi import process_gpu_bytes
+
 VARIANTS = ("plain", "pinned", "vmm", "graph", "runtime")
 GiB = 1 << 30
-
-
-def nvml_bytes() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(0))
-    except Exception:
-        return None
-    return sum(p.usedGpuMemory or 0 for p in procs if p.pid == os.getpid())
 
 
 def child(variant: str, timeout_s: float) -> dict[str, object]:
@@ -73,11 +64,11 @@ def child(variant: str, timeout_s: float) -> dict[str, object]:
         g.replay()
         keep += [g, y]
     torch.cuda.synchronize()
-    record: dict[str, object] = {"variant": variant, "resident_bytes": nvml_bytes()}
+    record: dict[str, object] = {"variant": variant, "resident_bytes": process_gpu_bytes()}
     if variant == "runtime":
         return record | runtime_deep(timeout_s)
     record["suspend_s"] = checkpoint.run_controller("suspend", os.getpid(), timeout_s)
-    record["suspended_bytes"] = nvml_bytes()
+    record["suspended_bytes"] = process_gpu_bytes()
     record["resume_s"] = checkpoint.run_controller("resume", os.getpid(), timeout_s)
     record["check"] = float(x[:10].sum().item())
     return record
@@ -103,7 +94,7 @@ def runtime_deep(timeout_s: float) -> dict[str, object]:
         )
         rt.wait_host_copy()
         s = rt.suspend(SuspendLevel.DEEP)
-        suspended = nvml_bytes()
+        suspended = process_gpu_bytes()
         r = rt.resume()
         rt.close()
     return {"suspend_s": s.seconds, "suspended_bytes": suspended, "resume_s": r.seconds}

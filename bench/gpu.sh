@@ -24,6 +24,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 date -u +%Y-%m-%dT%H:%M:%SZ
 
+if want probe; then
+  echo "== deep-suspend probe: which process state the driver's checkpoint handles"
+  timeout 240 python3 bench/deep_probe.py ${PROBE_VARIANTS:-} --out "$RES"
+fi
 if want tests; then
   echo "== gpu tests"
   # Modules that need packages this host lacks (the store's database drivers) fail to
@@ -62,9 +66,5 @@ if want pager70; then
   echo "== pager benchmark: 70B-shaped fp8"
   timeout 300 python3 bench/pager_gpu.py runtime --shape 70b --levels "${PAGER70_LEVELS:-host,deep}" \
     --out "$RES"
-fi
-if want probe; then
-  echo "== deep-suspend probe: which process state the driver's checkpoint handles"
-  timeout 240 python3 bench/deep_probe.py --out "$RES"
 fi
 echo "== done"

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from tests.pager.nvsmi import process_gpu_bytes
+
 GiB = 1 << 30
 MiB = 1 << 20
 PROMPT = tuple(range(1000, 1128))  # 128 token ids, valid in every shape's vocabulary
@@ -130,20 +132,6 @@ def drop_page_cache() -> bool:
         return False
 
 
-def process_gpu_bytes(pid: int | None = None) -> int | None:
-    """NVML's device bytes of one process (None where NVML is not there)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except Exception:
-        return None
-    pid = os.getpid() if pid is None else pid
-    return sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
-
-
 def device_used() -> int | None:
     if not torch.cuda.is_available():
         return None
@@ -159,11 +147,12 @@ def median(values: list[float]) -> float:
 
 
 def pinned_h2d_floor(nbytes: int = 8 * GiB) -> float:
-    """Bytes/s of one pinned host -> device copy (median of 5 after a warm-up)."""
+    """Bytes/s of one pinned host -> device copy from a single registration into cudaMalloc
+    memory (median of 5 after a warm-up): the best case the resume path is held against."""
     from torpor.worker.pager.cuda import CudaBackend
     from torpor.worker.pager.host import HostBuffer
 
-    host = HostBuffer(nbytes, pinner=CudaBackend(0))
+    host = HostBuffer(nbytes, pinner=CudaBackend(0), pin_piece=nbytes)  # one registration
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     times = []
     for _ in range(6):

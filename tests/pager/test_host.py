@@ -92,8 +92,33 @@ def test_a_pinned_buffer_is_pinned_once_and_unpinned_before_it_is_freed() -> Non
     assert pinner.unpinned == [host.address]
 
 
+def test_a_large_buffer_is_pinned_in_pieces_that_tile_it() -> None:
+    """Each registration holds a driver lock: pieces let other CUDA calls in between."""
+    pinner = RecordingPinner()
+    host = HostBuffer(5 * MiB + 1, pinner=pinner, pin_piece=2 * MiB)
+    a = host.address
+    assert pinner.pinned == [(a, 2 * MiB), (a + 2 * MiB, 2 * MiB), (a + 4 * MiB, MiB + 4096)]
+    host.close()
+    assert sorted(pinner.unpinned) == [a, a + 2 * MiB, a + 4 * MiB]
+    host.close()
+    assert len(pinner.unpinned) == 3
+
+
 def test_a_failed_pin_frees_the_memory() -> None:
     before = procfs.mapping_count()
     with pytest.raises(ResourceExhausted):
         HostBuffer(16 * MiB, pinner=RecordingPinner(fail=True))
     assert procfs.mapping_count() <= before
+
+
+def test_a_pin_failing_half_way_unpins_the_pieces_already_pinned() -> None:
+    class FailsThird(RecordingPinner):
+        def pin_host(self, address: int, nbytes: int) -> None:
+            if len(self.pinned) == 2:
+                raise ResourceExhausted("cannot pin", reason="CUDA_ERROR_OUT_OF_MEMORY")
+            super().pin_host(address, nbytes)
+
+    pinner = FailsThird()
+    with pytest.raises(ResourceExhausted):
+        HostBuffer(8 * MiB, pinner=pinner, pin_piece=2 * MiB)
+    assert sorted(pinner.unpinned) == sorted(address for address, _ in pinner.pinned)

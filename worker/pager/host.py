@@ -9,6 +9,12 @@ the buffer back (`copy_to`). On CUDA the buffer is page-locked so that copies ru
 The memory is an anonymous mmap pinned with `cuMemHostRegister`, not `torch.empty(...,
 pin_memory=True)`: torch's pinned-memory caching allocator rounds every request up to the next
 power of two, so a 66 GiB buffer would pin 128 GiB.
+
+It is pinned in pieces (`PIN_PIECE`), each its own registration, and copies run piece by
+piece. Registering holds a driver lock for as long as it takes: measured on an H200, a
+request that arrived just after a disk resume (which starts the host copy again in the
+background) waited 3.7 s for its first token behind one 16 GB registration. In pieces the
+lock is given back every few tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from torpor.worker.pager.cpu import (
     sys_munmap,
 )
 
+PIN_PIECE = 256 << 20
+"""Bytes per page-locked registration (about 50 ms of pinning each)."""
+
 
 @runtime_checkable
 class HostPinner(Protocol):
@@ -51,20 +60,32 @@ class HostBuffer:
     frees it (idempotent); views of `tensor` must not be used after that.
     """
 
-    def __init__(self, nbytes: int, *, pinner: HostPinner | None = None) -> None:
+    def __init__(
+        self, nbytes: int, *, pinner: HostPinner | None = None, pin_piece: int = PIN_PIECE
+    ) -> None:
         check_positive("nbytes", nbytes)
+        check_positive("pin_piece", pin_piece)
         self._nbytes = nbytes
         self._mapped_bytes = round_up(nbytes, mmap.PAGESIZE)
         self._address = sys_mmap(
             0, self._mapped_bytes, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
         )
+        piece = round_up(pin_piece, mmap.PAGESIZE)
+        self._pieces = [
+            (offset, min(piece, self._mapped_bytes - offset))
+            for offset in range(0, self._mapped_bytes, piece)
+        ]
         self._pinner: HostPinner | None = None
+        self._pinned: list[int] = []  # addresses registered so far
         try:
             self._advise_huge_pages()
             if pinner is not None:
-                pinner.pin_host(self._address, self._mapped_bytes)
                 self._pinner = pinner
+                for offset, size in self._pieces:
+                    pinner.pin_host(self._address + offset, size)
+                    self._pinned.append(self._address + offset)
         except BaseException:
+            self._unpin()
             sys_munmap(self._address, self._mapped_bytes)
             raise
         self._tensor: torch.Tensor | None = host_view(self._address, nbytes)
@@ -93,7 +114,7 @@ class HostBuffer:
 
     @property
     def pinned(self) -> bool:
-        return self._pinner is not None
+        return bool(self._pinned)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -135,22 +156,33 @@ class HostBuffer:
             return
         # A dedicated stream keeps the copy off the compute stream's queue; it first waits for
         # what is already queued there, and the host waits for the copy before returning.
+        # One copy per pinned piece: a copy whose host side spans two registrations is not
+        # guaranteed the page-locked path.
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
+        n = dst.numel()
         with torch.cuda.stream(self._stream):
-            dst.copy_(src, non_blocking=True)
+            for offset, size in self._pieces:
+                if offset >= n:
+                    break
+                end = min(offset + size, n)
+                dst[offset:end].copy_(src[offset:end], non_blocking=True)
         self._stream.synchronize()
 
     def close(self) -> None:
         """Unpin and free the buffer. Idempotent."""
         if self._tensor is None:
             return
-        if self._pinner is not None:
-            self._pinner.unpin_host(self._address)
-            self._pinner = None
+        self._unpin()
         sys_munmap(self._address, self._mapped_bytes)
         self._tensor = None
+
+    def _unpin(self) -> None:
+        while self._pinned:
+            assert self._pinner is not None
+            self._pinner.unpin_host(self._pinned.pop())
+        self._pinner = None
 
     def __enter__(self) -> HostBuffer:
         return self
