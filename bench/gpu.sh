@@ -55,7 +55,7 @@ if want pager; then
     | grep -E "PASSED|FAILED|ERROR|passed|failed"
   echo "== pager benchmark: 8B-shaped bf16 (deep last: it is the least proven path)"
   timeout 60 python3 bench/pager_gpu.py context --out "$RES"
-  timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels host,disk,deep \
+  timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels host,disk,deep --cycles "${PAGER_CYCLES:-5}" \
     --out "$RES" --store /tmp/torpor-bench/store
 fi
 if want baseline; then
@@ -64,7 +64,7 @@ if want baseline; then
 fi
 if want pager70; then
   echo "== pager benchmark: 70B-shaped fp8"
-  timeout 300 python3 bench/pager_gpu.py runtime --shape 70b --levels "${PAGER70_LEVELS:-host,deep}" \
+  timeout 300 python3 bench/pager_gpu.py runtime --shape 70b --levels "${PAGER70_LEVELS:-host,deep}" --cycles "${PAGER_CYCLES:-5}" \
     --out "$RES"
 fi
 echo "== done"

@@ -358,6 +358,10 @@ def one_cycle(
         "bit_identical_tokens": same,
         **suspended,
     }
+    if level.value == "deep":
+        from torpor.worker.pager import checkpoint
+
+        record["controllers"] = list(checkpoint.HISTORY)[-2:]
     if level.value == "disk":
         record |= {
             "page_cache_dropped": page_cache_dropped,
@@ -400,6 +404,7 @@ def baseline(args: argparse.Namespace) -> None:
             "restore_s": restore_s,
             "restore_GBps": (resident or 0) / restore_s / 1e9,
             "bit_identical_tokens": same,
+            "controllers": list(checkpoint.HISTORY)[-2:],
         },
     )
     loop.shutdown()

@@ -43,3 +43,19 @@ def test_a_failed_suspend_puts_the_process_back_to_running(
     calls.clear()
     assert checkpoint.run_controller("resume", 1234) == 0.1
     assert calls == ["resume"]  # resume failures are the caller's to report, not to recover
+
+
+def test_the_trace_tells_where_a_controllers_time_went() -> None:
+    trace = (
+        "started 1000.2500\ncuInit ...\ncuInit ok 0.120s\n"
+        "cuCheckpointProcessLock ...\ncuCheckpointProcessLock ok 0.010s\n"
+        "cuCheckpointProcessCheckpoint ...\ncuCheckpointProcessCheckpoint ok 4.900s\n"
+    )
+    assert checkpoint._steps(trace, spawned=1000.0) == {
+        "startup_s": 0.25,
+        "steps": {
+            "cuInit": 0.12,
+            "cuCheckpointProcessLock": 0.01,
+            "cuCheckpointProcessCheckpoint": 4.9,
+        },
+    }

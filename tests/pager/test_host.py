@@ -95,7 +95,14 @@ def test_a_pinned_buffer_is_pinned_once_and_unpinned_before_it_is_freed() -> Non
 def test_a_large_buffer_is_pinned_in_pieces_that_tile_it() -> None:
     """Each registration holds a driver lock: pieces let other CUDA calls in between."""
     pinner = RecordingPinner()
-    host = HostBuffer(5 * MiB + 1, pinner=pinner, pin_piece=2 * MiB)
+    calls: list[int] = []
+    host = HostBuffer(
+        5 * MiB + 1,
+        pinner=pinner,
+        pin_piece=2 * MiB,
+        before_piece=lambda: calls.append(len(pinner.pinned)),
+    )
+    assert calls == [0, 1, 2]  # called before each piece is pinned
     a = host.address
     assert pinner.pinned == [(a, 2 * MiB), (a + 2 * MiB, 2 * MiB), (a + 4 * MiB, MiB + 4096)]
     host.close()

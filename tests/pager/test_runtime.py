@@ -165,6 +165,27 @@ def test_a_suspend_waits_for_the_host_copy_it_would_unmap_under(
     assert runtime.memory().host_bytes == 0
 
 
+def test_the_background_host_copy_gives_way_to_requests(
+    runtime: PagedRuntime, tmp_path: Path
+) -> None:
+    """A disk resume starts the host copy again; it waits while a request is served (on a
+    GPU its pinning would stall the request's kernel launches) and runs once it is done."""
+    runtime.suspend(SuspendLevel.DISK, store=ChunkStore(tmp_path / "store"))
+    assert not runtime.loop.busy()
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    prompt = tuple(range(1, 9))
+    stream = iter(runtime.loop.submit(GenerationRequest("long", prompt, long)))
+    assert not runtime.loop.busy()  # queued on a paused loop: nothing is being served
+    runtime.resume()
+    next(stream)
+    assert runtime.loop.busy()
+    time.sleep(0.2)
+    assert runtime.host is None  # still giving way
+    rest = list(stream)
+    assert rest[-1].finish is not None
+    assert runtime.wait_host_copy() is not None
+
+
 def test_snapshot_is_written_once(runtime: PagedRuntime, tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "store")
     first = runtime.snapshot(store)

@@ -126,6 +126,12 @@ class EngineLoop:
         self._dispatch(self.engine.step())
         return len(ids)
 
+    def busy(self) -> bool:
+        """Whether the engine is serving: requests open or waiting to be taken in, and the
+        loop not paused (a paused loop serves nothing, whatever waits). A cheap, lock-free
+        read for background work that should give way to serving."""
+        return not self._pause_requests and bool(self._streams or self._inbox.requests)
+
     def shutdown(self) -> None:
         """Stop the thread; requests still open end with Unavailable. Idempotent."""
         with self._cond:

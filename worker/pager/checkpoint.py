@@ -22,14 +22,20 @@ import contextlib
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from torpor.errors import FailedPrecondition, Internal, Unavailable
+from torpor.log import get_logger
+
+log = get_logger("pager.checkpoint")
 
 LOCK_TIMEOUT_MS = 10_000
 DEFAULT_TIMEOUT_S = 60.0
-"""How long a controller may take (the residue of a runtime checkpoints in under a second)."""
+"""How long a controller may take (the residue of a runtime checkpoints in seconds)."""
+HISTORY: deque[dict[str, object]] = deque(maxlen=32)
+"""The last controller runs: action, seconds, start-up and each driver call's seconds."""
 
 
 def _call(name: str, *args: object) -> Any:
@@ -111,7 +117,7 @@ def run_controller(action: str, pid: int, timeout_s: float | None = None) -> flo
 
 
 def _controller(action: str, pid: int, timeout_s: float) -> float:
-    start = time.perf_counter()
+    start, spawned = time.perf_counter(), time.time()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", __name__, action, str(pid)],
@@ -135,7 +141,25 @@ def _controller(action: str, pid: int, timeout_s: float) -> float:
             reason="CHECKPOINT_FAILED",
             metadata={"action": action, "pid": pid},
         )
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    run = {"action": action, "seconds": round(seconds, 4)} | _steps(proc.stderr, spawned)
+    HISTORY.append(run)
+    log.info("checkpoint_controller", pid=pid, **run)
+    return seconds
+
+
+def _steps(trace: str, spawned: float) -> dict[str, object]:
+    """Where a controller's time went, from its trace: its start-up (interpreter, imports),
+    and each driver call."""
+    steps: dict[str, float] = {}
+    startup: float | None = None
+    for line in trace.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "started":
+            startup = round(float(words[1]) - spawned, 4)
+        elif len(words) == 3 and words[1] == "ok" and words[2].endswith("s"):
+            steps[words[0]] = float(words[2][:-1])
+    return {"startup_s": startup, "steps": steps}
 
 
 def check_supported() -> None:
@@ -158,6 +182,7 @@ def main(argv: list[str]) -> int:
         usage = "|".join(ACTIONS)
         print(f"usage: python -m torpor.worker.pager.checkpoint {usage} PID", file=sys.stderr)
         return 2
+    print(f"started {time.time():.4f}", file=sys.stderr, flush=True)
     try:
         ACTIONS[argv[0]](int(argv[1]))
     except (Unavailable, Internal) as err:

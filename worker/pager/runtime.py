@@ -47,6 +47,8 @@ from torpor.worker.pager.snapshot import (
 )
 from torpor.worker.pager.stream import StagingRing, stream_pieces
 
+GIVE_WAY_POLL_S = 0.005
+
 log = get_logger("pager.runtime")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -215,7 +217,9 @@ class PagedRuntime:
     def _make_host_copy(self) -> None:
         try:
             arena = self.placement.arenas["weights"]
-            host = HostBuffer.for_arena(arena, self.engine.memory.weights.nbytes)
+            nbytes = self.engine.memory.weights.nbytes
+            host = HostBuffer.for_arena(arena, nbytes, before_piece=self._give_way)
+            self._give_way()
             host.copy_from(arena)
             self.host = host
         except BaseException as exc:  # reported when a suspend needs it
@@ -223,6 +227,12 @@ class PagedRuntime:
             log.error("host_copy_failed", error=repr(exc))
         finally:
             self._host_ready.set()
+
+    def _give_way(self) -> None:
+        """The host copy runs between requests: pinning takes a driver lock that would
+        stall every kernel launch of a request served meanwhile."""
+        while self.loop.busy():
+            time.sleep(GIVE_WAY_POLL_S)
 
     def wait_host_copy(self) -> HostBuffer | None:
         """The host copy, once it is made (None when host copies are disabled)."""
