@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|baseline|pager70|probe]...      (default: all)
+#   bash bench/gpu.sh [all|tests|engine|pager|baseline|pager70|probe|deep]...      (default: all)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -61,6 +61,12 @@ fi
 if want baseline; then
   echo "== whole-process driver checkpoint of the 8B-shaped runtime (baseline)"
   timeout 180 python3 bench/pager_gpu.py baseline --shape 8b --out "$RES"
+fi
+if want deep; then
+  echo "== deep suspend only: its GPU scenario, then the 8B-shaped runtime"
+  timeout 90 python3 -m tests.pager.runtime_gpu_scenarios deep_suspend_holds_no_gpu_memory
+  timeout 150 python3 bench/pager_gpu.py runtime --shape 8b --levels host,deep \
+    --cycles "${PAGER_CYCLES:-3}" --out "$RES"
 fi
 if want pager70; then
   echo "== pager benchmark: 70B-shaped fp8"

@@ -133,6 +133,11 @@ class PagedRuntime:
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
         self.environment = Environment.current(engine.device)
+        # Deep suspend's controller, started now so its start-up (seconds) is never paid on
+        # the eviction path.
+        self._controller = (
+            checkpoint.Controller(os.getpid()).start() if engine.device.type == "cuda" else None
+        )
 
     # -- construction ------------------------------------------------------------------------
 
@@ -329,7 +334,7 @@ class PagedRuntime:
                 self.host.close()
                 self.host = None
             if level is SuspendLevel.DEEP and self._cuda:
-                checkpoint.run_controller("suspend", os.getpid())
+                self._checkpoint("suspend")
             self.residency = _SUSPENDED[level]
             report = SuspendReport(level, time.perf_counter() - start, released, aborted)
             log.info(
@@ -344,14 +349,14 @@ class PagedRuntime:
         """Move an already suspended runtime further down; its arenas stay unmapped."""
         start = time.perf_counter()
         if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
-            checkpoint.run_controller("resume", os.getpid())  # DISK keeps the context
+            self._checkpoint("resume")  # DISK keeps the context
         if level is SuspendLevel.DISK:
             self._ensure_snapshot(store)
             if self.host is not None:
                 self.host.close()
                 self.host = None
         elif level is SuspendLevel.DEEP and self._cuda:
-            checkpoint.run_controller("suspend", os.getpid())
+            self._checkpoint("suspend")
         self.residency = _SUSPENDED[level]
         report = SuspendReport(level, time.perf_counter() - start, 0, 0)
         log.info("suspended_further", level=level.value, seconds=round(report.seconds, 4))
@@ -404,7 +409,7 @@ class PagedRuntime:
             start = time.perf_counter()
             tier = self.residency.value.removeprefix("suspended_")
             if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
-                checkpoint.run_controller("resume", os.getpid())
+                self._checkpoint("resume")
             arenas = self.placement.arenas
             weights = arenas["weights"]
             weights.map()
@@ -468,6 +473,10 @@ class PagedRuntime:
         with self._lock:
             if self.residency is Residency.CLOSED:
                 return
+            if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
+                self._checkpoint("resume")  # a checkpointed process's CUDA calls would block
+            if self._controller is not None:
+                self._controller.close()
             self._host_ready.wait(timeout=60)
             self.loop.shutdown()
             if self._pause is not None:
@@ -480,6 +489,9 @@ class PagedRuntime:
             self.residency = Residency.CLOSED
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _checkpoint(self, action: str) -> None:
+        checkpoint.run_controller(action, os.getpid(), controller=self._controller)
 
     @property
     def _cuda(self) -> bool:
