@@ -128,6 +128,7 @@ class PagedRuntime:
         self.manifest: SnapshotManifest | None = None
         self.host: HostBuffer | None = None
         self._host_ready = threading.Event()
+        self._host_cancel = threading.Event()  # set by a disk suspend: the copy is not needed
         self._host_error: BaseException | None = None
         self._lock = threading.RLock()
         self._pause: contextlib.ExitStack | None = None
@@ -214,12 +215,14 @@ class PagedRuntime:
     def _start_host_copy(self) -> None:
         """Pin and fill the weights' host copy in the background (never on the suspend path)."""
         self._host_ready.clear()
+        self._host_cancel.clear()
         self._host_error = None
         if not self.options.host_copy:
             return
         threading.Thread(target=self._make_host_copy, name="host-copy", daemon=True).start()
 
     def _make_host_copy(self) -> None:
+        host: HostBuffer | None = None
         try:
             arena = self.placement.arenas["weights"]
             nbytes = self.engine.memory.weights.nbytes
@@ -227,6 +230,12 @@ class PagedRuntime:
             self._give_way()
             host.copy_from(arena)
             self.host = host
+        except _HostCopyCancelled:  # a disk suspend does not need it: nothing to report
+            if host is not None:
+                host.close()
+            self._host_error = FailedPrecondition(
+                "the host copy was cancelled by a disk-level suspend", reason="HOST_COPY_CANCELLED"
+            )
         except BaseException as exc:  # reported when a suspend needs it
             self._host_error = exc
             log.error("host_copy_failed", error=repr(exc))
@@ -236,8 +245,10 @@ class PagedRuntime:
     def _give_way(self) -> None:
         """The host copy runs between requests: pinning takes a driver lock that would
         stall every kernel launch of a request served meanwhile."""
-        while self.loop.busy():
+        while self.loop.busy() and not self._host_cancel.is_set():
             time.sleep(GIVE_WAY_POLL_S)
+        if self._host_cancel.is_set():
+            raise _HostCopyCancelled
 
     def wait_host_copy(self) -> HostBuffer | None:
         """The host copy, once it is made (None when host copies are disabled)."""
@@ -329,6 +340,8 @@ class PagedRuntime:
             except BaseException:
                 self._unpark()
                 raise
+            if level is SuspendLevel.DISK:
+                self._host_cancel.set()  # a copy still being made would only be thrown away
             released = self._unmap_all()
             if level is SuspendLevel.DISK and self.host is not None:
                 self.host.close()
@@ -520,6 +533,10 @@ class PagedRuntime:
         if self._pause is not None:
             self._pause.close()
             self._pause = None
+
+
+class _HostCopyCancelled(Exception):
+    """Raised inside the background host copy when a disk suspend no longer needs it."""
 
 
 def _on(engine_options: EngineOptions, options: PagerOptions) -> EngineOptions:
