@@ -142,8 +142,10 @@ class Daemon:
             GpuSpec(g.index, g.total_bytes, min(reserve, g.total_bytes - 1), g.name)
             for g in self.inventory.gpus()
         )
+        knobs = {f.name for f in dataclasses.fields(PolicyConfig)} - {"deep_suspend"}
         policy = PolicyConfig(
-            **{f.name: getattr(cfg.policy, f.name) for f in dataclasses.fields(PolicyConfig)}
+            **{name: getattr(cfg.policy, name) for name in knobs},
+            deep_suspend=cfg.worker.deep_suspend,
         )
         from torpor.scheduler.core import Costs
 

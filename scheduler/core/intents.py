@@ -35,7 +35,7 @@ def drive_evictions(d: Draft, sim: Sim) -> None:
         if rt.at.depth >= rt.evict.to_tier:
             _finish_eviction(d, rt)
             continue
-        to = _evict_target(sim, rt, rt.evict)
+        to = _evict_target(sim, rt, rt.evict, d.config.deep_suspend)
         if to is None:
             _reject_eviction(d, rt, f"no room in tier {rt.evict.to_tier.name} for {rt.model}")
             continue
@@ -67,12 +67,16 @@ def _abort_users(d: Draft, rt: Runtime) -> None:
         d.emit(AbortRequests(rt.id, rt.model))
 
 
-def _evict_target(sim: Sim, rt: Runtime, intent: EvictIntent) -> Residency | None:
+def _evict_target(
+    sim: Sim, rt: Runtime, intent: EvictIntent, deep_allowed: bool
+) -> Residency | None:
     """The residency for the ordered tier, or (for drains) the next one down that has room."""
     at = rt.at
     start = _CHAIN.index(intent.to_tier)
     tiers = _CHAIN[start:] if intent.fallback else _CHAIN[start : start + 1]
     for tier in tiers:
+        if tier is Tier.DEEP and not deep_allowed:
+            continue
         match tier:
             case Tier.HOST:
                 to = Residency(S.SUSPENDED_HOST, at.gpu, host_copy=True, snapshot=at.snapshot)

@@ -18,6 +18,13 @@ def _superseded() -> Aborted:
     return Aborted("superseded by a newer request", reason="SUPERSEDED")
 
 
+def _deep_disabled() -> FailedPrecondition:
+    return FailedPrecondition(
+        "deep suspend is disabled on this host ([worker] deep_suspend = false)",
+        reason="DEEP_SUSPEND_DISABLED",
+    )
+
+
 def _deadline(d: Draft, timeout_s: float | None) -> float | None:
     return None if timeout_s is None else d.now + timeout_s
 
@@ -36,6 +43,9 @@ def on_evict(d: Draft, ev: EvictRequested) -> None:
     if model.spec.pinned:
         error = FailedPrecondition(f"model {ev.model!r} is pinned", reason="PINNED")
         d.emit(Reject(ev.request_id, error))
+        return
+    if ev.to_tier is Tier.DEEP and not d.config.deep_suspend:
+        d.emit(Reject(ev.request_id, _deep_disabled()))
         return
     rt = d.runtimes[model.runtime_id]
     if rt.evict is not None:
@@ -58,6 +68,9 @@ def on_drain(d: Draft, ev: DrainRequested) -> None:
     if ev.to_tier not in _EVICT_TIERS:
         error = InvalidArgument(f"to_tier must be HOST, DEEP, DISK or DROP, got {ev.to_tier.name}")
         d.emit(Reject(ev.request_id, error))
+        return
+    if ev.to_tier is Tier.DEEP and not d.config.deep_suspend:
+        d.emit(Reject(ev.request_id, _deep_disabled()))
         return
     d.draining.add(ev.gpu)
     moved = []

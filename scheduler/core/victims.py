@@ -107,7 +107,7 @@ def _candidates(d: Draft, sim: Sim, exclude: str, avoid: frozenset[str] = frozen
     ]
 
 
-def _targets(at: Residency) -> list[Residency]:
+def _targets(at: Residency, deep_allowed: bool) -> list[Residency]:
     """Where a runtime holding GPU bytes may go, in the order of preference."""
     g, snap = at.gpu, at.snapshot
     host = Residency(S.SUSPENDED_HOST, g, host_copy=True, snapshot=snap)
@@ -117,7 +117,7 @@ def _targets(at: Residency) -> list[Residency]:
         case S.RESIDENT:
             return [host, disk, dropped(snap)]
         case S.SUSPENDED_HOST:
-            return [deep, dropped(snap)]
+            return [deep, dropped(snap)] if deep_allowed else [dropped(snap)]
         case S.SUSPENDED_DISK:
             return [dropped(snap)]
     return []
@@ -127,7 +127,7 @@ def _demote(d: Draft, sim: Sim, rid: str, exclude: str) -> list[VictimChoice] | 
     """Move `rid` down on `sim` by the tier rule; the moves made, host-RAM victims first."""
     at = sim.proj[rid]
     fp = d.fp(d.runtimes[rid].model)
-    for to in _targets(at):
+    for to in _targets(at, d.config.deep_suspend):
         moves: list[VictimChoice] = []
         if not sim.fits(rid, to):
             need = host_bytes(to, fp) - host_bytes(at, fp)
@@ -237,7 +237,8 @@ def _deepen(
     d: Draft, sim: Sim, gpu: int, need: int, chosen: list[VictimChoice]
 ) -> list[VictimChoice]:
     """Still short: turn chosen HOST victims into DEEP ones (their context leaves the GPU
-    too), lowest score first, while host RAM has room for the checkpointed context."""
+    too), lowest score first, while host RAM has room for the checkpointed context. Where
+    deep suspend is off, the context can only leave with the worker: they are dropped."""
     result = list(chosen)
     order = sorted(range(len(result)), key=lambda i: result[i].score)
     for i in order:
@@ -247,14 +248,18 @@ def _deepen(
         if v.to is not S.SUSPENDED_HOST or v.gpu != gpu:
             continue
         was = sim.proj[v.runtime_id]
-        deep = Residency(S.SUSPENDED_DEEP, gpu, host_copy=True, snapshot=was.snapshot)
-        if not sim.fits(v.runtime_id, deep):
+        to = (
+            Residency(S.SUSPENDED_DEEP, gpu, host_copy=True, snapshot=was.snapshot)
+            if d.config.deep_suspend
+            else dropped(was.snapshot)
+        )
+        if not sim.fits(v.runtime_id, to):
             continue
         frm = d.runtimes[v.runtime_id].at
         fp = d.fp(v.model)
-        sim.move(v.runtime_id, deep)
-        freed = gpu_bytes(frm, fp) - gpu_bytes(deep, fp)
-        result[i] = _choice(d, v.runtime_id, frm, deep, loss(d, v.runtime_id, frm, deep, freed))
+        sim.move(v.runtime_id, to)
+        freed = gpu_bytes(frm, fp) - gpu_bytes(to, fp)
+        result[i] = _choice(d, v.runtime_id, frm, to, loss(d, v.runtime_id, frm, to, freed))
     return result
 
 

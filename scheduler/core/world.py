@@ -154,6 +154,8 @@ class PolicyConfig:
     """Runtimes with a live worker at once (any tier)."""
     max_load_failures: int = 3
     """Consecutive failed loads of a model after which its queue gets UNAVAILABLE."""
+    deep_suspend: bool = True
+    """Whether SUSPENDED_DEEP may be used (`[worker] deep_suspend` of the config file)."""
 
     def __post_init__(self) -> None:
         _check(self.queue_bound >= 1, "policy.queue_bound", self.queue_bound, ">= 1")

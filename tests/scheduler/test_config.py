@@ -286,9 +286,14 @@ def test_deploy_file_changes_nothing_and_shows_the_defaults(tmp_path: Path) -> N
 
 
 def test_policy_section_feeds_the_policy_core() -> None:
-    """[policy] has exactly the policy core's knobs, so the daemon can pass them over."""
+    """[policy] has exactly the policy core's knobs, so the daemon can pass them over; the
+    one other knob of the core, deep_suspend, comes from [worker]."""
     world = pytest.importorskip("torpor.scheduler.core.world")
-    policy = load_config(None, {}, {"policy.starvation_cap": 3}).policy
-    core = world.PolicyConfig(**{f.name: getattr(policy, f.name) for f in fields(policy)})
-    assert core.starvation_cap == 3
-    assert [f.name for f in fields(core)] == [f.name for f in fields(policy)]
+    cfg = load_config(None, {}, {"policy.starvation_cap": 3, "worker.deep_suspend": False})
+    policy = cfg.policy
+    core = world.PolicyConfig(
+        **{f.name: getattr(policy, f.name) for f in fields(policy)},
+        deep_suspend=cfg.worker.deep_suspend,
+    )
+    assert core.starvation_cap == 3 and core.deep_suspend is False
+    assert [f.name for f in fields(core)] == [f.name for f in fields(policy)] + ["deep_suspend"]

@@ -215,3 +215,22 @@ def test_pinning_cancels_an_eviction_waiting_behind_a_load() -> None:
     h.settle()
     assert not [a for p in h.plans[-3:] for a in p.actions if isinstance(a, Suspend)]
     assert h.rt("m").state is S.RESIDENT
+
+
+def test_deep_orders_are_refused_where_deep_suspend_is_off() -> None:
+    h = _leased(deep_suspend=False)
+    h.send(ClientGone("holder"))
+    h.send(EvictRequested("e1", "a", Tier.DEEP))
+    assert h.rejects["e1"].code is Code.FAILED_PRECONDITION
+    assert h.rejects["e1"].reason == "DEEP_SUSPEND_DISABLED"
+    h.send(DrainRequested("d1", 0, to_tier=Tier.DEEP))
+    assert h.rejects["d1"].reason == "DEEP_SUSPEND_DISABLED"
+    assert h.rt("a").state is S.RESIDENT and not _of(h, Suspend)
+
+
+def test_a_drain_falls_back_past_deep_where_it_is_off() -> None:
+    h = _leased(deep_suspend=False, host=0)  # no room in host RAM: HOST (and DEEP) are full
+    h.send(ClientGone("holder"))
+    h.send(DrainRequested("d1", 0, to_tier=Tier.HOST))
+    [move] = _of(h, Suspend)
+    assert move.level is Tier.DISK

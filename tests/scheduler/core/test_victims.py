@@ -225,3 +225,13 @@ def test_greedy_over_eviction_is_pruned() -> None:
     h.acquire("new")
     # Greedy takes small, then big; big alone frees enough, so small is spared.
     assert [v.model for v in h.plans[-1].decisions[0].victims] == ["big"]
+
+
+def test_no_victim_goes_deep_where_deep_suspend_is_off() -> None:
+    h = Harness(world(gpus=(22,), deep_suspend=False))
+    h.register("a", 18)
+    h.register("b", 19.5)
+    _resident(h, "a")
+    h.acquire("b")
+    # The context can only leave with the worker: a is dropped, not checkpointed.
+    assert [(type(m), m.model) for m in _suspends(h.plans[-1])] == [(Drop, "a")]
