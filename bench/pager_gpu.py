@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_gpu import LLAMA3_8B  # bench/ is on the path when this runs as a script
 
 from tests.pager.nvsmi import process_gpu_bytes
 
@@ -43,34 +44,10 @@ GiB = 1 << 30
 MiB = 1 << 20
 PROMPT = tuple(range(1000, 1128))  # 128 token ids, valid in every shape's vocabulary
 
-_LLAMA3 = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-    "tie_word_embeddings": False,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "dtype": "bfloat16",
-}
 SHAPES: dict[str, tuple[dict[str, Any], str]] = {
-    "8b": (
-        _LLAMA3
-        | {
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-        },
-        "bfloat16",
-    ),
+    "8b": (LLAMA3_8B, "bfloat16"),
     "70b": (
-        _LLAMA3
+        LLAMA3_8B
         | {
             "hidden_size": 8192,
             "intermediate_size": 28672,
@@ -81,7 +58,7 @@ SHAPES: dict[str, tuple[dict[str, Any], str]] = {
         "fp8",
     ),
     "tiny": (
-        _LLAMA3
+        LLAMA3_8B
         | {
             "vocab_size": 2048,
             "hidden_size": 256,
