@@ -223,7 +223,8 @@ def runtime(args: argparse.Namespace) -> None:
     from torpor.worker.engine.demo import RandomFiller
     from torpor.worker.engine.options import EngineOptions
     from torpor.worker.pager.placement import PagerOptions
-    from torpor.worker.pager.runtime import PagedRuntime, SuspendLevel
+    from torpor.worker.pager.runtime import PagedRuntime
+    from torpor.worker.pager.states import SuspendLevel
 
     out, shape, device = args.out, args.shape, args.device
     cuda = device.startswith("cuda")

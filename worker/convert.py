@@ -8,7 +8,7 @@ from torpor.errors import InvalidArgument
 from torpor.v1 import common_pb2
 from torpor.worker.engine.requests import FinishReason
 from torpor.worker.engine.sampling import SamplingParams
-from torpor.worker.pager.runtime import Residency, SuspendLevel
+from torpor.worker.pager.states import Residency, SuspendLevel
 
 DTYPES: dict[int, str] = {
     common_pb2.DTYPE_UNSPECIFIED: "auto",

@@ -29,7 +29,8 @@ from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import PagerOptions
-from torpor.worker.pager.runtime import PagedRuntime, Residency
+from torpor.worker.pager.runtime import PagedRuntime
+from torpor.worker.pager.states import Residency
 
 log = get_logger("worker")
 

@@ -22,7 +22,8 @@ from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.placement import PagerOptions
-from torpor.worker.pager.runtime import PagedRuntime, SuspendLevel
+from torpor.worker.pager.runtime import PagedRuntime
+from torpor.worker.pager.states import SuspendLevel
 
 MiB = 1 << 20
 SCENARIOS: dict[str, Callable[[Path], None]] = {}

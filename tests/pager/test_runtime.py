@@ -20,7 +20,8 @@ from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.host import HostBuffer
 from torpor.worker.pager.placement import PagerOptions
-from torpor.worker.pager.runtime import PagedRuntime, Residency, SuspendLevel
+from torpor.worker.pager.runtime import PagedRuntime
+from torpor.worker.pager.states import Residency, SuspendLevel
 
 MiB = 1 << 20
 OPTIONS = EngineOptions(max_batch=4, max_seq_len=512)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.pager import checkpoint
 from torpor.worker.pager.host import HostBuffer, HostPinner
+from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import Environment, SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
@@ -45,72 +44,20 @@ from torpor.worker.pager.snapshot import (
     store_model_files,
     write_pieces,
 )
+from torpor.worker.pager.states import (
+    DEEPER,
+    SUSPENDED,
+    MemoryUsage,
+    Residency,
+    ResumeReport,
+    SuspendLevel,
+    SuspendReport,
+)
 from torpor.worker.pager.stream import StagingRing, stream_pieces
-
-GIVE_WAY_POLL_S = 0.005
 
 log = get_logger("pager.runtime")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-
-class SuspendLevel(enum.Enum):
-    """How far a suspend goes; later members free more and restore slower."""
-
-    HOST = "host"
-    DEEP = "deep"
-    DISK = "disk"
-
-
-class Residency(enum.Enum):
-    """Where the runtime's weights are."""
-
-    RESIDENT = "resident"
-    SUSPENDED_HOST = "suspended_host"
-    SUSPENDED_DEEP = "suspended_deep"
-    SUSPENDED_DISK = "suspended_disk"
-    CLOSED = "closed"
-
-
-_SUSPENDED = {
-    SuspendLevel.HOST: Residency.SUSPENDED_HOST,
-    SuspendLevel.DEEP: Residency.SUSPENDED_DEEP,
-    SuspendLevel.DISK: Residency.SUSPENDED_DISK,
-}
-
-
-# Suspended states and the levels a runtime in them may still move down to.
-_DEEPER = {
-    Residency.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
-    Residency.SUSPENDED_DEEP: (SuspendLevel.DISK,),
-}
-
-
-@dataclass(frozen=True)
-class SuspendReport:
-    level: SuspendLevel
-    seconds: float
-    gpu_bytes_released: int
-    requests_aborted: int
-
-
-@dataclass(frozen=True)
-class ResumeReport:
-    tier: str  # host | deep | disk
-    seconds: float
-    bytes: int
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class MemoryUsage:
-    gpu_bytes: int  # mapped arena bytes on the device (0 on the CPU backend)
-    arena_bytes: int  # mapped arena bytes, whatever the backend
-    host_bytes: int  # retained host copy of the weights
-    disk_bytes: int  # the weights' snapshot on disk
 
 
 class PagedRuntime:
@@ -126,10 +73,7 @@ class PagedRuntime:
         self.loop = EngineLoop(engine).start()
         self.residency = Residency.RESIDENT
         self.manifest: SnapshotManifest | None = None
-        self.host: HostBuffer | None = None
-        self._host_ready = threading.Event()
-        self._host_cancel = threading.Event()  # set by a disk suspend: the copy is not needed
-        self._host_error: BaseException | None = None
+        self.host_copy = HostCopy(options.host_copy, lambda: self.loop.busy())
         self._lock = threading.RLock()
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
@@ -212,55 +156,17 @@ class PagedRuntime:
 
     # -- the host copy -----------------------------------------------------------------------
 
+    @property
+    def host(self) -> HostBuffer | None:
+        """The weights' retained host copy, once made."""
+        return self.host_copy.buffer
+
     def _start_host_copy(self) -> None:
-        """Pin and fill the weights' host copy in the background (never on the suspend path)."""
-        self._host_ready.clear()
-        self._host_cancel.clear()
-        self._host_error = None
-        if not self.options.host_copy:
-            return
-        threading.Thread(target=self._make_host_copy, name="host-copy", daemon=True).start()
-
-    def _make_host_copy(self) -> None:
-        host: HostBuffer | None = None
-        try:
-            arena = self.placement.arenas["weights"]
-            nbytes = self.engine.memory.weights.nbytes
-            host = HostBuffer.for_arena(arena, nbytes, before_piece=self._give_way)
-            self._give_way()
-            host.copy_from(arena)
-            self.host = host
-        except _HostCopyCancelled:  # a disk suspend does not need it: nothing to report
-            if host is not None:
-                host.close()
-            self._host_error = FailedPrecondition(
-                "the host copy was cancelled by a disk-level suspend", reason="HOST_COPY_CANCELLED"
-            )
-        except BaseException as exc:  # reported when a suspend needs it
-            self._host_error = exc
-            log.error("host_copy_failed", error=repr(exc))
-        finally:
-            self._host_ready.set()
-
-    def _give_way(self) -> None:
-        """The host copy runs between requests: pinning takes a driver lock that would
-        stall every kernel launch of a request served meanwhile."""
-        while self.loop.busy() and not self._host_cancel.is_set():
-            time.sleep(GIVE_WAY_POLL_S)
-        if self._host_cancel.is_set():
-            raise _HostCopyCancelled
+        self.host_copy.start(self.placement.arenas["weights"], self.engine.memory.weights.nbytes)
 
     def wait_host_copy(self) -> HostBuffer | None:
         """The host copy, once it is made (None when host copies are disabled)."""
-        if not self.options.host_copy:
-            return None
-        self._host_ready.wait()
-        if self._host_error is not None:
-            raise FailedPrecondition(
-                f"the host copy of the weights could not be made: {self._host_error!r}",
-                reason="HOST_COPY_FAILED",
-            )
-        return self.host
+        return self.host_copy.wait()
 
     # -- snapshot ----------------------------------------------------------------------------
 
@@ -320,7 +226,7 @@ class PagedRuntime:
         (FailedPrecondition RUNTIME_BUSY) unless `abort`, which ends them first. A suspended
         runtime can be moved further down (HOST to DEEP or DISK, DEEP to DISK)."""
         with self._lock:
-            if self.residency in _DEEPER and level in _DEEPER[self.residency]:
+            if self.residency in DEEPER and level in DEEPER[self.residency]:
                 return self._deepen(level, store)
             self._require(Residency.RESIDENT, verb="suspend")
             start = time.perf_counter()
@@ -341,14 +247,13 @@ class PagedRuntime:
                 self._unpark()
                 raise
             if level is SuspendLevel.DISK:
-                self._host_cancel.set()  # a copy still being made would only be thrown away
+                self.host_copy.cancel()  # a copy still being made would only be thrown away
             released = self._unmap_all()
-            if level is SuspendLevel.DISK and self.host is not None:
-                self.host.close()
-                self.host = None
+            if level is SuspendLevel.DISK:
+                self.host_copy.release()
             if level is SuspendLevel.DEEP and self._cuda:
                 self._checkpoint("suspend")
-            self.residency = _SUSPENDED[level]
+            self.residency = SUSPENDED[level]
             report = SuspendReport(level, time.perf_counter() - start, released, aborted)
             log.info(
                 "suspended",
@@ -365,12 +270,10 @@ class PagedRuntime:
             self._checkpoint("resume")  # DISK keeps the context
         if level is SuspendLevel.DISK:
             self._ensure_snapshot(store)
-            if self.host is not None:
-                self.host.close()
-                self.host = None
+            self.host_copy.release()
         elif level is SuspendLevel.DEEP and self._cuda:
             self._checkpoint("suspend")
-        self.residency = _SUSPENDED[level]
+        self.residency = SUSPENDED[level]
         report = SuspendReport(level, time.perf_counter() - start, 0, 0)
         log.info("suspended_further", level=level.value, seconds=round(report.seconds, 4))
         return report
@@ -397,8 +300,7 @@ class PagedRuntime:
     def _unmap_all(self) -> int:
         # The background host copy reads the weights arena: never unmap under it (a disk
         # suspend right after a disk resume would otherwise race the copy it restarted).
-        if self.options.host_copy:
-            self._host_ready.wait()
+        self.host_copy.settle()
         if self._cuda:
             torch.cuda.synchronize(self.engine.device)
         released = self.placement.mapped_bytes()
@@ -448,8 +350,9 @@ class PagedRuntime:
     def _refill(self, weights: object, store: ChunkStore | None, progress: Progress | None) -> int:
         nbytes = self.engine.memory.weights.nbytes
         if self.residency is not Residency.SUSPENDED_DISK:
-            assert self.host is not None
-            self.host.copy_to(self.placement.arenas["weights"], nbytes)
+            host = self.host
+            assert host is not None
+            host.copy_to(self.placement.arenas["weights"], nbytes)
             if progress is not None:
                 progress(nbytes, nbytes)
             return nbytes
@@ -477,7 +380,7 @@ class PagedRuntime:
 
     def memory(self) -> MemoryUsage:
         arena_bytes = self.placement.mapped_bytes()
-        host = self.host.nbytes if self.host is not None else 0
+        host = self.host_copy.nbytes
         disk = self.manifest.weight_bytes if self.manifest is not None else 0
         return MemoryUsage(arena_bytes if self._cuda else 0, arena_bytes, host, disk)
 
@@ -490,14 +393,13 @@ class PagedRuntime:
                 self._checkpoint("resume")  # a checkpointed process's CUDA calls would block
             if self._controller is not None:
                 self._controller.close()
-            self._host_ready.wait(timeout=60)
+            self.host_copy.cancel()
+            self.host_copy.settle(timeout=60)
             self.loop.shutdown()
             if self._pause is not None:
                 self._pause.close()
                 self._pause = None
-            if self.host is not None:
-                self.host.close()
-                self.host = None
+            self.host_copy.release()
             self.placement.close()
             self.residency = Residency.CLOSED
 
@@ -533,10 +435,6 @@ class PagedRuntime:
         if self._pause is not None:
             self._pause.close()
             self._pause = None
-
-
-class _HostCopyCancelled(Exception):
-    """Raised inside the background host copy when a disk suspend no longer needs it."""
 
 
 def _on(engine_options: EngineOptions, options: PagerOptions) -> EngineOptions:

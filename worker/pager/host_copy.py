@@ -1,0 +1,110 @@
+"""The weights' retained host copy, made in the background after a load or a disk resume so
+that a host-level suspend only unmaps (never copies on the eviction path).
+
+Making it pins as many bytes as the weights (16 GB for an 8B model; seconds of work), and
+pinning takes a driver lock that a request's kernel launches would queue behind. So the copy
+gives way: before each pinned piece, and before the copy itself, it waits while the runtime
+serves (`busy`). A disk-level suspend does not need it and cancels it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from torpor.errors import FailedPrecondition
+from torpor.log import get_logger
+from torpor.worker.pager.arena import Arena
+from torpor.worker.pager.host import HostBuffer
+
+GIVE_WAY_POLL_S = 0.005
+
+log = get_logger("pager.host_copy")
+
+
+class _Cancelled(Exception):
+    """Raised inside the background copy when a disk suspend no longer needs it."""
+
+
+class HostCopy:
+    """One runtime's host copy: start it, wait for it, cancel it, release it. Thread-safe
+    for one owner (the runtime, under its lock) and the background thread it starts."""
+
+    def __init__(self, enabled: bool, busy: Callable[[], bool]) -> None:
+        self.enabled = enabled
+        self.buffer: HostBuffer | None = None
+        self._busy = busy
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._error: BaseException | None = None
+        if not enabled:
+            self._done.set()
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes if self.buffer is not None else 0
+
+    def start(self, arena: Arena, nbytes: int) -> None:
+        """Pin and fill the first `nbytes` of `arena` in the background (no-op if disabled)."""
+        if not self.enabled:
+            return
+        self._done.clear()
+        self._cancel.clear()
+        self._error = None
+        threading.Thread(
+            target=self._make, args=(arena, nbytes), name="host-copy", daemon=True
+        ).start()
+
+    def _make(self, arena: Arena, nbytes: int) -> None:
+        buffer: HostBuffer | None = None
+        try:
+            buffer = HostBuffer.for_arena(arena, nbytes, before_piece=self._give_way)
+            self._give_way()
+            buffer.copy_from(arena)
+            self.buffer = buffer
+        except _Cancelled:  # a disk suspend does not need it: nothing to report
+            if buffer is not None:
+                buffer.close()
+            self._error = FailedPrecondition(
+                "the host copy was cancelled by a disk-level suspend", reason="HOST_COPY_CANCELLED"
+            )
+        except BaseException as exc:  # reported when a suspend needs it
+            self._error = exc
+            log.error("host_copy_failed", error=repr(exc))
+        finally:
+            self._done.set()
+
+    def _give_way(self) -> None:
+        while self._busy() and not self._cancel.is_set():
+            time.sleep(GIVE_WAY_POLL_S)
+        if self._cancel.is_set():
+            raise _Cancelled
+
+    def wait(self) -> HostBuffer | None:
+        """The copy, once made (None when host copies are disabled); FailedPrecondition
+        HOST_COPY_FAILED if it could not be made."""
+        if not self.enabled:
+            return None
+        self._done.wait()
+        if self._error is not None:
+            raise FailedPrecondition(
+                f"the host copy of the weights could not be made: {self._error!r}",
+                reason="HOST_COPY_FAILED",
+            )
+        return self.buffer
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until no copy is under way (made, failed or cancelled): it reads the weights
+        arena, which must not be unmapped under it."""
+        self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        """Stop a copy still being made at its next piece (a disk suspend will not use it)."""
+        self._cancel.set()
+
+    def release(self) -> None:
+        """Free the copy, if there is one (it is made again by the next `start`)."""
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None

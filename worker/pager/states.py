@@ -1,0 +1,65 @@
+"""The states and reports of a paged runtime (`runtime.py`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class SuspendLevel(enum.Enum):
+    """How far a suspend goes; later members free more and restore slower."""
+
+    HOST = "host"
+    DEEP = "deep"
+    DISK = "disk"
+
+
+class Residency(enum.Enum):
+    """Where the runtime's weights are."""
+
+    RESIDENT = "resident"
+    SUSPENDED_HOST = "suspended_host"
+    SUSPENDED_DEEP = "suspended_deep"
+    SUSPENDED_DISK = "suspended_disk"
+    CLOSED = "closed"
+
+
+SUSPENDED = {
+    SuspendLevel.HOST: Residency.SUSPENDED_HOST,
+    SuspendLevel.DEEP: Residency.SUSPENDED_DEEP,
+    SuspendLevel.DISK: Residency.SUSPENDED_DISK,
+}
+
+
+# Suspended states and the levels a runtime in them may still move down to.
+DEEPER = {
+    Residency.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
+    Residency.SUSPENDED_DEEP: (SuspendLevel.DISK,),
+}
+
+
+@dataclass(frozen=True)
+class SuspendReport:
+    level: SuspendLevel
+    seconds: float
+    gpu_bytes_released: int
+    requests_aborted: int
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    tier: str  # host | deep | disk
+    seconds: float
+    bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    gpu_bytes: int  # mapped arena bytes on the device (0 on the CPU backend)
+    arena_bytes: int  # mapped arena bytes, whatever the backend
+    host_bytes: int  # retained host copy of the weights
+    disk_bytes: int  # the weights' snapshot on disk
