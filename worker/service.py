@@ -19,14 +19,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from torpor.errors import FailedPrecondition, InvalidArgument
+from torpor.errors import Aborted, FailedPrecondition, InvalidArgument
 from torpor.log import bind, get_logger
 from torpor.rpc_status import servicer_errors
 from torpor.store.chunks import ChunkRef, ChunkStore
 from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from torpor.worker import convert
 from torpor.worker.engine.options import EngineOptions
-from torpor.worker.engine.requests import GenerationRequest
+from torpor.worker.engine.requests import FinishReason, GenerationRequest
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
@@ -155,6 +155,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 chunk = common_pb2.GenerateChunk(
                     token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs
                 )
+                if delta.finish is FinishReason.ABORT:
+                    # Ended by a suspend with abort (an eviction), not by its own end: the
+                    # caller must see an error, not a request that finished short.
+                    if delta.token_ids:
+                        yield chunk
+                    raise Aborted(
+                        f"request {request_id} was aborted: its runtime is being suspended",
+                        reason="REQUEST_ABORTED",
+                        metadata={"generated_tokens": generated},
+                    )
                 if delta.finish is not None:
                     chunk.usage.CopyFrom(
                         common_pb2.Usage(

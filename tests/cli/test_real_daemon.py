@@ -105,6 +105,12 @@ def only_on_gpu(cli: Cli, *models: str) -> None:
             assert out == f"{name}: resident, weights in gpu\n", out
 
 
+def kinds_after(cli: Cli, last: int, model: str) -> list[str]:
+    """The kinds of `model`'s events after id `last`."""
+    out = cli.ok("events", "--after-id", str(last), "--model", model, "--json")
+    return [json.loads(line)["kind"] for line in out.splitlines()]
+
+
 def last_event_id(cli: Cli) -> int:
     lines = cli.ok("events", "--json").splitlines()
     return json.loads(lines[-1])["id"] if lines else 0
@@ -447,26 +453,39 @@ def test_evict_drop_stops_the_worker_and_the_next_request_restores(cli: Cli) -> 
     assert after["token_ids"] == before["token_ids"]
 
 
+LONG = "long"
+"""beta's checkpoint registered with room for 2000 tokens: a generation that takes seconds
+however fast the machine, so an eviction reliably lands in the middle of it."""
+
+
+@pytest.fixture(scope="module")
+def long_model(real: Real) -> Iterator[str]:
+    spec = ("--dtype", "float32", "--max-batch", "1", "--max-seq-len", "2048")
+    real.cli.ok("register", LONG, str(real.root / "beta"), *spec)
+    try:
+        yield LONG
+    finally:
+        real.cli.ok("unregister", LONG)
+
+
 def generating(cli: Cli, running: list[Running], model: str) -> Running:
     """A long greedy `torpor generate` of `model` (resident first), once its request runs."""
     only_on_gpu(cli, model)
-    last = last_event_id(cli)
     r = start(
-        running, cli.argv("generate", model, PROMPT, "--max-tokens", "240", "--temperature", "0")
+        running, cli.argv("generate", model, PROMPT, "--max-tokens", "2000", "--temperature", "0")
     )
-
-    def granted() -> list[str]:
-        out = cli.ok("events", "--after-id", str(last), "--model", model, "--json")
-        return [json.loads(line)["kind"] for line in out.splitlines()]
-
-    assert_eventually(granted, lambda kinds: "lease_granted" in kinds)
+    # The daemon's live state, not the audit trail: that is written behind the calls, so an
+    # earlier lease's event could still arrive after any id read now.
+    assert_eventually(lambda: runtimes(cli)[model], lambda rt: rt["leases"] >= 1)
     assert r.proc.poll() is None, "the generation ended before the eviction"
     return r
 
 
-def test_evict_abort_ends_a_running_generate(cli: Cli, running: list[Running]) -> None:
-    r = generating(cli, running, "beta")  # beta: 240 tokens take seconds, never an EOS
-    doc = cli.json("evict", "beta", "--to", "host", "--abort", "--json")
+def test_evict_abort_ends_a_running_generate(
+    cli: Cli, running: list[Running], long_model: str
+) -> None:
+    r = generating(cli, running, long_model)  # 2000 tokens take seconds, never an EOS
+    doc = cli.json("evict", long_model, "--to", "host", "--abort", "--json")
     assert [d["state"] for d in doc["runtimes"]] == ["suspended_host"]
     assert r.proc.wait(timeout=30) == 9  # ABORTED
     assert r.proc.stderr is not None
@@ -476,9 +495,11 @@ def test_evict_abort_ends_a_running_generate(cli: Cli, running: list[Running]) -
     assert text.endswith("\n") and len(text) > 1
 
 
-def test_evict_abort_counts_the_requests_it_aborted(cli: Cli, running: list[Running]) -> None:
-    generating(cli, running, "beta")
-    (done,) = cli.json("evict", "beta", "--to", "host", "--abort", "--json")["runtimes"]
+def test_evict_abort_counts_the_requests_it_aborted(
+    cli: Cli, running: list[Running], long_model: str
+) -> None:
+    generating(cli, running, long_model)
+    (done,) = cli.json("evict", long_model, "--to", "host", "--abort", "--json")["runtimes"]
     assert done["aborted_requests"] == 1
 
 
@@ -612,19 +633,17 @@ def test_a_disk_eviction_logs_snapshot_created(cli: Cli) -> None:
     only_on_gpu(cli, "alpha")
     last = last_event_id(cli)
     cli.ok("evict", "alpha", "--to", "disk")
-    kinds = [json.loads(line)["kind"] for line in cli.ok(
-        "events", "--after-id", str(last), "--model", "alpha", "--json"
-    ).splitlines()]  # fmt: skip
-    assert "snapshot_created" in kinds
+    # The audit trail is written behind the calls: its events arrive shortly after.
+    assert_eventually(lambda: kinds_after(cli, last, "alpha"), lambda k: "snapshot_created" in k)
 
 
 def test_lease_events_name_the_model(cli: Cli) -> None:
     last = last_event_id(cli)
     cli.ok("generate", "alpha", PROMPT, "--max-tokens", "1")  # a lease granted, then released
-    kinds = [json.loads(line)["kind"] for line in cli.ok(
-        "events", "--after-id", str(last), "--model", "alpha", "--json"
-    ).splitlines()]  # fmt: skip
-    assert "lease_granted" in kinds and "lease_released" in kinds
+    assert_eventually(
+        lambda: kinds_after(cli, last, "alpha"),
+        lambda k: "lease_granted" in k and "lease_released" in k,
+    )
 
 
 # -- snapshots --------------------------------------------------------------------------

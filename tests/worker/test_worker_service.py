@@ -196,6 +196,26 @@ def test_client_disconnect_aborts_the_request(worker: Worker, model_dir: Path) -
     )
 
 
+def test_a_suspend_with_abort_fails_the_running_generate(worker: Worker, model_dir: Path) -> None:
+    """An eviction's abort is an error for the caller, not a request that finished short."""
+    load(worker, model_dir)
+    params = common_pb2.SamplingParams(max_tokens=240, temperature=0, ignore_eos=True)
+    call = worker.stub.Generate(
+        worker_pb2.WorkerGenerateRequest(
+            request_id="evicted", prompt_token_ids=common_pb2.TokenIds(ids=[1, 2]), sampling=params
+        )
+    )
+    streamed = [next(call)]
+    worker.call("Suspend", worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST, abort=True))
+    with pytest.raises(grpc.RpcError) as info:
+        streamed += list(call)
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    error = from_rpc_error(info.value)
+    assert error.reason == "REQUEST_ABORTED"
+    assert all(not c.HasField("usage") for c in streamed)  # no chunk said it had finished
+    worker.call("Resume", worker_pb2.WorkerResumeRequest())
+
+
 def test_sigterm_stops_the_worker(worker: Worker) -> None:
     import signal
 
