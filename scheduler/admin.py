@@ -18,7 +18,6 @@ from torpor.scheduler.core import (
     EvictFinished,
     EvictRequested,
     PinChanged,
-    Reject,
     RuntimeState,
     SnapshotDeleted,
     Tier,
@@ -85,12 +84,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 yield admin_pb2.EvictResponse(
                     runtime_id=runtime.id, draining=ctl.state.leases_on(runtime.id)
                 )
-            while True:
-                done = await ticket.updates.get()
-                if isinstance(done, Reject):
-                    raise done.error
-                if isinstance(done, EvictFinished):
-                    break
+            done = await ticket.next(EvictFinished)
             if done.error is not None:
                 raise done.error
             if done.state is RuntimeState.FAILED:
@@ -204,7 +198,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     undrain=request.undrain,
                 )
             )
-            started = await _next(ticket, DrainStarted) if not request.undrain else None
+            started = await ticket.next(DrainStarted) if not request.undrain else None
         finally:
             ctl.close(ticket)
         self.d.events.append("gpu_draining_changed", gpu=request.gpu, draining=not request.undrain)
@@ -248,15 +242,6 @@ _WITH_WORKER = {
     RuntimeState.SUSPENDING,
     RuntimeState.RESUMING,
 }
-
-
-async def _next(ticket: Any, kind: type) -> Any:
-    while True:
-        update = await ticket.updates.get()
-        if isinstance(update, kind):
-            return update
-        if isinstance(update, Reject):
-            raise update.error
 
 
 def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:

@@ -87,7 +87,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         yield update
                 assert grant is not None
                 yield scheduler_pb2.AcquireEvent(ready=self._ready(grant))
-                end = await _next(ticket, EndLease)  # held until the lease ends
+                end = await ticket.next(EndLease)  # held until the lease ends
                 if end.why in _LEASE_ERRORS and end.error is not None:
                     raise end.error
         finally:
@@ -225,12 +225,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     deadline=self._deadline(context),
                 )
             )
-            while True:
-                update = await ticket.updates.get()
-                if isinstance(update, Grant):
-                    return update, ticket
-                if isinstance(update, Reject):
-                    raise update.error
+            return await ticket.next(Grant), ticket
         except BaseException:
             ctl.close(ticket)
             self._client_gone(request_id)
@@ -313,7 +308,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         try:
             ctl.submit(PrefetchRequested(request_id, request.model, tier))
             if request.wait:
-                done = await _next(ticket, PrefetchDone)
+                done = await ticket.next(PrefetchDone)
                 state = done.state
             else:
                 state = ctl.state.runtime_of(request.model).state
@@ -343,15 +338,6 @@ _TIER_OF = {
     RuntimeState.SNAPSHOT: Tier.DISK,
     RuntimeState.COLD: Tier.SOURCE,
 }
-
-
-async def _next(ticket: Ticket, kind: type) -> Any:
-    while True:
-        update = await ticket.updates.get()
-        if isinstance(update, kind):
-            return update
-        if isinstance(update, Reject):
-            raise update.error
 
 
 def _worker_error(exc: grpc.aio.AioRpcError, model: str) -> TorporError:

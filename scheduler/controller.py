@@ -16,7 +16,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from torpor.log import get_logger
 from torpor.scheduler import core
@@ -28,6 +28,7 @@ from torpor.scheduler.core import (
     Event,
     Load,
     Plan,
+    Reject,
     Resume,
     SchedulerState,
     Suspend,
@@ -37,6 +38,8 @@ from torpor.scheduler.core import (
 )
 
 log = get_logger("controller")
+
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,15 @@ class Ticket:
     updates: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     lease_id: str | None = None
     progress: bool = True  # wants Progress/Evicting/Queued notices
+
+    async def next(self, kind: type[U]) -> U:
+        """The next update of `kind`, skipping others; a rejection raises its error."""
+        while True:
+            update = await self.updates.get()
+            if isinstance(update, kind):
+                return update
+            if isinstance(update, Reject):
+                raise update.error
 
 
 class Executor(Protocol):

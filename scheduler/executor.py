@@ -185,18 +185,8 @@ class Executor:
             request.snapshot_id = await self.snapshots.manifest_for(action.model)
         else:
             request.model_dir = str(source.source)
-        status = None
-        async for event in _stream(worker.stub.Load(request)):
-            if event.HasField("progress"):
-                self.progress(
-                    action.model,
-                    action.source,
-                    event.progress.bytes_done,
-                    event.progress.bytes_total,
-                    True,
-                )
-            else:
-                status = event.done.status
+        done = await self._transfer(worker.stub.Load(request), action, loading=True)
+        status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
             kind = "snapshot" if action.source is Tier.DISK else "cold"
@@ -212,18 +202,9 @@ class Executor:
     async def _resume(self, action: Resume) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        moved = 0
-        async for event in _stream(worker.stub.Resume(worker_pb2.WorkerResumeRequest())):
-            if event.HasField("progress"):
-                self.progress(
-                    action.model,
-                    action.source,
-                    event.progress.bytes_done,
-                    event.progress.bytes_total,
-                    False,
-                )
-            else:
-                moved = event.done.bytes
+        call = worker.stub.Resume(worker_pb2.WorkerResumeRequest())
+        done = await self._transfer(call, action, loading=False)
+        moved = 0 if done is None else done.bytes
         seconds = time.perf_counter() - start
         self.restores[action.runtime_id] = seconds
         if self.metrics is not None:
@@ -234,6 +215,18 @@ class Executor:
                 worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST))
             )
         return TransitionCompleted(action.runtime_id, action.seq, action.target)
+
+    async def _transfer(self, call: Any, action: Load | Resume, loading: bool) -> Any:
+        """Follow a Load or Resume stream: pass its progress on to the waiting clients and
+        return its final `done` message (None if it sent none)."""
+        done = None
+        async for event in _stream(call):
+            if event.HasField("progress"):
+                p = event.progress
+                self.progress(action.model, action.source, p.bytes_done, p.bytes_total, loading)
+            else:
+                done = event.done
+        return done
 
     async def _suspend(self, action: Suspend) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
