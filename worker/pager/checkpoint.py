@@ -164,13 +164,20 @@ def _controller(action: str, pid: int, timeout_s: float) -> float:
             metadata={"action": action, "pid": pid},
         )
     seconds = time.perf_counter() - start
-    run = {"action": action, "seconds": round(seconds, 4)} | _steps(proc.stderr, spawned)
-    HISTORY.append(run)
-    log.info("checkpoint_controller", pid=pid, **run)
+    _record(pid, action, seconds, **_steps(proc.stderr, spawned))
     return seconds
 
 
-def _steps(trace: str, spawned: float) -> dict[str, object]:
+def _record(
+    pid: int, action: str, seconds: float, startup_s: float | None, steps: dict[str, float]
+) -> None:
+    """Keep a controller run in HISTORY and log it."""
+    run = {"action": action, "seconds": round(seconds, 4), "startup_s": startup_s, "steps": steps}
+    HISTORY.append(run)
+    log.info("checkpoint_controller", pid=pid, **run)
+
+
+def _steps(trace: str, spawned: float) -> dict[str, Any]:
     """Where a controller's time went, from its trace: its start-up (interpreter, imports),
     and each driver call."""
     steps: dict[str, float] = {}
@@ -247,9 +254,7 @@ class Controller:
                 metadata={"action": action, "pid": self.pid},
             )
         seconds = time.perf_counter() - start
-        run = {"action": action, "seconds": round(seconds, 4), "startup_s": 0.0}
-        HISTORY.append(run | {"steps": reply.get("steps", {})})
-        log.info("checkpoint_controller", pid=self.pid, persistent=True, **HISTORY[-1])
+        _record(self.pid, action, seconds, startup_s=0.0, steps=reply.get("steps", {}))
         return seconds
 
     def _line(self, deadline: float) -> str:

@@ -251,7 +251,7 @@ class PagedRuntime:
             released = self._unmap_all()
             if level is SuspendLevel.DISK:
                 self.host_copy.release()
-            if level is SuspendLevel.DEEP and self._cuda:
+            if level is SuspendLevel.DEEP:
                 self._checkpoint("suspend")
             self.residency = SUSPENDED[level]
             report = SuspendReport(level, time.perf_counter() - start, released, aborted)
@@ -266,12 +266,12 @@ class PagedRuntime:
     def _deepen(self, level: SuspendLevel, store: ChunkStore | None) -> SuspendReport:
         """Move an already suspended runtime further down; its arenas stay unmapped."""
         start = time.perf_counter()
-        if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
+        if self.residency is Residency.SUSPENDED_DEEP:
             self._checkpoint("resume")  # DISK keeps the context
         if level is SuspendLevel.DISK:
             self._ensure_snapshot(store)
             self.host_copy.release()
-        elif level is SuspendLevel.DEEP and self._cuda:
+        elif level is SuspendLevel.DEEP:
             self._checkpoint("suspend")
         self.residency = SUSPENDED[level]
         report = SuspendReport(level, time.perf_counter() - start, 0, 0)
@@ -323,7 +323,7 @@ class PagedRuntime:
             )
             start = time.perf_counter()
             tier = self.residency.value.removeprefix("suspended_")
-            if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
+            if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
             arenas = self.placement.arenas
             weights = arenas["weights"]
@@ -389,7 +389,7 @@ class PagedRuntime:
         with self._lock:
             if self.residency is Residency.CLOSED:
                 return
-            if self.residency is Residency.SUSPENDED_DEEP and self._cuda:
+            if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")  # a checkpointed process's CUDA calls would block
             if self._controller is not None:
                 self._controller.close()
@@ -406,7 +406,10 @@ class PagedRuntime:
     # -- helpers -----------------------------------------------------------------------------
 
     def _checkpoint(self, action: str) -> None:
-        checkpoint.run_controller(action, os.getpid(), controller=self._controller)
+        """Deep suspend's driver checkpoint, or its restore; nothing on the CPU backend, where
+        DEEP behaves as HOST."""
+        if self._cuda:
+            checkpoint.run_controller(action, os.getpid(), controller=self._controller)
 
     @property
     def _cuda(self) -> bool:
