@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|baseline|pager70|probe|deep]...      (default: all)
+#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|baseline|pager70|probe|pin|deep]...  (default: all)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -24,6 +24,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 date -u +%Y-%m-%dT%H:%M:%SZ
 
+echo "== host: NUMA nodes, the GPU's node, transparent huge pages"
+lscpu | grep -E "^(Model name|Socket|NUMA node)" || true
+grep -H . /sys/devices/system/node/node*/meminfo 2>/dev/null | grep MemTotal || true
+gpu_bus=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader | head -1 | tr 'A-F' 'a-f' | sed 's/^0000//')
+cat /sys/bus/pci/devices/*"${gpu_bus#0000}"/numa_node 2>/dev/null | sed 's/^/gpu numa_node /' || true
+cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null || true
+
+if want pin; then
+  echo "== pinned host memory by page kind: register, DMA, driver checkpoint"
+  timeout 420 python3 bench/pin_probe.py ${PIN_MODES:-} --gib "${PIN_GIB:-16}" --out "$RES"
+fi
 if want probe; then
   echo "== deep-suspend probe: which process state the driver's checkpoint handles"
   timeout 240 python3 bench/deep_probe.py ${PROBE_VARIANTS:-} --out "$RES"
@@ -48,11 +59,13 @@ if want engine; then
   python3 bench/engine_gpu.py decode $CK --out "$RES"
   python3 bench/engine_gpu.py hf $CK --out "$RES"
 fi
-if want pager; then
+if want pager || want pagertests; then
   echo "== pager gpu tests"
   timeout 300 python3 -m pytest -v -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
     -W ignore::pytest.PytestConfigWarning --timeout 200 2>&1 | tee "$OUT/pager-tests.log" \
     | grep -E "PASSED|FAILED|ERROR|passed|failed"
+fi
+if want pager; then
   echo "== pager benchmark: 8B-shaped bf16 (deep last: it is the least proven path)"
   timeout 60 python3 bench/pager_gpu.py context --out "$RES"
   timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels host,disk,deep --cycles "${PAGER_CYCLES:-5}" \

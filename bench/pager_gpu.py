@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from engine_gpu import LLAMA3_8B  # bench/ is on the path when this runs as a script
+from pin_probe import numa_pages
 
 from tests.pager.nvsmi import process_gpu_bytes
 
@@ -244,6 +245,7 @@ def runtime(args: argparse.Namespace) -> None:
     rt.wait_host_copy()
     host_copy_s = time.perf_counter() - start
     expected = greedy_tokens(rt.loop, "expected")
+    resident_ttft = [first_token_s(rt, f"resident-{i}") for i in range(5)]
     sync(device)
     weights = rt.engine.memory.weights.nbytes
     emit(
@@ -259,6 +261,8 @@ def runtime(args: argparse.Namespace) -> None:
             "arena_bytes": rt.placement.mapped_bytes(),
             "nvml_process_bytes_resident": process_gpu_bytes(),
             "first_tokens": list(expected[:4]),
+            "resident_first_token_s": median(resident_ttft),
+            "host_numa_pages": numa_pages(rt.host.address) if rt.host is not None else None,
         },
     )
     store = ChunkStore(args.store)
@@ -273,6 +277,48 @@ def runtime(args: argparse.Namespace) -> None:
                     return
                 break
     rt.close()
+
+
+def residual_breakdown() -> dict[str, Any]:
+    """What a host-suspended runtime still holds on the GPU, and what each release frees:
+    torch's allocator segments outside the arenas, the context's limits (local memory for
+    kernel stacks is sized by the largest kernel launched), and NVML's bytes after clearing
+    cuBLAS's workspaces and after resetting the stack limit."""
+    from torpor.worker.pager.cuda import driver
+
+    cu = driver()
+    segments: dict[str, int] = {}
+    for seg in torch.cuda.memory_snapshot():
+        key = (
+            f"{seg.get('segment_type')} {seg.get('total_size', 0) >> 20}MiB "
+            f"pool={seg.get('segment_pool_id')} stream={seg.get('stream')} "
+            f"alloc={seg.get('allocated_size', 0) >> 20}MiB"
+        )
+        segments[key] = segments.get(key, 0) + 1
+    limits = {}
+    for name in ("STACK_SIZE", "MALLOC_HEAP_SIZE", "PRINTF_FIFO_SIZE"):
+        err, value = cu.cuCtxGetLimit(getattr(cu.CUlimit, f"CU_LIMIT_{name}"))
+        limits[name] = int(value) if int(err) == 0 else f"error {int(err)}"
+    out: dict[str, Any] = {
+        "torch_reserved": torch.cuda.memory_reserved(),
+        "torch_allocated": torch.cuda.memory_allocated(),
+        "segments": segments,
+        "limits": limits,
+        "nvml": process_gpu_bytes(),
+    }
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        out["nvml_after_cublas_clear"] = process_gpu_bytes()
+    stack = limits["STACK_SIZE"]
+    if isinstance(stack, int):
+        err = cu.cuCtxSetLimit(cu.CUlimit.CU_LIMIT_STACK_SIZE, stack)
+        torch.cuda.synchronize()
+        out["nvml_after_stack_reset"] = process_gpu_bytes()
+        out["stack_reset_err"] = int(err[0] if isinstance(err, tuple) else err)
+    return out
 
 
 def disk_floor(rt: Any, store: Any, out: Path, base: dict[str, Any]) -> float:
@@ -320,10 +366,13 @@ def one_cycle(
         "device_used_suspended": device_used() if sync_ok else None,
     }
     page_cache_dropped = drop_page_cache() if level.value == "disk" else None
+    if level.value == "host" and base["cycle"] == 0 and device.startswith("cuda"):
+        suspended["residual"] = residual_breakdown()
     start = time.perf_counter()
     r = rt.resume()
     ttft = first_token_s(rt, f"{level.value}-{base['cycle']}")
     arrival_to_first_token = time.perf_counter() - start
+    suspended["second_first_token_s"] = first_token_s(rt, f"{level.value}-{base['cycle']}-2")
     same = greedy_tokens(rt.loop, f"{level.value}-{base['cycle']}") == expected
     record = base | {
         "bench": f"pager_{level.value}",
@@ -331,6 +380,7 @@ def one_cycle(
         "gpu_bytes_released": s.gpu_bytes_released,
         "resume_s": r.seconds,
         "resume_GBps": r.gbps,
+        "resume_phases": r.phases,
         "first_token_after_resume_s": ttft,
         "arrival_to_first_token_s": arrival_to_first_token,
         "bit_identical_tokens": same,

@@ -322,28 +322,39 @@ class PagedRuntime:
                 verb="resume",
             )
             start = time.perf_counter()
+            clock = _Phases()
             tier = self.residency.value.removeprefix("suspended_")
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
+                clock.lap("restore")
             arenas = self.placement.arenas
             weights = arenas["weights"]
             weights.map()
+            clock.lap("map")
             try:
                 moved = self._refill(weights, store, progress)
             except BaseException:
                 weights.unmap()  # never serve from a half-filled or unverified arena
                 raise
+            clock.lap("refill")
             arenas["kv"].map(zero=True)
             if "graphs" in arenas:
                 arenas["graphs"].map()
+            if self._cuda:
+                torch.cuda.synchronize(self.engine.device)
+            clock.lap("finish")
             came_from_disk = self.residency is Residency.SUSPENDED_DISK
             self.residency = Residency.RESIDENT
             self._unpark()
             if came_from_disk:
                 self._start_host_copy()
-            report = ResumeReport(tier, time.perf_counter() - start, moved)
+            report = ResumeReport(tier, time.perf_counter() - start, moved, clock.laps)
             log.info(
-                "resumed", tier=tier, seconds=round(report.seconds, 4), gbps=round(report.gbps, 2)
+                "resumed",
+                tier=tier,
+                seconds=round(report.seconds, 4),
+                gbps=round(report.gbps, 2),
+                **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
             return report
 
@@ -438,6 +449,19 @@ class PagedRuntime:
         if self._pause is not None:
             self._pause.close()
             self._pause = None
+
+
+class _Phases:
+    """Laps of a stopwatch, by name."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def _on(engine_options: EngineOptions, options: PagerOptions) -> EngineOptions:

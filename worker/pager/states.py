@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SuspendLevel(enum.Enum):
@@ -51,6 +51,9 @@ class ResumeReport:
     tier: str  # host | deep | disk
     seconds: float
     bytes: int
+    # Where the time went, in order: "restore" (deep: the driver's), "map" (the weights
+    # arena), "refill" (the weights' bytes), "finish" (KV zeroed, graph pool mapped).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:

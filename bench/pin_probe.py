@@ -1,0 +1,176 @@
+"""What pinned host memory costs, by the kind of pages behind it: faulting in, registering
+with the driver, DMA bandwidth, unregistering and registering again, and the driver's process
+checkpoint and restore (deep suspend) of a process that holds it registered.
+
+    python bench/pin_probe.py [MODE...] --gib N --out F     (default: all modes, in order)
+
+Modes (each in a fresh child process): `small` (4 KiB pages: MADV_NOHUGEPAGE), `thp`
+(transparent huge pages: MADV_HUGEPAGE, what HostBuffer asks for), `hugetlb` (2 MiB pages
+from the kernel's reserved pool, MAP_HUGETLB; the parent reserves them first, as root).
+The deep-suspend cost of a 70B-shaped runtime grew with its registered host memory (about
+25 ms per GB each way); this says whether the kind of page, or unregistering first, helps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("small", "thp", "hugetlb")
+GiB = 1 << 30
+PIECE = 128 << 20
+MADV_HUGEPAGE, MADV_NOHUGEPAGE, MAP_HUGETLB = 14, 15, 0x40000
+
+
+def smaps_huge(address: int) -> dict[str, int]:
+    """AnonHugePages / Private_Hugetlb (kB) of the mapping that starts at `address`."""
+    out: dict[str, int] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and not line.endswith("kB"):
+            inside = int(line.split("-", 1)[0], 16) == address
+        elif inside and line.split(":")[0] in ("AnonHugePages", "Private_Hugetlb", "Rss"):
+            key, value = line.split(":")
+            out[key] = int(value.split()[0])
+    return out
+
+
+def numa_pages(address: int) -> dict[str, int]:
+    """Pages per NUMA node (numa_maps' N<node>=<pages>) of the mapping at `address`."""
+    for line in Path("/proc/self/numa_maps").read_text().splitlines():
+        if int(line.split()[0], 16) == address:
+            return {f: int(n) for f, n in (x.split("=") for x in line.split() if x[:1] == "N")}
+    return {}
+
+
+def child(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
+    import torch
+
+    from torpor.worker.pager import checkpoint
+    from torpor.worker.pager.cpu import (
+        MAP_ANONYMOUS,
+        MAP_PRIVATE,
+        PROT_READ_WRITE,
+        host_view,
+        sys_madvise,
+        sys_mmap,
+    )
+    from torpor.worker.pager.cuda import CudaBackend
+
+    backend = CudaBackend(0)
+    controller = checkpoint.Controller(os.getpid()).start()
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_HUGETLB if mode == "hugetlb" else 0)
+    address = sys_mmap(0, nbytes, PROT_READ_WRITE, flags)
+    if mode != "hugetlb":
+        sys_madvise(address, nbytes, MADV_HUGEPAGE if mode == "thp" else MADV_NOHUGEPAGE)
+    host = host_view(address, nbytes)
+    record: dict[str, object] = {"mode": mode, "bytes": nbytes}
+    t = time.perf_counter()
+    host.fill_(7)
+    record["fault_in_s"] = time.perf_counter() - t
+    record |= smaps_huge(address) | {"numa_pages": numa_pages(address)}
+    pieces = range(address, address + nbytes, PIECE)
+
+    def register() -> float:
+        t = time.perf_counter()
+        for a in pieces:
+            backend.pin_host(a, PIECE)
+        return time.perf_counter() - t
+
+    def unregister() -> float:
+        t = time.perf_counter()
+        for a in pieces:
+            backend.unpin_host(a)
+        return time.perf_counter() - t
+
+    record["register_s"] = register()
+    dst = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.cuda.stream(stream):
+        for off in range(0, nbytes, PIECE):
+            d = off % GiB
+            dst[d : d + PIECE].copy_(host[off : off + PIECE], non_blocking=True)
+    stream.synchronize()
+    record["h2d_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
+    del dst
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    record["unregister_s"] = unregister()
+    record["reregister_s"] = register()
+    # The driver's checkpoint with the memory registered, then without it.
+    record["ckpt_registered"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
+    unregister()
+    record["ckpt_unregistered"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
+    controller.close()
+    return record
+
+
+def reserve_huge_pages(nbytes: int) -> dict[str, object]:
+    """Ask the kernel for enough 2 MiB pages (root only); report what it gave."""
+    want = nbytes // (2 << 20) + 16
+    path = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        path.write_text(str(want))
+    except OSError as exc:
+        return {"hugepages_error": str(exc)}
+    return {"hugepages_wanted": want, "hugepages_got": int(path.read_text())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("modes", nargs="*", default=list(MODES))
+    parser.add_argument("--gib", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    nbytes = args.gib * GiB
+    if args.child:
+        print(json.dumps(child(args.modes[0], nbytes, args.timeout)), flush=True)
+        return
+    for mode in args.modes:
+        extra = reserve_huge_pages(nbytes) if mode == "hugetlb" else {}
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    mode,
+                    "--child",
+                    "--gib",
+                    str(args.gib),
+                    "--out",
+                    str(args.out),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout * 4 + 120,
+            )
+            lines = proc.stdout.strip().splitlines()
+            record = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+            if proc.returncode:
+                record |= {"rc": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            record = {"error": "child timed out"}
+        if "hugepages_got" in extra:
+            Path("/proc/sys/vm/nr_hugepages").write_text("0")
+        record |= extra | {
+            "bench": "pin_probe",
+            "mode": mode,
+            "wall_s": time.perf_counter() - start,
+        }
+        with args.out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
