@@ -237,9 +237,8 @@ def runtime(args: argparse.Namespace) -> None:
     model_dir, layers, dtype = shape_dir(shape)
     options = EngineOptions(max_batch=8, max_seq_len=1024, dtype=dtype)
     start = time.perf_counter()
-    rt = PagedRuntime.load(
-        model_dir, options, PagerOptions(device=device), filler=RandomFiller(layers)
-    )
+    pager = PagerOptions(device=device, stage_threads=args.stage_threads)
+    rt = PagedRuntime.load(model_dir, options, pager, filler=RandomFiller(layers))
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     rt.wait_host_copy()
@@ -276,7 +275,29 @@ def runtime(args: argparse.Namespace) -> None:
                 if rt.residency.value != "resident":
                     return
                 break
+    if cuda:
+        emit(out, base | {"bench": "pager_graph_bytes", **graph_bytes(rt)})
     rt.close()
+
+
+def graph_bytes(rt: Any) -> dict[str, Any]:
+    """NVML's bytes of the host-suspended runtime before and after its captured graphs are
+    destroyed: what the graph executables themselves hold on the device (their nodes and
+    kernel parameters; their memory pool is in an arena and already released)."""
+    import gc
+
+    from torpor.worker.pager.states import SuspendLevel
+
+    rt.suspend(SuspendLevel.HOST)
+    torch.cuda.synchronize()
+    before = process_gpu_bytes()
+    graphs = len(getattr(rt.engine._decoder, "graphs", {}))
+    rt.engine.disable_graphs()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    after = process_gpu_bytes()
+    return {"graphs": graphs, "nvml_with_graphs": before, "nvml_without_graphs": after}
 
 
 def residual_breakdown() -> dict[str, Any]:
@@ -390,6 +411,11 @@ def one_cycle(
         from torpor.worker.pager import checkpoint
 
         record["controllers"] = list(checkpoint.HISTORY)[-2:]
+        relock = time.perf_counter()
+        host = rt.host
+        while host is not None and not host.pinned and time.perf_counter() - relock < 120:
+            time.sleep(0.01)
+        record["relocked_after_s"] = time.perf_counter() - relock
     if level.value == "disk":
         record |= {
             "page_cache_dropped": page_cache_dropped,
@@ -447,6 +473,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/torpor-bench/store"))
     parser.add_argument("--levels", default="host,deep,disk")
     parser.add_argument("--cycles", type=int, default=5)
+    parser.add_argument("--stage-threads", type=int, default=8)
     args = parser.parse_args()
     from torpor.log import configure
 

@@ -6,7 +6,9 @@ checkpoint and restore (deep suspend) of a process that holds it registered.
 
 Modes (each in a fresh child process): `small` (4 KiB pages: MADV_NOHUGEPAGE), `thp`
 (transparent huge pages: MADV_HUGEPAGE, what HostBuffer asks for), `hugetlb` (2 MiB pages
-from the kernel's reserved pool, MAP_HUGETLB; the parent reserves them first, as root).
+from the kernel's reserved pool, MAP_HUGETLB; the parent reserves them first, as root);
+`stage`: unlocked memory to the GPU through `HostStager` (the deep-resume path), by threads
+and staging-buffer size, against the driver's own copy from pageable memory.
 The deep-suspend cost of a 70B-shaped runtime grew with its registered host memory (about
 25 ms per GB each way); this says whether the kind of page, or unregistering first, helps.
 """
@@ -21,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("small", "thp", "hugetlb")
+MODES = ("small", "thp", "hugetlb", "stage")
 GiB = 1 << 30
 PIECE = 128 << 20
 MADV_HUGEPAGE, MADV_NOHUGEPAGE, MAP_HUGETLB = 14, 15, 0x40000
@@ -112,6 +114,46 @@ def child(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
     return record
 
 
+def stage_sweep(nbytes: int) -> dict[str, object]:
+    """Unlocked (transparent huge page) memory to the GPU through HostStager, by threads and
+    staging-buffer size: the deep-resume path."""
+    import torch
+
+    from torpor.worker.pager.cpu import (
+        MAP_ANONYMOUS,
+        MAP_PRIVATE,
+        PROT_READ_WRITE,
+        host_view,
+        sys_madvise,
+        sys_mmap,
+    )
+    from torpor.worker.pager.cuda import CudaBackend
+    from torpor.worker.pager.stream import HostStager
+
+    backend = CudaBackend(0)
+    address = sys_mmap(0, nbytes, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    sys_madvise(address, nbytes, MADV_HUGEPAGE)
+    src = host_view(address, nbytes)
+    src.fill_(3)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    record: dict[str, object] = {"mode": "stage", "bytes": nbytes}
+    for threads in (2, 4, 8, 12):
+        for mib in (16, 32, 64):
+            stager = HostStager(threads, mib << 20, backend)
+            stager(src, dst, [(0, 1 << 30)])  # warm: threads, first touch of the ring
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            stager(src, dst, [(0, nbytes)])
+            torch.cuda.synchronize()
+            record[f"GBps_t{threads}_{mib}MiB"] = nbytes / (time.perf_counter() - t) / 1e9
+            stager.close()
+    t = time.perf_counter()
+    dst.copy_(src)  # the driver's own pageable path, for comparison
+    torch.cuda.synchronize()
+    record["GBps_pageable_copy"] = nbytes / (time.perf_counter() - t) / 1e9
+    return record
+
+
 def reserve_huge_pages(nbytes: int) -> dict[str, object]:
     """Ask the kernel for enough 2 MiB pages (root only); report what it gave."""
     want = nbytes // (2 << 20) + 16
@@ -133,7 +175,9 @@ def main() -> None:
     args = parser.parse_args()
     nbytes = args.gib * GiB
     if args.child:
-        print(json.dumps(child(args.modes[0], nbytes, args.timeout)), flush=True)
+        mode = args.modes[0]
+        result = stage_sweep(nbytes) if mode == "stage" else child(mode, nbytes, args.timeout)
+        print(json.dumps(result), flush=True)
         return
     for mode in args.modes:
         extra = reserve_huge_pages(nbytes) if mode == "hugetlb" else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,11 +92,26 @@ def deep_suspend_holds_no_gpu_memory(tmp: Path) -> None:
     rt = PagedRuntime.load(model(tmp), OPTIONS, PAGER)
     before, where = generate(rt), pointers(rt)
     assert (process_gpu_bytes() or 0) > 0
+    host = rt.wait_host_copy()
+    assert host is not None and host.pinned
     rt.suspend(SuspendLevel.DEEP)
     used = process_gpu_bytes()  # asked from outside: NVML in a locked process blocks
     assert used == 0, f"{used} bytes still on the GPU"
-    rt.resume()
+    assert host.pinned_bytes == 0  # unlocked before the checkpoint
+    rt.resume()  # the copy comes back through staging buffers
     assert pointers(rt) == where
+    assert generate(rt) == before
+    deadline = time.monotonic() + 60
+    while not host.pinned:  # locked again in the background
+        assert time.monotonic() < deadline, "the host copy was not locked again"
+        time.sleep(0.05)
+    rt.suspend(SuspendLevel.HOST)
+    rt.resume()
+    assert generate(rt) == before
+    rt.suspend(SuspendLevel.DEEP)
+    rt.resume()
+    rt.suspend(SuspendLevel.HOST)  # at once: the relock stops part way
+    rt.resume()
     assert generate(rt) == before
     rt.close()
 

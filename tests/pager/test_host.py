@@ -129,3 +129,93 @@ def test_a_pin_failing_half_way_unpins_the_pieces_already_pinned() -> None:
     with pytest.raises(ResourceExhausted):
         HostBuffer(8 * MiB, pinner=pinner, pin_piece=2 * MiB)
     assert sorted(pinner.unpinned) == sorted(address for address, _ in pinner.pinned)
+
+
+def test_unpin_unlocks_every_piece_and_pin_locks_them_again() -> None:
+    """Deep suspend unlocks the host copy (the driver's checkpoint costs ~25 ms per locked
+    GB each way); a background pin locks it again, and may be stopped between pieces."""
+    pinner = RecordingPinner()
+    host = HostBuffer(5 * MiB, pinner=pinner, pin_piece=2 * MiB)
+    a = host.address
+    host.unpin()
+    assert not host.pinned and host.pinned_bytes == 0
+    assert sorted(pinner.unpinned) == [a, a + 2 * MiB, a + 4 * MiB]
+    calls: list[int] = []
+
+    def one_piece_only() -> None:
+        if calls:
+            raise InterruptedError
+        calls.append(1)
+
+    pinner.pinned.clear()
+    with pytest.raises(InterruptedError):
+        host.pin(one_piece_only)
+    assert pinner.pinned == [(a, 2 * MiB)] and host.pinned_bytes == 2 * MiB and not host.pinned
+    host.pin()
+    assert host.pinned and host.pinned_bytes == 5 * MiB
+    host.close()
+    assert len(pinner.unpinned) == 6  # three at unpin, three at close
+
+
+def _half_locked(arena: Arena) -> HostBuffer:
+    """A host copy of `arena` in three 8 MiB pieces, the first locked, the others not."""
+    host = HostBuffer(arena.nbytes, pinner=RecordingPinner(), pin_piece=8 * MiB)
+    host.copy_from(arena)
+    host.unpin()
+    locked: list[int] = []
+
+    def first_only() -> None:
+        if locked:
+            raise InterruptedError
+        locked.append(1)
+
+    with pytest.raises(InterruptedError):
+        host.pin(first_only)
+    return host
+
+
+def test_unlocked_pieces_come_back_through_the_stage(arena: Arena) -> None:
+    data = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8))
+    expected = data.clone()
+    host = _half_locked(arena)
+    data.zero_()
+    staged: list[tuple[int, int]] = []
+
+    def stage(src: torch.Tensor, dst: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+        for offset, size in spans:
+            staged.append((offset, size))
+            dst[offset : offset + size].copy_(src[offset : offset + size])
+
+    host.copy_to(arena, stage=stage)
+    assert staged == [(8 * MiB, 8 * MiB), (16 * MiB, 8 * MiB)]  # the locked piece went direct
+    assert torch.equal(data, expected)
+    with pytest.raises(FailedPrecondition) as err:
+        host.copy_to(arena)  # unlocked pieces and nothing to stage them through
+    assert err.value.reason == "HOST_COPY_NOT_PINNED"
+    host.close()
+
+
+def test_the_host_stager_copies_spans_through_a_small_ring(arena: Arena) -> None:
+    from torpor.worker.pager.stream import HostStager
+
+    data = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8))
+    expected = data.clone()
+    host = _half_locked(arena)
+    data.zero_()
+    stager = HostStager(threads=3, nbytes=3 * MiB + 4096, pinner=RecordingPinner())
+    try:
+        host.copy_to(arena, stage=stager)  # 8 MiB spans in 3 MiB steps: uneven tails
+        assert torch.equal(data, expected)
+        data.zero_()
+        stager(host.tensor, data, [(5, MiB), (20 * MiB + 1, 7)])
+        assert torch.equal(data[5 : 5 + MiB], expected[5 : 5 + MiB])
+        assert torch.equal(data[20 * MiB + 1 : 20 * MiB + 8], expected[20 * MiB + 1 : 20 * MiB + 8])
+        assert int(data.count_nonzero()) == int(
+            expected[5 : 5 + MiB].count_nonzero()
+            + expected[20 * MiB + 1 : 20 * MiB + 8].count_nonzero()
+        )
+    finally:
+        stager.close()
+        host.close()

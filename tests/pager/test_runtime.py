@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.arena import Arena
+from torpor.worker.pager.cpu import CpuBackend
 from torpor.worker.pager.host import HostBuffer
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
@@ -357,3 +359,67 @@ def test_random_weights_need_no_checkpoint_and_page_like_any(
         assert tokens(again) == first  # deterministic for a seed
     finally:
         again.close()
+
+
+@pytest.fixture
+def locking_runtime(model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """A CPU runtime whose backend page-locks host memory the way the CUDA one does (here,
+    it only records which pieces are locked)."""
+    locked: set[int] = set()
+    monkeypatch.setattr(CpuBackend, "pin_host", lambda _, a, n: locked.add(a), raising=False)
+    monkeypatch.setattr(CpuBackend, "unpin_host", lambda _, a: locked.discard(a), raising=False)
+    rt = PagedRuntime.load(model_dir, OPTIONS, PAGER)
+    yield rt, locked
+    rt.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_deep_unlocks_the_host_copy_and_a_resume_locks_it_again(
+    locking_runtime: tuple[PagedRuntime, set[int]],
+) -> None:
+    """The driver's checkpoint costs about 25 ms per page-locked GB each way, so a deep
+    suspend unlocks the host copy; the resume brings it back through staging buffers and
+    locks it again in the background."""
+    rt, locked = locking_runtime
+    host = rt.wait_host_copy()
+    assert host is not None and host.pinned and host.address in locked
+    before = generate(rt, GREEDY)
+    rt.suspend(SuspendLevel.DEEP)
+    assert host.pinned_bytes == 0 and host.address not in locked  # the staging ring stays
+    report = rt.resume()
+    assert report.tier == "deep" and report.bytes == rt.engine.memory.weights.nbytes
+    assert generate(rt, GREEDY).token_ids == before.token_ids
+    assert _wait_until(lambda: host.pinned) and host.address in locked
+    rt.suspend(SuspendLevel.HOST)  # and the host tier still works, straight from the copy
+    rt.resume()
+    assert generate(rt, GREEDY).token_ids == before.token_ids
+
+
+def test_the_relock_gives_way_and_a_suspend_stops_it(
+    locking_runtime: tuple[PagedRuntime, set[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt, locked = locking_runtime
+    host = rt.wait_host_copy()
+    assert host is not None
+    before = generate(rt, GREEDY)
+    rt.suspend(SuspendLevel.DEEP)
+    serving = [True]
+    monkeypatch.setattr(rt.loop, "busy", lambda: serving[0])  # serving: the relock waits
+    rt.resume()
+    time.sleep(0.1)
+    assert host.address not in locked
+    start = time.monotonic()
+    rt.suspend(SuspendLevel.HOST)  # stops the waiting relock at once
+    assert time.monotonic() - start < 2 and host.address not in locked
+    rt.resume()  # from an unlocked copy: through the staging buffers
+    serving[0] = False
+    assert generate(rt, GREEDY).token_ids == before.token_ids
+    assert _wait_until(lambda: host.pinned)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -43,6 +43,15 @@ from torpor.worker.pager.cpu import (
 
 PIN_PIECE = 128 << 20
 """Bytes per page-locked registration (about 25 ms of pinning each)."""
+
+
+class Stage(Protocol):
+    """Copies `spans` ((offset, nbytes) pairs) of a host tensor that is not page-locked to
+    the same offsets of a device tensor, through pinned staging buffers; returns when done."""
+
+    def __call__(
+        self, src: torch.Tensor, dst: torch.Tensor, spans: Sequence[tuple[int, int]]
+    ) -> None: ...
 
 
 @runtime_checkable
@@ -85,19 +94,13 @@ class HostBuffer:
             (offset, min(piece, self._mapped_bytes - offset))
             for offset in range(0, self._mapped_bytes, piece)
         ]
-        self._pinner: HostPinner | None = None
-        self._pinned: list[int] = []  # addresses registered so far
+        self._pinner = pinner
+        self._pinned = [False] * len(self._pieces)  # per piece: registered now
         try:
             self._advise_huge_pages()
-            if pinner is not None:
-                self._pinner = pinner
-                for offset, size in self._pieces:
-                    if before_piece is not None:
-                        before_piece()
-                    pinner.pin_host(self._address + offset, size)
-                    self._pinned.append(self._address + offset)
+            self.pin(before_piece)
         except BaseException:
-            self._unpin()
+            self.unpin()
             sys_munmap(self._address, self._mapped_bytes)
             raise
         self._tensor: torch.Tensor | None = host_view(self._address, nbytes)
@@ -132,7 +135,36 @@ class HostBuffer:
 
     @property
     def pinned(self) -> bool:
-        return bool(self._pinned)
+        """Whether every piece is page-locked (never, without a pinner)."""
+        return self._pinner is not None and all(self._pinned)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(size for (_, size), on in zip(self._pieces, self._pinned, strict=True) if on)
+
+    def pin(self, before_piece: Callable[[], None] | None = None) -> None:
+        """Page-lock every piece not locked yet (no-op without a pinner). `before_piece` runs
+        before each one and may raise to stop (the pieces done so far stay locked)."""
+        if self._pinner is None:
+            return
+        for i, (offset, size) in enumerate(self._pieces):
+            if self._pinned[i]:
+                continue
+            if before_piece is not None:
+                before_piece()
+            self._pinner.pin_host(self._address + offset, size)
+            self._pinned[i] = True
+
+    def unpin(self) -> None:
+        """Unlock every piece; the bytes stay. Deep suspend does this before the driver's
+        checkpoint, whose cost grows with the page-locked memory of the process (about
+        25 ms per GB each way, measured on an H200), and `pin` locks them again later."""
+        if self._pinner is None:
+            return
+        for i, (offset, _) in enumerate(self._pieces):
+            if self._pinned[i]:
+                self._pinner.unpin_host(self._address + offset)
+                self._pinned[i] = False
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -147,15 +179,33 @@ class HostBuffer:
         Waits for work queued on the current stream first (the arena may just have been filled).
         """
         n = self._span(arena, nbytes)
-        self._copy(self.tensor[:n], arena.tensor(0, (n,), torch.uint8), arena.device)
+        dst, src = self.tensor[:n], arena.tensor(0, (n,), torch.uint8)
+        self._copy(dst, src, arena.device, self._spans(n))
 
-    def copy_to(self, arena: Arena, nbytes: int | None = None) -> None:
+    def copy_to(self, arena: Arena, nbytes: int | None = None, stage: Stage | None = None) -> None:
         """Copy the first `nbytes` (default: the buffer's size) of the buffer into a mapped arena.
 
-        Returns when the bytes are in the arena.
+        Pieces that are not page-locked (after `unpin`) go through `stage`, pinned staging
+        buffers, while the locked ones are copied directly, at the same time. Returns when the
+        bytes are in the arena.
         """
         n = self._span(arena, nbytes)
-        self._copy(arena.tensor(0, (n,), torch.uint8), self.tensor[:n], arena.device)
+        dst, src = arena.tensor(0, (n,), torch.uint8), self.tensor[:n]
+        pieces = self._spans(n)
+        locked = [p for p, on in zip(pieces, self._pinned, strict=False) if on]
+        loose = [p for p, on in zip(pieces, self._pinned, strict=False) if not on]
+        if self._pinner is None or not loose:
+            self._copy(dst, src, arena.device, pieces)
+            return
+        if stage is None:
+            raise FailedPrecondition(
+                "the host copy is not page-locked and no staging buffers were given",
+                reason="HOST_COPY_NOT_PINNED",
+            )
+        self._copy(dst, src, arena.device, locked, wait=False)  # meanwhile, on a side stream
+        stage(src, dst, loose)
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def _span(self, arena: Arena, nbytes: int | None) -> int:
         n = self._nbytes if nbytes is None else nbytes
@@ -168,9 +218,22 @@ class HostBuffer:
             )
         return n
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> None:
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        """The pieces that hold the first `n` bytes, as (offset, nbytes), the last one cut."""
+        return [(offset, min(size, n - offset)) for offset, size in self._pieces if offset < n]
+
+    def _copy(
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        device: torch.device,
+        spans: Sequence[tuple[int, int]],
+        wait: bool = True,
+    ) -> None:
+        """Copy `spans` of `src` to `dst`; with `wait`, return when they are copied."""
         if device.type != "cuda":
-            dst.copy_(src)
+            for offset, size in spans:
+                dst[offset : offset + size].copy_(src[offset : offset + size])
             return
         # A dedicated stream keeps the copy off the compute stream's queue; it first waits for
         # what is already queued there, and the host waits for the copy before returning.
@@ -179,28 +242,20 @@ class HostBuffer:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
-        n = dst.numel()
         with torch.cuda.stream(self._stream):
-            for offset, size in self._pieces:
-                if offset >= n:
-                    break
-                end = min(offset + size, n)
-                dst[offset:end].copy_(src[offset:end], non_blocking=True)
-        self._stream.synchronize()
+            for offset, size in spans:
+                dst[offset : offset + size].copy_(src[offset : offset + size], non_blocking=True)
+        if wait:
+            self._stream.synchronize()
 
     def close(self) -> None:
         """Unpin and free the buffer. Idempotent."""
         if self._tensor is None:
             return
-        self._unpin()
+        self.unpin()
+        self._pinner = None
         sys_munmap(self._address, self._mapped_bytes)
         self._tensor = None
-
-    def _unpin(self) -> None:
-        while self._pinned:
-            assert self._pinner is not None
-            self._pinner.unpin_host(self._pinned.pop())
-        self._pinner = None
 
     def __enter__(self) -> HostBuffer:
         return self

@@ -5,6 +5,10 @@ Making it pins as many bytes as the weights (16 GB for an 8B model; seconds of w
 pinning takes a driver lock that a request's kernel launches would queue behind. So the copy
 gives way: before each pinned piece, and before the copy itself, it waits while the runtime
 serves (`busy`). A disk-level suspend does not need it and cancels it.
+
+A deep suspend unlocks the copy's pages (`unpin`: the driver's checkpoint costs about 25 ms per
+page-locked GB each way) and a deep resume locks them again in the background (`repin`),
+giving way the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class HostCopy:
         self._done = threading.Event()
         self._cancel = threading.Event()
         self._error: BaseException | None = None
+        self._repin_thread: threading.Thread | None = None
+        self._repin_stop = threading.Event()
         if not enabled:
             self._done.set()
 
@@ -103,8 +109,53 @@ class HostCopy:
         """Stop a copy still being made at its next piece (a disk suspend will not use it)."""
         self._cancel.set()
 
+    # -- page locks ---------------------------------------------------------------------------
+
+    def unpin(self) -> None:
+        """Unlock the copy's pages (deep suspend, before the driver's checkpoint); the bytes
+        stay, and resuming copies them through staging buffers."""
+        self.stop_repin()
+        if self.buffer is not None:
+            self.buffer.unpin()
+
+    def repin(self) -> None:
+        """Lock the copy's pages again in the background, piece by piece, giving way while
+        the runtime serves (after a deep resume). `stop_repin` ends it early."""
+        buffer = self.buffer
+        if buffer is None or buffer.pinned or self._repin_thread is not None:
+            return
+        self._repin_stop.clear()
+        self._repin_thread = threading.Thread(
+            target=self._repin, args=(buffer,), name="host-repin", daemon=True
+        )
+        self._repin_thread.start()
+
+    def _repin(self, buffer: HostBuffer) -> None:
+        def give_way() -> None:
+            while self._busy() and not self._repin_stop.is_set():
+                time.sleep(GIVE_WAY_POLL_S)
+            if self._repin_stop.is_set():
+                raise _Cancelled
+
+        start = time.perf_counter()
+        try:
+            buffer.pin(give_way)
+            log.info("host_copy_repinned", seconds=round(time.perf_counter() - start, 3))
+        except _Cancelled:  # a suspend came first; the pieces locked so far stay locked
+            pass
+        except BaseException as exc:  # it still works unlocked, through staging buffers
+            log.error("host_copy_repin_failed", error=repr(exc))
+
+    def stop_repin(self) -> None:
+        """Stop re-locking at its next piece and wait for it (at most one piece: ms)."""
+        thread, self._repin_thread = self._repin_thread, None
+        if thread is not None:
+            self._repin_stop.set()
+            thread.join()
+
     def release(self) -> None:
         """Free the copy, if there is one (it is made again by the next `start`)."""
+        self.stop_repin()
         if self.buffer is not None:
             self.buffer.close()
             self.buffer = None

@@ -45,6 +45,8 @@ class PagerOptions:
     """Pinned staging buffers in the disk-restore ring (each holds one chunk)."""
     direct_io: bool = True
     """Read chunks with O_DIRECT where the filesystem allows it."""
+    stage_threads: int = 8
+    """Threads copying the unlocked host copy into pinned staging buffers on a deep resume."""
 
     def validate(self) -> None:
         from torpor.worker.engine.options import _bound
@@ -53,6 +55,7 @@ class PagerOptions:
         _bound("graph_pool_bytes", self.graph_pool_bytes, 2 * MiB, 1 << 40)
         _bound("reader_threads", self.reader_threads, 1, 64)
         _bound("staging_buffers", self.staging_buffers, 2, 64)
+        _bound("stage_threads", self.stage_threads, 1, 64)
 
 
 class ArenaPlacement:

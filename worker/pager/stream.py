@@ -1,4 +1,5 @@
-"""Disk to device, pipelined: chunk files → a ring of (pinned) staging buffers → the arena.
+"""Disk (or unlocked host memory) to device, pipelined: chunk files → a ring of (pinned)
+staging buffers → the arena.
 
 Several reader threads each fill a staging buffer with one chunk (O_DIRECT
 where the filesystem allows, so the page cache neither slows nor pollutes the restore),
@@ -11,7 +12,9 @@ destination as garbage (the runtime falls back to another source).
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import itertools
 import os
 import time
@@ -67,45 +70,105 @@ def stream_pieces(
     progress: Callable[[int], None] | None = None,
 ) -> StreamStats:
     """Fill `dst` (a flat uint8 tensor) with every piece, verified; raise DataLoss on a bad
-    chunk (nothing unverified is ever copied into `dst`).
-
-    Only this thread hands out staging buffers, in piece order, and at most one per buffer
-    of the ring is in flight; readers never wait for a buffer, so an in-order consumer can
-    never deadlock with readers that finished out of order.
-    """
+    chunk (nothing unverified is ever copied into `dst`)."""
     start = time.perf_counter()
-    copier = _Copier(dst, ring)
     used_direct = [direct_io]
 
-    def read(piece: Piece, buf: HostBuffer) -> tuple[Piece, HostBuffer]:
+    def read(piece: Piece, buf: HostBuffer) -> None:
         view = buf.tensor.numpy().data[: round_up(piece.ref.size, _ALIGN)]
         used_direct[0] &= _read_file(store.path(piece.ref.hash), view, direct_io)
         verify(piece.ref, view[: piece.ref.size], path=store.path(piece.ref.hash))
-        return piece, buf
+
+    jobs = [_Job(p.offset, p.ref.size, functools.partial(read, p)) for p in pieces]
+    done = _pipeline(jobs, dst, ring, threads, progress)
+    return StreamStats(done, time.perf_counter() - start, used_direct[0])
+
+
+class HostStager:
+    """Host memory that is not page-locked → pinned staging buffers → the device, with
+    several threads copying into the staging buffers while earlier ones are on their way.
+
+    A deep-suspended runtime's host copy is unlocked (the driver's checkpoint would
+    otherwise take about 25 ms per GB of it, each way); this brings it back without locking
+    it first. Call it as a `Stage`. The copies into staging are `memmove`s, which run
+    without the GIL.
+    """
+
+    def __init__(self, threads: int, nbytes: int, pinner: HostPinner | None) -> None:
+        self.threads = threads
+        self.ring = StagingRing(threads + 2, nbytes, pinner)
+
+    def __call__(
+        self, src: torch.Tensor, dst: torch.Tensor, spans: Sequence[tuple[int, int]]
+    ) -> None:
+        base = src.data_ptr()
+        step = self.ring.nbytes
+
+        def fill(offset: int, n: int, buf: HostBuffer) -> None:
+            ctypes.memmove(buf.address, base + offset, n)
+
+        jobs = []
+        for offset, size in spans:
+            for o in range(offset, offset + size, step):
+                n = min(step, offset + size - o)
+                jobs.append(_Job(o, n, functools.partial(fill, o, n)))
+        _pipeline(jobs, dst, self.ring, self.threads, None)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """`nbytes` for `dst[offset:]`, put into a staging buffer by `fill`."""
+
+    offset: int
+    nbytes: int
+    fill: Callable[[HostBuffer], None]
+
+
+def _pipeline(
+    jobs: Sequence[_Job],
+    dst: torch.Tensor,
+    ring: StagingRing,
+    threads: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Run `jobs` on `threads` fillers and copy each staged buffer to `dst`, in order.
+
+    Only this thread hands out staging buffers, in job order, and at most one per buffer of
+    the ring is in flight; fillers never wait for a buffer, so an in-order consumer can
+    never deadlock with fillers that finished out of order.
+    """
+    copier = _Copier(dst, ring)
+
+    def run(job: _Job, buf: HostBuffer) -> tuple[_Job, HostBuffer]:
+        job.fill(buf)
+        return job, buf
 
     done = 0
-    inflight: deque[Future[tuple[Piece, HostBuffer]]] = deque()
-    todo = iter(pieces)
-    with ThreadPoolExecutor(threads, thread_name_prefix="restore-read") as pool:
+    inflight: deque[Future[tuple[_Job, HostBuffer]]] = deque()
+    todo = iter(jobs)
+    with ThreadPoolExecutor(threads, thread_name_prefix="stage") as pool:
         try:
-            for piece in itertools.islice(todo, len(ring.buffers)):
-                inflight.append(pool.submit(read, piece, copier.take()))
+            for job in itertools.islice(todo, len(ring.buffers)):
+                inflight.append(pool.submit(run, job, copier.take()))
             while inflight:
-                piece, buf = inflight.popleft().result()
-                copier.copy(piece, buf)
-                done += piece.ref.size
+                job, buf = inflight.popleft().result()
+                copier.copy(job.offset, job.nbytes, buf)
+                done += job.nbytes
                 if progress is not None:
                     progress(done)
                 following = next(todo, None)
                 if following is not None:
-                    inflight.append(pool.submit(read, following, copier.take()))
+                    inflight.append(pool.submit(run, following, copier.take()))
             copier.finish()
         except BaseException:
             for future in inflight:
                 future.cancel()
             copier.finish()
             raise
-    return StreamStats(done, time.perf_counter() - start, used_direct[0])
+    return done
 
 
 class _Copier:
@@ -118,6 +181,7 @@ class _Copier:
         self.cuda = dst.device.type == "cuda"
         self.stream = torch.cuda.Stream(dst.device) if self.cuda else None
         self.copying: deque[tuple[torch.cuda.Event, HostBuffer]] = deque()
+        self.started = False
 
     def take(self) -> HostBuffer:
         if not self.free:  # every buffer is being copied from: wait for the oldest copy
@@ -126,13 +190,16 @@ class _Copier:
             self.free.append(buf)
         return self.free.popleft()
 
-    def copy(self, piece: Piece, buf: HostBuffer) -> None:
-        n = piece.ref.size
-        target = self.dst[piece.offset : piece.offset + n]
+    def copy(self, offset: int, n: int, buf: HostBuffer) -> None:
+        target = self.dst[offset : offset + n]
         if not self.cuda:
             target.copy_(buf.tensor[:n])
             self.free.append(buf)
             return
+        assert self.stream is not None
+        if not self.started:  # after what the caller queued on its stream (a fill, a map)
+            self.stream.wait_stream(torch.cuda.current_stream(self.dst.device))
+            self.started = True
         with torch.cuda.stream(self.stream):
             target.copy_(buf.tensor[:n], non_blocking=True)
             done = torch.cuda.Event()
