@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|baseline|pager70|probe|pin|deep]...  (default: all)
+#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|deep]...
+#   (default: all; pager = pagertests + pager8)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -61,15 +62,20 @@ if want engine; then
 fi
 if want pager || want pagertests; then
   echo "== pager gpu tests"
-  timeout 300 python3 -m pytest -v -m gpu tests/pager/test_runtime_gpu.py -p no:cacheprovider \
-    -W ignore::pytest.PytestConfigWarning --timeout 200 2>&1 | tee "$OUT/pager-tests.log" \
-    | grep -E "PASSED|FAILED|ERROR|passed|failed"
+  timeout 300 python3 -m pytest -v -m gpu tests/pager/test_runtime_gpu.py tests/engine/test_fp8_quant.py \
+    -p no:cacheprovider -W ignore::pytest.PytestConfigWarning --timeout 200 2>&1 \
+    | tee "$OUT/pager-tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
 fi
-if want pager; then
+if want pager70; then
+  echo "== pager benchmark: 70B-shaped fp8"
+  timeout 300 python3 bench/pager_gpu.py runtime --shape 70b --levels "${PAGER70_LEVELS:-host,deep}" \
+    --cycles "${PAGER_CYCLES:-5}" --out "$RES"
+fi
+if want pager || want pager8; then
   echo "== pager benchmark: 8B-shaped bf16 (deep last: it is the least proven path)"
   timeout 60 python3 bench/pager_gpu.py context --out "$RES"
-  timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels host,disk,deep --cycles "${PAGER_CYCLES:-5}" \
-    --out "$RES" --store /tmp/torpor-bench/store
+  timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels "${PAGER8_LEVELS:-host,disk,deep}" \
+    --cycles "${PAGER_CYCLES:-5}" --out "$RES" --store /tmp/torpor-bench/store
 fi
 if want baseline; then
   echo "== whole-process driver checkpoint of the 8B-shaped runtime (baseline)"
@@ -80,10 +86,5 @@ if want deep; then
   timeout 90 python3 -m tests.pager.runtime_gpu_scenarios deep_suspend_holds_no_gpu_memory
   timeout 150 python3 bench/pager_gpu.py runtime --shape 8b --levels host,deep \
     --cycles "${PAGER_CYCLES:-3}" --out "$RES"
-fi
-if want pager70; then
-  echo "== pager benchmark: 70B-shaped fp8"
-  timeout 300 python3 bench/pager_gpu.py runtime --shape 70b --levels "${PAGER70_LEVELS:-host,deep}" --cycles "${PAGER_CYCLES:-5}" \
-    --out "$RES"
 fi
 echo "== done"

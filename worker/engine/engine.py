@@ -325,6 +325,7 @@ class Engine:
         )
         if not seqs:
             return None
+        self.model.wait_weights()  # a captured graph reads every layer's weights
         logits = self._decoder.launch(seqs[-1].slot + 1, max(s.position for s in seqs) + 1)
         slots = self._to_device([s.slot for s in seqs])
         tokens, logprobs = sample_on_device(

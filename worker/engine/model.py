@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,14 @@ from torpor.worker.engine.kernels import Ops, rms_norm_ref
 from torpor.worker.engine.layout import TensorSpec
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Gate(Protocol):
+    """Makes the stream wait for the weights of a stage (see `Transformer.gate`)."""
+
+    def __call__(self, stage: int) -> None: ...
+
+    def done(self) -> bool: ...
 
 
 def kv_spec(cfg: ModelConfig, slots: int, max_seq_len: int, dtype: torch.dtype) -> TensorSpec:
@@ -87,6 +96,21 @@ class Transformer:
         freqs = torch.arange(max_seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        # While the weights are still being copied in (a pager's streamed resume): called
+        # with a stage before it reads its weights (layer i: stage i; the LM head: stage
+        # num_layers), it makes the stream wait for them. None otherwise.
+        self.gate: Gate | None = None
+
+    def wait_weights(self, stage: int | None = None) -> None:
+        """Order what follows on the stream after the copy of `stage`'s weights (default:
+        all of them); a no-op unless a gate is installed, which removes itself when done."""
+        gate = self.gate
+        if gate is None:
+            return
+        if gate.done():
+            self.gate = None
+            return
+        gate(self.cfg.num_layers if stage is None else stage)
 
     def _layer(self, w: Mapping[str, torch.Tensor], n: int) -> Layer:
         p = f"layers.{n}."
@@ -107,6 +131,8 @@ class Transformer:
         eps = self.cfg.rms_norm_eps
         h = self.ops.rms_norm(x, self.layers[0].attn_norm, eps)
         for i, layer in enumerate(self.layers):
+            if i and self.gate is not None:
+                self.wait_weights(i)
             x, h = self.ops.add_rms_norm(x, attention(i, layer, h), layer.mlp_norm, eps)
             mlp = layer.w2(self.ops.silu_mul(layer.w13(h)))
             after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
@@ -142,8 +168,10 @@ class Transformer:
             )  # [1, NH, L, D]
             return layer.wo(out[0].transpose(0, 1).reshape(length, cfg.q_size))
 
+        self.wait_weights(0)
         h = self._forward(F.embedding(tokens, self.embed), attention)  # [L, H]
         h = h if all_logits else h[-1:]
+        self.wait_weights()
         return self.lm_head(h).float().squeeze(0)
 
     # -- decode ----------------------------------------------------------------------------
@@ -177,7 +205,9 @@ class Transformer:
             )
             return layer.wo(out.reshape(n, cfg.q_size))
 
+        self.wait_weights(0)
         h = self._forward(F.embedding(tokens, self.embed), attention)
+        self.wait_weights()
         return self.lm_head(h).float()
 
 

@@ -139,6 +139,11 @@ class HostBuffer:
         return self._pinner is not None and all(self._pinned)
 
     @property
+    def lockable(self) -> bool:
+        """Whether the buffer has a pinner (a CUDA arena): whether `pin` does anything."""
+        return self._pinner is not None
+
+    @property
     def pinned_bytes(self) -> int:
         return sum(size for (_, size), on in zip(self._pieces, self._pinned, strict=True) if on)
 
@@ -207,6 +212,22 @@ class HostBuffer:
         if self._stream is not None:
             self._stream.synchronize()
 
+    def copy_to_streamed(self, arena: Arena, nbytes: int | None = None) -> list[tuple[int, Any]]:
+        """Enqueue the copy of the first `nbytes` into a mapped CUDA arena, piece by piece in
+        order, and return at once with (bytes copied from the start, CUDA event) before the
+        first piece and after each one, for a `WeightsGate`; the events time the copy too.
+        Every piece must be page-locked."""
+        n = self._span(arena, nbytes)
+        if arena.device.type != "cuda" or not self.pinned:
+            raise FailedPrecondition(
+                "a streamed copy needs a page-locked copy and a CUDA arena",
+                reason="HOST_COPY_NOT_PINNED",
+            )
+        marks: list[tuple[int, Any]] = []
+        dst, src = arena.tensor(0, (n,), torch.uint8), self.tensor[:n]
+        self._copy(dst, src, arena.device, self._spans(n), wait=False, marks=marks)
+        return marks
+
     def _span(self, arena: Arena, nbytes: int | None) -> int:
         n = self._nbytes if nbytes is None else nbytes
         if n <= 0 or n > self._nbytes or n > arena.nbytes:
@@ -229,8 +250,10 @@ class HostBuffer:
         device: torch.device,
         spans: Sequence[tuple[int, int]],
         wait: bool = True,
+        marks: list[tuple[int, Any]] | None = None,
     ) -> None:
-        """Copy `spans` of `src` to `dst`; with `wait`, return when they are copied."""
+        """Copy `spans` of `src` to `dst`; with `wait`, return when they are copied. On CUDA,
+        `marks` gets (end of the span, event recorded after it) for each span."""
         if device.type != "cuda":
             for offset, size in spans:
                 dst[offset : offset + size].copy_(src[offset : offset + size])
@@ -243,8 +266,12 @@ class HostBuffer:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
+            if marks is not None:
+                marks.append((0, _recorded()))  # the start, for timing the whole copy
             for offset, size in spans:
                 dst[offset : offset + size].copy_(src[offset : offset + size], non_blocking=True)
+                if marks is not None:
+                    marks.append((offset + size, _recorded()))
         if wait:
             self._stream.synchronize()
 
@@ -265,3 +292,10 @@ class HostBuffer:
 
     def __repr__(self) -> str:
         return f"HostBuffer(nbytes={self._nbytes}, pinned={self.pinned})"
+
+
+def _recorded() -> Any:
+    """A timing CUDA event recorded now on the current stream."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event

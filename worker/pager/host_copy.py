@@ -122,7 +122,7 @@ class HostCopy:
         """Lock the copy's pages again in the background, piece by piece, giving way while
         the runtime serves (after a deep resume). `stop_repin` ends it early."""
         buffer = self.buffer
-        if buffer is None or buffer.pinned or self._repin_thread is not None:
+        if buffer is None or not buffer.lockable or buffer.pinned or self._repin_thread:
             return
         self._repin_stop.clear()
         self._repin_thread = threading.Thread(

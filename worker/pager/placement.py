@@ -45,6 +45,9 @@ class PagerOptions:
     """Pinned staging buffers in the disk-restore ring (each holds one chunk)."""
     direct_io: bool = True
     """Read chunks with O_DIRECT where the filesystem allows it."""
+    stream_resume: bool = True
+    """Serve as soon as a resume from the page-locked host copy has queued its copies: each
+    layer waits on the device for its own weights (CUDA; see gate.py)."""
     stage_threads: int = 8
     """Threads copying the unlocked host copy into pinned staging buffers on a deep resume."""
 

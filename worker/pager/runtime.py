@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.pager import checkpoint
+from torpor.worker.pager.gate import WeightsGate, stage_ends
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import Environment, SnapshotManifest
@@ -81,6 +83,7 @@ class PagedRuntime:
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
         self._stager: HostStager | None = None  # made at the first deep suspend (CUDA)
+        self._streamed: list[tuple[int, Any]] | None = None  # the last streamed copy's marks
         self.environment = Environment.current(engine.device)
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
         # the eviction path.
@@ -318,7 +321,9 @@ class PagedRuntime:
         # suspend right after a disk resume would otherwise race the copy it restarted).
         self.host_copy.settle()
         if self._cuda:
-            torch.cuda.synchronize(self.engine.device)
+            torch.cuda.synchronize(self.engine.device)  # a streamed resume's copies too
+        self.engine.model.gate = None
+        self._streamed = None
         released = self.placement.mapped_bytes()
         for arena in self.placement.arenas.values():
             arena.unmap()
@@ -344,22 +349,24 @@ class PagedRuntime:
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")
-            arenas = self.placement.arenas
-            weights = arenas["weights"]
+            weights = self.placement.arenas["weights"]
             weights.map()
             clock.lap("map")
-            try:
-                moved = self._refill(weights, store, progress)
-            except BaseException:
-                weights.unmap()  # never serve from a half-filled or unverified arena
-                raise
-            clock.lap("refill")
-            arenas["kv"].map(zero=True)
-            if "graphs" in arenas:
-                arenas["graphs"].map()
-            if self._cuda:
-                torch.cuda.synchronize(self.engine.device)
-            clock.lap("finish")
+            streamed = self._can_stream()
+            if streamed:  # serve at once; each layer waits for its own bytes
+                self._map_scratch()
+                clock.lap("finish")
+                moved = self._refill_streamed()
+                clock.lap("refill_enqueued")
+            else:
+                try:
+                    moved = self._refill(weights, store, progress)
+                except BaseException:
+                    weights.unmap()  # never serve from a half-filled or unverified arena
+                    raise
+                clock.lap("refill")
+                self._map_scratch()
+                clock.lap("finish")
             came_from_disk = self.residency is Residency.SUSPENDED_DISK
             self.residency = Residency.RESIDENT
             self._unpark()
@@ -367,15 +374,64 @@ class PagedRuntime:
                 self._start_host_copy()
             else:
                 self.host_copy.repin()  # after a deep suspend: lock it again, giving way
-            report = ResumeReport(tier, time.perf_counter() - start, moved, clock.laps)
+            report = ResumeReport(tier, time.perf_counter() - start, moved, clock.laps, streamed)
+            if streamed and progress is not None:
+                progress(moved, moved)
             log.info(
                 "resumed",
                 tier=tier,
                 seconds=round(report.seconds, 4),
-                gbps=round(report.gbps, 2),
+                streamed=streamed,
+                gbps=None if streamed else round(report.gbps, 2),
                 **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
             return report
+
+    def _map_scratch(self) -> None:
+        """Map the KV arena (zeroed: nothing of an earlier tenant may leak) and the graph pool."""
+        arenas = self.placement.arenas
+        arenas["kv"].map(zero=True)
+        if "graphs" in arenas:
+            arenas["graphs"].map()
+        if self._cuda:
+            torch.cuda.synchronize(self.engine.device)
+
+    def _can_stream(self) -> bool:
+        """Whether this resume can serve while the weights are still being copied: from a
+        whole page-locked host copy, on CUDA (a disk resume verifies every chunk first, and an
+        unlocked copy goes through staging buffers out of order)."""
+        host = self.host
+        return (
+            self.options.stream_resume
+            and self._cuda
+            and self.residency is not Residency.SUSPENDED_DISK
+            and host is not None
+            and host.pinned
+        )
+
+    def _refill_streamed(self) -> int:
+        host = self.host
+        assert host is not None
+        layout = self.engine.memory.weights
+        marks = host.copy_to_streamed(self.placement.arenas["weights"], layout.nbytes)
+        device = self.engine.device
+        self.engine.model.gate = WeightsGate(
+            marks,
+            stage_ends(layout, self.engine.cfg.num_layers),
+            lambda event: torch.cuda.current_stream(device).wait_event(event),
+        )
+        self._streamed = marks
+        return layout.nbytes
+
+    def wait_weights(self) -> float | None:
+        """Block until the last resume's weights are all in; return how long their copy took
+        on the device (None unless that resume was streamed)."""
+        marks, self._streamed = self._streamed, None
+        if not marks:
+            return None
+        first, last = marks[0][1], marks[-1][1]
+        last.synchronize()
+        return float(first.elapsed_time(last)) / 1e3
 
     def _refill(self, weights: object, store: ChunkStore | None, progress: Progress | None) -> int:
         nbytes = self.engine.memory.weights.nbytes

@@ -52,8 +52,12 @@ class ResumeReport:
     seconds: float
     bytes: int
     # Where the time went, in order: "restore" (deep: the driver's), "map" (the weights
-    # arena), "refill" (the weights' bytes), "finish" (KV zeroed, graph pool mapped).
+    # arena), "refill" (the weights' bytes; "refill_enqueued" when streamed), "finish" (KV
+    # zeroed, graph pool mapped).
     phases: dict[str, float] = field(default_factory=dict)
+    # Serving began while the weights were still being copied (each layer waits for its
+    # own bytes); `seconds` is then the time until serving, not until the last byte.
+    streamed: bool = False
 
     @property
     def gbps(self) -> float:
