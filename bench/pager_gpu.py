@@ -179,22 +179,22 @@ def disk_read_floor(store: Any, pieces: list[Any], threads: int, device: str) ->
 
 
 def first_token_s(rt: Any, tag: str) -> float:
-    return first_token(rt, tag)[0]
+    start = time.perf_counter()
+    return first_token(rt, tag)[0] - start
 
 
 def first_token(rt: Any, tag: str) -> tuple[float, tuple[int, ...]]:
-    """Seconds to the first token of a greedy request, and its 16 tokens."""
+    """When (perf_counter) the first token of a greedy request came, and its 16 tokens."""
     from torpor.worker.engine.requests import GenerationRequest
     from torpor.worker.engine.sampling import SamplingParams
 
-    start = time.perf_counter()
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     deltas = iter(rt.loop.submit(GenerationRequest(f"ttft-{tag}", PROMPT, params)))
     tokens = list(next(deltas).token_ids)
-    seconds = time.perf_counter() - start
+    came = time.perf_counter()
     for delta in deltas:
         tokens += delta.token_ids
-    return seconds, tuple(tokens)
+    return came, tuple(tokens)
 
 
 def greedy_tokens(loop: Any, tag: str) -> tuple[int, ...]:
@@ -407,14 +407,17 @@ def one_cycle(
         suspended["residual"] = residual_breakdown()
     start = time.perf_counter()
     r = rt.resume()
-    ttft, racing = first_token(rt, f"{level.value}-{base['cycle']}")
-    arrival_to_first_token = time.perf_counter() - start
+    resumed = time.perf_counter()
+    came, racing = first_token(rt, f"{level.value}-{base['cycle']}")
+    ttft, arrival_to_first_token = came - resumed, came - start
     weights_in_s = rt.wait_weights()  # a streamed resume: the copy's own time on the device
     suspended["second_first_token_s"] = first_token_s(rt, f"{level.value}-{base['cycle']}-2")
     same = greedy_tokens(rt.loop, f"{level.value}-{base['cycle']}") == expected
     # Bytes over the time to the last one in: with a streamed resume that is the copy's
     # device time plus the mapping before it, not the (much shorter) time to serving.
-    refill_s = r.seconds if weights_in_s is None else r.seconds + weights_in_s
+    refill_s = r.seconds
+    if weights_in_s is not None:  # the copy began after the mapping, during the enqueueing
+        refill_s = r.phases["map"] + r.phases["finish"] + weights_in_s
     record = base | {
         "streamed": r.streamed,
         "suspend_s": s.seconds,

@@ -8,7 +8,9 @@ Modes (each in a fresh child process): `small` (4 KiB pages: MADV_NOHUGEPAGE), `
 (transparent huge pages: MADV_HUGEPAGE, what HostBuffer asks for), `hugetlb` (2 MiB pages
 from the kernel's reserved pool, MAP_HUGETLB; the parent reserves them first, as root);
 `stage`: unlocked memory to the GPU through `HostStager` (the deep-resume path), by threads
-and staging-buffer size, against the driver's own copy from pageable memory.
+and staging-buffer size, against the driver's own copy from pageable memory; `hostalloc` and
+`vmmhost`: pinned memory the driver allocates itself (cuMemHostAlloc; cuMemCreate on the
+host), checkpointed with its contents checked.
 The deep-suspend cost of a 70B-shaped runtime grew with its registered host memory (about
 25 ms per GB each way); this says whether the kind of page, or unregistering first, helps.
 """
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("small", "thp", "hugetlb", "stage")
+MODES = ("small", "thp", "hugetlb", "stage", "hostalloc", "vmmhost")
 GiB = 1 << 30
 PIECE = 128 << 20
 MADV_HUGEPAGE, MADV_NOHUGEPAGE, MAP_HUGETLB = 14, 15, 0x40000
@@ -107,6 +109,7 @@ def child(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
     record["unregister_s"] = unregister()
     record["reregister_s"] = register()
     # The driver's checkpoint with the memory registered, then without it.
+    time.sleep(3)  # the controller's start-up must not count
     record["ckpt_registered"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
     unregister()
     record["ckpt_unregistered"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
@@ -154,6 +157,70 @@ def stage_sweep(nbytes: int) -> dict[str, object]:
     return record
 
 
+def driver_host_memory(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
+    """Host memory the driver allocates itself, pinned from the start: `hostalloc`
+    (cuMemHostAlloc) or `vmmhost` (cuMemCreate on the host, mapped for the GPU and the CPU in
+    1 GiB handles). Does the driver's checkpoint treat it more cheaply than registered memory,
+    and does it keep its contents?"""
+    import torch
+
+    from torpor.worker.pager import checkpoint
+    from torpor.worker.pager.cpu import host_view
+    from torpor.worker.pager.cuda import CudaBackend, check, driver
+
+    CudaBackend(0)  # cuInit; its primary context made current
+    cu = driver()
+    controller = checkpoint.Controller(os.getpid()).start()
+    record: dict[str, object] = {"mode": mode, "bytes": nbytes}
+    t = time.perf_counter()
+    if mode == "hostalloc":
+        address = int(check("cuMemHostAlloc", cu.cuMemHostAlloc(nbytes, 0)))
+    else:
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
+        prop.location.id = 0
+        address = int(check("cuMemAddressReserve", cu.cuMemAddressReserve(nbytes, 1 << 30, 0, 0)))
+        for off in range(0, nbytes, GiB):
+            handle = check("cuMemCreate", cu.cuMemCreate(GiB, prop, 0))
+            check("cuMemMap", cu.cuMemMap(address + off, GiB, 0, handle, 0))
+        descs = []
+        for kind, ident in (
+            (cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE, 0),
+            (cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA, 0),
+        ):
+            d = cu.CUmemAccessDesc()
+            d.location.type, d.location.id = kind, ident
+            d.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            descs.append(d)
+        check("cuMemSetAccess", cu.cuMemSetAccess(address, nbytes, descs, len(descs)))
+    record["alloc_s"] = time.perf_counter() - t
+    host = host_view(address, nbytes)
+    t = time.perf_counter()
+    host.fill_(7)
+    record["fill_s"] = time.perf_counter() - t
+    host[::4096].copy_(torch.arange(nbytes // 4096 + (nbytes % 4096 > 0)).to(torch.uint8))
+    expected = int(host[::4096].sum())
+    dst = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.cuda.stream(stream):
+        for off in range(0, nbytes, PIECE):
+            d = off % GiB
+            dst[d : d + PIECE].copy_(host[off : off + PIECE], non_blocking=True)
+    stream.synchronize()
+    record["h2d_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
+    del dst
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    time.sleep(3)  # the controller's start-up must not count
+    record["ckpt"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
+    record["kept_contents"] = int(host[::4096].sum()) == expected
+    controller.close()
+    return record
+
+
 def reserve_huge_pages(nbytes: int) -> dict[str, object]:
     """Ask the kernel for enough 2 MiB pages (root only); report what it gave."""
     want = nbytes // (2 << 20) + 16
@@ -176,7 +243,12 @@ def main() -> None:
     nbytes = args.gib * GiB
     if args.child:
         mode = args.modes[0]
-        result = stage_sweep(nbytes) if mode == "stage" else child(mode, nbytes, args.timeout)
+        if mode == "stage":
+            result = stage_sweep(nbytes)
+        elif mode in ("hostalloc", "vmmhost"):
+            result = driver_host_memory(mode, nbytes, args.timeout)
+        else:
+            result = child(mode, nbytes, args.timeout)
         print(json.dumps(result), flush=True)
         return
     for mode in args.modes:
