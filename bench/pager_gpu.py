@@ -497,7 +497,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/torpor-bench/store"))
     parser.add_argument("--levels", default="host,deep,disk")
     parser.add_argument("--cycles", type=int, default=5)
-    parser.add_argument("--stage-threads", type=int, default=8)
+    parser.add_argument("--stage-threads", type=int, default=12)
     args = parser.parse_args()
     from torpor.log import configure
 

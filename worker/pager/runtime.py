@@ -61,7 +61,7 @@ log = get_logger("pager.runtime")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
-STAGE_BYTES = 32 << 20
+STAGE_BYTES = 16 << 20
 """Bytes per staging buffer for bringing back an unlocked host copy (deep resume)."""
 
 
