@@ -421,6 +421,7 @@ def one_cycle(
     record = base | {
         "streamed": r.streamed,
         "suspend_s": s.seconds,
+        "suspend_phases": s.phases,
         "gpu_bytes_released": s.gpu_bytes_released,
         "resume_s": r.seconds,
         "weights_in_s": refill_s,

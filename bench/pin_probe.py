@@ -10,7 +10,8 @@ from the kernel's reserved pool, MAP_HUGETLB; the parent reserves them first, as
 `stage`: unlocked memory to the GPU through `HostStager` (the deep-resume path), by threads
 and staging-buffer size, against the driver's own copy from pageable memory; `hostalloc` and
 `vmmhost`: pinned memory the driver allocates itself (cuMemHostAlloc; cuMemCreate on the
-host), checkpointed with its contents checked.
+host), checkpointed with its contents checked; `unmap`: releasing a large VMM arena by
+handle size, handle by handle against one unmap of the whole range.
 The deep-suspend cost of a 70B-shaped runtime grew with its registered host memory (about
 25 ms per GB each way); this says whether the kind of page, or unregistering first, helps.
 """
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("small", "thp", "hugetlb", "stage", "hostalloc", "vmmhost")
+MODES = ("small", "thp", "hugetlb", "stage", "hostalloc", "vmmhost", "unmap")
 GiB = 1 << 30
 PIECE = 128 << 20
 MADV_HUGEPAGE, MADV_NOHUGEPAGE, MAP_HUGETLB = 14, 15, 0x40000
@@ -221,6 +222,56 @@ def driver_host_memory(mode: str, nbytes: int, timeout_s: float) -> dict[str, ob
     return record
 
 
+def unmap_costs(nbytes: int) -> dict[str, object]:
+    """Releasing a large VMM arena (what a host suspend does): per handle size, the time to
+    unmap and release handle by handle (the arena today), the unmap and release calls apart,
+    and one cuMemUnmap over the whole range, then the releases."""
+    from torpor.worker.pager.cuda import CudaBackend, check, driver
+
+    backend = CudaBackend(0)
+    cu = driver()
+    record: dict[str, object] = {"mode": "unmap", "bytes": nbytes}
+    for handle in (512 << 20, GiB, 2 * GiB):
+        reservation = backend.reserve(nbytes)
+        base = reservation.address
+        for how in ("per_handle", "whole_range"):
+            allocations = []
+            t = time.perf_counter()
+            for off in range(0, nbytes, handle):
+                allocation = backend.create(handle)
+                backend.map(base + off, allocation)
+                allocations.append((off, allocation))
+            backend.set_access(base, nbytes)
+            record[f"map_{handle >> 20}MiB_{how}_ms"] = (time.perf_counter() - t) * 1e3
+            unmap = release = 0.0
+            t = time.perf_counter()
+            if how == "per_handle":
+                for off, allocation in allocations:
+                    u = time.perf_counter()
+                    backend.unmap(base + off, handle)
+                    r = time.perf_counter()
+                    backend.release(allocation)
+                    unmap += r - u
+                    release += time.perf_counter() - r
+            else:
+                u = time.perf_counter()
+                check("cuMemUnmap", cu.cuMemUnmap(base, nbytes))
+                unmap = time.perf_counter() - u
+                r = time.perf_counter()
+                for _, allocation in allocations:
+                    backend.release(allocation)
+                release = time.perf_counter() - r
+            total = time.perf_counter() - t
+            key = f"{handle >> 20}MiB_{how}"
+            record |= {
+                f"unmap_release_{key}_ms": total * 1e3,
+                f"unmap_only_{key}_ms": unmap * 1e3,
+                f"release_only_{key}_ms": release * 1e3,
+            }
+        backend.free(reservation)
+    return record
+
+
 def reserve_huge_pages(nbytes: int) -> dict[str, object]:
     """Ask the kernel for enough 2 MiB pages (root only); report what it gave."""
     want = nbytes // (2 << 20) + 16
@@ -245,6 +296,8 @@ def main() -> None:
         mode = args.modes[0]
         if mode == "stage":
             result = stage_sweep(nbytes)
+        elif mode == "unmap":
+            result = unmap_costs(nbytes)
         elif mode in ("hostalloc", "vmmhost"):
             result = driver_host_memory(mode, nbytes, args.timeout)
         else:

@@ -237,6 +237,7 @@ class PagedRuntime:
                 return self._deepen(level, store)
             self._require(Residency.RESIDENT, verb="suspend")
             start = time.perf_counter()
+            clock = _Phases()
             self.host_copy.stop_repin()
             engine = self._park()
             aborted = 0
@@ -254,20 +255,24 @@ class PagedRuntime:
             except BaseException:
                 self._unpark()
                 raise
+            clock.lap("park")
             if level is SuspendLevel.DISK:
                 self.host_copy.cancel()  # a copy still being made would only be thrown away
-            released = self._unmap_all()
+            released = self._unmap_all(clock)
             if level is SuspendLevel.DISK:
                 self.host_copy.release()
             if level is SuspendLevel.DEEP:
                 self._checkpoint_deep()
+                clock.lap("checkpoint")
             self.residency = SUSPENDED[level]
-            report = SuspendReport(level, time.perf_counter() - start, released, aborted)
+            seconds = time.perf_counter() - start
+            report = SuspendReport(level, seconds, released, aborted, clock.laps)
             log.info(
                 "suspended",
                 level=level.value,
                 seconds=round(report.seconds, 4),
                 gpu_bytes_released=released,
+                **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
             return report
 
@@ -316,7 +321,7 @@ class PagedRuntime:
                 reason="NO_HOST_COPY",
             )
 
-    def _unmap_all(self) -> int:
+    def _unmap_all(self, clock: _Phases | None = None) -> int:
         # The background host copy reads the weights arena: never unmap under it (a disk
         # suspend right after a disk resume would otherwise race the copy it restarted).
         self.host_copy.settle()
@@ -327,8 +332,12 @@ class PagedRuntime:
         released = self.placement.mapped_bytes()
         for arena in self.placement.arenas.values():
             arena.unmap()
+        if clock is not None:
+            clock.lap("unmap")
         if self._cuda:
             _release_cached_device_memory()
+        if clock is not None:
+            clock.lap("cache")
         return released if self._cuda else 0
 
     def resume(

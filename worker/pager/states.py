@@ -44,6 +44,10 @@ class SuspendReport:
     seconds: float
     gpu_bytes_released: int
     requests_aborted: int
+    # Where the time went: "park" (the engine loop stopped between steps), "unmap" (the
+    # arenas' memory released), "cache" (torch's cached blocks and cuBLAS's workspaces given
+    # back), "checkpoint" (deep: the host copy unlocked and the driver's checkpoint).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
