@@ -234,7 +234,7 @@ def unmap_costs(nbytes: int) -> dict[str, object]:
     for handle in (512 << 20, GiB, 2 * GiB):
         reservation = backend.reserve(nbytes)
         base = reservation.address
-        for how in ("per_handle", "whole_range"):
+        for how in ("per_handle", "whole_range", "threads4", "threads8"):
             allocations = []
             t = time.perf_counter()
             for off in range(0, nbytes, handle):
@@ -253,6 +253,17 @@ def unmap_costs(nbytes: int) -> dict[str, object]:
                     backend.release(allocation)
                     unmap += r - u
                     release += time.perf_counter() - r
+            elif how.startswith("threads"):
+                from concurrent.futures import ThreadPoolExecutor
+
+                u = time.perf_counter()
+                for off, _ in allocations:
+                    backend.unmap(base + off, handle)
+                r = time.perf_counter()
+                unmap = r - u
+                with ThreadPoolExecutor(int(how.removeprefix("threads"))) as pool:
+                    list(pool.map(lambda a: backend.release(a[1]), allocations))
+                release = time.perf_counter() - r
             else:
                 u = time.perf_counter()
                 check("cuMemUnmap", cu.cuMemUnmap(base, nbytes))
