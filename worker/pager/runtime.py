@@ -32,8 +32,7 @@ from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.runtime import WeightFiller
-from torpor.worker.pager import checkpoint
-from torpor.worker.pager.gate import WeightsGate, stage_ends
+from torpor.worker.pager import checkpoint, refill
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import Environment, SnapshotManifest
@@ -55,7 +54,7 @@ from torpor.worker.pager.states import (
     SuspendLevel,
     SuspendReport,
 )
-from torpor.worker.pager.stream import HostStager, StagingRing, stream_pieces
+from torpor.worker.pager.stream import HostStager, StagingRing
 
 log = get_logger("pager.runtime")
 
@@ -237,7 +236,7 @@ class PagedRuntime:
                 return self._deepen(level, store)
             self._require(Residency.RESIDENT, verb="suspend")
             start = time.perf_counter()
-            clock = _Phases()
+            clock = refill.Stopwatch()
             self.host_copy.stop_repin()
             engine = self._park()
             aborted = 0
@@ -321,7 +320,7 @@ class PagedRuntime:
                 reason="NO_HOST_COPY",
             )
 
-    def _unmap_all(self, clock: _Phases | None = None) -> int:
+    def _unmap_all(self, clock: refill.Stopwatch | None = None) -> int:
         # The background host copy reads the weights arena: never unmap under it (a disk
         # suspend right after a disk resume would otherwise race the copy it restarted).
         self.host_copy.settle()
@@ -335,7 +334,7 @@ class PagedRuntime:
         if clock is not None:
             clock.lap("unmap")
         if self._cuda:
-            _release_cached_device_memory()
+            refill.release_cached_device_memory()
         if clock is not None:
             clock.lap("cache")
         return released if self._cuda else 0
@@ -352,7 +351,7 @@ class PagedRuntime:
                 verb="resume",
             )
             start = time.perf_counter()
-            clock = _Phases()
+            clock = refill.Stopwatch()
             self.host_copy.stop_repin()
             tier = self.residency.value.removeprefix("suspended_")
             if self.residency is Residency.SUSPENDED_DEEP:
@@ -421,26 +420,16 @@ class PagedRuntime:
     def _refill_streamed(self) -> int:
         host = self.host
         assert host is not None
-        layout = self.engine.memory.weights
-        marks = host.copy_to_streamed(self.placement.arenas["weights"], layout.nbytes)
-        device = self.engine.device
-        self.engine.model.gate = WeightsGate(
-            marks,
-            stage_ends(layout, self.engine.cfg.num_layers),
-            lambda event: torch.cuda.current_stream(device).wait_event(event),
+        self._streamed = refill.stream_in(
+            host, self.placement.arenas["weights"], self.engine.memory.weights, self.engine
         )
-        self._streamed = marks
-        return layout.nbytes
+        return self.engine.memory.weights.nbytes
 
     def wait_weights(self) -> float | None:
         """Block until the last resume's weights are all in; return how long their copy took
         on the device (None unless that resume was streamed)."""
         marks, self._streamed = self._streamed, None
-        if not marks:
-            return None
-        first, last = marks[0][1], marks[-1][1]
-        last.synchronize()
-        return float(first.elapsed_time(last)) / 1e3
+        return refill.copy_seconds(marks) if marks else None
 
     def _refill(self, weights: object, store: ChunkStore | None, progress: Progress | None) -> int:
         nbytes = self.engine.memory.weights.nbytes
@@ -456,20 +445,14 @@ class PagedRuntime:
             raise FailedPrecondition(
                 "resuming from disk needs the chunk store", reason="NO_SNAPSHOT"
             )
-        ring = StagingRing(self.options.staging_buffers, MAX_CHUNK, self._pinner())
-        try:
-            stats = stream_pieces(
-                self.manifest.pieces,
-                store,
-                self.placement.regions["weights"],
-                ring,
-                threads=self.options.reader_threads,
-                direct_io=self.options.direct_io,
-                progress=None if progress is None else lambda d: progress(d, nbytes),
-            )
-        finally:
-            ring.close()
-        return stats.bytes
+        return refill.from_disk(
+            self.manifest,
+            store,
+            self.placement.regions["weights"],
+            self.options,
+            self._pinner(),
+            progress,
+        )
 
     # -- what it holds -----------------------------------------------------------------------
 
@@ -535,32 +518,6 @@ class PagedRuntime:
         if self._pause is not None:
             self._pause.close()
             self._pause = None
-
-
-def _release_cached_device_memory() -> None:
-    """Give back what torch's allocator caches outside the arenas while suspended: blocks
-    freed since load (warm-up, capture, eager prefill) and cuBLAS's workspaces, one per
-    stream that ran a matmul (32 MiB each on Hopper; 72 MB of a suspended 70B-shaped
-    runtime's residue, measured). Eager matmuls after the resume make new ones as needed.
-    The captured graphs keep theirs: it was allocated during capture, in the graph pool, and
-    only the graphs, replayed one at a time, use that memory."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
-    torch.cuda.empty_cache()
-
-
-class _Phases:
-    """Laps of a stopwatch, by name."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = now - self._last
-        self._last = now
 
 
 def _on(engine_options: EngineOptions, options: PagerOptions) -> EngineOptions:
