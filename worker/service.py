@@ -217,7 +217,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             done=worker_pb2.WorkerResumeResponse.Done(
                 tier=convert.TIERS[report.tier],
                 bytes=report.bytes,
+                checkpoint_restore=convert.duration(report.phases.get("restore", 0.0)),
+                map=convert.duration(
+                    report.phases.get("map", 0.0) + report.phases.get("finish", 0.0)
+                ),
+                copy=convert.duration(
+                    report.phases.get("refill", report.phases.get("refill_enqueued", 0.0))
+                ),
                 total=convert.duration(report.seconds),
+                streamed=report.streamed,
             )
         )
 

@@ -132,7 +132,11 @@ def test_load_generate_suspend_resume(worker: Worker, model_dir: Path) -> None:
         with pytest.raises(FailedPrecondition, match="resume it first"):
             generate(worker, [1, 2, 3])
         resumed = worker.call("Resume", worker_pb2.WorkerResumeRequest())
-        assert resumed[-1].done.tier == tier
+        done = resumed[-1].done
+        assert done.tier == tier and done.bytes > 0
+        assert not done.streamed  # streamed resumes need a locked host copy on a GPU
+        assert done.copy.ToTimedelta() > done.checkpoint_restore.ToTimedelta()  # none: not deep
+        assert done.total.ToTimedelta() >= done.copy.ToTimedelta() + done.map.ToTimedelta()
         assert tokens(generate(worker, [1, 2, 3, 4], temperature=0, ignore_eos=True)) == tokens(
             chunks
         )

@@ -146,20 +146,22 @@ class WorkerResumeRequest(_message.Message):
 class WorkerResumeResponse(_message.Message):
     __slots__ = ("progress", "done")
     class Done(_message.Message):
-        __slots__ = ("tier", "bytes", "checkpoint_restore", "map", "copy", "total")
+        __slots__ = ("tier", "bytes", "checkpoint_restore", "map", "copy", "total", "streamed")
         TIER_FIELD_NUMBER: _ClassVar[int]
         BYTES_FIELD_NUMBER: _ClassVar[int]
         CHECKPOINT_RESTORE_FIELD_NUMBER: _ClassVar[int]
         MAP_FIELD_NUMBER: _ClassVar[int]
         COPY_FIELD_NUMBER: _ClassVar[int]
         TOTAL_FIELD_NUMBER: _ClassVar[int]
+        STREAMED_FIELD_NUMBER: _ClassVar[int]
         tier: _common_pb2.Tier
         bytes: int
         checkpoint_restore: _duration_pb2.Duration
         map: _duration_pb2.Duration
         copy: _duration_pb2.Duration
         total: _duration_pb2.Duration
-        def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., bytes: _Optional[int] = ..., checkpoint_restore: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., map: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., copy: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+        streamed: bool
+        def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., bytes: _Optional[int] = ..., checkpoint_restore: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., map: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., copy: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., streamed: _Optional[bool] = ...) -> None: ...
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     progress: _common_pb2.TransferProgress
