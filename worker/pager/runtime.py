@@ -15,7 +15,6 @@ an earlier tenant can leak.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import threading
 import time
@@ -32,16 +31,13 @@ from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.runtime import WeightFiller
-from torpor.worker.pager import checkpoint, refill
+from torpor.worker.pager import build, checkpoint, refill
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import Environment, SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
-    MAX_CHUNK,
-    SnapshotFiller,
     SnapshotReport,
-    materialize_files,
     store_model_files,
     write_pieces,
 )
@@ -54,7 +50,7 @@ from torpor.worker.pager.states import (
     SuspendLevel,
     SuspendReport,
 )
-from torpor.worker.pager.stream import HostStager, StagingRing
+from torpor.worker.pager.stream import HostStager
 
 log = get_logger("pager.runtime")
 
@@ -104,15 +100,7 @@ class PagedRuntime:
         """Cold load from a Hugging Face checkpoint into arenas (`filler`: another source of
         the weight bytes, e.g. random ones for a benchmark; the directory's safetensors by
         default)."""
-        options.validate()
-        placement = ArenaPlacement(options)
-        try:
-            engine = Engine.load(
-                model_dir, _on(engine_options, options), placement, progress, filler
-            )
-        except BaseException:
-            placement.close()
-            raise
+        engine, placement = build.load_engine(model_dir, engine_options, options, progress, filler)
         runtime = cls(engine, placement, options, Path(model_dir))
         runtime._start_host_copy()
         return runtime
@@ -129,31 +117,9 @@ class PagedRuntime:
         """Build the runtime in this (new) process from a snapshot: arenas at the recorded
         addresses when they are free, weights streamed from disk and verified, graphs
         captured again. The source checkpoint is not read."""
-        options.validate()
-        model_dir = materialize_files(manifest, store, Path(workdir) / "model")
-        placement = ArenaPlacement(options, addresses=manifest.addresses)
-        ring_holder: list[StagingRing] = []
-        filler = SnapshotFiller(
-            manifest,
-            store,
-            lambda: placement.regions["weights"],
-            lambda: _ring(ring_holder, options, placement),
-            options,
-            Environment.current(placement.backend.device),
+        engine, placement, model_dir = build.restore_engine(
+            manifest, store, workdir, options, progress
         )
-        engine_options = EngineOptions(
-            max_batch=manifest.max_batch, max_seq_len=manifest.max_seq_len, dtype=manifest.dtype
-        )
-        try:
-            engine = Engine.load(
-                model_dir, _on(engine_options, options), placement, progress, filler
-            )
-        except BaseException:
-            placement.close()
-            raise
-        finally:
-            for ring in ring_holder:
-                ring.close()
         runtime = cls(engine, placement, options, model_dir)
         runtime.manifest = manifest
         runtime._store = store
@@ -518,19 +484,3 @@ class PagedRuntime:
         if self._pause is not None:
             self._pause.close()
             self._pause = None
-
-
-def _on(engine_options: EngineOptions, options: PagerOptions) -> EngineOptions:
-    """Engine options on the pager's device."""
-    return dataclasses.replace(engine_options, device=options.device)
-
-
-def _ring(
-    holder: list[StagingRing], options: PagerOptions, placement: ArenaPlacement
-) -> StagingRing:
-    backend = placement.backend
-    ring = StagingRing(
-        options.staging_buffers, MAX_CHUNK, backend if isinstance(backend, HostPinner) else None
-    )
-    holder.append(ring)
-    return ring
