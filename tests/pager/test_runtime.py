@@ -423,3 +423,30 @@ def test_the_relock_gives_way_and_a_suspend_stops_it(
     serving[0] = False
     assert generate(rt, GREEDY).token_ids == before.token_ids
     assert _wait_until(lambda: host.pinned)
+
+
+@pytest.mark.parametrize("level", [SuspendLevel.HOST, SuspendLevel.DEEP])
+def test_a_resume_that_fails_half_way_leaves_nothing_mapped(
+    runtime: PagedRuntime, level: SuspendLevel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map that fails after the weights are back (say, no memory for the KV cache) must not
+    leave a half-resumed runtime: every arena is released again and a later resume works. A
+    deep runtime is no longer checkpointed by then, so it stays suspended at the host level."""
+    before = generate(runtime, GREEDY)
+    runtime.suspend(level)
+    kv = runtime.placement.arenas["kv"]
+    original = Arena.map
+
+    def failing_map(self: Arena, *, zero: bool = False) -> None:
+        if self is kv:
+            raise FailedPrecondition("no memory for the KV cache", reason="TEST_INJECTED")
+        original(self, zero=zero)
+
+    monkeypatch.setattr(Arena, "map", failing_map)
+    with pytest.raises(FailedPrecondition, match="KV cache"):
+        runtime.resume()
+    assert runtime.residency is Residency.SUSPENDED_HOST
+    assert not any(a.is_mapped for a in runtime.placement.arenas.values())
+    monkeypatch.undo()
+    assert runtime.resume().tier == "host"
+    assert generate(runtime, GREEDY).token_ids == before.token_ids

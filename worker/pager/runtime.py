@@ -323,24 +323,15 @@ class PagedRuntime:
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")
-            weights = self.placement.arenas["weights"]
-            weights.map()
-            clock.lap("map")
+                # The context is back: if what follows fails, the runtime stays suspended
+                # at the host level, not checkpointed.
+                self.residency = Residency.SUSPENDED_HOST
             streamed = self._can_stream()
-            if streamed:  # serve at once; each layer waits for its own bytes
-                self._map_scratch()
-                clock.lap("finish")
-                moved = self._refill_streamed()
-                clock.lap("refill_enqueued")
-            else:
-                try:
-                    moved = self._refill(weights, store, progress)
-                except BaseException:
-                    weights.unmap()  # never serve from a half-filled or unverified arena
-                    raise
-                clock.lap("refill")
-                self._map_scratch()
-                clock.lap("finish")
+            try:
+                moved = self._bring_back(streamed, store, progress, clock)
+            except BaseException:
+                self._unmap_mapped()  # never serve from a half-filled or unverified arena
+                raise
             came_from_disk = self.residency is Residency.SUSPENDED_DISK
             self.residency = Residency.RESIDENT
             self._unpark()
@@ -360,6 +351,43 @@ class PagedRuntime:
                 **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
             return report
+
+    def _bring_back(
+        self,
+        streamed: bool,
+        store: ChunkStore | None,
+        progress: Progress | None,
+        clock: refill.Stopwatch,
+    ) -> int:
+        """Map every arena and refill the weights; the bytes moved."""
+        weights = self.placement.arenas["weights"]
+        weights.map()
+        clock.lap("map")
+        if streamed:  # serve at once; each layer waits for its own bytes
+            self._map_scratch()
+            clock.lap("finish")
+            moved = self._refill_streamed()
+            clock.lap("refill_enqueued")
+            return moved
+        moved = self._refill(weights, store, progress)
+        clock.lap("refill")
+        self._map_scratch()
+        clock.lap("finish")
+        return moved
+
+    def _unmap_mapped(self) -> None:
+        """After a failed resume: release whatever was mapped again; errors of this cleanup
+        are logged, the original one is what the caller sees."""
+        try:
+            if self._cuda:
+                torch.cuda.synchronize(self.engine.device)
+            self.engine.model.gate = None
+            self._streamed = None
+            for arena in self.placement.arenas.values():
+                if arena.is_mapped:
+                    arena.unmap()
+        except Exception as exc:  # reported; the resume's own error is what is raised
+            log.error("resume_cleanup_failed", error=repr(exc))
 
     def _map_scratch(self) -> None:
         """Map the KV arena (zeroed: nothing of an earlier tenant may leak) and the graph pool."""
