@@ -209,7 +209,10 @@ class Executor:
         self.restores[action.runtime_id] = seconds
         if self.metrics is not None:
             self.metrics.observe_resume(_tier_name(action.source), seconds)
-        await self.snapshots.bandwidth(action.source, moved, seconds)
+        if done is not None and not done.streamed:
+            # A streamed resume returns while its copy still runs: its seconds are not the
+            # copy's, and would make host restores look many times faster than they are.
+            await self.snapshots.bandwidth(action.source, moved, seconds)
         if action.target is RuntimeState.SUSPENDED_HOST:  # pulled up to host only (prefetch)
             await _call(
                 worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST))

@@ -27,8 +27,8 @@ def restore_seconds(res: Residency, fp: Footprint, costs: Costs) -> float:
             return 0.0
         case S.SUSPENDED_HOST:
             return costs.map_s + w / costs.host_to_gpu
-        case S.SUSPENDED_DEEP:
-            return costs.restore_context_s + costs.map_s + w / costs.host_to_gpu
+        case S.SUSPENDED_DEEP:  # the host copy was unlocked: it comes back staged
+            return costs.restore_context_s + costs.map_s + w / costs.host_staged
         case S.SUSPENDED_DISK:
             return costs.map_s + w / costs.disk_read
     # No worker: start one, stream the weights, capture graphs again.
@@ -56,7 +56,7 @@ def demote_seconds(frm: Residency, to: Residency, fp: Footprint, costs: Costs) -
         # Pinning is slow (DESIGN.md: 1.9 GB/s); this is why loads keep a copy when they can.
         seconds += w / costs.pin + w / costs.gpu_to_host
     if to.state is S.SUSPENDED_DEEP and frm.state is not S.SUSPENDED_DEEP:
-        seconds += costs.checkpoint_s
+        seconds += costs.checkpoint_s + w / costs.unpin
     if to.snapshot and not frm.snapshot:
         seconds += w / costs.disk_write
     return seconds

@@ -118,9 +118,23 @@ class Costs:
     """Driver checkpoint of a worker's residual context (deep suspend)."""
     restore_context_s: float = 0.3
     """Driver restore of that context (resume from deep)."""
+    host_staged: float = 31e9
+    """Unlocked host copy to GPU through staging buffers (resume from deep: a deep suspend
+    unlocks the host copy, docs/PAGER.md). Memory-bandwidth bound: 26-33 GB/s on an H200 host."""
+    unpin: float = 45e9
+    """Unlocking the host copy before a deep checkpoint (22 ms per GB on an H200 host)."""
 
     def __post_init__(self) -> None:
-        for name in ("host_to_gpu", "gpu_to_host", "disk_read", "disk_write", "pin", "cold_load"):
+        for name in (
+            "host_to_gpu",
+            "gpu_to_host",
+            "disk_read",
+            "disk_write",
+            "pin",
+            "cold_load",
+            "host_staged",
+            "unpin",
+        ):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"costs.{name}", value, "finite and > 0")
         for name in ("worker_start_s", "graph_capture_s", "map_s", "checkpoint_s"):

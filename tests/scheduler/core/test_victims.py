@@ -235,3 +235,19 @@ def test_no_victim_goes_deep_where_deep_suspend_is_off() -> None:
     h.acquire("b")
     # The context can only leave with the worker: a is dropped, not checkpointed.
     assert [(type(m), m.model) for m in _suspends(h.plans[-1])] == [(Drop, "a")]
+
+
+def test_deep_costs_follow_the_unlocked_host_copy() -> None:
+    """A deep suspend unlocks the host copy (the driver's checkpoint costs ~25 ms per locked
+    GB) and the resume copies it back through staging buffers: both are in the estimates."""
+    from torpor.scheduler.core.costs import demote_seconds, restore_seconds
+    from torpor.scheduler.core.states import Residency, RuntimeState
+    from torpor.scheduler.core.world import Footprint
+
+    costs = Costs(host_staged=30e9, unpin=40e9, restore_context_s=0.3, map_s=0.01)
+    fp = Footprint(weights=60 * 10**9)
+    host = Residency(RuntimeState.SUSPENDED_HOST, gpu=0, host_copy=True)
+    deep = Residency(RuntimeState.SUSPENDED_DEEP, gpu=0, host_copy=True)
+    assert restore_seconds(deep, fp, costs) == pytest.approx(0.3 + 0.01 + 2.0)
+    assert restore_seconds(host, fp, costs) == pytest.approx(0.01 + 60e9 / costs.host_to_gpu)
+    assert demote_seconds(host, deep, fp, costs) == pytest.approx(0.01 + costs.checkpoint_s + 1.5)
