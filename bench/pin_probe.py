@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 MODES = ("small", "thp", "hugetlb", "stage", "hostalloc", "vmmhost", "unmap")
 GiB = 1 << 30
@@ -53,8 +54,34 @@ def numa_pages(address: int) -> dict[str, int]:
     return {}
 
 
-def child(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
+def h2d_gbps(host: Any, nbytes: int) -> float:
+    """GB/s of copying `nbytes` of `host` to the GPU in PIECE-sized copies on a side stream
+    (into a 1 GiB device buffer, reused), the way the pager copies a host copy back."""
     import torch
+
+    dst = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.cuda.stream(stream):
+        for off in range(0, nbytes, PIECE):
+            d = off % GiB
+            dst[d : d + PIECE].copy_(host[off : off + PIECE], non_blocking=True)
+    stream.synchronize()
+    seconds = time.perf_counter() - t
+    del dst
+    torch.cuda.empty_cache()  # nothing of it stays on the device for a checkpoint
+    torch.cuda.synchronize()
+    return nbytes / seconds / 1e9
+
+
+def checkpoint_cycle(controller: Any, timeout_s: float) -> list[float]:
+    """Seconds of the driver's checkpoint, then restore, of this process."""
+    time.sleep(3)  # the controller's start-up (from this process's start) must not count
+    return [controller.run(action, timeout_s) for action in ("suspend", "resume")]
+
+
+def child(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
 
     from torpor.worker.pager import checkpoint
     from torpor.worker.pager.cpu import (
@@ -94,26 +121,13 @@ def child(mode: str, nbytes: int, timeout_s: float) -> dict[str, object]:
         return time.perf_counter() - t
 
     record["register_s"] = register()
-    dst = torch.empty(GiB, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.cuda.stream(stream):
-        for off in range(0, nbytes, PIECE):
-            d = off % GiB
-            dst[d : d + PIECE].copy_(host[off : off + PIECE], non_blocking=True)
-    stream.synchronize()
-    record["h2d_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
-    del dst
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
+    record["h2d_GBps"] = h2d_gbps(host, nbytes)
     record["unregister_s"] = unregister()
     record["reregister_s"] = register()
     # The driver's checkpoint with the memory registered, then without it.
-    time.sleep(3)  # the controller's start-up must not count
-    record["ckpt_registered"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
+    record["ckpt_registered"] = checkpoint_cycle(controller, timeout_s)
     unregister()
-    record["ckpt_unregistered"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
+    record["ckpt_unregistered"] = checkpoint_cycle(controller, timeout_s)
     controller.close()
     return record
 
@@ -202,21 +216,8 @@ def driver_host_memory(mode: str, nbytes: int, timeout_s: float) -> dict[str, ob
     record["fill_s"] = time.perf_counter() - t
     host[::4096].copy_(torch.arange(nbytes // 4096 + (nbytes % 4096 > 0)).to(torch.uint8))
     expected = int(host[::4096].sum())
-    dst = torch.empty(GiB, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.cuda.stream(stream):
-        for off in range(0, nbytes, PIECE):
-            d = off % GiB
-            dst[d : d + PIECE].copy_(host[off : off + PIECE], non_blocking=True)
-    stream.synchronize()
-    record["h2d_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
-    del dst
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    time.sleep(3)  # the controller's start-up must not count
-    record["ckpt"] = [controller.run(a, timeout_s) for a in ("suspend", "resume")]
+    record["h2d_GBps"] = h2d_gbps(host, nbytes)
+    record["ckpt"] = checkpoint_cycle(controller, timeout_s)
     record["kept_contents"] = int(host[::4096].sum()) == expected
     controller.close()
     return record
