@@ -81,10 +81,13 @@ class HostCopy:
         finally:
             self._done.set()
 
-    def _give_way(self) -> None:
-        while self._busy() and not self._cancel.is_set():
+    def _give_way(self, stop: threading.Event | None = None) -> None:
+        """Wait while the runtime serves; raise _Cancelled once `stop` (default: the copy's
+        cancel) is set."""
+        stop = self._cancel if stop is None else stop
+        while self._busy() and not stop.is_set():
             time.sleep(GIVE_WAY_POLL_S)
-        if self._cancel.is_set():
+        if stop.is_set():
             raise _Cancelled
 
     def wait(self) -> HostBuffer | None:
@@ -131,15 +134,9 @@ class HostCopy:
         self._repin_thread.start()
 
     def _repin(self, buffer: HostBuffer) -> None:
-        def give_way() -> None:
-            while self._busy() and not self._repin_stop.is_set():
-                time.sleep(GIVE_WAY_POLL_S)
-            if self._repin_stop.is_set():
-                raise _Cancelled
-
         start = time.perf_counter()
         try:
-            buffer.pin(give_way)
+            buffer.pin(lambda: self._give_way(self._repin_stop))
             log.info("host_copy_repinned", seconds=round(time.perf_counter() - start, 3))
         except _Cancelled:  # a suspend came first; the pieces locked so far stay locked
             pass
