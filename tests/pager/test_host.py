@@ -157,10 +157,16 @@ def test_unpin_unlocks_every_piece_and_pin_locks_them_again() -> None:
     assert len(pinner.unpinned) == 6  # three at unpin, three at close
 
 
-def _half_locked(arena: Arena) -> HostBuffer:
-    """A host copy of `arena` in three 8 MiB pieces, the first locked, the others not."""
+def _half_locked(arena: Arena) -> tuple[HostBuffer, torch.Tensor, torch.Tensor]:
+    """A host copy of `arena`, filled with random bytes first, in three 8 MiB pieces: the
+    first locked, the others not. Returns it, the arena's bytes (zeroed now) and what they
+    were."""
+    data = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8))
+    expected = data.clone()
     host = HostBuffer(arena.nbytes, pinner=RecordingPinner(), pin_piece=8 * MiB)
     host.copy_from(arena)
+    data.zero_()
     host.unpin()
     locked: list[int] = []
 
@@ -171,15 +177,11 @@ def _half_locked(arena: Arena) -> HostBuffer:
 
     with pytest.raises(InterruptedError):
         host.pin(first_only)
-    return host
+    return host, data, expected
 
 
 def test_unlocked_pieces_come_back_through_the_stage(arena: Arena) -> None:
-    data = arena.tensor(0, (arena.nbytes,), torch.uint8)
-    data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8))
-    expected = data.clone()
-    host = _half_locked(arena)
-    data.zero_()
+    host, data, expected = _half_locked(arena)
     staged: list[tuple[int, int]] = []
 
     def stage(src: torch.Tensor, dst: torch.Tensor, spans: list[tuple[int, int]]) -> None:
@@ -199,11 +201,7 @@ def test_unlocked_pieces_come_back_through_the_stage(arena: Arena) -> None:
 def test_the_host_stager_copies_spans_through_a_small_ring(arena: Arena) -> None:
     from torpor.worker.pager.stream import HostStager
 
-    data = arena.tensor(0, (arena.nbytes,), torch.uint8)
-    data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8))
-    expected = data.clone()
-    host = _half_locked(arena)
-    data.zero_()
+    host, data, expected = _half_locked(arena)
     stager = HostStager(threads=3, nbytes=3 * MiB + 4096, pinner=RecordingPinner())
     try:
         host.copy_to(arena, stage=stager)  # 8 MiB spans in 3 MiB steps: uneven tails
