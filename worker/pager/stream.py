@@ -180,8 +180,9 @@ class _Copier:
         self.free = deque(ring.buffers)
         self.cuda = dst.device.type == "cuda"
         self.stream = torch.cuda.Stream(dst.device) if self.cuda else None
+        if self.stream is not None:  # after what the caller queued on its stream (a map)
+            self.stream.wait_stream(torch.cuda.current_stream(dst.device))
         self.copying: deque[tuple[torch.cuda.Event, HostBuffer]] = deque()
-        self.started = False
 
     def take(self) -> HostBuffer:
         if not self.free:  # every buffer is being copied from: wait for the oldest copy
@@ -197,9 +198,6 @@ class _Copier:
             self.free.append(buf)
             return
         assert self.stream is not None
-        if not self.started:  # after what the caller queued on its stream (a fill, a map)
-            self.stream.wait_stream(torch.cuda.current_stream(self.dst.device))
-            self.started = True
         with torch.cuda.stream(self.stream):
             target.copy_(buf.tensor[:n], non_blocking=True)
             done = torch.cuda.Event()
