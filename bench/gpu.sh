@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|deep]...
+#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep]...
 #   (default: all; pager = pagertests + pager8)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
@@ -35,6 +35,10 @@ cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugep
 if want pin; then
   echo "== pinned host memory by page kind: register, DMA, driver checkpoint"
   timeout 420 python3 bench/pin_probe.py ${PIN_MODES:-} --gib "${PIN_GIB:-16}" --out "$RES"
+fi
+if want keeper; then
+  echo "== keeper probe: a second process owns the locked host copy and fills the worker's arena"
+  timeout 240 python3 bench/keeper_probe.py --gib "${KEEPER_GIB:-64}" --cycles 3 --out "$RES"
 fi
 if want probe; then
   echo "== deep-suspend probe: which process state the driver's checkpoint handles"
