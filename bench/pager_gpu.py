@@ -14,7 +14,8 @@ floors measured in the same run; one JSON line per figure appended to --out.
   snapshot's own chunk files. Then --cycles suspend/resume cycles per level. Each resume is
   timed as a request arriving for the suspended runtime: resume, then the first token of a
   128-token prompt (TTFT), then a check that 16 greedy tokens are bit-identical to the ones
-  produced before any suspend.
+  produced before any suspend. With --keeper on (the default, as torpord runs it), the GPU's
+  keeper holds the host copy locked and fills deep resumes; each record says `via`.
 - baseline: the driver's whole-process checkpoint and restore (`cuCheckpointProcess*`, what
   cuda-checkpoint and CRIU-based snapshots use) of the same runtime shape loaded the plain
   way, with nothing released first.
@@ -248,13 +249,22 @@ def runtime(args: argparse.Namespace) -> None:
 
     model_dir, layers, dtype = shape_dir(shape)
     options = EngineOptions(max_batch=8, max_seq_len=1024, dtype=dtype)
+    keeper = start_keeper(device) if cuda and args.keeper == "on" else None
     start = time.perf_counter()
-    pager = PagerOptions(device=device, stage_threads=args.stage_threads)
+    pager = PagerOptions(
+        device=device,
+        stage_threads=args.stage_threads,
+        keeper_socket=str(keeper.path) if keeper is not None else None,
+    )
     rt = PagedRuntime.load(model_dir, options, pager, filler=RandomFiller(layers))
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     rt.wait_host_copy()
     host_copy_s = time.perf_counter() - start
+    start = time.perf_counter()
+    while keeper is not None and not rt.host_copy.kept and time.perf_counter() - start < 300:
+        time.sleep(0.05)
+    kept_s = time.perf_counter() - start if keeper is not None else None
     expected = greedy_tokens(rt.loop, "expected")
     resident_ttft = [first_token_s(rt, f"resident-{i}") for i in range(5)]
     sync(device)
@@ -267,6 +277,10 @@ def runtime(args: argparse.Namespace) -> None:
             "dtype": dtype,
             "load_s": load_s,
             "host_copy_wait_s": host_copy_s,
+            "keeper": keeper is not None,
+            "kept": rt.host_copy.kept,
+            "kept_after_s": kept_s,
+            "keeper_gpu_bytes": process_gpu_bytes(keeper.pid) if keeper is not None else None,
             "weight_bytes": weights,
             "kv_bytes": rt.engine.memory.kv.nbytes,
             "arena_bytes": rt.placement.mapped_bytes(),
@@ -294,6 +308,18 @@ def runtime(args: argparse.Namespace) -> None:
     if cuda:
         emit(out, base | {"bench": "pager_graph_bytes", **graph_bytes(rt)})
     rt.close()
+    if keeper is not None:
+        keeper.stop()
+
+
+def start_keeper(device: str) -> Any:
+    """The GPU's keeper (worker/pager/keeper.py), as torpord runs it."""
+    import tempfile
+
+    from torpor.worker.pager.keeper_client import KeeperProcess
+
+    index = torch.device(device).index or 0
+    return KeeperProcess(Path(tempfile.mkdtemp()) / "keeper.sock", f"cuda:{index}").start()
 
 
 def graph_bytes(rt: Any) -> dict[str, Any]:
@@ -420,6 +446,7 @@ def one_cycle(
         refill_s = r.phases["map"] + r.phases["finish"] + weights_in_s
     record = base | {
         "streamed": r.streamed,
+        "via": r.via,
         "suspend_s": s.seconds,
         "suspend_phases": s.phases,
         "gpu_bytes_released": s.gpu_bytes_released,
@@ -499,6 +526,7 @@ def main() -> None:
     parser.add_argument("--levels", default="host,deep,disk")
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--stage-threads", type=int, default=12)
+    parser.add_argument("--keeper", choices=["on", "off"], default="on")
     args = parser.parse_args()
     from torpor.log import configure
 

@@ -34,6 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--handle-size", default="512MiB", help="arena handle size")
     parser.add_argument("--graph-pool", default="512MiB", help="CUDA graph pool size")
     parser.add_argument("--no-host-copy", action="store_true", help="keep no host copy of weights")
+    parser.add_argument("--keeper", help="Unix socket of the GPU's keeper (it fills deep resumes)")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -45,6 +46,7 @@ def serve(args: argparse.Namespace) -> int:
         handle_bytes=parse_size(args.handle_size),
         graph_pool_bytes=parse_size(args.graph_pool),
         host_copy=not args.no_host_copy,
+        keeper_socket=args.keeper,
     )
     pager.validate()
     workdir = args.workdir or args.socket.with_suffix(".d")

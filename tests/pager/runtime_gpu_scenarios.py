@@ -7,6 +7,7 @@ CPU tests check, plus the device's own accounting (`mem_get_info`, NVML).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from torpor.worker.engine.demo import DemoSpec, make_demo
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
+from torpor.worker.pager.keeper_client import KeeperProcess
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
 from torpor.worker.pager.states import SuspendLevel
@@ -114,6 +116,38 @@ def deep_suspend_holds_no_gpu_memory(tmp: Path) -> None:
     rt.resume()
     assert generate(rt) == before
     rt.close()
+
+
+@scenario
+def deep_resume_through_the_keeper(tmp: Path) -> None:
+    """The keeper holds the copy locked in its own process: the worker holds nothing at its
+    checkpoint, and the keeper fills the arena back through imported VMM handles."""
+    keeper = KeeperProcess(tmp / "keeper.sock", "cuda:0").start()
+    try:
+        options = dataclasses.replace(PAGER, keeper_socket=str(keeper.path))
+        rt = PagedRuntime.load(model(tmp), OPTIONS, options)
+        before, where = generate(rt), pointers(rt)
+        host = rt.wait_host_copy()
+        assert host is not None and host.pinned and host.shared
+        deadline = time.monotonic() + 60
+        while not rt.host_copy.kept:
+            assert time.monotonic() < deadline, "the keeper did not take the copy"
+            time.sleep(0.05)
+        for _ in range(3):
+            rt.suspend(SuspendLevel.DEEP)
+            assert process_gpu_bytes() == 0 and host.pinned_bytes == 0
+            report = rt.resume()
+            assert report.via == "keeper", report
+            assert pointers(rt) == where
+            assert generate(rt) == before
+        assert (process_gpu_bytes(keeper.pid) or 0) < 1 << 30  # its context, no arenas left
+        keeper.stop()  # lost: the next deep resume goes through staging buffers
+        rt.suspend(SuspendLevel.DEEP)
+        assert rt.resume().via == "staging"
+        assert generate(rt) == before
+        rt.close()
+    finally:
+        keeper.stop()
 
 
 @scenario

@@ -29,8 +29,9 @@ __all__ = [
 ]
 
 
-def backend_for(device: str) -> MemoryBackend:
-    """The backend for a torch-style device string: `cpu`, `cuda` or `cuda:N`.
+def backend_for(device: str, *, exportable: bool = False) -> MemoryBackend:
+    """The backend for a torch-style device string: `cpu`, `cuda` or `cuda:N`; `exportable`
+    makes CUDA allocations that another process can import (CPU ones always can).
 
     The CUDA backend is imported here, not at the top, so that the CPU path never loads the
     CUDA driver bindings.
@@ -44,7 +45,7 @@ def backend_for(device: str) -> MemoryBackend:
     if parsed is not None and parsed.type == "cuda":
         from torpor.worker.pager.cuda import CudaBackend
 
-        return CudaBackend(parsed.index or 0)
+        return CudaBackend(parsed.index or 0, exportable=exportable)
     raise InvalidArgument(
         f"unknown pager device {device!r}; use 'cpu', 'cuda' or 'cuda:N'",
         reason="BAD_DEVICE",

@@ -32,9 +32,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,38 @@ class Arena:
         released, the arena stays UNMAPPED (its range still reserved), and the error is
         raised. `zero=True` then fills the arena with zeros.
         """
+        self._map_each(self._backend.create, zero=zero)
+
+    def adopt(self, allocations: Sequence[Allocation]) -> None:
+        """Map allocations made elsewhere (exported by another process and adopted by this
+        backend), one per handle extent and of its size, instead of creating new ones; the
+        arena owns them from here on, and releases them at `unmap`. Transactional like `map`;
+        on an error, what was not mapped yet is released too."""
+        extents = self.handle_extents()
+        sizes = [a.nbytes for a in allocations]
+        if sizes != [n for _, n in extents]:
+            for allocation in allocations:
+                with contextlib.suppress(TorporError):
+                    self._backend.release(allocation)
+            raise InvalidArgument(
+                f"arena {self._name!r} needs handles of {[n for _, n in extents]} bytes, "
+                f"got {sizes}",
+                reason="BAD_HANDLES",
+                metadata={"arena": self._name, "handles": len(sizes)},
+            )
+        queue = list(allocations)
+
+        def next_allocation(nbytes: int) -> Allocation:
+            return queue.pop(0)
+
+        try:
+            self._map_each(next_allocation)
+        finally:
+            for allocation in queue:
+                with contextlib.suppress(TorporError):
+                    self._backend.release(allocation)
+
+    def _map_each(self, source: Callable[[int], Allocation], *, zero: bool = False) -> None:
         with self._lock:
             self._require(ArenaState.UNMAPPED, "map")
             if self._handles:  # left over by an unmap whose release failed: retry first
@@ -185,7 +218,7 @@ class Arena:
             started = time.perf_counter()
             try:
                 for offset, nbytes in self.handle_extents():
-                    handle = _Handle(offset, self._backend.create(nbytes))
+                    handle = _Handle(offset, source(nbytes))
                     self._handles.append(handle)
                     self._backend.map(self.address + offset, handle.allocation)
                     handle.mapped = True
@@ -204,6 +237,24 @@ class Arena:
                 zeroed=zero,
                 ms=round((time.perf_counter() - started) * 1e3, 3),
             )
+
+    def export(self, nbytes: int | None = None) -> list[tuple[int, int]]:
+        """(file descriptor, bytes) for each mapped handle that holds the first `nbytes`
+        (default: all), for another process to `adopt`; the caller closes them."""
+        with self._lock:
+            self._require(ArenaState.MAPPED, "export")
+            n = self._nbytes if nbytes is None else nbytes
+            exported: list[tuple[int, int]] = []
+            try:
+                for handle in self._handles:
+                    if handle.offset < n:
+                        fd = self._backend.export(handle.allocation)
+                        exported.append((fd, handle.allocation.nbytes))
+            except BaseException:
+                for fd, _ in exported:
+                    os.close(fd)
+                raise
+            return exported
 
     def unmap(self) -> None:
         """Release all physical memory; the range stays reserved for a later `map()`.

@@ -103,6 +103,16 @@ class MemoryBackend(Protocol):
         """A zero-copy uint8 tensor of `nbytes` at `address`; its data_ptr() is `address`."""
         ...
 
+    def export(self, allocation: Allocation) -> int:
+        """A new file descriptor for `allocation` that another process can `adopt` (the
+        caller closes it). CUDA: only for a backend made `exportable`."""
+        ...
+
+    def adopt(self, fd: int, nbytes: int) -> Allocation:
+        """The allocation behind a descriptor that another process exported; takes `fd`
+        (closed here, or at `release`). Map and release it like one from `create`."""
+        ...
+
 
 def round_up(value: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is at least `value`."""

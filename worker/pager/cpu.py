@@ -192,6 +192,29 @@ class CpuBackend:
             raise os_error("ftruncate", e.errno or 0, fd=fd, nbytes=nbytes) from e
         return Allocation(fd, nbytes)
 
+    def export(self, allocation: Allocation) -> int:
+        fd = allocation.handle
+        assert isinstance(fd, int)
+        try:
+            return os.dup(fd)
+        except OSError as e:
+            raise os_error("dup", e.errno or 0, fd=fd) from e
+
+    def adopt(self, fd: int, nbytes: int) -> Allocation:
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise os_error("fstat", e.errno or 0, fd=fd) from e
+        if size < nbytes:
+            os.close(fd)
+            raise InvalidArgument(
+                f"the descriptor holds {size} bytes, not the {nbytes} announced",
+                reason="BAD_HANDLE_SIZE",
+                metadata={"size": size, "nbytes": nbytes},
+            )
+        return Allocation(fd, nbytes)
+
     def release(self, allocation: Allocation) -> None:
         fd = allocation.handle
         assert isinstance(fd, int)

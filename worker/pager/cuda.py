@@ -19,6 +19,7 @@ torch shares it for the life of the process.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -54,6 +55,10 @@ def driver() -> Any:
             reason="NO_CUDA_BINDINGS",
         ) from e
     return cuda_driver
+
+
+def _fd_handle_type() -> Any:
+    return driver().CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 
 
 def cuda_error(call: str, result: Any, **values: object) -> TorporError:
@@ -105,7 +110,10 @@ class CudaBackend:
 
     kind = "cuda"
 
-    def __init__(self, device_index: int = 0) -> None:
+    def __init__(self, device_index: int = 0, *, exportable: bool = False) -> None:
+        """`exportable`: create allocations that `export` can hand to another process (the
+        keeper fills a deep-resumed arena that way); requesting it costs nothing measurable
+        (mapping 64 GiB took 9 to 14 ms either way on an H200)."""
         cu = driver()
         try:
             check("cuInit", cu.cuInit(0))
@@ -126,6 +134,9 @@ class CudaBackend:
         self._prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         self._prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         self._prop.location.id = device_index
+        self.exportable = exportable
+        if exportable:
+            self._prop.requestedHandleTypes = _fd_handle_type()
         self._access = cu.CUmemAccessDesc()
         self._access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         self._access.location.id = device_index
@@ -196,6 +207,36 @@ class CudaBackend:
     def create(self, nbytes: int) -> Allocation:
         self._make_current()
         handle = check("cuMemCreate", driver().cuMemCreate(nbytes, self._prop, 0), nbytes=nbytes)
+        return Allocation(handle, nbytes)
+
+    def export(self, allocation: Allocation) -> int:
+        if not self.exportable:
+            raise FailedPrecondition(
+                "this backend's allocations cannot be exported (made without exportable=True)",
+                reason="NOT_EXPORTABLE",
+            )
+        self._make_current()
+        return int(
+            check(
+                "cuMemExportToShareableHandle",
+                driver().cuMemExportToShareableHandle(allocation.handle, _fd_handle_type(), 0),
+                nbytes=allocation.nbytes,
+            )
+        )
+
+    def adopt(self, fd: int, nbytes: int) -> Allocation:
+        self._make_current()
+        try:
+            handle = check(
+                "cuMemImportFromShareableHandle",
+                driver().cuMemImportFromShareableHandle(fd, _fd_handle_type()),
+                fd=fd,
+                nbytes=nbytes,
+            )
+        finally:
+            # The import holds its own reference; an open descriptor would keep the memory
+            # alive after the exporter releases it.
+            os.close(fd)
         return Allocation(handle, nbytes)
 
     def release(self, allocation: Allocation) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,8 +35,10 @@ from torpor.worker.pager.cpu import (
     MADV_HUGEPAGE,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
+    MAP_SHARED,
     PROT_READ_WRITE,
     host_view,
+    os_error,
     sys_madvise,
     sys_mmap,
     sys_munmap,
@@ -78,17 +81,31 @@ class HostBuffer:
         pinner: HostPinner | None = None,
         pin_piece: int = PIN_PIECE,
         before_piece: Callable[[], None] | None = None,
+        shared: bool = False,
+        fd: int | None = None,
     ) -> None:
         """`before_piece` is called before each piece is pinned: a background copy passes
         a wait-while-serving there, so the driver lock each registration takes never sits
-        in front of a request's kernel launches."""
+        in front of a request's kernel launches.
+
+        `shared` puts the bytes in a memfd that `share` hands to another process (the
+        keeper); `fd` maps such a descriptor, made by another process, instead of new memory
+        (the buffer owns it from here on)."""
         check_positive("nbytes", nbytes)
         check_positive("pin_piece", pin_piece)
         self._nbytes = nbytes
         self._mapped_bytes = round_up(nbytes, mmap.PAGESIZE)
-        self._address = sys_mmap(
-            0, self._mapped_bytes, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
-        )
+        self._fd = _memfd(self._mapped_bytes, fd) if shared or fd is not None else None
+        try:
+            self._address = (
+                sys_mmap(0, self._mapped_bytes, PROT_READ_WRITE, MAP_SHARED, self._fd)
+                if self._fd is not None
+                else sys_mmap(0, self._mapped_bytes, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+            )
+        except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+            raise
         piece = round_up(pin_piece, mmap.PAGESIZE)
         self._pieces = [
             (offset, min(piece, self._mapped_bytes - offset))
@@ -102,6 +119,8 @@ class HostBuffer:
         except BaseException:
             self.unpin()
             sys_munmap(self._address, self._mapped_bytes)
+            if self._fd is not None:
+                os.close(self._fd)
             raise
         self._tensor: torch.Tensor | None = host_view(self._address, nbytes)
         self._stream: Any = None
@@ -112,12 +131,13 @@ class HostBuffer:
         arena: Arena,
         nbytes: int | None = None,
         before_piece: Callable[[], None] | None = None,
+        shared: bool = False,
     ) -> HostBuffer:
         """A buffer for the first `nbytes` (default: all) of `arena`, pinned on CUDA."""
         backend = arena.backend
         pinner = backend if isinstance(backend, HostPinner) else None
         size = arena.nbytes if nbytes is None else nbytes
-        return cls(size, pinner=pinner, before_piece=before_piece)
+        return cls(size, pinner=pinner, before_piece=before_piece, shared=shared)
 
     def _advise_huge_pages(self) -> None:
         # Huge pages mean 512× fewer pages for the driver to pin and to walk during DMA.
@@ -132,6 +152,21 @@ class HostBuffer:
     @property
     def address(self) -> int:
         return self._address
+
+    @property
+    def shared(self) -> bool:
+        """Whether the bytes are in a memfd that `share` can hand to another process."""
+        return self._fd is not None
+
+    def share(self) -> int:
+        """A new descriptor of the buffer's memfd, for another process (the caller closes
+        it); FailedPrecondition unless the buffer was made `shared`."""
+        if self._fd is None or self._tensor is None:
+            raise FailedPrecondition(
+                "only an open buffer made with shared=True can be shared",
+                reason="HOST_BUFFER_NOT_SHARED",
+            )
+        return os.dup(self._fd)
 
     @property
     def pinned(self) -> bool:
@@ -282,6 +317,9 @@ class HostBuffer:
         self.unpin()
         self._pinner = None
         sys_munmap(self._address, self._mapped_bytes)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tensor = None
 
     def __enter__(self) -> HostBuffer:
@@ -292,6 +330,28 @@ class HostBuffer:
 
     def __repr__(self) -> str:
         return f"HostBuffer(nbytes={self._nbytes}, pinned={self.pinned})"
+
+
+def _memfd(nbytes: int, fd: int | None) -> int:
+    """A memfd of `nbytes` (made, or `fd` checked to hold that many; closed on error)."""
+    try:
+        if fd is None:
+            fd = os.memfd_create("torpor-host-copy", os.MFD_CLOEXEC)
+            os.ftruncate(fd, nbytes)
+        elif os.fstat(fd).st_size < nbytes:
+            raise InvalidArgument(
+                f"the host copy's descriptor holds {os.fstat(fd).st_size} bytes, not {nbytes}",
+                reason="BAD_HANDLE_SIZE",
+                metadata={"nbytes": nbytes},
+            )
+    except OSError as e:
+        if fd is not None:
+            os.close(fd)
+        raise os_error("memfd", e.errno or 0, nbytes=nbytes) from e
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _recorded() -> Any:

@@ -9,18 +9,28 @@ serves (`busy`). A disk-level suspend does not need it and cancels it.
 A deep suspend unlocks the copy's pages (`unpin`: the driver's checkpoint costs about 25 ms per
 page-locked GB each way) and a deep resume locks them again in the background (`repin`),
 giving way the same way.
+
+With a keeper (keeper.py), the copy is made in a memfd and, once made, handed to the keeper,
+which keeps it locked in its own process (`kept`); a deep resume then has the keeper `fill`
+the arena at DMA speed instead of going through staging buffers. Handing it over runs in the
+background and never holds up a suspend; if the keeper is lost, the next `keep` (after a
+resume) hands it over again.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from torpor.errors import FailedPrecondition
+from torpor.errors import FailedPrecondition, TorporError
 from torpor.log import get_logger
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.host import HostBuffer
+from torpor.worker.pager.keeper_client import KeeperClient
 
 GIVE_WAY_POLL_S = 0.005
 
@@ -35,8 +45,15 @@ class HostCopy:
     """One runtime's host copy: start it, wait for it, cancel it, release it. Thread-safe
     for one owner (the runtime, under its lock) and the background thread it starts."""
 
-    def __init__(self, enabled: bool, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self, enabled: bool, busy: Callable[[], bool], keeper: KeeperClient | None = None
+    ) -> None:
         self.enabled = enabled
+        self.keeper = keeper
+        self._names = itertools.count()
+        self._kept: tuple[HostBuffer, str] | None = None  # the copy the keeper holds, by name
+        self._keep_lock = threading.Lock()
+        self._keeping: threading.Thread | None = None
         self.buffer: HostBuffer | None = None
         self._busy = busy
         self._done = threading.Event()
@@ -65,7 +82,9 @@ class HostCopy:
     def _make(self, arena: Arena, nbytes: int) -> None:
         buffer: HostBuffer | None = None
         try:
-            buffer = HostBuffer.for_arena(arena, nbytes, before_piece=self._give_way)
+            buffer = HostBuffer.for_arena(
+                arena, nbytes, before_piece=self._give_way, shared=self.keeper is not None
+            )
             self._give_way()
             buffer.copy_from(arena)
             self.buffer = buffer
@@ -80,6 +99,8 @@ class HostCopy:
             log.error("host_copy_failed", error=repr(exc))
         finally:
             self._done.set()
+        if self.buffer is not None:
+            self.keep()
 
     def _give_way(self, stop: threading.Event | None = None) -> None:
         """Wait while the runtime serves; raise _Cancelled once `stop` (default: the copy's
@@ -111,6 +132,64 @@ class HostCopy:
     def cancel(self) -> None:
         """Stop a copy still being made at its next piece (a disk suspend will not use it)."""
         self._cancel.set()
+
+    # -- the keeper ---------------------------------------------------------------------------
+
+    @property
+    def kept(self) -> bool:
+        """Whether the keeper holds the current copy, locked, and can `fill` from it."""
+        kept = self._kept
+        return (
+            self.keeper is not None
+            and kept is not None
+            and kept[0] is self.buffer
+            and self.keeper.held(kept[1])
+        )
+
+    def keep(self) -> None:
+        """Hand the copy to the keeper in the background, unless it holds it already or a
+        hand-over is under way (no-op without a keeper)."""
+        buffer = self.buffer
+        if self.keeper is None or buffer is None or self.kept:
+            return
+        if self._keeping is not None and self._keeping.is_alive():
+            return
+        self._keeping = threading.Thread(
+            target=self._keep, args=(buffer,), name="host-keep", daemon=True
+        )
+        self._keeping.start()
+
+    def _keep(self, buffer: HostBuffer) -> None:
+        assert self.keeper is not None
+        name = f"{os.getpid()}-{next(self._names)}"
+        try:
+            reply = self.keeper.hold(name, buffer)
+        except TorporError as exc:  # deep resumes go through staging buffers meanwhile
+            log.warning("host_copy_not_kept", error=str(exc), reason=exc.reason)
+            return
+        with self._keep_lock:
+            current = self.buffer is buffer
+            if current:
+                self._kept = (buffer, name)
+        if current:
+            log.info("host_copy_kept", name=name, seconds=round(reply.get("seconds", 0.0), 3))
+        else:  # released while the keeper was locking it
+            self._drop(name)
+
+    def fill(self, arena: Arena, nbytes: int) -> dict[str, Any]:
+        """Have the keeper copy the first `nbytes` into the mapped `arena` (TorporError if it
+        cannot: the caller copies another way)."""
+        kept = self._kept
+        if self.keeper is None or kept is None or not self.kept:
+            raise FailedPrecondition("the keeper holds no copy", reason="NOT_KEPT")
+        return self.keeper.fill(kept[1], arena, nbytes)
+
+    def _drop(self, name: str) -> None:
+        try:
+            if self.keeper is not None:
+                self.keeper.drop(name)
+        except TorporError as exc:  # a lost keeper dropped it anyway
+            log.warning("host_copy_drop_failed", error=str(exc))
 
     # -- page locks ---------------------------------------------------------------------------
 
@@ -151,8 +230,13 @@ class HostCopy:
             thread.join()
 
     def release(self) -> None:
-        """Free the copy, if there is one (it is made again by the next `start`)."""
+        """Free the copy, if there is one (it is made again by the next `start`); the
+        keeper lets go of it in the background."""
         self.stop_repin()
-        if self.buffer is not None:
-            self.buffer.close()
-            self.buffer = None
+        with self._keep_lock:
+            kept, self._kept = self._kept, None
+            buffer, self.buffer = self.buffer, None
+        if kept is not None:
+            threading.Thread(target=self._drop, args=(kept[1],), name="host-drop").start()
+        if buffer is not None:
+            buffer.close()

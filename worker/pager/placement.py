@@ -52,6 +52,11 @@ class PagerOptions:
     """Threads copying the unlocked host copy into pinned staging buffers on a deep resume
     (memory-bandwidth bound: 10 / 17 / 25 / 31 GB/s with 2 / 4 / 8 / 12 on an H200 host)."""
 
+    keeper_socket: str | None = None
+    """Unix socket of the GPU's keeper (keeper.py), which keeps the host copy locked in its
+    own process and fills the weights at DMA speed on a deep resume; without one (or when it
+    is lost) a deep resume goes through staging buffers."""
+
     def validate(self) -> None:
         from torpor.worker.engine.options import _bound
 
@@ -67,7 +72,9 @@ class ArenaPlacement:
 
     def __init__(self, options: PagerOptions, addresses: Mapping[str, int] | None = None) -> None:
         self.options = options
-        self.backend: MemoryBackend = backend_for(options.device)
+        self.backend: MemoryBackend = backend_for(
+            options.device, exportable=options.keeper_socket is not None
+        )
         self.addresses = dict(addresses or {})
         self.arenas: dict[str, Arena] = {}
         self.regions: dict[str, torch.Tensor] = {}  # region -> flat uint8 view

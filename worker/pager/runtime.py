@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from torpor.errors import FailedPrecondition
+from torpor.errors import FailedPrecondition, TorporError
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
@@ -34,6 +34,7 @@ from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.pager import build, checkpoint, refill
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
+from torpor.worker.pager.keeper_client import KeeperClient
 from torpor.worker.pager.manifest import Environment, SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
@@ -73,11 +74,13 @@ class PagedRuntime:
         self.loop = EngineLoop(engine).start()
         self.residency = Residency.RESIDENT
         self.manifest: SnapshotManifest | None = None
-        self.host_copy = HostCopy(options.host_copy, lambda: self.loop.busy())
+        keeper = KeeperClient(Path(options.keeper_socket)) if options.keeper_socket else None
+        self.host_copy = HostCopy(options.host_copy, lambda: self.loop.busy(), keeper)
         self._lock = threading.RLock()
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
         self._stager: HostStager | None = None  # made at the first deep suspend (CUDA)
+        self._via = "copy"  # how the last resume's weights came back (ResumeReport.via)
         self._streamed: list[tuple[int, Any]] | None = None  # the last streamed copy's marks
         self.environment = Environment.current(engine.device)
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
@@ -339,14 +342,18 @@ class PagedRuntime:
                 self._start_host_copy()
             else:
                 self.host_copy.repin()  # after a deep suspend: lock it again, giving way
-            report = ResumeReport(tier, time.perf_counter() - start, moved, clock.laps, streamed)
+                self.host_copy.keep()  # the keeper was lost: hand the copy over again
+            via = "stream" if streamed else self._via
+            report = ResumeReport(
+                tier, time.perf_counter() - start, moved, clock.laps, streamed, via
+            )
             if streamed and progress is not None:
                 progress(moved, moved)
             log.info(
                 "resumed",
                 tier=tier,
                 seconds=round(report.seconds, 4),
-                streamed=streamed,
+                via=via,
                 gbps=None if streamed else round(report.gbps, 2),
                 **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
@@ -430,7 +437,7 @@ class PagedRuntime:
         if self.residency is not Residency.SUSPENDED_DISK:
             host = self.host
             assert host is not None
-            host.copy_to(self.placement.arenas["weights"], nbytes, stage=self._stager)
+            self._via = self._from_host(host, nbytes)
             if progress is not None:
                 progress(nbytes, nbytes)
             return nbytes
@@ -439,6 +446,7 @@ class PagedRuntime:
             raise FailedPrecondition(
                 "resuming from disk needs the chunk store", reason="NO_SNAPSHOT"
             )
+        self._via = "disk"
         return refill.from_disk(
             self.manifest,
             store,
@@ -447,6 +455,19 @@ class PagedRuntime:
             self._pinner(),
             progress,
         )
+
+    def _from_host(self, host: HostBuffer, nbytes: int) -> str:
+        """Copy the weights from the host copy; how: "copy" (locked here), "keeper" (locked
+        in the keeper's process, after a deep suspend unlocked it here) or "staging"."""
+        arena = self.placement.arenas["weights"]
+        if not host.pinned and self.host_copy.kept:
+            try:
+                self.host_copy.fill(arena, nbytes)
+                return "keeper"
+            except TorporError as exc:  # every byte is copied again below
+                log.warning("keeper_fill_failed", error=str(exc), reason=exc.reason)
+        host.copy_to(arena, nbytes, stage=self._stager)
+        return "copy" if host.pinned or not host.lockable else "staging"
 
     # -- what it holds -----------------------------------------------------------------------
 
@@ -472,6 +493,8 @@ class PagedRuntime:
                 self._pause.close()
                 self._pause = None
             self.host_copy.release()
+            if self.host_copy.keeper is not None:
+                self.host_copy.keeper.close()  # the keeper lets go of all it held for us
             if self._stager is not None:
                 self._stager.close()
             self.placement.close()

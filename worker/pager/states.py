@@ -62,6 +62,10 @@ class ResumeReport:
     # Serving began while the weights were still being copied (each layer waits for its
     # own bytes); `seconds` is then the time until serving, not until the last byte.
     streamed: bool = False
+    # How the weights came back: "stream" (see `streamed`), "copy" (from the copy locked in
+    # this process), "keeper" (copied by the keeper, which keeps it locked), "staging" (an
+    # unlocked copy, through staging buffers) or "disk".
+    via: str = "copy"
 
     @property
     def gbps(self) -> float:
