@@ -226,7 +226,8 @@ def driver_host_memory(mode: str, nbytes: int, timeout_s: float) -> dict[str, ob
 def unmap_costs(nbytes: int) -> dict[str, object]:
     """Releasing a large VMM arena (what a host suspend does): per handle size, the time to
     unmap and release handle by handle (the arena today), the unmap and release calls apart,
-    and one cuMemUnmap over the whole range, then the releases."""
+    one cuMemUnmap over the whole range, then the releases, and `early_release`: each handle
+    released right after it is mapped (the mapping keeps it), so that the unmap frees it."""
     from torpor.worker.pager.cuda import CudaBackend, check, driver
 
     backend = CudaBackend(0)
@@ -235,18 +236,25 @@ def unmap_costs(nbytes: int) -> dict[str, object]:
     for handle in (512 << 20, GiB, 2 * GiB):
         reservation = backend.reserve(nbytes)
         base = reservation.address
-        for how in ("per_handle", "whole_range", "threads4", "threads8"):
+        for how in ("per_handle", "whole_range", "threads4", "threads8", "early_release"):
             allocations = []
             t = time.perf_counter()
             for off in range(0, nbytes, handle):
                 allocation = backend.create(handle)
                 backend.map(base + off, allocation)
                 allocations.append((off, allocation))
+                if how == "early_release":
+                    backend.release(allocation)
             backend.set_access(base, nbytes)
             record[f"map_{handle >> 20}MiB_{how}_ms"] = (time.perf_counter() - t) * 1e3
             unmap = release = 0.0
             t = time.perf_counter()
-            if how == "per_handle":
+            if how == "early_release":
+                u = time.perf_counter()
+                for off, _ in allocations:
+                    backend.unmap(base + off, handle)
+                unmap = time.perf_counter() - u
+            elif how == "per_handle":
                 for off, allocation in allocations:
                     u = time.perf_counter()
                     backend.unmap(base + off, handle)
