@@ -349,7 +349,8 @@ def _memfd(nbytes: int, fd: int | None) -> int:
             os.close(fd)
         raise os_error("memfd", e.errno or 0, nbytes=nbytes) from e
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         raise
     return fd
 

@@ -46,7 +46,7 @@ from torpor import log
 from torpor.errors import InvalidArgument, NotFound, TorporError
 from torpor.worker.pager import backend_for
 from torpor.worker.pager.arena import Arena
-from torpor.worker.pager.backend import MemoryBackend
+from torpor.worker.pager.backend import Allocation, MemoryBackend
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.wire import Receiver, send
 
@@ -187,7 +187,7 @@ class Keeper:
         start = time.perf_counter()
         arena = Arena(f"keeper-{name}", sum(sizes), self.backend, handle_bytes=sizes[0])
         try:
-            allocations = []
+            allocations: list[Allocation] = []
             while fds:
                 allocations.append(self.backend.adopt(fds.pop(0), sizes[len(allocations)]))
             arena.adopt(allocations)
