@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep]...
+#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon]...
 #   (default: all; pager = pagertests + pager8)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
@@ -91,5 +91,9 @@ if want deep; then
   timeout 90 python3 -m tests.pager.runtime_gpu_scenarios deep_suspend_holds_no_gpu_memory
   timeout 150 python3 bench/pager_gpu.py runtime --shape 8b --levels host,deep \
     --cycles "${PAGER_CYCLES:-3}" --out "$RES"
+fi
+if want daemon; then
+  echo "== the README tour on the GPU: torpord, demo models, a deep eviction through the keeper"
+  timeout 300 bash bench/daemon_gpu.sh
 fi
 echo "== done"

@@ -316,7 +316,7 @@ def start_keeper(device: str) -> Any:
     """The GPU's keeper (worker/pager/keeper.py), as torpord runs it."""
     import tempfile
 
-    from torpor.worker.pager.keeper_client import KeeperProcess
+    from torpor.keeper import KeeperProcess
 
     index = torch.device(device).index or 0
     return KeeperProcess(Path(tempfile.mkdtemp()) / "keeper.sock", f"cuda:{index}").start()

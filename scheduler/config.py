@@ -210,7 +210,8 @@ class WorkerSection(_Section):
 
     NAME: ClassVar[str] = "worker"
     start_timeout_s: float = _key(60.0, kind="float", lo=1, hi=3600)
-    """Seconds from spawning a worker until its socket answers (loading not included)."""
+    """Seconds from spawning a worker, or a GPU's keeper, until its socket answers (loading
+    not included)."""
     stop_timeout_s: float = _key(10.0, kind="float", lo=0, hi=600)
     """Seconds a worker gets to exit after Shutdown before it is killed."""
     handle_size: int = _key(512 * MiB, kind="size", lo=2 * MiB, hi=64 * GiB)
@@ -218,6 +219,10 @@ class WorkerSection(_Section):
     granularity); large handles map faster."""
     deep_suspend: bool = _key(True, kind="bool")
     """Allow SUSPENDED_DEEP (driver checkpoint of the CUDA context); CUDA backend only."""
+    keeper: bool = _key(True, kind="bool")
+    """Run a keeper process per GPU (started with its first worker) that holds deep-suspended
+    runtimes' page-locked host copies and fills their arenas back at DMA speed; it costs one
+    CUDA context per GPU. Only with deep_suspend on; CUDA backend only."""
     python: str = _key("auto", kind="exe", auto=lambda: sys.executable)
     """Python interpreter that runs `-m torpor.worker.main`; auto is torpord's own."""
 

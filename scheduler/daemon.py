@@ -6,9 +6,10 @@
 
 Start-up: config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
 policy state with the registered models (a model with a snapshot restores from it), workers
-left by an earlier torpord stopped, then the gRPC services on the Unix socket (and TCP if
-asked), metrics, and READY=1 to systemd. SIGTERM: stop accepting, drain in-flight calls up
-to the drain timeout, stop the workers, exit 0.
+and keepers left by an earlier torpord stopped, then the gRPC services on the Unix socket
+(and TCP if asked), metrics, and READY=1 to systemd. Each GPU's keeper starts with its first
+worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight calls up to the
+drain timeout, stop the workers, then the keepers, exit 0.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from torpor.scheduler.core import ModelSpec as CoreSpec
 from torpor.scheduler.events import EventLog
 from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
 from torpor.scheduler.inventory import from_config
+from torpor.scheduler.keepers import KEEPER_CONTEXT, Keepers
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
@@ -96,8 +98,17 @@ class Daemon:
             self.catalog, self.snapshots, lambda: self.controller.state.costs, self._costs
         )
         state = await asyncio.to_thread(self._initial_state)
+        self.keepers = Keepers(
+            Path(cfg.daemon.runtime_dir),
+            enabled=self._keepers_enabled(),
+            start_timeout=cfg.worker.start_timeout_s,
+        )
+        self.metrics.count_keepers(self.keepers.running)
         self.supervisor = Supervisor(
-            Path(cfg.daemon.runtime_dir), self._worker_exited, cfg.worker.start_timeout_s
+            Path(cfg.daemon.runtime_dir),
+            self._worker_exited,
+            cfg.worker.start_timeout_s,
+            keepers=self.keepers,
         )
         self.executor = Executor(
             self.supervisor,
@@ -138,6 +149,8 @@ class Daemon:
     def _initial_state(self) -> SchedulerState:
         cfg = self.config
         reserve = cfg.budgets.gpu_reserve if self.cuda else 0
+        if self._keepers_enabled():  # each GPU's keeper holds a CUDA context of its own
+            reserve += KEEPER_CONTEXT
         gpus = tuple(
             GpuSpec(g.index, g.total_bytes, min(reserve, g.total_bytes - 1), g.name)
             for g in self.inventory.gpus()
@@ -156,6 +169,11 @@ class Daemon:
             costs=self.recorder.costs(Costs()),
             config=policy,
         )
+
+    def _keepers_enabled(self) -> bool:
+        """A keeper per GPU: on CUDA, and only where deep suspends (its one use) happen."""
+        worker = self.config.worker
+        return self.cuda and worker.keeper and worker.deep_suspend
 
     def _worker_defaults(self) -> WorkerDefaults:
         cfg = self.config
@@ -176,6 +194,8 @@ class Daemon:
         for worker in await self.supervisor.adopt():
             _log.warning("leftover_worker_stopped", runtime=worker.runtime_id, pid=worker.pid)
             await worker.stop(self.config.worker.stop_timeout_s)
+        # Then their keepers: one keeper per GPU, and a keeper removes its socket as it stops.
+        await self.keepers.stop_leftovers(self.config.worker.stop_timeout_s)
 
     async def _load_models(self) -> None:
         snapshots = await asyncio.to_thread(self.recorder.known_snapshots)

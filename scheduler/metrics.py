@@ -16,7 +16,7 @@ import contextlib
 import errno
 import ipaddress
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from wsgiref.simple_server import WSGIServer
 
@@ -116,6 +116,9 @@ class Metrics:
             registry=r,
         )
         self._leases = Gauge("torpor_leases", "Leases held.", registry=r)
+        self._keepers = Gauge(
+            "torpor_keepers", "Keeper processes running (at most one per GPU).", registry=r
+        )
         self._requests = Counter(
             "torpor_requests_total",
             "Generate requests finished, by model and status code.",
@@ -215,6 +218,10 @@ class Metrics:
         self._requests.labels(model=model, code=code).inc()
         self._prompt_tokens.labels(model=model).inc(prompt_tokens)
         self._generated.labels(model=model).inc(generated_tokens)
+
+    def count_keepers(self, running: Callable[[], int]) -> None:
+        """Read the number of running keepers from `running` at each scrape."""
+        self._keepers.set_function(running)
 
     def worker_crash(self, model: str) -> None:
         self._crashes.labels(model=model).inc()

@@ -4,6 +4,9 @@ A worker that exits is noticed at once: children through `wait()`, workers adopt
 earlier torpord through a pidfd (which is readable the moment the process ends). Each worker
 leaves a small record in `<runtime_dir>/workers/` so that a restarted torpord can find it
 again and either adopt it (it still answers) or stop it.
+
+A worker on a GPU is given the socket of that GPU's keeper (`Keepers`, started with the GPU's
+first worker), and the keepers are stopped after the workers.
 """
 
 from __future__ import annotations
@@ -15,14 +18,18 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from torpor.errors import Unavailable
 from torpor.log import get_logger
 from torpor.v1 import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from torpor.scheduler.keepers import Keepers
 
 log = get_logger("supervisor")
 
@@ -42,8 +49,10 @@ class WorkerSpec:
     graph_pool: str = "512MiB"
     log_level: str = "info"
     python: str = sys.executable
+    keeper: Path | None = None  # the Unix socket of its GPU's keeper
 
     def argv(self) -> list[str]:
+        keeper = ["--keeper", str(self.keeper)] if self.keeper is not None else []
         return [
             self.python,
             "-m",
@@ -60,6 +69,7 @@ class WorkerSpec:
             self.graph_pool,
             "--log-level",
             self.log_level,
+            *keeper,
         ]
 
 
@@ -136,15 +146,26 @@ class WorkerProcess:
 class Supervisor:
     """Starts, watches, adopts and stops the worker processes of one torpord."""
 
-    def __init__(self, runtime_dir: Path, on_exit: OnExit, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        runtime_dir: Path,
+        on_exit: OnExit,
+        start_timeout: float = 60.0,
+        keepers: Keepers | None = None,
+    ) -> None:
         self.records = runtime_dir / "workers"
         self.records.mkdir(parents=True, exist_ok=True)
         self.on_exit = on_exit
         self.start_timeout = start_timeout
+        self.keepers = keepers
         self.workers: dict[str, WorkerProcess] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
     async def spawn(self, spec: WorkerSpec) -> WorkerProcess:
+        if spec.keeper is None and self.keepers is not None:
+            # Started with the device's first worker, or again if it died; None without one.
+            keeper = await self.keepers.ensure(spec.device, spec.python)
+            spec = replace(spec, keeper=keeper)
         spec.socket.unlink(missing_ok=True)
         proc = await asyncio.create_subprocess_exec(*spec.argv(), stdin=asyncio.subprocess.DEVNULL)
         worker = WorkerProcess(spec, proc.pid, proc)
@@ -160,6 +181,7 @@ class Supervisor:
             model=spec.model,
             pid=proc.pid,
             device=spec.device,
+            keeper=str(spec.keeper) if spec.keeper is not None else None,
         )
         return worker
 
@@ -185,7 +207,8 @@ class Supervisor:
         await self.on_exit(worker)
 
     def _record(self, worker: WorkerProcess) -> None:
-        record = {"pid": worker.pid, **{k: str(v) for k, v in asdict(worker.spec).items()}}
+        fields = {k: str(v) for k, v in asdict(worker.spec).items() if v is not None}
+        record = {"pid": worker.pid, **fields}
         path = self.records / f"{worker.runtime_id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
@@ -198,9 +221,8 @@ class Supervisor:
             try:
                 record = json.loads(path.read_text())
                 pid = int(record.pop("pid"))
-                spec = WorkerSpec(
-                    **{**record, "socket": Path(record["socket"]), "store": Path(record["store"])}
-                )
+                paths = {k: Path(record[k]) for k in ("socket", "store", "keeper") if k in record}
+                spec = WorkerSpec(**{**record, **paths})
             except (OSError, ValueError, TypeError, KeyError):
                 path.unlink(missing_ok=True)
                 continue
@@ -228,10 +250,13 @@ class Supervisor:
         return worker
 
     async def stop_all(self, grace_s: float) -> None:
+        """Stop every worker, then the keepers (none is started after this)."""
         workers = list(self.workers.values())
         await asyncio.gather(*(w.stop(grace_s) for w in workers), return_exceptions=True)
         if self._watchers:
             await asyncio.wait(self._watchers, timeout=grace_s)
+        if self.keepers is not None:
+            await self.keepers.stop(grace_s)
 
 
 def _alive(pid: int) -> bool:

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from tests.pager.nvsmi import process_gpu_bytes
+from torpor.keeper import KeeperProcess
 from torpor.log import configure
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.demo import DemoSpec, make_demo
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
-from torpor.worker.pager.keeper_client import KeeperProcess
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
 from torpor.worker.pager.states import SuspendLevel

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from tests.pager.test_runtime import GREEDY, OPTIONS, PAGER, _wait_until, generate, model_dir
+from torpor import fdwire as wire
 from torpor.errors import InvalidArgument, NotFound, Unavailable
-from torpor.worker.pager import wire
+from torpor.keeper import KeeperProcess, hello
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.cpu import CpuBackend
 from torpor.worker.pager.host import HostBuffer
-from torpor.worker.pager.keeper_client import KeeperClient, KeeperProcess
+from torpor.worker.pager.keeper_client import KeeperClient
 from torpor.worker.pager.runtime import PagedRuntime
 from torpor.worker.pager.states import SuspendLevel
 
@@ -50,11 +51,7 @@ def _arena_with_random_bytes(nbytes: int = 10 * MiB) -> Arena:
 
 
 def _held_bytes(path: Path) -> int:
-    other = KeeperClient(path)
-    try:
-        return int(other.hello()["held_bytes"])
-    finally:
-        other.close()
+    return int(hello(path)["held_bytes"])  # on a connection of its own
 
 
 def test_the_wire_carries_more_descriptors_than_one_message_can() -> None:

@@ -46,6 +46,8 @@ def test_every_update_shows_with_its_labels() -> None:
     m.request_done("llama", prompt_tokens=7, generated_tokens=11)
     m.request_done("llama", "DEADLINE_EXCEEDED")
     m.worker_crash("llama")
+    running = [2]
+    m.count_keepers(lambda: running[0])
 
     assert value(m, "torpor_gpu_memory_total_bytes", gpu="0") == 256
     assert value(m, "torpor_gpu_memory_used_bytes", gpu="0") == 100
@@ -67,6 +69,9 @@ def test_every_update_shows_with_its_labels() -> None:
     assert value(m, "torpor_prompt_tokens_total", model="llama") == 7
     assert value(m, "torpor_generated_tokens_total", model="llama") == 11
     assert value(m, "torpor_worker_crashes_total", model="llama") == 1
+    assert value(m, "torpor_keepers") == 2
+    running[0] = 1  # read at each scrape
+    assert value(m, "torpor_keepers") == 1
 
 
 def test_states_missing_from_an_update_go_back_to_zero() -> None:
@@ -111,7 +116,8 @@ def test_each_metrics_has_its_own_registry() -> None:
 
 
 def test_names_carry_prefix_and_unit() -> None:
-    unitless = {"torpor_runtimes", "torpor_queue_depth", "torpor_leases"}  # counts of things
+    # Counts of things.
+    unitless = {"torpor_runtimes", "torpor_queue_depth", "torpor_leases", "torpor_keepers"}
     families = list(text_string_to_metric_families(Metrics().render().decode()))
     assert len(families) > 10
     for family in families:

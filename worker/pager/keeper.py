@@ -17,7 +17,7 @@ It costs one CUDA context per GPU (543 MB on an H200), shared by every runtime o
 
 It prints `ready` once it listens. Each connection is one worker; the copies it holds are
 freed when the connection ends, so a worker that dies leaks nothing here. The requests
-(`wire` messages) are:
+(`torpor.fdwire` messages) are:
 
 - `hold {name, nbytes}` + the memfd: map it and lock it (seconds: about 5 GB/s);
 - `fill {name, nbytes, sizes}` + one descriptor per arena handle: copy the first `nbytes`
@@ -44,11 +44,11 @@ from typing import Any
 
 from torpor import log
 from torpor.errors import InvalidArgument, NotFound, TorporError
+from torpor.fdwire import Receiver, send
 from torpor.worker.pager import backend_for
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.backend import Allocation, MemoryBackend
 from torpor.worker.pager.host import HostBuffer, HostPinner
-from torpor.worker.pager.wire import Receiver, send
 
 _log = log.get_logger("pager.keeper")
 

@@ -1,4 +1,6 @@
-"""The worker's side of the keeper (keeper.py), and a handle on a keeper process.
+"""The worker's side of the keeper (keeper.py). How to start one, and its wire, are in the
+shared package (`torpor.keeper`, `torpor.fdwire`): torpord starts keepers without importing
+the worker.
 
 `KeeperClient` is one connection, one request at a time. Any trouble with the connection is
 `Unavailable` (reason KEEPER_GONE), and the next request connects again; the copies a lost
@@ -8,23 +10,17 @@ answers keep their torpor code.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from torpor.errors import Code, Unavailable, error_for
-from torpor.log import get_logger
+from torpor.errors import Unavailable
+from torpor.fdwire import Receiver, send
+from torpor.keeper import answer
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.host import HostBuffer
-from torpor.worker.pager.wire import Receiver, send
-
-log = get_logger("pager.keeper")
 
 HOLD_TIMEOUT_S = 600.0
 """Locking a copy runs at about 5 GB/s: a 72 GB copy takes 12 to 15 s."""
@@ -46,6 +42,7 @@ class KeeperClient:
         return name in self._held
 
     def hello(self) -> dict[str, Any]:
+        """The keeper's pid, device and held bytes, on this client's connection."""
         return self._request({"op": "hello"}, [], FILL_TIMEOUT_S)
 
     def hold(self, name: str, buffer: HostBuffer) -> dict[str, Any]:
@@ -99,13 +96,7 @@ class KeeperClient:
                     reason="KEEPER_GONE",
                     metadata={"socket": str(self.path)},
                 ) from exc
-        if not reply.get("ok"):
-            raise error_for(
-                Code(reply.get("code", "INTERNAL")),
-                f"the keeper refused {message.get('op')}: {reply.get('error')}",
-                reason=reply.get("reason"),
-            )
-        return reply
+        return answer(reply, str(message.get("op")))
 
     def _connect(self) -> tuple[socket.socket, Receiver]:
         if self._sock is None or self._receiver is None:
@@ -125,60 +116,3 @@ class KeeperClient:
             self._receiver.close()
         self._sock, self._receiver = None, None
         self._held.clear()
-
-
-class KeeperProcess:
-    """A keeper process started here, for one device: `start` waits until it listens."""
-
-    def __init__(self, path: Path, device: str, python: str = sys.executable) -> None:
-        self.path = Path(path)
-        self.device = device
-        self.python = python
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout_s: float = 120.0) -> KeeperProcess:
-        """Spawn it and wait for its `ready` (Unavailable KEEPER_FAILED if it never comes)."""
-        command = [self.python, "-m", "torpor.worker.pager.keeper"]
-        command += ["--socket", str(self.path), "--device", self.device]
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
-        )
-        timer = threading.Timer(timeout_s, self.proc.kill)
-        timer.start()
-        try:
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline().strip()
-        finally:
-            timer.cancel()
-        if line != "ready":
-            self.stop()
-            raise Unavailable(
-                f"the keeper for {self.device} did not start (said {line!r})",
-                reason="KEEPER_FAILED",
-                metadata={"device": self.device, "socket": str(self.path)},
-            )
-        log.info("keeper_started", device=self.device, pid=self.proc.pid, socket=str(self.path))
-        return self
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `grace_s`. Idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
