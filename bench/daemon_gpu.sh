@@ -14,7 +14,11 @@ status=0
 
 python3 -m torpor.scheduler.daemon --state-dir "$STATE/state" --demo >"$OUT/daemon-torpord.log" 2>&1 &
 daemon=$!
-for _ in $(seq 120); do torpor status >/dev/null 2>&1 && break; sleep 1; done
+for _ in $(seq 120); do
+  torpor status >/dev/null 2>&1 && break
+  kill -0 "$daemon" 2>/dev/null || break   # it died: its log says why
+  sleep 1
+done
 torpor status || fail "torpord did not come up"
 
 torpor generate demo-a "Once upon a time" --max-tokens 16 --temperature 0 --json \
