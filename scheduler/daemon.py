@@ -162,11 +162,14 @@ class Daemon:
         )
         from torpor.scheduler.core import Costs
 
+        costs = self.recorder.costs(Costs())
+        if self._keepers_enabled():  # deep resumes are filled by the keeper at DMA speed
+            costs = dataclasses.replace(costs, deep_refill=costs.host_to_gpu)
         return initial_state(
             gpus,
             host_budget=cfg.budgets.host_memory,
             disk_budget=cfg.store.capacity,
-            costs=self.recorder.costs(Costs()),
+            costs=costs,
             config=policy,
         )
 

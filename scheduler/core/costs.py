@@ -27,8 +27,8 @@ def restore_seconds(res: Residency, fp: Footprint, costs: Costs) -> float:
             return 0.0
         case S.SUSPENDED_HOST:
             return costs.map_s + w / costs.host_to_gpu
-        case S.SUSPENDED_DEEP:  # the host copy was unlocked: it comes back staged
-            return costs.restore_context_s + costs.map_s + w / costs.host_staged
+        case S.SUSPENDED_DEEP:  # by the keeper at DMA speed, or staged without one
+            return costs.restore_context_s + costs.map_s + w / costs.deep_refill
         case S.SUSPENDED_DISK:
             return costs.map_s + w / costs.disk_read
     # No worker: start one, stream the weights, capture graphs again.

@@ -118,9 +118,11 @@ class Costs:
     """Driver checkpoint of a worker's residual context (deep suspend)."""
     restore_context_s: float = 0.3
     """Driver restore of that context (resume from deep)."""
-    host_staged: float = 31e9
-    """Unlocked host copy to GPU through staging buffers (resume from deep: a deep suspend
-    unlocks the host copy, docs/PAGER.md). Memory-bandwidth bound: 26-33 GB/s on an H200 host."""
+    deep_refill: float = 31e9
+    """Host copy to GPU on a resume from deep. A deep suspend unlocks the worker's copy
+    (docs/PAGER.md): with the GPU's keeper, which keeps it locked, the copy runs at DMA speed
+    (torpord then sets this to host_to_gpu); without one it goes through staging buffers,
+    memory-bandwidth bound: 26-33 GB/s on an H200 host (the default)."""
     unpin: float = 45e9
     """Unlocking the host copy before a deep checkpoint (22 ms per GB on an H200 host)."""
 
@@ -132,7 +134,7 @@ class Costs:
             "disk_write",
             "pin",
             "cold_load",
-            "host_staged",
+            "deep_refill",
             "unpin",
         ):
             value = getattr(self, name)

@@ -5,6 +5,7 @@ their device, stopped after them, and off where the config turns them off."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -210,3 +211,33 @@ def test_torpord_starts_keepers_without_importing_the_worker_or_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("keeper", [True, False])
+def test_with_keepers_the_policy_prices_deep_resumes_at_dma_speed_and_reserves_their_context(
+    keeper: bool,
+) -> None:
+    """A keeper fills deep resumes at the host-to-GPU rate and holds a CUDA context on each
+    GPU; the policy's costs and each GPU's reserve say so."""
+    from torpor.scheduler.core import Costs
+    from torpor.scheduler.inventory import from_config
+    from torpor.scheduler.keepers import KEEPER_CONTEXT
+
+    overrides = {"backend.kind": "cpu", "backend.cpu_devices": 1, "worker.keeper": keeper}
+    config = load_config(None, {}, {**overrides, "backend.cpu_device_memory": "8GiB"})
+    daemon = Daemon(config)
+    daemon.inventory = from_config(config.backend)
+    daemon.cuda = True  # as on a GPU host; the inventory is only read for sizes
+
+    class Measured:  # the recorder: a host-to-GPU rate measured on this host before
+        def costs(self, base: Costs) -> Costs:
+            return dataclasses.replace(base, host_to_gpu=50e9)
+
+    daemon.recorder = Measured()  # type: ignore[assignment]
+    state = daemon._initial_state()
+    if keeper:
+        assert state.costs.deep_refill == 50e9
+        assert state.gpus[0].reserved_bytes == config.budgets.gpu_reserve + KEEPER_CONTEXT
+    else:
+        assert state.costs.deep_refill == Costs().deep_refill  # staged: 31 GB/s
+        assert state.gpus[0].reserved_bytes == config.budgets.gpu_reserve

@@ -244,7 +244,7 @@ def test_deep_costs_follow_the_unlocked_host_copy() -> None:
     from torpor.scheduler.core.states import Residency, RuntimeState
     from torpor.scheduler.core.world import Footprint
 
-    costs = Costs(host_staged=30e9, unpin=40e9, restore_context_s=0.3, map_s=0.01)
+    costs = Costs(deep_refill=30e9, unpin=40e9, restore_context_s=0.3, map_s=0.01)
     fp = Footprint(weights=60 * 10**9)
     host = Residency(RuntimeState.SUSPENDED_HOST, gpu=0, host_copy=True)
     deep = Residency(RuntimeState.SUSPENDED_DEEP, gpu=0, host_copy=True)
