@@ -233,10 +233,12 @@ def unmap_costs(nbytes: int) -> dict[str, object]:
     backend = CudaBackend(0)
     cu = driver()
     record: dict[str, object] = {"mode": "unmap", "bytes": nbytes}
-    for handle in (512 << 20, GiB, 2 * GiB):
+    big = tuple(h for h in (8 * GiB, 32 * GiB) if nbytes % h == 0)
+    for handle in (512 << 20, GiB, 2 * GiB, *big):
         reservation = backend.reserve(nbytes)
         base = reservation.address
-        for how in ("per_handle", "whole_range", "threads4", "threads8", "early_release"):
+        hows = ("per_handle", "whole_range", "threads4", "threads8", "early_release")
+        for how in hows if handle <= 2 * GiB else ("per_handle",):
             allocations = []
             t = time.perf_counter()
             for off in range(0, nbytes, handle):

@@ -92,6 +92,38 @@ def test_a_pinned_buffer_is_pinned_once_and_unpinned_before_it_is_freed() -> Non
     assert pinner.unpinned == [host.address]
 
 
+@pytest.mark.parametrize("populate_call", ["madvise", "memset"])
+def test_a_buffer_to_be_pinned_is_faulted_in_first_by_several_threads(
+    populate_call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinning would fault the pages in one at a time; they are all resident, and zero,
+    before the first registration (`memset`: kernels without MADV_POPULATE_WRITE)."""
+    from torpor.errors import TorporError
+    from torpor.worker.pager import host as host_module
+
+    if populate_call == "memset":
+
+        def no_populate(address: int, nbytes: int, advice: int) -> None:
+            if advice == host_module.MADV_POPULATE_WRITE:
+                raise TorporError("EINVAL", reason="EINVAL")
+
+        monkeypatch.setattr(host_module, "sys_madvise", no_populate)
+    monkeypatch.setattr(host_module, "POPULATE_SLICE", 4 * MiB)  # 8 slices on the threads
+    resident: list[int] = []
+
+    class Observing(RecordingPinner):
+        def pin_host(self, address: int, nbytes: int) -> None:
+            if not resident:
+                resident.append(procfs.rss_anon())
+            super().pin_host(address, nbytes)
+
+    before = procfs.rss_anon()
+    host = HostBuffer(32 * MiB, pinner=Observing())
+    assert resident[0] - before >= 0.9 * 32 * MiB  # all in before pinning began
+    assert not host.tensor.any()
+    host.close()
+
+
 def test_a_large_buffer_is_pinned_in_pieces_that_tile_it() -> None:
     """Each registration holds a driver lock: pieces let other CUDA calls in between."""
     pinner = RecordingPinner()

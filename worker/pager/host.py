@@ -21,9 +21,11 @@ registrations. In pieces, with the background copy waiting while the runtime ser
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -46,6 +48,9 @@ from torpor.worker.pager.cpu import (
 
 PIN_PIECE = 128 << 20
 """Bytes per page-locked registration (about 25 ms of pinning each)."""
+POPULATE_THREADS = 8
+POPULATE_SLICE = 256 << 20
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 
 class Stage(Protocol):
@@ -115,6 +120,8 @@ class HostBuffer:
         self._pinned = [False] * len(self._pieces)  # per piece: registered now
         try:
             self._advise_huge_pages()
+            if fd is None and pinner is not None:  # fresh memory, about to be pinned
+                populate(self._address, self._mapped_bytes)
             self.pin(before_piece)
         except BaseException:
             self.unpin()
@@ -330,6 +337,32 @@ class HostBuffer:
 
     def __repr__(self) -> str:
         return f"HostBuffer(nbytes={self._nbytes}, pinned={self.pinned})"
+
+
+def populate(address: int, nbytes: int, threads: int = POPULATE_THREADS) -> None:
+    """Fault in every page of a fresh mapping, `threads` slices at a time. Pinning does it
+    otherwise, one page at a time in one thread: making a 72 GB host copy took 46 s, nearly
+    all of it in `cuMemHostRegister`, on an H200 host (1.6 GB/s). The memory must be fresh:
+    on kernels without MADV_POPULATE_WRITE (before 5.14) the pages are touched by writing
+    zeros."""
+
+    def one(span: tuple[int, int]) -> None:
+        start, n = span
+        try:
+            sys_madvise(start, n, MADV_POPULATE_WRITE)
+        except TorporError:
+            ctypes.memset(start, 0, n)
+
+    spans = [
+        (address + offset, min(POPULATE_SLICE, nbytes - offset))
+        for offset in range(0, nbytes, POPULATE_SLICE)
+    ]
+    if len(spans) <= 1:
+        for span in spans:
+            one(span)
+        return
+    with ThreadPoolExecutor(min(threads, len(spans)), thread_name_prefix="populate") as pool:
+        list(pool.map(one, spans))
 
 
 def _memfd(nbytes: int, fd: int | None) -> int:
