@@ -1,7 +1,8 @@
-"""The weights' way back into a mapped arena, for `PagedRuntime.resume`: streamed from the
-locked host copy (serving begins at once, see gate.py) or from the snapshot on disk; and the
-small pieces a suspend or resume shares (the stopwatch of its phases, giving back torch's
-cached device memory)."""
+"""The weights' way back into a mapped arena, for `PagedRuntime.resume` (`Refill`): streamed
+from the locked host copy (serving begins at once, see gate.py), copied from it (locked here,
+by the keeper, or through staging buffers), or from the snapshot on disk; and the small
+pieces a suspend or resume shares (the stopwatch of its phases, giving back torch's cached
+device memory)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,136 @@ from typing import Any
 
 import torch
 
+from torpor.errors import FailedPrecondition, TorporError
+from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.layout import Layout
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.gate import WeightsGate, stage_ends
 from torpor.worker.pager.host import HostBuffer, HostPinner
+from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import SnapshotManifest
-from torpor.worker.pager.placement import PagerOptions
+from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import MAX_CHUNK
-from torpor.worker.pager.stream import StagingRing, stream_pieces
+from torpor.worker.pager.stream import HostStager, StagingRing, stream_pieces
+
+log = get_logger("pager.runtime")
 
 Marks = list[tuple[int, Any]]  # (bytes copied from the start, CUDA event)
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+STAGE_BYTES = 16 << 20
+"""Bytes per staging buffer for bringing back an unlocked host copy (deep resume)."""
+
+
+class Refill:
+    """How a resume brings the weights back into the mapped weights arena, and what the last
+    one did: `via` ("stream", "copy", "keeper", "staging" or "disk", as ResumeReport.via)
+    and, for a streamed one, the marks of its copy until `wait` or `forget`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        placement: ArenaPlacement,
+        options: PagerOptions,
+        host_copy: HostCopy,
+    ) -> None:
+        self.engine = engine
+        self.placement = placement
+        self.options = options
+        self.host_copy = host_copy
+        self.via = "copy"
+        self.stager: HostStager | None = None  # made at the first deep suspend (CUDA)
+        self._streamed: Marks | None = None
+
+    @property
+    def _weights(self) -> Arena:
+        return self.placement.arenas["weights"]
+
+    @property
+    def _nbytes(self) -> int:
+        return self.engine.memory.weights.nbytes
+
+    def prepare_deep(self, pinner: HostPinner | None) -> None:
+        """Before a deep suspend unlocks the host copy: the staging buffers that bring it
+        back when the keeper cannot (made once, and kept)."""
+        if pinner is not None and self.stager is None:
+            self.stager = HostStager(self.options.stage_threads, STAGE_BYTES, pinner)
+
+    def can_stream(self, from_disk: bool) -> bool:
+        """Whether this resume can serve while the weights are still being copied: from a
+        whole page-locked host copy, on CUDA (a disk resume verifies every chunk first, and an
+        unlocked copy is copied by the keeper or through staging buffers, out of order)."""
+        host = self.host_copy.buffer
+        return (
+            self.options.stream_resume
+            and self.engine.device.type == "cuda"
+            and not from_disk
+            and host is not None
+            and host.pinned
+        )
+
+    def stream(self) -> int:
+        """Queue the copy from the locked host copy and install the gate; the bytes."""
+        host = self.host_copy.buffer
+        assert host is not None
+        self._streamed = stream_in(host, self._weights, self.engine.memory.weights, self.engine)
+        self.via = "stream"
+        return self._nbytes
+
+    def wait(self) -> float | None:
+        """Block until the last streamed copy is in; its device time (None if not streamed)."""
+        marks, self._streamed = self._streamed, None
+        return copy_seconds(marks) if marks else None
+
+    def forget(self) -> None:
+        """Drop the gate and the marks (a suspend, or a failed resume, after a synchronize)."""
+        self.engine.model.gate = None
+        self._streamed = None
+
+    def from_host(self, progress: Progress | None) -> int:
+        """Copy the weights from the host copy: "copy" (locked here), "keeper" (locked in the
+        keeper's process, after a deep suspend unlocked it here) or "staging"."""
+        host = self.host_copy.buffer
+        if host is None:
+            raise FailedPrecondition("no host copy to resume from", reason="NO_HOST_COPY")
+        nbytes = self._nbytes
+        via = None
+        if not host.pinned and self.host_copy.kept:
+            try:
+                self.host_copy.fill(self._weights, nbytes)
+                via = "keeper"
+            except TorporError as exc:  # every byte is copied again below
+                log.warning("keeper_fill_failed", error=str(exc), reason=exc.reason)
+        if via is None:
+            host.copy_to(self._weights, nbytes, stage=self.stager)
+            via = "copy" if host.pinned or not host.lockable else "staging"
+        self.via = via
+        if progress is not None:
+            progress(nbytes, nbytes)
+        return nbytes
+
+    def from_snapshot(
+        self,
+        manifest: SnapshotManifest | None,
+        store: ChunkStore | None,
+        pinner: HostPinner | None,
+        progress: Progress | None,
+    ) -> int:
+        """Stream the snapshot's verified chunks into the weights arena; the bytes moved."""
+        if store is None or manifest is None:
+            raise FailedPrecondition(
+                "resuming from disk needs the chunk store", reason="NO_SNAPSHOT"
+            )
+        self.via = "disk"
+        region = self.placement.regions["weights"]
+        return from_disk(manifest, store, region, self.options, pinner, progress)
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
 
 def stream_in(host: HostBuffer, arena: Arena, layout: Layout, engine: Engine) -> Marks:

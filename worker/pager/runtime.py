@@ -20,11 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from torpor.errors import FailedPrecondition, TorporError
+from torpor.errors import FailedPrecondition
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
@@ -51,14 +50,10 @@ from torpor.worker.pager.states import (
     SuspendLevel,
     SuspendReport,
 )
-from torpor.worker.pager.stream import HostStager
 
 log = get_logger("pager.runtime")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-STAGE_BYTES = 16 << 20
-"""Bytes per staging buffer for bringing back an unlocked host copy (deep resume)."""
 
 
 class PagedRuntime:
@@ -79,9 +74,7 @@ class PagedRuntime:
         self._lock = threading.RLock()
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
-        self._stager: HostStager | None = None  # made at the first deep suspend (CUDA)
-        self._via = "copy"  # how the last resume's weights came back (ResumeReport.via)
-        self._streamed: list[tuple[int, Any]] | None = None  # the last streamed copy's marks
+        self.refill = refill.Refill(engine, placement, options, self.host_copy)
         self.environment = Environment.current(engine.device)
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
         # the eviction path.
@@ -264,9 +257,7 @@ class PagedRuntime:
         driver's checkpoint and restore each cost about 25 ms per page-locked GB (a 72 GB
         copy: 1.8 to 2.3 s each way, measured on an H200); unlocked, the copy comes back
         through staging buffers and is locked again in the background after the resume."""
-        pinner = self._pinner()
-        if pinner is not None and self._stager is None:
-            self._stager = HostStager(self.options.stage_threads, STAGE_BYTES, pinner)
+        self.refill.prepare_deep(self._pinner())
         self.host_copy.unpin()
         self._checkpoint("suspend")
 
@@ -295,8 +286,7 @@ class PagedRuntime:
         self.host_copy.settle()
         if self._cuda:
             torch.cuda.synchronize(self.engine.device)  # a streamed resume's copies too
-        self.engine.model.gate = None
-        self._streamed = None
+        self.refill.forget()
         released = self.placement.mapped_bytes()
         for arena in self.placement.arenas.values():
             arena.unmap()
@@ -329,7 +319,7 @@ class PagedRuntime:
                 # The context is back: if what follows fails, the runtime stays suspended
                 # at the host level, not checkpointed.
                 self.residency = Residency.SUSPENDED_HOST
-            streamed = self._can_stream()
+            streamed = self.refill.can_stream(self.residency is Residency.SUSPENDED_DISK)
             try:
                 moved = self._bring_back(streamed, store, progress, clock)
             except BaseException:
@@ -343,7 +333,7 @@ class PagedRuntime:
             else:
                 self.host_copy.repin()  # after a deep suspend: lock it again, giving way
                 self.host_copy.keep()  # the keeper was lost: hand the copy over again
-            via = "stream" if streamed else self._via
+            via = self.refill.via
             report = ResumeReport(
                 tier, time.perf_counter() - start, moved, clock.laps, streamed, via
             )
@@ -373,10 +363,15 @@ class PagedRuntime:
         if streamed:  # serve at once; each layer waits for its own bytes
             self._map_scratch()
             clock.lap("finish")
-            moved = self._refill_streamed()
+            moved = self.refill.stream()
             clock.lap("refill_enqueued")
             return moved
-        moved = self._refill(weights, store, progress)
+        if self.residency is Residency.SUSPENDED_DISK:
+            moved = self.refill.from_snapshot(
+                self.manifest, store or self._store, self._pinner(), progress
+            )
+        else:
+            moved = self.refill.from_host(progress)
         clock.lap("refill")
         self._map_scratch()
         clock.lap("finish")
@@ -388,8 +383,7 @@ class PagedRuntime:
         try:
             if self._cuda:
                 torch.cuda.synchronize(self.engine.device)
-            self.engine.model.gate = None
-            self._streamed = None
+            self.refill.forget()
             for arena in self.placement.arenas.values():
                 if arena.is_mapped:
                     arena.unmap()
@@ -405,69 +399,10 @@ class PagedRuntime:
         if self._cuda:
             torch.cuda.synchronize(self.engine.device)
 
-    def _can_stream(self) -> bool:
-        """Whether this resume can serve while the weights are still being copied: from a
-        whole page-locked host copy, on CUDA (a disk resume verifies every chunk first, and an
-        unlocked copy goes through staging buffers out of order)."""
-        host = self.host
-        return (
-            self.options.stream_resume
-            and self._cuda
-            and self.residency is not Residency.SUSPENDED_DISK
-            and host is not None
-            and host.pinned
-        )
-
-    def _refill_streamed(self) -> int:
-        host = self.host
-        assert host is not None
-        self._streamed = refill.stream_in(
-            host, self.placement.arenas["weights"], self.engine.memory.weights, self.engine
-        )
-        return self.engine.memory.weights.nbytes
-
     def wait_weights(self) -> float | None:
         """Block until the last resume's weights are all in; return how long their copy took
         on the device (None unless that resume was streamed)."""
-        marks, self._streamed = self._streamed, None
-        return refill.copy_seconds(marks) if marks else None
-
-    def _refill(self, weights: object, store: ChunkStore | None, progress: Progress | None) -> int:
-        nbytes = self.engine.memory.weights.nbytes
-        if self.residency is not Residency.SUSPENDED_DISK:
-            host = self.host
-            assert host is not None
-            self._via = self._from_host(host, nbytes)
-            if progress is not None:
-                progress(nbytes, nbytes)
-            return nbytes
-        store = store or self._store
-        if store is None or self.manifest is None:
-            raise FailedPrecondition(
-                "resuming from disk needs the chunk store", reason="NO_SNAPSHOT"
-            )
-        self._via = "disk"
-        return refill.from_disk(
-            self.manifest,
-            store,
-            self.placement.regions["weights"],
-            self.options,
-            self._pinner(),
-            progress,
-        )
-
-    def _from_host(self, host: HostBuffer, nbytes: int) -> str:
-        """Copy the weights from the host copy; how: "copy" (locked here), "keeper" (locked
-        in the keeper's process, after a deep suspend unlocked it here) or "staging"."""
-        arena = self.placement.arenas["weights"]
-        if not host.pinned and self.host_copy.kept:
-            try:
-                self.host_copy.fill(arena, nbytes)
-                return "keeper"
-            except TorporError as exc:  # every byte is copied again below
-                log.warning("keeper_fill_failed", error=str(exc), reason=exc.reason)
-        host.copy_to(arena, nbytes, stage=self._stager)
-        return "copy" if host.pinned or not host.lockable else "staging"
+        return self.refill.wait()
 
     # -- what it holds -----------------------------------------------------------------------
 
@@ -495,8 +430,7 @@ class PagedRuntime:
             self.host_copy.release()
             if self.host_copy.keeper is not None:
                 self.host_copy.keeper.close()  # the keeper lets go of all it held for us
-            if self._stager is not None:
-                self._stager.close()
+            self.refill.close()
             self.placement.close()
             self.residency = Residency.CLOSED
 
