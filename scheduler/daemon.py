@@ -102,6 +102,7 @@ class Daemon:
             Path(cfg.daemon.runtime_dir),
             enabled=self._keepers_enabled(),
             start_timeout=cfg.worker.start_timeout_s,
+            log_level=cfg.daemon.log_level,
         )
         self.metrics.count_keepers(self.keepers.running)
         self.supervisor = Supervisor(

@@ -44,12 +44,14 @@ class Keepers:
         *,
         enabled: bool = True,
         start_timeout: float = 60.0,
+        log_level: str = "info",
         retry_after_s: float = 30.0,
         kinds: Iterable[str] = KEEPER_KINDS,
     ) -> None:
         self.dir = Path(runtime_dir) / "keepers"
         self.enabled = enabled
         self.start_timeout = start_timeout
+        self.log_level = log_level
         self.retry_after_s = retry_after_s
         self.kinds = tuple(kinds)
         self.processes: dict[str, KeeperProcess] = {}  # device -> its keeper (maybe dead)
@@ -95,7 +97,7 @@ class Keepers:
         failed = self._failed_at.get(device)
         if failed is not None and time.monotonic() - failed < self.retry_after_s:
             return None
-        keeper = KeeperProcess(self.socket(device), device, python)
+        keeper = KeeperProcess(self.socket(device), device, python, self.log_level)
         try:
             await asyncio.to_thread(keeper.start, self.start_timeout)
         except Exception as exc:  # no keeper is no loss: deep resumes take the slower path

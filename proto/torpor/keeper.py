@@ -59,10 +59,13 @@ def hello(path: Path, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, Any]:
 class KeeperProcess:
     """A keeper process started here, for one device: `start` waits until it listens."""
 
-    def __init__(self, path: Path, device: str, python: str = sys.executable) -> None:
+    def __init__(
+        self, path: Path, device: str, python: str = sys.executable, log_level: str = "info"
+    ) -> None:
         self.path = Path(path)
         self.device = device
         self.python = python
+        self.log_level = log_level
         self.proc: subprocess.Popen[str] | None = None
 
     @property
@@ -72,12 +75,16 @@ class KeeperProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def command(self) -> list[str]:
+        return [
+            *(self.python, "-m", "torpor.worker.pager.keeper"),
+            *("--socket", str(self.path), "--device", self.device, "--log-level", self.log_level),
+        ]
+
     def start(self, timeout_s: float = 120.0) -> KeeperProcess:
         """Spawn it and wait for its `ready` (Unavailable KEEPER_FAILED if it never comes)."""
-        command = [self.python, "-m", "torpor.worker.pager.keeper"]
-        command += ["--socket", str(self.path), "--device", self.device]
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
         )
         timer = threading.Timer(timeout_s, self.proc.kill)
         timer.start()

@@ -241,3 +241,14 @@ def test_with_keepers_the_policy_prices_deep_resumes_at_dma_speed_and_reserves_t
     else:
         assert state.costs.deep_refill == Costs().deep_refill  # staged: 31 GB/s
         assert state.gpus[0].reserved_bytes == config.budgets.gpu_reserve
+
+
+async def test_a_keeper_logs_at_the_daemons_level(tmp_path: Path) -> None:
+    keepers = Keepers(tmp_path / "run", kinds=("cpu",), log_level="warning")
+    try:
+        await keepers.ensure("cpu", sys.executable)
+        pid = keepers.processes["cpu"].pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")  # noqa: ASYNC240
+        assert argv[argv.index("--log-level") + 1] == "warning"
+    finally:
+        await keepers.stop(grace_s=5)
