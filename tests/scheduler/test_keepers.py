@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from tests.scheduler.test_supervisor import spec
 from torpor.keeper import hello
 from torpor.scheduler.config import load_config
 from torpor.scheduler.daemon import Daemon
 from torpor.scheduler.keepers import Keepers
-from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
+from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.v1 import worker_pb2
 
 
@@ -45,18 +46,6 @@ async def keepers(tmp_path: Path) -> AsyncIterator[Keepers]:
     keepers = Keepers(tmp_path / "run", kinds=("cpu",), start_timeout=60)
     yield keepers
     await keepers.stop(grace_s=5)
-
-
-def spec(tmp: Path, rid: str = "r1", keeper: Path | None = None) -> WorkerSpec:
-    return WorkerSpec(
-        runtime_id=rid,
-        model="demo",
-        device="cpu",
-        socket=tmp / f"{rid}.sock",
-        store=tmp / "store",
-        log_level="warning",
-        keeper=keeper,
-    )
 
 
 def test_argv_has_keeper_only_when_set(tmp_path: Path) -> None:

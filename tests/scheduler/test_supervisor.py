@@ -15,7 +15,7 @@ from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
 from torpor.v1 import worker_pb2
 
 
-def spec(tmp: Path, rid: str = "r1") -> WorkerSpec:
+def spec(tmp: Path, rid: str = "r1", keeper: Path | None = None) -> WorkerSpec:
     return WorkerSpec(
         runtime_id=rid,
         model="demo",
@@ -23,6 +23,7 @@ def spec(tmp: Path, rid: str = "r1") -> WorkerSpec:
         socket=tmp / f"{rid}.sock",
         store=tmp / "store",
         log_level="warning",
+        keeper=keeper,
     )
 
 
