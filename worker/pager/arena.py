@@ -198,15 +198,11 @@ class Arena:
                 reason="BAD_HANDLES",
                 metadata={"arena": self._name, "handles": len(sizes)},
             )
-        queue = list(allocations)
-
-        def next_allocation(nbytes: int) -> Allocation:
-            return queue.pop(0)
-
+        pending = iter(allocations)
         try:
-            self._map_each(next_allocation)
+            self._map_each(lambda _: next(pending))
         finally:
-            for allocation in queue:
+            for allocation in pending:  # those not mapped when a map failed
                 with contextlib.suppress(TorporError):
                     self._backend.release(allocation)
 

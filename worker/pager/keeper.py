@@ -62,7 +62,6 @@ class Keeper:
         self.backend: MemoryBackend = backend_for(device)
         self._pinner = self.backend if isinstance(self.backend, HostPinner) else None
         self._server: socket.socket | None = None
-        self._sessions: set[threading.Thread] = set()
         self._held_bytes = 0
         self._lock = threading.Lock()
 
@@ -83,9 +82,7 @@ class Keeper:
                 conn, _ = self._server.accept()
             except OSError:  # closed by stop()
                 return
-            thread = threading.Thread(target=self._session, args=(conn,), daemon=True)
-            self._sessions.add(thread)
-            thread.start()
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -126,7 +123,6 @@ class Keeper:
             for buffer in held.values():
                 self._release(buffer)
             conn.close()
-            self._sessions.discard(threading.current_thread())
 
     def _handle(
         self, message: dict[str, Any], fds: list[int], held: dict[str, HostBuffer]
