@@ -128,6 +128,32 @@ def test_bad_requests_are_answered_with_their_codes(client: KeeperClient) -> Non
     host.close()
 
 
+def test_a_fill_with_a_bad_descriptor_keeps_none_of_them(
+    client: KeeperClient, keeper: KeeperProcess
+) -> None:
+    """The first descriptor is adopted before the second is found short: it is let go too."""
+    host = HostBuffer(2 * MiB, shared=True)
+    client.hold("short", host)
+    good, short = os.memfd_create("good"), os.memfd_create("short")
+    os.ftruncate(good, MiB)  # the second holds no bytes at all
+    fds_dir = Path(f"/proc/{keeper.pid}/fd")
+    before = len(list(fds_dir.iterdir()))
+    try:
+        with pytest.raises(InvalidArgument) as bad:
+            client._request(
+                {"op": "fill", "name": "short", "nbytes": MiB, "sizes": [MiB, MiB]},
+                [good, short],
+                10,
+            )
+        assert bad.value.reason == "BAD_HANDLE_SIZE"
+        assert len(list(fds_dir.iterdir())) == before
+    finally:
+        os.close(good)
+        os.close(short)
+        client.drop("short")
+        host.close()
+
+
 def test_a_garbled_connection_is_closed_and_the_keeper_serves_on(keeper: KeeperProcess) -> None:
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     raw.connect(str(keeper.path))

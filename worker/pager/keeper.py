@@ -184,9 +184,15 @@ class Keeper:
         arena = Arena(f"keeper-{name}", sum(sizes), self.backend, handle_bytes=sizes[0])
         try:
             allocations: list[Allocation] = []
-            while fds:
-                allocations.append(self.backend.adopt(fds.pop(0), sizes[len(allocations)]))
-            arena.adopt(allocations)
+            try:
+                while fds:
+                    allocations.append(self.backend.adopt(fds.pop(0), sizes[len(allocations)]))
+            except BaseException:  # those adopted so far are in no arena yet
+                for allocation in allocations:
+                    with contextlib.suppress(TorporError):
+                        self.backend.release(allocation)
+                raise
+            arena.adopt(allocations)  # which releases them all if it fails
             mapped = time.perf_counter()
             buffer.copy_to(arena, nbytes)
             copied = time.perf_counter()
