@@ -7,6 +7,7 @@ starts and checks keepers with this module alone, without importing the worker o
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -35,24 +36,56 @@ def answer(reply: dict[str, Any], op: str) -> dict[str, Any]:
     return reply
 
 
-def hello(path: Path, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, Any]:
-    """Ask the keeper at `path` for its pid, device and held bytes, on a connection of its
-    own; Unavailable (KEEPER_GONE) if nothing answers within `timeout_s`."""
+def connect(path: Path, timeout_s: float) -> socket.socket:
+    """A connection to the keeper at `path`; Unavailable (KEEPER_GONE) if none answers."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout_s)
         sock.connect(str(path))
-        send(sock, {"op": "hello"})
-        reply, fds = Receiver(sock).recv()
-    except (OSError, EOFError) as exc:
-        raise Unavailable(
-            f"no keeper answers at {path}: {exc!r}",
-            reason="KEEPER_GONE",
-            metadata={"socket": str(path)},
-        ) from exc
+    except OSError as exc:
+        sock.close()
+        raise _gone(path, "connect", exc) from exc
+    return sock
+
+
+def exchange(
+    sock: socket.socket,
+    receiver: Receiver,
+    path: Path,
+    message: dict[str, Any],
+    fds: list[int],
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Send `message` with `fds` on a connection to the keeper at `path` and return its
+    reply as it came (`answer` reads it); Unavailable (KEEPER_GONE) if the connection fails,
+    ends or stays silent for `timeout_s`: the caller drops it."""
+    try:
+        sock.settimeout(timeout_s)
+        send(sock, message, fds)
+        reply, extra = receiver.recv()
+    except (OSError, EOFError, Unavailable) as exc:
+        raise _gone(path, str(message.get("op")), exc) from exc
+    for fd in extra:  # a reply carries none
+        os.close(fd)
+    return reply
+
+
+def _gone(path: Path, op: str, exc: BaseException) -> Unavailable:
+    return Unavailable(
+        f"the keeper at {path} did not answer {op}: {exc!r}",
+        reason="KEEPER_GONE",
+        metadata={"socket": str(path)},
+    )
+
+
+def hello(path: Path, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, Any]:
+    """Ask the keeper at `path` for its pid, device and held bytes, on a connection of its
+    own; Unavailable (KEEPER_GONE) if nothing answers within `timeout_s`."""
+    sock = connect(path, timeout_s)
+    try:
+        reply = exchange(sock, Receiver(sock), path, {"op": "hello"}, [], timeout_s)
     finally:
         sock.close()
-    assert not fds
     return answer(reply, "hello")
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from torpor.errors import Unavailable
-from torpor.fdwire import Receiver, send
-from torpor.keeper import answer
+from torpor.fdwire import Receiver
+from torpor.keeper import answer, connect, exchange
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.host import HostBuffer
 
@@ -83,31 +83,14 @@ class KeeperClient:
     def _request(self, message: dict[str, Any], fds: list[int], timeout: float) -> dict[str, Any]:
         with self._lock:
             try:
-                sock, receiver = self._connect()
-                sock.settimeout(timeout)
-                send(sock, message, fds)
-                reply, extra = receiver.recv()
-                for fd in extra:
-                    os.close(fd)
-            except (OSError, EOFError, Unavailable) as exc:
+                if self._sock is None or self._receiver is None:
+                    self._sock = connect(self.path, timeout)
+                    self._receiver = Receiver(self._sock)
+                reply = exchange(self._sock, self._receiver, self.path, message, fds, timeout)
+            except Unavailable:
                 self._disconnect()
-                raise Unavailable(
-                    f"the keeper at {self.path} did not answer {message.get('op')}: {exc!r}",
-                    reason="KEEPER_GONE",
-                    metadata={"socket": str(self.path)},
-                ) from exc
-        return answer(reply, str(message.get("op")))
-
-    def _connect(self) -> tuple[socket.socket, Receiver]:
-        if self._sock is None or self._receiver is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self.path))
-            except OSError:
-                sock.close()
                 raise
-            self._sock, self._receiver = sock, Receiver(sock)
-        return self._sock, self._receiver
+        return answer(reply, str(message.get("op")))
 
     def _disconnect(self) -> None:
         if self._sock is not None:
