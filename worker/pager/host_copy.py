@@ -99,8 +99,7 @@ class HostCopy:
             log.error("host_copy_failed", error=repr(exc))
         finally:
             self._done.set()
-        if self.buffer is not None:
-            self.keep()
+        self.keep()  # with a keeper, hand the new copy over (nothing if none was made)
 
     def _give_way(self, stop: threading.Event | None = None) -> None:
         """Wait while the runtime serves; raise _Cancelled once `stop` (default: the copy's
