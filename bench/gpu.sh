@@ -38,7 +38,7 @@ if want pin; then
 fi
 if want keeper; then
   echo "== keeper probe: a second process owns the locked host copy and fills the worker's arena"
-  timeout 240 python3 bench/keeper_probe.py --gib "${KEEPER_GIB:-64}" --cycles 3 --out "$RES"
+  timeout 240 python3 bench/keeper_probe.py --gib "${KEEPER_GIB:-64}" --cycles "${KEEPER_CYCLES:-3}" --out "$RES"
 fi
 if want probe; then
   echo "== deep-suspend probe: which process state the driver's checkpoint handles"
