@@ -105,8 +105,15 @@ def call(method, request, timeout: float = 60):
 
 
 def start_torpord(
-    state_dir: Path, model_root: Path, memory: int, metrics_port: int = 0, **env: str
+    state_dir: Path,
+    model_root: Path,
+    memory: int,
+    metrics_port: int = 0,
+    backend: str = "cpu",
+    **env: str,
 ) -> Torpord:
+    """torpord on one simulated device of `memory` bytes; or, with backend="cuda", on the
+    host's GPUs (`memory` unused; tests/reliability's gpu-marked faults)."""
     socket = state_dir / "torpord.sock"
     environ = {
         **os.environ,
@@ -128,12 +135,11 @@ def start_torpord(
             str(socket),
             "--metrics-port",
             str(metrics_port),
-            "--backend",
-            "cpu",
-            "--cpu-devices",
-            "1",
-            "--cpu-device-memory",
-            str(memory),
+            *(
+                ["--backend", "cpu", "--cpu-devices", "1", "--cpu-device-memory", str(memory)]
+                if backend == "cpu"
+                else ["--backend", backend]
+            ),
         ],
         env=environ,
     )

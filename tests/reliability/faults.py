@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from tests.daemon.conftest import MAX_SEQ_LEN, call, start_torpord
+from tests.daemon.conftest import MAX_SEQ_LEN, Torpord, call, start_torpord
 from tests.helpers import assert_eventually
 from tests.reliability import leftovers
 from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2
@@ -58,6 +58,9 @@ PHASES = (
     "registration",
 )
 VICTIMS = ("worker", "torpord")
+GPU_PHASES = ("suspend_deep", "resume_deep", "keeper_fill")
+"""Phases only the CUDA backend has: the deep level, and the keeper taking its host copy in
+the background after a load (the `keeper_fill` kill lands after the load's call returned)."""
 
 # First guess of each phase's duration on the CPU backend with the tests' 8 MiB models;
 # replaced by the measured duration whenever a call completes before its kill.
@@ -70,6 +73,9 @@ INITIAL_WINDOW_S = {
     "resume_disk": 0.06,
     "snapshot_write": 0.4,
     "registration": 0.03,
+    "suspend_deep": 1.0,
+    "resume_deep": 0.6,
+    "keeper_fill": 5.0,
 }
 
 
@@ -122,16 +128,24 @@ class Trial:
 class FaultHarness:
     """One torpord on its own state dir, the models registered, and the trial steps."""
 
-    def __init__(self, state_dir: Path, model_root: Path, memory: int, models: tuple[str, ...]):
+    def __init__(
+        self,
+        state_dir: Path,
+        model_root: Path,
+        memory: int,
+        models: tuple[str, ...],
+        backend: str = "cpu",
+    ):
         self.state_dir, self.model_root, self.memory, self.models = (
             state_dir,
             model_root,
             memory,
             models,
         )
+        self.backend = backend
         self.windows = dict(INITIAL_WINDOW_S)
         self.registered = 0
-        self.daemon = start_torpord(state_dir, model_root, memory)
+        self.daemon = self._start()
         for name in models:
             self.daemon.register(name, model_root / name)
 
@@ -173,7 +187,7 @@ class FaultHarness:
     # -- one trial ---------------------------------------------------------------------------
     def prepare(self, phase: str, model: str, bystander: str, cold: bool) -> None:
         """Bring `model` to where `phase` starts."""
-        if phase == "load":
+        if phase in ("load", "keeper_fill"):
             self.drop_worker(model, cold)
             return
         if phase == "registration":
@@ -184,12 +198,14 @@ class FaultHarness:
             self.evict(model, common_pb2.TIER_HOST)
         elif phase == "resume_disk":
             self.evict(model, common_pb2.TIER_DISK)
+        elif phase == "resume_deep":
+            self.evict(model, common_pb2.TIER_DEEP)
 
     def action(self, phase: str, model: str) -> Callable[[], object]:
         """The one call that runs `phase`, with the trial deadline."""
         d = self.daemon
-        if phase in ("load", "generate"):
-            tokens = CHECK_TOKENS if phase == "load" else GENERATE_TOKENS
+        if phase in ("load", "generate", "keeper_fill"):
+            tokens = GENERATE_TOKENS if phase == "generate" else CHECK_TOKENS
             request = scheduler_pb2.GenerateRequest(
                 model=model,
                 prompt_token_ids=common_pb2.TokenIds(ids=PROMPT),
@@ -198,15 +214,16 @@ class FaultHarness:
                 ),
             )
             return lambda: d.scheduler.Generate(request, timeout=CALL_DEADLINE_S)
-        if phase in ("suspend_host", "suspend_disk", "snapshot_write"):
+        if phase in ("suspend_host", "suspend_disk", "snapshot_write", "suspend_deep"):
             tier = {
                 "suspend_host": common_pb2.TIER_HOST,
+                "suspend_deep": common_pb2.TIER_DEEP,
                 "suspend_disk": common_pb2.TIER_DISK,
                 "snapshot_write": common_pb2.TIER_DROP,
             }[phase]
             evict = admin_pb2.EvictRequest(model=model, to_tier=tier)
             return lambda: d.admin.Evict(evict, timeout=CALL_DEADLINE_S)
-        if phase in ("resume_host", "resume_disk"):
+        if phase in ("resume_host", "resume_disk", "resume_deep"):
             prefetch = scheduler_pb2.PrefetchRequest(
                 model=model, tier=common_pb2.TIER_GPU, wait=True
             )
@@ -250,7 +267,10 @@ class FaultHarness:
         """After torpord was killed: a new torpord on the same state dir."""
         self.daemon.channel.close()
         self.daemon.proc.wait(timeout=30)
-        self.daemon = start_torpord(self.state_dir, self.model_root, self.memory)
+        self.daemon = self._start()
+
+    def _start(self) -> Torpord:
+        return start_torpord(self.state_dir, self.model_root, self.memory, backend=self.backend)
 
     # -- the checks after a trial ------------------------------------------------------------
     def assert_settled(self) -> None:
@@ -291,15 +311,22 @@ class FaultHarness:
         if self.daemon.proc.poll() is None:
             self.daemon.proc.kill()
             self.daemon.proc.wait(timeout=30)
-        for worker in leftovers.workers_of(self.state_dir):
+        keepers = leftovers.workers_of(self.state_dir, leftovers.KEEPER_MODULE)
+        for worker in leftovers.workers_of(self.state_dir) + keepers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGKILL)
 
     def stop_and_assert_clean(self) -> None:
-        """Stop torpord: it exits 0 and leaves no worker process and no worker socket."""
+        """Stop torpord: it exits 0 and leaves no worker or keeper process and no worker
+        socket."""
         assert self.daemon.stop() == 0
         assert_eventually(
-            lambda: leftovers.workers_of(self.state_dir), lambda w: w == [], timeout=15
+            lambda: (
+                leftovers.workers_of(self.state_dir)
+                + leftovers.workers_of(self.state_dir, leftovers.KEEPER_MODULE)
+            ),
+            lambda w: w == [],
+            timeout=15,
         )
         assert leftovers.stray_sockets(self.state_dir, []) == []
         assert leftovers.temp_files(self.state_dir) == []
@@ -318,7 +345,11 @@ def run_trial(
     """One kill in one phase, then every check; returns the record."""
     h.prepare(phase, model, bystander, cold)
     thread, outcome = run_call(h.action(phase, model))
-    outcome.done.wait(delay)
+    if phase == "keeper_fill":  # the fill runs after the load's call has returned
+        outcome.done.wait(CALL_DEADLINE_S)
+        time.sleep(delay)  # the injected fault's timing, not a wait for a state
+    else:
+        outcome.done.wait(delay)
     in_flight = h.kill(victim, phase, model, bystander, outcome)
     # Every request ends, and before its deadline: running into it means it hung.
     thread.join(CALL_DEADLINE_S + 15)
@@ -326,7 +357,8 @@ def run_trial(
     assert outcome.code != grpc.StatusCode.DEADLINE_EXCEEDED, (
         f"{phase}/{victim}: the call hung until its deadline ({outcome.detail})"
     )
-    if not in_flight and outcome.code is None:  # it finished first: a truer window
+    if not in_flight and outcome.code is None and phase != "keeper_fill":
+        # The call finished before the kill: its duration is a truer window.
         h.windows[phase] = max(outcome.elapsed, 0.005)
     if victim == "torpord":
         h.restart()

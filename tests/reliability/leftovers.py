@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WORKER_MODULE = "torpor.worker.main"
+KEEPER_MODULE = "torpor.worker.pager.keeper"
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,10 @@ class WorkerProc:
     socket: Path
 
 
-def workers_of(state_dir: Path) -> list[WorkerProc]:
-    """Every live worker whose socket lies in this state dir's runtime directory (the tests'
-    start_torpord puts it at <state>/run), whoever its parent is: a worker orphaned by a
-    killed torpord is reparented, and must still be found."""
+def workers_of(state_dir: Path, module: str = WORKER_MODULE) -> list[WorkerProc]:
+    """Every live worker (or, with KEEPER_MODULE, keeper) whose socket lies in this state
+    dir's runtime directory (the tests' start_torpord puts it at <state>/run), whoever its
+    parent is: a worker orphaned by a killed torpord is reparented, and must still be found."""
     run = str(state_dir / "run") + "/"
     found = []
     for entry in Path("/proc").iterdir():
@@ -37,7 +38,7 @@ def workers_of(state_dir: Path) -> list[WorkerProc]:
         except OSError:  # gone while we looked
             continue
         args = [a.decode(errors="replace") for a in argv]
-        if WORKER_MODULE not in args or "--socket" not in args or state == "Z":
+        if module not in args or "--socket" not in args or state == "Z":
             continue
         socket = args[args.index("--socket") + 1]
         if socket.startswith(run):
