@@ -152,10 +152,10 @@ class Tokens:
 
 
 def bearer_token(metadata: Any) -> str | None:
-    """The token of an `authorization: Bearer <token>` header, or None."""
+    """The token of an `authorization: Bearer <token>` header, or None (an empty one too)."""
     for key, value in metadata or ():
         if key == AUTH_HEADER and isinstance(value, str) and value.lower().startswith(BEARER):
-            return value[len(BEARER) :].strip()
+            return value[len(BEARER) :].strip() or None
     return None
 
 
