@@ -99,7 +99,7 @@ class DaemonSection(_Section):
     tls_cert: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
     """PEM certificate chain that TCP serves with TLS; "" serves plaintext (loopback only)."""
     tls_key: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
-    """PEM private key of tls_cert."""
+    """PEM private key of tls_cert (readable by torpord only)."""
     tls_client_ca: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
     """PEM CA bundle: when set, TCP clients must also present a certificate it signed
     (mutual TLS), besides their token."""
