@@ -32,11 +32,10 @@ from tests.daemon import conftest as daemon_conftest
 from tests.daemon.conftest import MAX_SEQ_LEN, Torpord, footprint_bytes, start_torpord
 from torpor import errors
 from torpor.rpc_status import from_rpc_error
+from torpor.scheduler import auth
 from torpor.v1 import admin_pb2, admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 model_root = daemon_conftest.model_root  # the session's demo checkpoints, shared
-
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
 # -- certificates and tokens ------------------------------------------------------------
@@ -88,6 +87,8 @@ def token_new(scope: str, name: str, tokens: Path) -> str:
 
 @pytest.fixture(scope="module")
 def pki() -> Iterator[Pki]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI to make certificates")
     with tempfile.TemporaryDirectory(prefix="torpor-pki-") as tmp:
         d = Path(tmp)
         make_ca(d, "ca")
@@ -360,6 +361,54 @@ def test_mutual_tls_needs_a_client_certificate_and_a_token(
             assert status == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert daemon.stop() == 0
+
+
+# -- the tokens file and the scope table, without a daemon ------------------------------
+
+
+def test_the_tokens_file_holds_digests_and_names() -> None:
+    app = auth.new_token(auth.Scope.CLIENT, "app")
+    ops = auth.new_token(auth.Scope.ADMIN)
+    text = f"# tokens of gpu1\n\n{app.line}   # the web app\n{ops.line}\n"
+    tokens = auth.Tokens(auth.parse_tokens(text, "tokens"))
+    assert [e.scope for e in tokens.entries] == [auth.Scope.CLIENT, auth.Scope.ADMIN]
+    assert tokens.check(app.token) == tokens.entries[0] and tokens.entries[0].name == "app"
+    assert tokens.check(ops.token) == tokens.entries[1]
+    assert tokens.check(app.token + "x") is None and tokens.check("") is None
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["root sha256:" + "0" * 64, "client " + "0" * 64, "client sha256:abc",
+     "client sha256:" + "g" * 64, "client sha256:" + "0" * 64 + " two names", "client"],
+)  # fmt: skip
+def test_a_bad_tokens_line_is_named_by_file_and_number(line: str) -> None:
+    with pytest.raises(errors.FailedPrecondition) as info:
+        auth.parse_tokens(f"# first\n{line}\n", "/etc/torpor/tokens")
+    assert info.value.message.startswith("/etc/torpor/tokens:2: expected `admin|client sha256:")
+
+
+@pytest.mark.parametrize(
+    ("method", "client_may"),
+    [
+        ("/torpor.v1.Scheduler/Generate", True),
+        ("/grpc.health.v1.Health/Check", True),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", True),
+        ("/torpor.v1.Admin/Shutdown", False),
+        ("/torpor.v1.Worker/Load", False),  # a service not named stays admin-only
+    ],
+)
+def test_the_scope_table(method: str, client_may: bool) -> None:
+    app, ops = auth.new_token(auth.Scope.CLIENT), auth.new_token(auth.Scope.ADMIN)
+    tokens = auth.Tokens(auth.parse_tokens(f"{app.line}\n{ops.line}\n", "t"))
+    assert auth.authorize(tokens, method, [("authorization", f"Bearer {ops.token}")]) is None
+    refusal = auth.authorize(tokens, method, [("authorization", f"bearer {app.token}")])
+    assert (refusal is None) == client_may
+    if refusal is not None:
+        assert isinstance(refusal, errors.PermissionDenied)
+    for metadata in ([], [("authorization", "Basic x")], [("authorization", "Bearer ")]):
+        missing = auth.authorize(tokens, method, metadata)
+        assert isinstance(missing, errors.Unauthenticated) and missing.reason == "TOKEN_MISSING"
 
 
 # -- the CLI ----------------------------------------------------------------------------
