@@ -212,7 +212,8 @@ def _refusing(handler: grpc.RpcMethodHandler, err: TorporError) -> grpc.RpcMetho
         await context.abort_with_status(status)
         yield  # pragma: no cover - makes this an async generator
 
-    des, ser = handler.request_deserializer, handler.response_serializer
+    # No request deserializer: a caller who is not let in never gets its bytes parsed.
+    des, ser = None, handler.response_serializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary, des, ser)
     if handler.unary_stream:

@@ -254,6 +254,14 @@ def test_a_missing_or_wrong_token_is_unauthenticated_everywhere_and_changes_noth
     assert snapshot_of(tcp.daemon) == before  # "intruder" not registered, alpha not evicted
 
 
+def test_an_undecodable_body_without_a_token_is_unauthenticated(tcp: Tcp, pki: Pki) -> None:
+    """A caller who is not let in never gets its bytes parsed: no INTERNAL, no log noise."""
+    with tls_channel(pki, tcp.address, None) as channel:
+        raw = channel.unary_unary("/torpor.v1.Admin/Evict")  # bytes in, bytes out
+        exc = rpc_error(raw, b"\xff\xff\xff\xff")
+    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_a_token_hash_is_not_a_token(tcp: Tcp, pki: Pki) -> None:
     """The tokens file's digest, presented as a token, is refused: the file is no secret."""
     digest = pki.tokens.read_text().split()[1]
