@@ -195,14 +195,15 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         refusal = authorize(self.tokens, method, handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
-        if refusal is None or handler is None:
-            return handler  # None: an unknown method, which gRPC answers UNIMPLEMENTED
+        if refusal is None:
+            return handler  # None for an unknown method, which gRPC answers UNIMPLEMENTED
         _log.warning("tcp_call_refused", method=method, reason=refusal.reason)
         return _refusing(handler, refusal)
 
 
-def _refusing(handler: grpc.RpcMethodHandler, err: TorporError) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only aborts with `err`'s status."""
+def _refusing(handler: grpc.RpcMethodHandler | None, err: TorporError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only aborts with `err`'s status; for an
+    unknown method (None) a unary one, so a stranger cannot probe which methods exist."""
     status = to_status(err)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -212,6 +213,8 @@ def _refusing(handler: grpc.RpcMethodHandler, err: TorporError) -> grpc.RpcMetho
         await context.abort_with_status(status)
         yield  # pragma: no cover - makes this an async generator
 
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(unary)
     # No request deserializer: a caller who is not let in never gets its bytes parsed.
     des, ser = None, handler.response_serializer
     if handler.unary_unary:

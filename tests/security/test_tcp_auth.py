@@ -255,11 +255,13 @@ def test_a_missing_or_wrong_token_is_unauthenticated_everywhere_and_changes_noth
 
 
 def test_an_undecodable_body_without_a_token_is_unauthenticated(tcp: Tcp, pki: Pki) -> None:
-    """A caller who is not let in never gets its bytes parsed: no INTERNAL, no log noise."""
+    """A caller who is not let in never gets its bytes parsed (no UNKNOWN), nor learns which
+    methods exist (no UNIMPLEMENTED)."""
     with tls_channel(pki, tcp.address, None) as channel:
-        raw = channel.unary_unary("/torpor.v1.Admin/Evict")  # bytes in, bytes out
-        exc = rpc_error(raw, b"\xff\xff\xff\xff")
-    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        for method in ("/torpor.v1.Admin/Evict", "/torpor.v1.Admin/NoSuchMethod"):
+            raw = channel.unary_unary(method)  # bytes in, bytes out
+            exc = rpc_error(raw, b"\xff\xff\xff\xff")
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, method
 
 
 def test_a_token_hash_is_not_a_token(tcp: Tcp, pki: Pki) -> None:
