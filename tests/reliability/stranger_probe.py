@@ -80,6 +80,7 @@ def main() -> None:
         "runtime_dir_listing": lambda: sorted(os.listdir(run_dir / "workers")),
         "worker_record": lambda: _read(_first("*/workers/*.json", run_dir, paths)),
         "worker_socket": lambda: _connect(_first("*/workers/*.sock", run_dir, paths)),
+        "tokens_file": lambda: _read(state_dir.parent / "tokens"),
     }
     result = {name: _try(action) for name, action in checks.items()}
     result["tcp_without_token"] = _tcp(address)
