@@ -30,9 +30,9 @@ PROMPT = [3, 17, 42, 99, 7, 250]
 CHECK_TOKENS = 8
 GENERATE_TOKENS = 96
 """Length of the long generation the `generate` phase kills into."""
-CALL_DEADLINE_S = 30.0
+CALL_DEADLINE_S = 20.0
 """Deadline of every call a trial makes; a call that runs into it counts as a hang."""
-SETTLE_S = 30.0
+SETTLE_S = 20.0
 """Bound on the wait for a model to leave LOADING/SUSPENDING/RESUMING after a kill."""
 
 TRANSITIONAL = {
@@ -274,10 +274,19 @@ class FaultHarness:
 
     # -- the checks after a trial ------------------------------------------------------------
     def assert_settled(self) -> None:
-        """No runtime is left LOADING, SUSPENDING or RESUMING (after a bounded wait)."""
+        """No runtime is left LOADING, SUSPENDING or RESUMING, and torpord has noticed every
+        killed worker (no runtime reports a dead pid), after a bounded wait. (A request sent
+        before torpord noticed can still be routed to the dead worker: UNAVAILABLE, retryable.)"""
         assert_eventually(
             self.runtimes,
-            lambda rs: not [r for r in rs if r.state in TRANSITIONAL],
+            lambda rs: (
+                not [
+                    r
+                    for r in rs
+                    if r.state in TRANSITIONAL
+                    or (r.worker_pid and not leftovers.alive(r.worker_pid))
+                ]
+            ),
             timeout=SETTLE_S,
         )
 

@@ -53,6 +53,14 @@ def _proc_state(entry: Path) -> str:
     return "?"
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return _proc_state(Path(f"/proc/{pid}")) != "Z"
+    except OSError:
+        return False
+
+
 def temp_files(state_dir: Path) -> list[Path]:
     """Chunk-store temp files (`.tmp-*`): writes in progress, or debris of a killed one."""
     return sorted((state_dir / "snapshots").rglob(".tmp-*"))
