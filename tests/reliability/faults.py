@@ -190,10 +190,12 @@ class FaultHarness:
         if phase in ("load", "keeper_fill"):
             self.drop_worker(model, cold)
             return
+        # On the GPU by a request, not a Prefetch: a prefetch may not evict a resident model
+        # (RESOURCE_EXHAUSTED when the device's two places are taken).
         if phase == "registration":
-            self.prefetch_gpu(bystander)  # the worker a worker-kill trial kills
+            self.tokens(bystander)  # the worker a worker-kill trial kills
             return
-        self.prefetch_gpu(model)
+        self.tokens(model)
         if phase == "resume_host":
             self.evict(model, common_pb2.TIER_HOST)
         elif phase == "resume_disk":
