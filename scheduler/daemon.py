@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from torpor import log
-from torpor.errors import FailedPrecondition, InvalidArgument, NotFound, TorporError
+from torpor.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TorporError,
+)
 from torpor.scheduler import convert, footprint, notify
 from torpor.scheduler.config import (
     DaemonConfig,
@@ -76,6 +82,7 @@ class Daemon:
         self.metrics = Metrics()
         self.sources: dict[str, ModelSource] = {}
         self.registered: dict[str, RegisteredModel] = {}
+        self._forgetting: dict[str, asyncio.Event] = {}  # unregistered, worker still stopping
         self._stopping = asyncio.Event()
         self._started = False
 
@@ -289,6 +296,26 @@ class Daemon:
         await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
         await asyncio.to_thread(self.catalog.delete_model, name)
         self.events.append("model_unregistered", model=name)
+        await self._forgotten(name)
+
+    async def _forgotten(self, name: str) -> None:
+        """Wait until the core has forgotten `name`: a model with a worker is forgotten only
+        once its worker is dropped, and until then registering the name again is refused
+        (ALREADY_EXISTS), so UnregisterModel answers only then (issue 12)."""
+        if name not in self.controller.state.models:
+            return
+        gone = self._forgetting.setdefault(name, asyncio.Event())
+        limit = self.config.worker.stop_timeout_s + 30
+        try:
+            async with asyncio.timeout(limit):
+                await gone.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {name!r} is unregistered, but its worker is still being stopped after "
+                f"{limit:g} s; its name is free once it has stopped",
+                reason="WORKER_STOPPING",
+                metadata={"model": name},
+            ) from None
 
     async def model_message(self, name: str) -> common_pb2.Model:
         registered = self.registered.get(name)
@@ -331,6 +358,8 @@ class Daemon:
 
     def _on_plan(self, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
         record_plan(self, before, state, plan)
+        for name in [n for n in self._forgetting if n not in state.models]:
+            self._forgetting.pop(name).set()
 
     def tier_usage(self) -> tuple[int, int]:
         state = self.controller.state

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from torpor.errors import FailedPrecondition
 from torpor.scheduler.admin import AdminService
 from torpor.scheduler.api import SchedulerService
+from torpor.scheduler.decoding import DecodeGuard
 from torpor.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ SERVICES = (
 class Server:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[DecodeGuard()])
         self.health = health.aio.HealthServicer()
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(daemon), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(daemon), self.server)

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import grpc
 import pytest
 
 from tests.daemon.conftest import MODELS, Torpord, call, footprint_bytes, start_torpord
@@ -56,7 +55,7 @@ def generate(model: str = "alpha", **sampling: Any) -> scheduler_pb2.GenerateReq
     return scheduler_pb2.GenerateRequest(
         model=model,
         prompt_token_ids=common_pb2.TokenIds(ids=[1, 2, 3]),
-        sampling=common_pb2.SamplingParams(max_tokens=2, **sampling),
+        sampling=common_pb2.SamplingParams(**{"max_tokens": 2, **sampling}),
     )
 
 
@@ -129,8 +128,13 @@ def test_top_p_out_of_range(daemon: Torpord, top_p: float) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", math.nan), ("temperature", -1.0), ("temperature", 101.0)]
-    + [("temperature", math.inf), ("max_tokens", 2**32 - 1)],
+    [
+        ("temperature", math.nan),
+        ("temperature", -1.0),
+        ("temperature", 101.0),
+        ("temperature", math.inf),
+        ("max_tokens", 2**32 - 1),
+    ],
 )
 def test_other_sampling_fields_out_of_range(daemon: Torpord, field: str, value: Any) -> None:
     err = refused(daemon.scheduler.Generate, generate(**{field: value}), "INVALID_SAMPLING")
@@ -155,7 +159,9 @@ def test_priority_has_one_rule_everywhere(daemon: Torpord, model_root: Path) -> 
         refused(daemon.scheduler.Generate, request, "BAD_PRIORITY")
         explain = admin_pb2.ExplainRequest(model="alpha", priority=priority)
         refused(daemon.admin.Explain, explain, "BAD_PRIORITY")
-        spec = common_pb2.ModelSpec(name="prio", source=str(model_root / "alpha"), priority=priority)
+        spec = common_pb2.ModelSpec(
+            name="prio", source=str(model_root / "alpha"), priority=priority
+        )
         refused(
             daemon.scheduler.RegisterModel,
             scheduler_pb2.RegisterModelRequest(spec=spec),
