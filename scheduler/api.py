@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from torpor.errors import InvalidArgument, NotFound, TorporError, Unavailable
+from torpor.errors import NotFound, TorporError, Unavailable
 from torpor.log import bind
 from torpor.rpc_status import aio_servicer_errors as aio_errors
 from torpor.rpc_status import from_rpc_error
@@ -106,7 +106,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             deadline = self.d.clocks.monotonic(validate.timestamp_s(request.deadline, "deadline"))
         ttl = None
         if request.HasField("lease_ttl"):
-            ttl = validate.duration(request.lease_ttl, "lease_ttl", validate.LEASE_TTL_S)
+            ttl = validate.duration(
+                request.lease_ttl, "lease_ttl", validate.LEASE_TTL_S, "BAD_LEASE_TTL"
+            )
         remaining = context.time_remaining()
         if remaining is not None:
             call_deadline = self.d.controller.clock() + remaining
@@ -173,7 +175,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         validate.required(request.lease_id, "lease_id", "LEASE_REQUIRED")
         ttl = None
         if request.HasField("ttl"):
-            ttl = validate.duration(request.ttl, "ttl", validate.LEASE_TTL_S)
+            ttl = validate.duration(request.ttl, "ttl", validate.LEASE_TTL_S, "BAD_LEASE_TTL")
         plan = self.d.controller.submit(RenewRequested(request.lease_id, ttl))
         renewed = next(a for a in plan.actions if isinstance(a, Renewed))
         return scheduler_pb2.RenewResponse(
@@ -191,7 +193,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @aio_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         start = self.d.controller.clock()
-        target = _check_generate(request)  # before it queues, evicts or loads anything
+        target = validate.generate_request(request)  # before it queues, evicts or loads
         if target == "lease_id":
             grant, ticket = self._lease(request.lease_id), None
         else:
@@ -318,23 +320,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.PrefetchResponse(
             state=convert.state_name(state), tier=convert.tier_name(_TIER_OF.get(state, tier))
         )
-
-
-def _check_generate(request: Any) -> str:
-    """The target ("model" or "lease_id") of a valid GenerateRequest."""
-    target = request.WhichOneof("target")
-    if target is None:
-        raise InvalidArgument("Generate needs a model or a lease_id", reason="NO_TARGET")
-    reasons = {"model": "MODEL_REQUIRED", "lease_id": "LEASE_REQUIRED"}
-    validate.required(getattr(request, target), target, reasons[target])
-    prompt = request.WhichOneof("prompt")
-    if prompt is None or (prompt == "prompt_text" and not request.prompt_text):
-        raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
-    if prompt == "prompt_token_ids":
-        validate.prompt_token_ids(request.prompt_token_ids)
-    validate.sampling(request.sampling)
-    validate.priority(request.priority)
-    return str(target)
 
 
 @dataclass(frozen=True)

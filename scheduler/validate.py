@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from torpor.errors import InvalidArgument, NotFound
 from torpor.scheduler.core.state import Model
 from torpor.store.names import check_source_length, validate_model_name
-from torpor.v1 import common_pb2
+from torpor.v1 import common_pb2, scheduler_pb2
 
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
 """Priority of a model (ModelSpec) or of one request (Acquire, Generate, Explain)."""
@@ -98,16 +98,18 @@ def timestamp_s(msg: Timestamp, field: str) -> float:
     return msg.seconds + msg.nanos / 1e9
 
 
-def duration(msg: Duration, field: str, bounds: tuple[float, float]) -> float:
+def duration(
+    msg: Duration, field: str, bounds: tuple[float, float], reason: str = "BAD_DURATION"
+) -> float:
     """A valid Duration (seconds and nanos of one sign) within `bounds`, in seconds."""
     if abs(msg.seconds) > _DURATION_SECONDS or abs(msg.nanos) > _NANOS:
-        raise bad(field, f"{msg.seconds}s {msg.nanos}ns", "out of range", "BAD_DURATION")
+        raise bad(field, f"{msg.seconds}s {msg.nanos}ns", "out of range", reason)
     if (msg.seconds > 0 and msg.nanos < 0) or (msg.seconds < 0 and msg.nanos > 0):
-        raise bad(field, f"{msg.seconds}s {msg.nanos}ns", "mixed signs", "BAD_DURATION")
+        raise bad(field, f"{msg.seconds}s {msg.nanos}ns", "mixed signs", reason)
     seconds = msg.seconds + msg.nanos / 1e9
     lo, hi = bounds
     if not lo <= seconds <= hi:
-        raise bad(field, f"{seconds:g}s", f"must be in [{lo:g}, {hi:g}] s", "BAD_DURATION")
+        raise bad(field, f"{seconds:g}s", f"must be in [{lo:g}, {hi:g}] s", reason)
     return seconds
 
 
@@ -145,6 +147,23 @@ def sampling(msg: common_pb2.SamplingParams) -> None:
 def _sample(ok: bool, field: str, value: object, rule: str) -> None:
     if not ok:
         raise bad(field, value, rule, "INVALID_SAMPLING")
+
+
+def generate_request(msg: scheduler_pb2.GenerateRequest) -> str:
+    """Check a GenerateRequest whole; its target, "model" or "lease_id"."""
+    target = msg.WhichOneof("target")
+    if target is None:
+        raise InvalidArgument("Generate needs a model or a lease_id", reason="NO_TARGET")
+    reasons = {"model": "MODEL_REQUIRED", "lease_id": "LEASE_REQUIRED"}
+    required(getattr(msg, target), target, reasons[target])
+    prompt = msg.WhichOneof("prompt")
+    if prompt is None or (prompt == "prompt_text" and not msg.prompt_text):
+        raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+    if prompt == "prompt_token_ids":
+        prompt_token_ids(msg.prompt_token_ids)
+    sampling(msg.sampling)
+    priority(msg.priority)  # ignored with a lease, but one rule for all
+    return str(target)
 
 
 def prompt_token_ids(ids: common_pb2.TokenIds) -> None:

@@ -234,3 +234,25 @@ def test_unexpected_errors_log_one_line_a_minute(monkeypatch: pytest.MonkeyPatch
     assert "KeyError" in errors[0]["error"] and "exc_info" not in errors[0]
     traces = [entry for entry in logs if "exc_info" in entry]
     assert len(traces) == 1 and traces[0]["log_level"] == "debug"  # the traceback, at debug
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "reason"),
+    [
+        ({"prompt_text": "hi"}, "NO_TARGET"),
+        ({"model": "", "prompt_text": "hi"}, "MODEL_REQUIRED"),
+        ({"lease_id": "", "prompt_text": "hi"}, "LEASE_REQUIRED"),
+        ({"model": "a"}, "EMPTY_PROMPT"),
+        ({"model": "a", "prompt_text": ""}, "EMPTY_PROMPT"),
+        ({"model": "a", "prompt_text": "hi", "priority": 101}, "BAD_PRIORITY"),
+        ({"lease_id": "l", "prompt_text": "hi", "priority": -101}, "BAD_PRIORITY"),
+    ],
+)
+def test_generate_requests(request_fields: dict[str, Any], reason: str) -> None:
+    msg = scheduler_pb2.GenerateRequest(**request_fields)
+    assert reason_of(validate.generate_request, msg).reason == reason
+
+
+def test_a_good_generate_request_names_its_target() -> None:
+    msg = scheduler_pb2.GenerateRequest(lease_id="l", prompt_token_ids=common_pb2.TokenIds(ids=[1]))
+    assert validate.generate_request(msg) == "lease_id"
