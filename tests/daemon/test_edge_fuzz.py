@@ -11,6 +11,7 @@ more.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -49,6 +50,7 @@ METHODS: list[MethodDescriptor] = [
     *scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods,
     *admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods,
 ]
+SEEN: Counter[str] = Counter()  # replies by code, printed after a full run (pytest -s)
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -161,7 +163,12 @@ def _build(cls: type[Message], values: dict[str, Any]) -> Message:
 # -- calls ----------------------------------------------------------------------------------
 
 
-def _send(daemon: Torpord, method: MethodDescriptor, body: bytes) -> grpc.StatusCode:
+def _send(daemon: Torpord, method: MethodDescriptor, body: bytes) -> None:
+    code = _status(daemon, method, body)
+    SEEN[code.name] += 1
+
+
+def _status(daemon: Torpord, method: MethodDescriptor, body: bytes) -> grpc.StatusCode:
     """Send raw request bytes to `method`; the call's status (a stream is read to its end,
     or until a lease is READY)."""
     path = f"/{method.containing_service.full_name}/{method.name}"
@@ -227,3 +234,5 @@ def test_daemon_serves_after_the_fuzz(
     assert chunks[-1].usage.completion_tokens == 4
     assert chunks[-1].usage.finish_reason == common_pb2.FINISH_REASON_LENGTH
     _healthy(daemon, log_file)
+    if FULL:
+        print(f"\nedge fuzz: {sum(SEEN.values())} requests, replies {dict(SEEN.most_common())}")
