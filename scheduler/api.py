@@ -194,6 +194,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         start = self.d.controller.clock()
         target = validate.generate_request(request)  # before it queues, evicts or loads
+        model = self._lease(request.lease_id).model if target == "lease_id" else request.model
+        limits = self.d.limits.get(model)
+        if limits is not None:  # an unknown model is the core's NOT_FOUND
+            validate.for_model(request, limits)
         if target == "lease_id":
             grant, ticket = self._lease(request.lease_id), None
         else:

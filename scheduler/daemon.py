@@ -33,7 +33,7 @@ from torpor.errors import (
     NotFound,
     TorporError,
 )
-from torpor.scheduler import convert, footprint, notify
+from torpor.scheduler import convert, footprint, notify, validate
 from torpor.scheduler.config import (
     DaemonConfig,
     default_config_path,
@@ -83,6 +83,7 @@ class Daemon:
         self.sources: dict[str, ModelSource] = {}
         self.registered: dict[str, RegisteredModel] = {}
         self._forgetting: dict[str, asyncio.Event] = {}  # unregistered, worker still stopping
+        self.limits: dict[str, validate.ModelLimits] = {}  # what the API edge checks against
         self._stopping = asyncio.Event()
         self._started = False
 
@@ -261,9 +262,11 @@ class Daemon:
             spec.max_seq_len,
             self.cuda,
         )
+        vocab = await asyncio.to_thread(footprint.vocab_size, Path(spec.source_path))
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
         )
+        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
         core_spec = CoreSpec(
             spec.name,
             estimate,
@@ -275,6 +278,7 @@ class Daemon:
             self.controller.submit(ModelRegistered(core_spec, has_snapshot=has_snapshot))
         except BaseException:
             self.sources.pop(spec.name, None)
+            self.limits.pop(spec.name, None)
             raise
         self.registered[spec.name] = registered
 
@@ -291,6 +295,7 @@ class Daemon:
                 )
         self.controller.submit(ModelUnregistered(name))
         self.sources.pop(name, None)
+        self.limits.pop(name, None)
         self.registered.pop(name, None)
         self.recorder.latest.pop(name, None)
         await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)

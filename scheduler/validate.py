@@ -4,14 +4,16 @@ the .proto comments and docs/API.md ("Limits") state, before anything moves.
 The servicers call these first, so a bad value is refused with INVALID_ARGUMENT (a stable
 `reason`, the field and the value in `metadata`) before a request is queued, a victim evicted
 or a worker started: issue 12 found a Generate with temperature NaN that evicted a resident
-model and cold-loaded another before the worker refused it. The worker keeps its own checks
-of what only it knows (token ids against the vocabulary, the prompt's length in tokens).
+model and cold-loaded another before the worker refused it. What depends on the model is
+checked against `ModelLimits`, read at registration; the worker checks everything again and
+alone knows how many tokens a text prompt makes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.descriptor import EnumDescriptor
@@ -164,6 +166,43 @@ def generate_request(msg: scheduler_pb2.GenerateRequest) -> str:
     sampling(msg.sampling)
     priority(msg.priority)  # ignored with a lease, but one rule for all
     return str(target)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a registered model bounds in a request, known from its registration."""
+
+    vocab_size: int  # 0: unknown, the worker checks token ids alone
+    max_seq_len: int
+
+
+def for_model(msg: scheduler_pb2.GenerateRequest, limits: ModelLimits) -> None:
+    """The checks of a GenerateRequest that depend on its model, made before it queues (the
+    worker makes them again, with the same reasons)."""
+    vocab, limit = limits.vocab_size, limits.max_seq_len
+    ids = msg.prompt_token_ids.ids if msg.WhichOneof("prompt") == "prompt_token_ids" else ()
+    if vocab:
+        bad_ids = [t for t in ids if t >= vocab]
+        if bad_ids:
+            raise InvalidArgument(
+                f"prompt token ids out of the vocabulary [0, {vocab}): {bad_ids[:5]}",
+                reason="TOKEN_OUT_OF_VOCAB",
+                metadata={"token_id": bad_ids[0], "vocab_size": vocab},
+            )
+        sample = msg.sampling
+        _sample(sample.top_k <= vocab, "top_k", sample.top_k, f"must be in [0, {vocab}]")
+        for t in sample.stop_token_ids:
+            _sample(t < vocab, "stop_token_ids", t, f"must be in [0, {vocab})")
+    prompt = max(len(ids), 1)  # a text prompt is at least one token
+    if len(ids) >= limit:
+        raise bad("prompt_token_ids", len(ids), f"must be < max_seq_len={limit}", "PROMPT_TOO_LONG")
+    if prompt + msg.sampling.max_tokens > limit:
+        raise bad(
+            "max_tokens",
+            msg.sampling.max_tokens,
+            f"the prompt ({prompt} tokens) plus max_tokens exceeds max_seq_len={limit}",
+            "MAX_TOKENS_TOO_LARGE",
+        )
 
 
 def prompt_token_ids(ids: common_pb2.TokenIds) -> None:

@@ -227,6 +227,31 @@ def test_sampling_is_checked_before_anything_moves(daemon: Torpord) -> None:
     assert err.reason == "INVALID_SAMPLING" and err.metadata["field"] == "temperature"
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"top_k": 5000}, "INVALID_SAMPLING"),  # the demo models' vocabulary is 1024
+        ({"stop_token_ids": [1024]}, "INVALID_SAMPLING"),
+        ({"prompt": [7, 1024]}, "TOKEN_OUT_OF_VOCAB"),
+        ({"prompt": [1] * 256}, "PROMPT_TOO_LONG"),  # max_seq_len is 256
+        ({"max_tokens": 254}, "MAX_TOKENS_TOO_LARGE"),  # 3 prompt tokens + 254 > 256
+    ],
+)
+def test_model_bounds_are_checked_before_anything_moves(
+    daemon: Torpord, changes: dict[str, Any], reason: str
+) -> None:
+    """What only the model bounds (its vocabulary, its max_seq_len) is checked at the edge
+    too, from what torpord read at registration: nothing is evicted or loaded first."""
+    daemon.generate("alpha", [1, 2], max_tokens=1)
+    daemon.generate("beta", [1, 2], max_tokens=1)
+    before = {r.model: r.state for r in daemon.residency().runtimes}
+    request = generate("gamma", **{k: v for k, v in changes.items() if k != "prompt"})
+    if "prompt" in changes:
+        request.prompt_token_ids.ids[:] = changes["prompt"]
+    refused(daemon.scheduler.Generate, request, reason)
+    assert {r.model: r.state for r in daemon.residency().runtimes} == before
+
+
 # -- the log -------------------------------------------------------------------------------
 
 

@@ -256,3 +256,36 @@ def test_generate_requests(request_fields: dict[str, Any], reason: str) -> None:
 def test_a_good_generate_request_names_its_target() -> None:
     msg = scheduler_pb2.GenerateRequest(lease_id="l", prompt_token_ids=common_pb2.TokenIds(ids=[1]))
     assert validate.generate_request(msg) == "lease_id"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "sampling", "reason"),
+    [
+        ([1, 100], {}, "TOKEN_OUT_OF_VOCAB"),
+        ([1], {"top_k": 101}, "INVALID_SAMPLING"),
+        ([1], {"stop_token_ids": [100]}, "INVALID_SAMPLING"),
+        ([1] * 64, {}, "PROMPT_TOO_LONG"),
+        ([1] * 60, {"max_tokens": 5}, "MAX_TOKENS_TOO_LARGE"),
+        (None, {"max_tokens": 64}, "MAX_TOKENS_TOO_LARGE"),  # text: at least one token
+    ],
+)
+def test_model_bounds(prompt: list[int] | None, sampling: dict[str, Any], reason: str) -> None:
+    msg = scheduler_pb2.GenerateRequest(
+        model="m", sampling=common_pb2.SamplingParams(**sampling), prompt_text="hi"
+    )
+    if prompt is not None:
+        msg.prompt_token_ids.ids[:] = prompt
+    limits = validate.ModelLimits(vocab_size=100, max_seq_len=64)
+    assert reason_of(validate.for_model, msg, limits).reason == reason
+
+
+def test_model_bounds_at_the_edges() -> None:
+    msg = scheduler_pb2.GenerateRequest(
+        model="m",
+        prompt_token_ids=common_pb2.TokenIds(ids=[99] * 60),
+        sampling=common_pb2.SamplingParams(max_tokens=4, top_k=100, stop_token_ids=[99]),
+    )
+    validate.for_model(msg, validate.ModelLimits(vocab_size=100, max_seq_len=64))
+    msg.prompt_token_ids.ids.append(12345)  # an unknown vocabulary: the worker checks ids
+    msg.sampling.max_tokens = 3
+    validate.for_model(msg, validate.ModelLimits(vocab_size=0, max_seq_len=64))
