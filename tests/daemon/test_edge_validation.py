@@ -5,10 +5,12 @@ never INTERNAL or UNKNOWN, and they are refused before anything moves."""
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
 import pytest
 
 from tests.daemon.conftest import MODELS, Torpord, call, footprint_bytes, start_torpord
@@ -25,14 +27,26 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IO[bytes]]:
 
 
 @pytest.fixture(scope="module")
+def tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
 def daemon(
-    tmp_path_factory: pytest.TempPathFactory, model_root: Path, log_file: IO[bytes]
+    tmp_path_factory: pytest.TempPathFactory, model_root: Path, log_file: IO[bytes], tcp_port: int
 ) -> Iterator[Torpord]:
-    """One torpord for the module (one device that holds two of the three models); its
-    stderr goes to `log_file`."""
+    """One torpord for the module (one device that holds two of the three models), also on
+    loopback TCP without tokens; its stderr goes to `log_file`."""
     state = tmp_path_factory.mktemp("edge") / "state"
     d = start_torpord(
-        state, model_root, memory=int(2.5 * footprint_bytes(model_root)), stderr=log_file
+        state,
+        model_root,
+        memory=int(2.5 * footprint_bytes(model_root)),
+        stderr=log_file,
+        TORPOR_DAEMON_LISTEN=f"127.0.0.1:{tcp_port}",
+        TORPOR_DAEMON_TCP_AUTH="false",
     )
     for name in MODELS:
         d.register(name, model_root / name)
@@ -108,13 +122,16 @@ def test_invalid_timestamps_are_invalid_argument(daemon: Torpord, seconds: int, 
     "method",
     ["/torpor.v1.Scheduler/GetModel", "/torpor.v1.Scheduler/Generate", "/torpor.v1.Admin/Evict"],
 )
-def test_undecodable_body_is_invalid_argument(daemon: Torpord, method: str) -> None:
+def test_undecodable_body_is_invalid_argument(daemon: Torpord, tcp_port: int, method: str) -> None:
     stream = method.endswith(("Generate", "Evict"))
-    raw = (daemon.channel.unary_stream if stream else daemon.channel.unary_unary)(method)
-    with pytest.raises(TorporError) as info:
-        call(raw, b"\xff\xff\xff\xff", timeout=TIMEOUT)
-    assert isinstance(info.value, InvalidArgument), repr(info.value)
-    assert info.value.reason == "UNDECODABLE_REQUEST"
+    tcp = grpc.insecure_channel(f"127.0.0.1:{tcp_port}")
+    with tcp:
+        for channel in (daemon.channel, tcp):  # the Unix socket and the TCP endpoint
+            raw = (channel.unary_stream if stream else channel.unary_unary)(method)
+            with pytest.raises(TorporError) as info:
+                call(raw, b"\xff\xff\xff\xff", timeout=TIMEOUT)
+            assert isinstance(info.value, InvalidArgument), repr(info.value)
+            assert info.value.reason == "UNDECODABLE_REQUEST"
 
 
 # -- silently accepted ----------------------------------------------------------------------
