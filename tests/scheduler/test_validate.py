@@ -289,3 +289,13 @@ def test_model_bounds_at_the_edges() -> None:
     msg.prompt_token_ids.ids.append(12345)  # an unknown vocabulary: the worker checks ids
     msg.sampling.max_tokens = 3
     validate.for_model(msg, validate.ModelLimits(vocab_size=0, max_seq_len=64))
+
+
+def test_every_evict_mode_converts_and_no_other_number() -> None:
+    from torpor.scheduler import convert
+    from torpor.scheduler.core import EvictMode
+
+    assert convert.evict_mode(admin_pb2.EVICT_MODE_UNSPECIFIED) is EvictMode.DRAIN
+    assert convert.evict_mode(admin_pb2.EVICT_MODE_DRAIN) is EvictMode.DRAIN
+    assert convert.evict_mode(admin_pb2.EVICT_MODE_ABORT) is EvictMode.ABORT
+    assert reason_of(convert.evict_mode, 99).reason == "BAD_ENUM"
