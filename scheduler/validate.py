@@ -33,7 +33,7 @@ DRAIN_TIMEOUT_S = (0.0, 3600.0)
 """Evict.drain_timeout and Drain.drain_timeout (the config's daemon.drain_timeout_s bounds)."""
 MAX_TEMPERATURE = 100.0
 MAX_TOKENS = 10_000_000
-"""SamplingParams.max_tokens (the worker's own bound); generation also ends at max_seq_len."""
+"""SamplingParams.max_tokens (the worker's own bound); for_model() bounds it by max_seq_len."""
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64
