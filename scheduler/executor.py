@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
 from torpor.v1 import common_pb2, worker_pb2
 
 log = get_logger("executor")
+
+_EPOCH = secrets.token_hex(4)
+"""This daemon start's token in its workers' socket names. Runtime ids start again at #1 in
+every torpord, so names made from the id alone were the same for every daemon and every
+restart: one daemon's worker took another's socket path (issue 12)."""
 
 _DTYPES = {
     "float32": common_pb2.DTYPE_FLOAT32,
@@ -275,7 +281,8 @@ class Executor:
 
     def _spec(self, action: Load) -> WorkerSpec:
         d = self.defaults
-        name = hashlib.sha1(action.runtime_id.encode()).hexdigest()[:16]  # socket paths are short
+        # Short (a Unix socket path has 107 bytes): the start's token, then the runtime's.
+        name = f"{_EPOCH}-{hashlib.sha1(action.runtime_id.encode()).hexdigest()[:8]}"
         return WorkerSpec(
             runtime_id=action.runtime_id,
             model=action.model,
