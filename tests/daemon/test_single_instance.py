@@ -167,3 +167,14 @@ def test_worker_sockets_do_not_collide_across_daemons_or_restarts(
             assert daemon.stop() == 0
     assert len(set(names)) == 3, names
     assert all(len(name) <= 24 for name in names), names  # Unix socket paths are short
+
+
+def test_make_run_keeps_its_runtime_directory_in_the_checkout() -> None:
+    # Never /run/torpor (a systemd torpord's), nor the user's default runtime directory.
+    root = Path(__file__).parents[2]
+    dry = subprocess.run(
+        ["make", "-n", "-o", "install", "run"], cwd=root, capture_output=True, text=True, check=True
+    )
+    (command,) = [line for line in dry.stdout.splitlines() if "bin/torpord" in line]
+    assert "TORPOR_DAEMON_RUNTIME_DIR=.state/run " in command, command
+    assert "--state-dir .state " in command and "--socket .state/run/torpord.sock" in command
