@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import Torpord, footprint_bytes, start_torpord
+from tests.helpers import assert_eventually
 
 
 def free_port() -> int:
@@ -146,6 +147,34 @@ def test_a_stale_record_naming_an_unrelated_process_does_not_get_it_killed(
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_after_kill_9_a_restarted_torpord_takes_the_lock_and_stops_its_own_leftover_worker(
+    first: Torpord, model_root: Path
+) -> None:
+    # The other side of the checks above: a real leftover of this runtime directory is still
+    # recognized (module, socket, start time) and stopped, and kill -9 leaves no stale lock.
+    first.generate("alpha", [1, 2, 3], max_tokens=1)
+    pid = first.runtime("alpha").worker_pid
+    first.proc.kill()
+    first.proc.wait()
+    assert running(pid)  # the worker outlived its torpord: a leftover
+    again = start_torpord(
+        first.state_dir, model_root, memory=int(2.5 * footprint_bytes(model_root))
+    )
+    first.proc, first.channel = again.proc, again.channel  # the fixture stops this one
+    assert_eventually(lambda: running(pid), lambda alive: not alive, timeout=30)
+    assert len(again.generate("alpha", [1, 2, 3], max_tokens=2)[-1].token_ids) > 0
+    assert again.runtime("alpha").worker_pid not in (0, pid)
 
 
 def test_worker_sockets_do_not_collide_across_daemons(tmp_path: Path, model_root: Path) -> None:
