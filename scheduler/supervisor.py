@@ -89,11 +89,15 @@ class WorkerProcess:
         pid: int,
         proc: asyncio.subprocess.Process | None,
         start: ProcessStart | None = None,
+        pidfd: int | None = None,
     ) -> None:
         self.spec = spec
         self.pid = pid
         self.start = start  # with the pid, names this process for a restarted torpord
         self._proc = proc
+        # An adopted worker (not our child) is watched and signalled through a pidfd, which
+        # names this very process: once it has exited, its pid may belong to another one.
+        self._pidfd = pidfd
         self.channel = grpc.aio.insecure_channel(f"unix://{spec.socket}")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.exited = asyncio.Event()
@@ -131,6 +135,10 @@ class WorkerProcess:
         """Wait for the process to end, then report it once."""
         if self._proc is not None:
             self.returncode = await self._proc.wait()
+        elif self._pidfd is not None:
+            await _wait_fd(self._pidfd)  # not our child: its status is not ours to know
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
         else:
             self.returncode = await _wait_pidfd(self.pid)
         self.exited.set()
@@ -153,8 +161,13 @@ class WorkerProcess:
         await self.exited.wait()
 
     def signal(self, sig: int) -> None:
+        if self.exited.is_set():  # its pid may be another process's by now
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
 
 
 class Supervisor:
@@ -255,24 +268,25 @@ class Supervisor:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return None
-        try:
-            why = procinfo.not_ours(pid, WORKER_MODULE, spec.socket, start)
-            if why:
-                log.warning("stale_worker_record", runtime=spec.runtime_id, pid=pid, why=why)
-                return None
-            worker = WorkerProcess(spec, pid, None, start or procinfo.started(pid))
-            try:
-                await asyncio.wait_for(worker.channel.channel_ready(), 5)
-                await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=5)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                log.warning("worker_unresponsive_stopped", runtime=spec.runtime_id, pid=pid)
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                await worker.channel.close()
-                return None
-        finally:
+        why = procinfo.not_ours(pid, WORKER_MODULE, spec.socket, start)
+        if why:
             os.close(pidfd)
-        self._track(worker)
+            log.warning("stale_worker_record", runtime=spec.runtime_id, pid=pid, why=why)
+            return None
+        worker = WorkerProcess(spec, pid, None, start or procinfo.started(pid), pidfd)
+        try:
+            await asyncio.wait_for(worker.channel.channel_ready(), 5)
+            await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=5)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            log.warning("worker_unresponsive_stopped", runtime=spec.runtime_id, pid=pid)
+            worker.signal(signal.SIGKILL)
+            await worker.channel.close()
+            os.close(pidfd)
+            return None
+        except BaseException:
+            os.close(pidfd)
+            raise
+        self._track(worker)  # its watcher closes the pidfd once the worker has exited
         log.info("worker_adopted", runtime=spec.runtime_id, model=spec.model, pid=pid)
         return worker
 
@@ -303,6 +317,15 @@ async def _wait_pidfd(pid: int) -> int | None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
+    try:
+        await _wait_fd(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+async def _wait_fd(fd: int) -> None:
+    """Until the pidfd `fd` is readable: its process has exited."""
     loop = asyncio.get_running_loop()
     ended = loop.create_future()
 
@@ -315,5 +338,3 @@ async def _wait_pidfd(pid: int) -> int | None:
         await ended
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
-    return None
