@@ -56,7 +56,7 @@ from torpor.scheduler.keepers import KEEPER_CONTEXT, Keepers
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
-from torpor.scheduler.server import Server
+from torpor.scheduler.server import Server, check_socket_path
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name
@@ -97,6 +97,9 @@ class Daemon:
             (Path(cfg.daemon.state_dir), "state directory"),
             (Path(cfg.daemon.runtime_dir), "runtime directory"),
         )
+        # A file, or another server's live socket, at our socket path: refused before anything
+        # moves (Server.start replaces only a stale socket).
+        await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
         for directory in (cfg.daemon.state_dir, cfg.daemon.runtime_dir, cfg.store.snapshot_dir):
             await asyncio.to_thread(Path(directory).mkdir, parents=True, exist_ok=True)
         self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())

@@ -59,6 +59,12 @@ class Server:
         _remove(Path(self.daemon.config.daemon.socket))
 
 
+def check_socket_path(socket: Path) -> None:
+    """FailedPrecondition SOCKET_PATH_IN_USE unless `socket` is missing or a stale socket:
+    torpord checks this at start-up, before it opens the catalog or stops any leftover."""
+    _socket_state(socket)
+
+
 def _prepare(socket: Path) -> None:
     """Make way for our socket: only a stale socket (one nothing answers on) is removed.
 

@@ -113,6 +113,7 @@ def test_a_socket_path_that_is_a_regular_file_is_refused_and_kept(
     assert refused.returncode != 0
     assert str(precious) in refused.stderr and "not a socket" in refused.stderr, refused.stderr
     assert precious.read_text() == "not a socket\n"
+    assert not (tmp_path / "state" / "catalog.db").exists()  # refused before anything moved
 
 
 def test_a_stale_record_naming_an_unrelated_process_does_not_get_it_killed(
