@@ -42,8 +42,15 @@ class InstanceLock:
         """Lock, then write our pid; FailedPrecondition ALREADY_RUNNING if another holds it."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already locked by this process")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:  # another user's directory, a directory in the lock's place
+            raise FailedPrecondition(
+                f"cannot lock the {self.what} {self.path.parent}: {exc.strerror} ({self.path})",
+                reason="LOCK_FAILED",
+                metadata={"lock": self.path},
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -92,9 +99,7 @@ def lock_directories(*dirs: tuple[Path, str]) -> list[InstanceLock]:
     seen: set[tuple[int, int]] = set()
     try:
         for directory, what in dirs:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            info = os.stat(directory)
-            key = (info.st_dev, info.st_ino)
+            key = _identity(Path(directory), what)
             if key in seen:  # one directory for both: a second flock would refuse ourselves
                 continue
             seen.add(key)
@@ -106,3 +111,18 @@ def lock_directories(*dirs: tuple[Path, str]) -> list[InstanceLock]:
             lock.release()
         raise
     return locks
+
+
+def _identity(directory: Path, what: str) -> tuple[int, int]:
+    """The directory's (device, inode), made first if need be: two names of one directory
+    are one identity."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot lock the {what} {directory}: {exc.strerror}",
+            reason="LOCK_FAILED",
+            metadata={"lock": directory / LOCK_NAME},
+        ) from exc
+    return info.st_dev, info.st_ino

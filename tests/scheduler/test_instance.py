@@ -83,3 +83,10 @@ def test_a_refusal_releases_the_locks_already_taken(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_lock_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / LOCK_NAME).mkdir()  # something in the lock file's place
+    with pytest.raises(FailedPrecondition, match="cannot lock the state directory") as failed:
+        InstanceLock(tmp_path, "state directory").acquire()
+    assert failed.value.reason == "LOCK_FAILED"
