@@ -65,6 +65,13 @@ _STATES = {
 }
 
 
+def worker_socket(runtime_dir: Path, runtime_id: str) -> Path:
+    """The socket of `runtime_id`'s worker: short (a Unix socket path has at most 107 bytes),
+    the start's token, then the runtime's (`<runtime_dir>/workers/1a2b3c4d-5e6f7a8b.sock`)."""
+    name = f"{_EPOCH}-{hashlib.sha1(runtime_id.encode()).hexdigest()[:8]}"
+    return runtime_dir / "workers" / f"{name}.sock"
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """How to build a model's runtime: the registered spec's parts a worker needs."""
@@ -281,13 +288,11 @@ class Executor:
 
     def _spec(self, action: Load) -> WorkerSpec:
         d = self.defaults
-        # Short (a Unix socket path has 107 bytes): the start's token, then the runtime's.
-        name = f"{_EPOCH}-{hashlib.sha1(action.runtime_id.encode()).hexdigest()[:8]}"
         return WorkerSpec(
             runtime_id=action.runtime_id,
             model=action.model,
             device=self._device(action.gpu),
-            socket=d.runtime_dir / "workers" / f"{name}.sock",
+            socket=worker_socket(d.runtime_dir, action.runtime_id),
             store=d.store,
             handle_size=d.handle_size,
             graph_pool=d.graph_pool,

@@ -116,6 +116,16 @@ def test_a_socket_path_that_is_a_regular_file_is_refused_and_kept(
     assert not (tmp_path / "state" / "catalog.db").exists()  # refused before anything moved
 
 
+def test_a_runtime_dir_too_long_for_worker_sockets_is_refused_at_start(
+    tmp_path: Path, model_root: Path
+) -> None:
+    # On main torpord started, and then every worker failed to bind its socket.
+    runtime_dir = tmp_path / ("r" * 90)
+    refused = run_torpord(tmp_path / "state", runtime_dir, tmp_path / "d.sock", model_root)
+    assert refused.returncode != 0
+    assert "daemon.runtime_dir" in refused.stderr and "too long" in refused.stderr, refused.stderr
+
+
 def test_a_stale_record_naming_an_unrelated_process_does_not_get_it_killed(
     tmp_path: Path, model_root: Path
 ) -> None:
