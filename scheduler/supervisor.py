@@ -250,11 +250,11 @@ class Supervisor:
         adopted = []
         for path in sorted(self.records.glob("*.json")):
             try:
-                spec, pid, start = _parse_record(path.read_text())
+                record = WorkerRecord.parse(path.read_text())
             except (OSError, ValueError, TypeError, KeyError):
                 path.unlink(missing_ok=True)
                 continue
-            worker = await self._try_adopt(spec, pid, start)
+            worker = await self._try_adopt(record.spec, record.pid, record.start)
             if worker is None:
                 path.unlink(missing_ok=True)
             else:
@@ -300,15 +300,23 @@ class Supervisor:
             await self.keepers.stop(grace_s)
 
 
-def _parse_record(text: str) -> tuple[WorkerSpec, int, ProcessStart | None]:
-    """A worker record as `_record` writes it: the spec, the pid, and when that process
-    started (None in a record of a torpord from before issue 12)."""
-    record = json.loads(text)
-    pid = int(record.pop("pid"))
-    boot, ticks = record.pop("start_boot_id", None), record.pop("start_ticks", None)
-    start = ProcessStart(str(boot), int(ticks)) if boot is not None and ticks is not None else None
-    paths = {k: Path(record[k]) for k in ("socket", "store", "keeper") if k in record}
-    return WorkerSpec(**{**record, **paths}), pid, start
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker record as `Supervisor._record` writes it: the spec, the pid, and when that
+    process started (None in a record of a torpord from before issue 12)."""
+
+    spec: WorkerSpec
+    pid: int
+    start: ProcessStart | None
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerRecord:
+        record = json.loads(text)
+        pid = int(record.pop("pid"))
+        boot, ticks = record.pop("start_boot_id", None), record.pop("start_ticks", None)
+        start = None if boot is None or ticks is None else ProcessStart(str(boot), int(ticks))
+        paths = {k: Path(record[k]) for k in ("socket", "store", "keeper") if k in record}
+        return cls(WorkerSpec(**{**record, **paths}), pid, start)
 
 
 async def _wait_pidfd(pid: int) -> int | None:
