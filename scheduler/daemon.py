@@ -49,7 +49,12 @@ from torpor.scheduler.core import (
 )
 from torpor.scheduler.core import ModelSpec as CoreSpec
 from torpor.scheduler.events import EventLog
-from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults, worker_socket
+from torpor.scheduler.executor import (
+    Executor,
+    ModelSource,
+    WorkerDefaults,
+    check_worker_sockets_fit,
+)
 from torpor.scheduler.instance import InstanceLock, lock_directories
 from torpor.scheduler.inventory import from_config
 from torpor.scheduler.keepers import KEEPER_CONTEXT, Keepers
@@ -66,8 +71,6 @@ from torpor.store.snapshots import SnapshotStore
 from torpor.v1 import common_pb2
 
 _log = log.get_logger("daemon")
-
-SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, one of them the NUL
 
 
 class Daemon:
@@ -102,7 +105,7 @@ class Daemon:
         # A file, or another server's live socket, at our socket path: refused before anything
         # moves (Server.start replaces only a stale socket).
         await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
-        _check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
+        check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
         for directory in (cfg.daemon.state_dir, cfg.daemon.runtime_dir, cfg.store.snapshot_dir):
             await asyncio.to_thread(Path(directory).mkdir, parents=True, exist_ok=True)
         self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
@@ -406,20 +409,6 @@ class Daemon:
         for lock in self._locks:
             lock.release()
         _log.info("torpord_stopped")
-
-
-def _check_worker_sockets_fit(runtime_dir: Path) -> None:
-    """InvalidArgument unless a worker's socket path under `runtime_dir` fits sun_path (107
-    bytes): else every worker would fail to start, one model at a time."""
-    longest = worker_socket(runtime_dir, "#1")
-    if len(os.fsencode(longest)) > SUN_PATH_MAX:
-        raise InvalidArgument(
-            f"daemon.runtime_dir {runtime_dir} is too long: its workers' sockets "
-            f"({longest}) would exceed the {SUN_PATH_MAX} bytes of a Unix socket path; "
-            "choose a shorter runtime directory (TORPOR_DAEMON_RUNTIME_DIR)",
-            reason="INVALID_CONFIG",
-            metadata={"field": "daemon.runtime_dir", "value": runtime_dir},
-        )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
