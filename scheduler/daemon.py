@@ -28,8 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from torpor import log
-from torpor.errors import FailedPrecondition, InvalidArgument, NotFound, TorporError
-from torpor.scheduler import convert, footprint, notify
+from torpor.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TorporError,
+)
+from torpor.scheduler import convert, footprint, notify, validate
 from torpor.scheduler.config import (
     DaemonConfig,
     default_config_path,
@@ -84,6 +90,8 @@ class Daemon:
         self.metrics = Metrics()
         self.sources: dict[str, ModelSource] = {}
         self.registered: dict[str, RegisteredModel] = {}
+        self._forgetting: dict[str, asyncio.Event] = {}  # unregistered, worker still stopping
+        self.limits: dict[str, validate.ModelLimits] = {}  # what the API edge checks against
         self._stopping = asyncio.Event()
         self._started = False
         self._locks: list[InstanceLock] = []
@@ -274,9 +282,11 @@ class Daemon:
             spec.max_seq_len,
             self.cuda,
         )
+        vocab = await asyncio.to_thread(footprint.vocab_size, Path(spec.source_path))
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
         )
+        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
         core_spec = CoreSpec(
             spec.name,
             estimate,
@@ -288,6 +298,7 @@ class Daemon:
             self.controller.submit(ModelRegistered(core_spec, has_snapshot=has_snapshot))
         except BaseException:
             self.sources.pop(spec.name, None)
+            self.limits.pop(spec.name, None)
             raise
         self.registered[spec.name] = registered
 
@@ -304,11 +315,32 @@ class Daemon:
                 )
         self.controller.submit(ModelUnregistered(name))
         self.sources.pop(name, None)
+        self.limits.pop(name, None)
         self.registered.pop(name, None)
         self.recorder.latest.pop(name, None)
         await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
         await asyncio.to_thread(self.catalog.delete_model, name)
         self.events.append("model_unregistered", model=name)
+        await self._forgotten(name)
+
+    async def _forgotten(self, name: str) -> None:
+        """Wait until the core has forgotten `name`: a model with a worker is forgotten only
+        once its worker is dropped, and until then registering the name again is refused
+        (ALREADY_EXISTS), so UnregisterModel answers only then (issue 12)."""
+        if name not in self.controller.state.models:
+            return
+        gone = self._forgetting.setdefault(name, asyncio.Event())
+        limit = self.config.worker.stop_timeout_s + 30
+        try:
+            async with asyncio.timeout(limit):
+                await gone.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {name!r} is unregistered, but its worker is still being stopped after "
+                f"{limit:g} s; its name is free once it has stopped",
+                reason="WORKER_STOPPING",
+                metadata={"model": name},
+            ) from None
 
     async def model_message(self, name: str) -> common_pb2.Model:
         registered = self.registered.get(name)
@@ -351,6 +383,8 @@ class Daemon:
 
     def _on_plan(self, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
         record_plan(self, before, state, plan)
+        for name in [n for n in self._forgetting if n not in state.models]:
+            self._forgetting.pop(name).set()
 
     def tier_usage(self) -> tuple[int, int]:
         state = self.controller.state
