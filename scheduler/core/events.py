@@ -118,6 +118,18 @@ class TransitionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class TransitionRolledBack:
+    """The suspend `seq` on `runtime_id` failed before it changed anything: its worker lives
+    and its runtime is where the op started (a snapshot the store or its disk had no room
+    for, issue 12). The runtime goes back to its previous state; an eviction that wanted the
+    move is answered with `error`, and no new snapshot is tried for it for a while."""
+
+    runtime_id: str
+    seq: int
+    error: TorporError
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerDied:
     """A worker exited on its own (crash, OOM kill). `incarnation` is the Load's."""
 
@@ -195,6 +207,7 @@ Event = (
     | Tick
     | TransitionCompleted
     | TransitionFailed
+    | TransitionRolledBack
     | WorkerDied
     | PrefetchRequested
     | EvictRequested

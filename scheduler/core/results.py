@@ -11,11 +11,21 @@ from dataclasses import replace
 from torpor.errors import Internal, Unavailable
 from torpor.scheduler.core.actions import LeaseEnd, Reject
 from torpor.scheduler.core.draft import Draft
-from torpor.scheduler.core.events import TransitionCompleted, TransitionFailed, WorkerDied
+from torpor.scheduler.core.events import (
+    TransitionCompleted,
+    TransitionFailed,
+    TransitionRolledBack,
+    WorkerDied,
+)
 from torpor.scheduler.core.state import Runtime
 from torpor.scheduler.core.states import Residency, RuntimeState
 
 S = RuntimeState
+
+SNAPSHOT_RETRY_S = 60.0
+"""After a snapshot write failed for want of room, no new one is planned for that runtime
+for this long: victims go to another tier (or are dropped) meanwhile, instead of retrying a
+write that fails again on every pass."""
 
 
 def _current(d: Draft, runtime_id: str, seq: int) -> Runtime | None:
@@ -48,6 +58,26 @@ def on_failed(d: Draft, ev: TransitionFailed) -> None:
     rt = _current(d, ev.runtime_id, ev.seq)
     if rt is not None:
         _fail(d, rt, f"{rt.state.name.lower()} failed: {ev.error.message}")
+
+
+def on_rolled_back(d: Draft, ev: TransitionRolledBack) -> None:
+    """The suspend changed nothing: back to where it started, with its worker. An eviction
+    that wanted it is answered with the error (retrying it now would fail the same way)."""
+    rt = _current(d, ev.runtime_id, ev.seq)
+    if rt is None or rt.op is None:
+        return
+    if rt.op.state is not S.SUSPENDING:
+        raise Internal(
+            f"runtime {rt.id}: only a suspend can be rolled back, not {rt.op.state.name}",
+            reason="BAD_ROLLBACK",
+        )
+    wrote = rt.op.to.snapshot and not rt.at.snapshot
+    rt = d.settle(rt, rt.at)
+    if wrote:
+        rt = replace(rt, snapshot_retry_at=d.now + SNAPSHOT_RETRY_S)
+        d.runtimes[rt.id] = rt
+    if rt.evict is not None:
+        d.end_eviction(rt, ev.error)
 
 
 def on_worker_died(d: Draft, ev: WorkerDied) -> None:
