@@ -23,9 +23,9 @@ from torpor.scheduler.core.states import Residency, RuntimeState
 S = RuntimeState
 
 SNAPSHOT_RETRY_S = 60.0
-"""After a snapshot write failed for want of room, no new one is planned for that runtime
-for this long: victims go to another tier (or are dropped) meanwhile, instead of retrying a
-write that fails again on every pass."""
+"""After a snapshot write failed for want of room, the policy plans no new one for that
+runtime for this long: as a victim it goes to another tier (or is dropped) meanwhile,
+instead of retrying a write that fails again on every pass. Operator evictions still try."""
 
 
 def _current(d: Draft, runtime_id: str, seq: int) -> Runtime | None:

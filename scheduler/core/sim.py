@@ -102,11 +102,7 @@ class Sim:
     # Projected -------------------------------------------------------------------------
 
     def fits(self, rid: str, to: Residency) -> bool:
-        """Can runtime `rid` be planned at `to` within every budget? A move that writes a
-        snapshot does not fit while a failed write's back-off runs (the store is full)."""
-        if to.snapshot and not self.proj[rid].snapshot:
-            if self.d.now < self.d.runtimes[rid].snapshot_retry_at:
-                return False
+        """Can runtime `rid` be planned at `to` within every budget?"""
         price = self._usage(rid)
         return _allows(self.projected, self.caps, price(self.proj[rid]), price(to))
 

@@ -79,10 +79,10 @@ def test_write_on_a_full_file_system_aborts_without_leftovers(
     with small_tmpfs(tmp_path / "disk", 1 << 20) as disk:
         store = make_store(root=disk / "store")
         fill(disk, leave=160 << 10)
-        with pytest.raises(ResourceExhausted) as err:
-            with store.begin(MODEL, FINGERPRINT, reserve_bytes=4 * (64 << 10)) as w:
-                for i in range(4):
-                    w.add_tensor(blob(f"t{i}", 64 << 10))
+        writer = store.begin(MODEL, FINGERPRINT, reserve_bytes=4 * (64 << 10))
+        with pytest.raises(ResourceExhausted) as err, writer as w:
+            for i in range(4):
+                w.add_tensor(blob(f"t{i}", 64 << 10))
         assert err.value.reason == "STORE_FULL"
         assert _files(store) == []
         usage = store.usage()
