@@ -265,7 +265,8 @@ class Executor:
     async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> None:
         """The worker writes the chunks, torpord records them. Nothing is unmapped yet, so a
         store or disk without room (RESOURCE_EXHAUSTED: the worker aborted its write), or a
-        record the catalog refuses, leaves the runtime as it was: RuntimeUnchanged."""
+        record the store refuses, leaves the runtime as it was: RuntimeUnchanged."""
+        written = False
         try:
             async with self.snapshots.gate.writing():  # no sweep while chunks are unrecorded
                 done = None
@@ -275,17 +276,14 @@ class Executor:
                         done = event.done
                 if done is None:
                     raise Internal("the worker's snapshot stream ended without a result")
-                try:
-                    await self.snapshots.record(action.model, done.manifest_hash)
-                except TorporError as err:
-                    if not worker.exited.is_set():
-                        raise RuntimeUnchanged(err) from err
-                    raise
-        except ResourceExhausted as err:
-            if not worker.exited.is_set():
-                raise RuntimeUnchanged(err) from err
-            raise
-        except BaseException:
+                written = True
+                await self.snapshots.record(action.model, done.manifest_hash)
+        except BaseException as exc:
+            # The worker refused for want of room, or torpord's record failed: the worker
+            # still holds its runtime as it was (unless it died meanwhile).
+            refused = isinstance(exc, ResourceExhausted) or written
+            if isinstance(exc, TorporError) and refused and not worker.exited.is_set():
+                raise RuntimeUnchanged(exc) from exc  # its report sweeps the leftovers
             self.snapshots.sweep_soon()  # what the write left: removed once no write runs
             raise
 
