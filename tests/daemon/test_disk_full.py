@@ -141,6 +141,32 @@ def test_host_resume_with_a_full_catalog_disk_is_not_a_cold_reload(
             assert daemon.stop() == 0
 
 
+def test_snapshot_record_refused_by_a_full_catalog_leaves_the_runtime_resident(
+    tmp_path: Path, model_root: Path
+) -> None:
+    """The chunk store has room but the catalog's disk is full: the worker writes the
+    chunks, torpord cannot record them; the eviction fails cleanly, the worker lives, and
+    the unrecorded chunks are swept."""
+    store = tmp_path / "snapshots"
+    with small_tmpfs(tmp_path / "state", 64 << 20):
+        daemon = _start(tmp_path, model_root, ("alpha",), TORPOR_STORE_SNAPSHOT_DIR=str(store))
+        try:
+            before = _tokens(daemon.generate("alpha", PROMPT))
+            pid = daemon.runtime("alpha").worker_pid
+            _truncate_wal(tmp_path / "state" / "catalog.db")
+            filler = fill(tmp_path / "state")
+            with pytest.raises(TorporError) as err:
+                _evict(daemon, "alpha", common_pb2.TIER_DISK)
+            assert err.value.reason == "CATALOG_UNAVAILABLE", err.value
+            runtime = daemon.runtime("alpha")
+            assert (runtime.state, runtime.worker_pid) == (common_pb2.RUNTIME_STATE_RESIDENT, pid)
+            assert _tokens(daemon.generate("alpha", PROMPT)) == before
+            assert_eventually(lambda: _chunk_files(store), lambda files: files == [])
+            filler.unlink()
+        finally:
+            assert daemon.stop() == 0
+
+
 def test_full_runtime_dir_fails_the_load_cleanly(tmp_path: Path, model_root: Path) -> None:
     """The worker record cannot be written: the load fails with a clear error in bounded
     time, the spawned worker is stopped, the model is not left LOADING, and it loads once
