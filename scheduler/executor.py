@@ -1,12 +1,12 @@
 """Carries out the core's transitions on worker processes, and reports how they ended.
 
 Every Load, Resume, Suspend and Drop runs as its own task and ends with exactly one
-TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller. A failed transition kills
-its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is never
-left half-suspended. The one exception is a suspend whose snapshot found no room (or whose
-record the store refused) before anything was unmapped: its worker keeps the runtime as it
-was, and TransitionRolledBack says so (issue 12). Progress of loads and restores is
-forwarded as it streams.
+TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller. A
+failed transition kills its worker first (the core's rule: a FAILED runtime holds no
+bytes), so a worker is never left half-suspended. The one exception is a suspend whose
+snapshot found no room (or whose record the store refused) before anything was unmapped:
+its worker keeps the runtime as it was, and TransitionRolledBack says so (issue 12).
+Progress of loads and restores is forwarded as it streams.
 """
 
 from __future__ import annotations
