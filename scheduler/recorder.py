@@ -130,12 +130,7 @@ class Recorder:
         bytes were bad)."""
         snapshot_id = self.latest.pop(model, None)
         if snapshot_id is not None and error.reason in ("CHUNK_CORRUPT", "CHUNK_MISSING"):
-            try:
-                await asyncio.to_thread(self.store.mark_corrupt, snapshot_id, error.message)
-            except Exception as exc:  # runs on a failure path that must still report
-                log.warning("snapshot_not_marked_corrupt", snapshot=snapshot_id, error=repr(exc))
-                if self.metrics is not None:
-                    self.metrics.catalog_write_failed("snapshot_state")
+            await asyncio.to_thread(self.store.mark_corrupt, snapshot_id, error.message)
 
     async def bandwidth(self, tier: Tier, nbytes: int, seconds: float) -> None:
         """Fold a measured restore into the catalog, and the policy's costs."""
