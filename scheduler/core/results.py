@@ -72,7 +72,7 @@ def on_rolled_back(d: Draft, ev: TransitionRolledBack) -> None:
             reason="BAD_ROLLBACK",
         )
     wrote = rt.op.to.snapshot and not rt.at.snapshot
-    rt = d.settle(rt, rt.at)
+    rt = d.settle(rt, rt.at, why=f"rolled back: {ev.error.message}")
     if wrote:
         rt = replace(rt, snapshot_retry_at=d.now + SNAPSHOT_RETRY_S)
         d.runtimes[rt.id] = rt
@@ -97,7 +97,7 @@ def _fail(d: Draft, rt: Runtime, why: str) -> None:
     up = rt.op is not None and rt.op.state in (S.LOADING, S.RESUMING)
     failures = rt.failures + 1 if up else rt.failures
     # A snapshot that was being written is lost with the worker; a complete one survives.
-    rt = d.settle(rt, Residency(S.FAILED, snapshot=rt.at.snapshot), failures=failures)
+    rt = d.settle(rt, Residency(S.FAILED, snapshot=rt.at.snapshot), failures=failures, why=why)
     if rt.prefetch is not None:
         d.emit(Reject(rt.prefetch.request_id, error))
         rt = replace(rt, prefetch=None)

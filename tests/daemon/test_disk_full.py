@@ -186,6 +186,12 @@ def test_full_runtime_dir_fails_the_load_cleanly(tmp_path: Path, model_root: Pat
                 lambda s: s not in (common_pb2.RUNTIME_STATE_LOADING,),
             )
             assert daemon.runtime("alpha").worker_pid == 0
+            failed = [
+                e
+                for e in _events(daemon, admin_pb2.EVENT_KIND_STATE_CHANGED)
+                if e.attributes["to"] == "failed"
+            ]
+            assert failed and "runtime directory is full" in failed[-1].attributes["why"]
             filler.unlink()
             assert len(_tokens(daemon.generate("alpha", PROMPT))) == 8
         finally:
