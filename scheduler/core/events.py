@@ -122,8 +122,8 @@ class TransitionRolledBack:
     """The suspend `seq` on `runtime_id` failed before it changed anything: its worker lives
     and its runtime is where the op started (a snapshot the store or its disk had no room
     for, issue 12). The runtime goes back to its previous state; an eviction that wanted the
-    move is answered with `error`, and the policy picks no snapshot write for it for a while
-    (an operator's eviction still may)."""
+    move is answered with `error` (a drain falls to the next tier instead), and the policy
+    picks no snapshot write for it for a while (an operator's eviction still may)."""
 
     runtime_id: str
     seq: int

@@ -76,8 +76,8 @@ def on_rolled_back(d: Draft, ev: TransitionRolledBack) -> None:
     if wrote:
         rt = replace(rt, snapshot_retry_at=d.now + SNAPSHOT_RETRY_S)
         d.runtimes[rt.id] = rt
-    if rt.evict is not None:
-        d.end_eviction(rt, ev.error)
+    if rt.evict is not None and not rt.evict.fallback:
+        d.end_eviction(rt, ev.error)  # a drain's order stays: it falls to the next tier
 
 
 def on_worker_died(d: Draft, ev: WorkerDied) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torpor.errors import Code, ResourceExhausted
 from torpor.scheduler.core import (
     ClientGone,
+    DrainRequested,
     Drop,
     EvictFinished,
     EvictRequested,
@@ -85,3 +86,14 @@ def test_a_stale_rollback_is_ignored() -> None:
     [move] = [a for a in h.plans[-1].actions if isinstance(a, Suspend)]
     h.send(TransitionRolledBack(move.runtime_id, move.seq + 100, FULL))
     assert h.rt("a").state is S.SUSPENDING
+
+
+def test_a_drain_falls_past_a_failed_snapshot_write() -> None:
+    h = _resident(gpus=(40, 40), host=0)
+    h.send(DrainRequested("d1", gpu=h.rt("a").gpu, to_tier=Tier.DISK))
+    [move] = [a for a in h.plans[-1].actions if isinstance(a, Suspend)]
+    _roll_back(h, move)
+    assert isinstance(next(iter(h.moves.values())), Drop)  # the next tier down: no worker
+    h.settle()
+    [done] = [a for p in h.plans for a in p.actions if isinstance(a, EvictFinished)]
+    assert done.error is None and h.rt("a").state is S.COLD
