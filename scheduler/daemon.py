@@ -123,7 +123,11 @@ class Daemon:
         self.inventory = from_config(cfg.backend)
         self.cuda = self.inventory.backend == "cuda"
         self.recorder = Recorder(
-            self.catalog, self.snapshots, lambda: self.controller.state.costs, self._costs
+            self.catalog,
+            self.snapshots,
+            lambda: self.controller.state.costs,
+            self._costs,
+            self.metrics,
         )
         state = await asyncio.to_thread(self._initial_state)
         self.keepers = Keepers(
@@ -149,11 +153,15 @@ class Daemon:
             self.metrics,
         )
         self.controller = Controller(state, self.executor, on_plan=self._on_plan)
-        self.events = EventLog(self.catalog)
+        self.events = EventLog(self.catalog, self.metrics)
         self.events.start()
         self.recorder.on_recorded = lambda info: self.events.append(
             "snapshot_created", model=info.model, snapshot=info.id, bytes=info.total_bytes
         )
+        self.recorder.on_write_failed = lambda model, runtime, error: self.events.append(
+            "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
+        )
+        self.recorder.start_sweeping(cfg.store.sweep_interval_s)
         await self._stop_leftover_workers()
         await self._load_models()
         if self.demo:
@@ -435,6 +443,7 @@ class Daemon:
         await self.server.stop(grace)
         await self.executor.drain(grace)
         await self.supervisor.stop_all(self.config.worker.stop_timeout_s)
+        await self.recorder.close()
         self.controller.close_all()
         await self.events.close()
         if self.metrics_server is not None:
