@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -110,10 +111,12 @@ def start_torpord(
     memory: int,
     metrics_port: int = 0,
     backend: str = "cpu",
+    stderr: Any = None,
     **env: str,
 ) -> Torpord:
-    """torpord on one simulated device of `memory` bytes; or, with backend="cuda", on the
-    host's GPUs (`memory` unused; tests/reliability's gpu-marked faults)."""
+    """torpord on `memory` bytes of one simulated device; `stderr` (a file) captures its log.
+    With backend="cuda" it runs on the host's GPUs instead (`memory` unused; the gpu-marked
+    faults of tests/reliability)."""
     socket = state_dir / "torpord.sock"
     environ = {
         **os.environ,
@@ -142,6 +145,7 @@ def start_torpord(
             ),
         ],
         env=environ,
+        stderr=stderr,
     )
     channel = grpc.insecure_channel(f"unix://{socket}")
     try:
