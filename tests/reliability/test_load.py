@@ -14,7 +14,8 @@ Every stream must end within the round's bound in success or a designed error
 Meanwhile ListResidency and GetStatus are timed: their p99 must stay under 250 ms (the full
 form; the CI short form, on two shared cores, asserts a looser bound and records the p99).
 torpord's RSS may grow less than 10% from after the warm-up round to after the last, and its
-open file count returns to the warm-up's (+2) once a round's channels are closed.
+open file count returns to the warm-up's (+2) once a round's channels are closed. Its log
+(stderr) must hold no traceback. One run (a module fixture) feeds the four tests.
 """
 
 from __future__ import annotations
@@ -72,37 +73,80 @@ class Round:
     fds: int
 
 
-def test_concurrent_streams_stay_bounded(
-    tmp_path: Path, model_root: Path, reference_tokens: dict[str, list[int]]
-) -> None:
+@dataclass(frozen=True)
+class LoadRun:
+    """All rounds of one run, and what torpord wrote to stderr meanwhile."""
+
+    rounds: list[Round]
+    log: str
+
+
+@pytest.fixture(scope="module")
+def load_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    model_root: Path,
+    reference_tokens: dict[str, list[int]],
+) -> LoadRun:
     rng = scale.seeded("load")
-    daemon = start_torpord(tmp_path / "state", model_root, int(2.5 * footprint_bytes(model_root)))
+    tmp = tmp_path_factory.mktemp("load")
     rounds: list[Round] = []
-    try:
-        for name in MODELS:
-            daemon.register(name, model_root / name)
-        socket = f"unix://{daemon.socket}"
-        pid = daemon.proc.pid
-        for _ in range(scale.load_rounds()):
-            rounds.append(asyncio.run(_round(socket, pid, rng, reference_tokens)))
-            # Its channels are closed: torpord's descriptors for them go too.
-            if len(rounds) > 1:
-                assert_eventually(
-                    lambda: leftovers.open_fds(pid), lambda n: n <= rounds[0].fds + 2, timeout=15
-                )
-    finally:
-        _report(rounds)
-        assert daemon.stop() == 0
-    for r in rounds:
+    with (tmp / "torpord.stderr").open("w+b") as log:
+        daemon = start_torpord(
+            tmp / "state", model_root, int(2.5 * footprint_bytes(model_root)), stderr=log
+        )
+        try:
+            for name in MODELS:
+                daemon.register(name, model_root / name)
+            socket = f"unix://{daemon.socket}"
+            pid = daemon.proc.pid
+            for _ in range(scale.load_rounds()):
+                rounds.append(asyncio.run(_round(socket, pid, rng, reference_tokens)))
+                # Its channels are closed: torpord's descriptors for them go too.
+                if len(rounds) > 1:
+                    assert_eventually(
+                        lambda: leftovers.open_fds(pid),
+                        lambda n: n <= rounds[0].fds + 2,
+                        timeout=15,
+                    )
+        finally:
+            _report(rounds)
+            assert daemon.stop() == 0
+        log.seek(0)
+        return LoadRun(rounds, log.read().decode(errors="replace"))
+
+
+def test_every_stream_ends_as_designed(load_run: LoadRun) -> None:
+    for r in load_run.rounds:
         bad = {c: n for c, n in r.codes.items() if grpc.StatusCode[c] not in DESIGNED}
         assert not bad, f"undesigned endings: {bad}"
         assert r.wrong_tokens == 0
         assert r.codes.get("OK", 0) > 0  # the load is served, not only refused
-    warm, last = rounds[0], rounds[-1]
+
+
+def test_memory_and_open_files_stay_flat(load_run: LoadRun) -> None:
+    warm, last = load_run.rounds[0], load_run.rounds[-1]
     assert last.rss_mib < 1.10 * warm.rss_mib, f"RSS grew {warm.rss_mib} -> {last.rss_mib} MiB"
+    # (each round's fds were checked against the warm-up's as the run went)
+
+
+def test_admin_calls_stay_fast(load_run: LoadRun) -> None:
     bound = ADMIN_P99_S if scale.FULL else ADMIN_P99_SHORT_S
-    worst = max(r.admin_p99_ms for r in rounds) / 1000
+    worst = max(r.admin_p99_ms for r in load_run.rounds) / 1000
     assert worst < bound, f"admin p99 {worst * 1000:.0f} ms under load (bound {bound * 1000} ms)"
+
+
+@pytest.mark.xfail(
+    reason="issue 12: a stream whose deadline passes while queued logs grpc's multi-line "
+    "ExecuteBatchError traceback (found by this suite; no branch fixes it yet)",
+    strict=False,
+)
+def test_log_has_no_tracebacks(load_run: LoadRun) -> None:
+    """Clients that give up (deadline, cancel) must not flood torpord's log with tracebacks."""
+    tracebacks = load_run.log.count("Traceback (most recent call last)")
+    assert tracebacks == 0, (
+        f"{tracebacks} tracebacks in torpord's log; first:\n"
+        + (load_run.log[load_run.log.find("Traceback") :][:2000])
+    )
 
 
 async def _round(socket: str, pid: int, rng: Random, reference: dict[str, list[int]]) -> Round:
