@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from torpor import log
+from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import FailedPrecondition, InvalidArgument, NotFound, TorporError
 from torpor.scheduler import convert, footprint, notify
+from torpor.scheduler.checkpoints import CheckpointReader
 from torpor.scheduler.config import (
     DaemonConfig,
     default_config_path,
@@ -78,6 +80,7 @@ class Daemon:
         self.registered: dict[str, RegisteredModel] = {}
         self._stopping = asyncio.Event()
         self._started = False
+        self.checkpoints = CheckpointReader()  # never the default pool (issue 12, FIFO)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -218,8 +221,9 @@ class Daemon:
                 "spec.source (the checkpoint directory) is required", reason="NO_SOURCE"
             )
         source = check_source_path(msg.source, self.config.daemon.model_roots)
-        limit = await asyncio.to_thread(footprint.max_positions, source)
-        dtype = DType(await asyncio.to_thread(footprint.checkpoint_dtype, source))
+        ckpt = CheckpointDir.confined(source, self.config.daemon.model_roots)
+        limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
+        dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
         spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096))
         if spec.max_seq_len > limit:
             raise InvalidArgument(
@@ -246,9 +250,10 @@ class Daemon:
 
     async def _admit_model(self, registered: RegisteredModel, has_snapshot: bool) -> None:
         spec = registered.spec
-        estimate = await asyncio.to_thread(
+        estimate = await self.checkpoints.run(
+            spec.name,
             footprint.estimate,
-            Path(spec.source_path),
+            CheckpointDir.confined(spec.source_path, self.config.daemon.model_roots),
             spec.dtype.value,
             spec.max_batch,
             spec.max_seq_len,

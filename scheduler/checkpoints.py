@@ -1,0 +1,73 @@
+"""Reading registered checkpoints off the event loop, on threads of their own.
+
+A checkpoint is user-supplied input on a filesystem torpord does not control: a file may be
+a FIFO, sit on a hung network mount, or be huge. Inspecting one (config.json, safetensors
+headers) therefore never runs on the default executor that the catalog, the event log and
+`snapshots ls` need (issue 12: eight registrations of a model whose config.json was a FIFO
+blocked every default thread). Here each read runs on a daemon thread, at most `limit` at
+once, and the caller stops waiting after `timeout_s`. A read that overruns keeps its slot
+until it really ends, so a stuck filesystem can fill these slots but nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from torpor.errors import DeadlineExceeded, Unavailable
+
+T = TypeVar("T")
+
+
+class CheckpointReader:
+    """Runs checkpoint reads on at most `limit` threads, each waited for `timeout_s`."""
+
+    def __init__(self, limit: int = 4, timeout_s: float = 30.0) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self._slots = threading.BoundedSemaphore(limit)
+
+    async def run(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on a thread of its own; Unavailable when no slot frees up or the read
+        takes longer than the timeout (`what` names the checkpoint in the message)."""
+        loop = asyncio.get_running_loop()
+        if not self._slots.acquire(blocking=False):
+            raise Unavailable(
+                f"{self.limit} checkpoint reads are still running (a checkpoint file may be on "
+                f"a stuck filesystem); try {what} again later",
+                reason="CHECKPOINT_READS_BUSY",
+            )
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the waiting coroutine
+                result, error = None, exc
+            finally:
+                self._slots.release()
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop closed while the read ran: nobody waits for it
+                pass
+
+        # A daemon thread: one stuck in the kernel must not hold up torpord's exit.
+        threading.Thread(target=work, name="checkpoint-read", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"reading the checkpoint of {what} took longer than {self.timeout_s:g} s "
+                "(is a file of it on a stuck filesystem?)",
+                reason="CHECKPOINT_READ_TIMEOUT",
+            ) from None
