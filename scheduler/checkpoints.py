@@ -12,6 +12,7 @@ until it really ends, so a stuck filesystem can fill these slots but nothing els
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -56,10 +57,9 @@ class CheckpointReader:
                 result, error = None, exc
             finally:
                 self._slots.release()
-            try:
+            # RuntimeError: the loop closed while the read ran, and nobody waits for it.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:  # the loop closed while the read ran: nobody waits for it
-                pass
 
         # A daemon thread: one stuck in the kernel must not hold up torpord's exit.
         threading.Thread(target=work, name="checkpoint-read", daemon=True).start()
