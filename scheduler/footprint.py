@@ -14,7 +14,7 @@ import os
 import struct
 from pathlib import Path
 
-from torpor.checkpoint_files import CheckpointDir
+from torpor.checkpoint_files import SMALL_FILES, CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 from torpor.scheduler.core import Footprint
 
@@ -40,13 +40,6 @@ _BOUNDS = {
 }
 MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header, in bytes
 _MAX_ELEMENTS = 1 << 48  # per tensor: far past any real checkpoint
-
-
-def checkpoint(model_dir: Path | CheckpointDir) -> CheckpointDir:
-    """`model_dir` as a CheckpointDir (a bare path is confined to itself)."""
-    if isinstance(model_dir, CheckpointDir):
-        return model_dir
-    return CheckpointDir.confined(model_dir, [model_dir])
 
 
 def _tensor_shapes(ckpt: CheckpointDir) -> dict[str, list[int]]:
@@ -101,7 +94,7 @@ def _dim(value: object) -> bool:
 
 
 def _config(model_dir: Path | CheckpointDir) -> dict[str, object]:
-    ckpt = checkpoint(model_dir)
+    ckpt = as_checkpoint(model_dir)
     if not ckpt.exists("config.json"):
         raise InvalidArgument(f"{ckpt.path} has no config.json", reason="NO_CONFIG")
     return ckpt.read_json_object("config.json")
@@ -117,9 +110,11 @@ def estimate(
 ) -> Footprint:
     """Bytes of a runtime of this checkpoint with these options (dtype: float32, bfloat16,
     float16, fp8; an fp8 runtime keeps its embedding in bf16 and activations in bf16)."""
-    ckpt = checkpoint(model_dir)
+    ckpt = as_checkpoint(model_dir)
     config = _config(ckpt)
     shapes = _tensor_shapes(ckpt)
+    for name in SMALL_FILES:  # refuse a symlink out of the roots now, not at the first load
+        ckpt.resolve(name)
     width = BYTES[dtype]
     weights = 0
     for name, shape in shapes.items():

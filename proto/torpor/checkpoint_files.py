@@ -37,6 +37,9 @@ from torpor.errors import InvalidArgument
 MAX_JSON_BYTES = 64 << 20
 """Largest JSON file of a checkpoint read whole (config, index, tokenizer), in bytes."""
 
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+"""The small files of a checkpoint that torpor reads (and copies into a snapshot)."""
+
 INDEX = "model.safetensors.index.json"
 """The shard index of a checkpoint split over several safetensors files."""
 
@@ -211,6 +214,14 @@ class CheckpointDir:
                 metadata={"dir": str(self.path), "resolved": str(real)},
             )
         return real
+
+
+def as_checkpoint(model_dir: str | os.PathLike[str] | CheckpointDir) -> CheckpointDir:
+    """`model_dir` as a CheckpointDir; a bare path is confined to itself (a worker's own
+    materialized snapshot files, tests). torpord and its workers pass the model roots."""
+    if isinstance(model_dir, CheckpointDir):
+        return model_dir
+    return CheckpointDir.confined(model_dir, [model_dir])
 
 
 def fd_path(fd: int) -> str:

@@ -7,7 +7,6 @@ Two layouts of config.json exist in the wild and both are read:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 
 # Architecture name in config.json -> the family whose tensor layout and quirks apply.
@@ -138,19 +138,15 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
+    def from_dir(cls, model_dir: Path | CheckpointDir) -> ModelConfig:
+        ckpt = as_checkpoint(model_dir)
+        if not ckpt.exists("config.json"):
             raise InvalidArgument(
-                f"{model_dir} is not a Hugging Face checkpoint directory: no config.json",
+                f"{ckpt.path} is not a Hugging Face checkpoint directory: no config.json",
                 reason="NO_CONFIG",
-                metadata={"path": str(model_dir)},
+                metadata={"path": str(ckpt.path)},
             )
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"cannot read {path}: {exc}", reason="BAD_CONFIG") from exc
-        return cls.from_dict(raw)
+        return cls.from_dict(ckpt.read_json_object("config.json"))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

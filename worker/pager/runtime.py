@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import FailedPrecondition
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
@@ -60,7 +61,11 @@ class PagedRuntime:
     """An engine in arenas, with suspend, resume and snapshot. Thread-safe."""
 
     def __init__(
-        self, engine: Engine, placement: ArenaPlacement, options: PagerOptions, model_dir: Path
+        self,
+        engine: Engine,
+        placement: ArenaPlacement,
+        options: PagerOptions,
+        model_dir: CheckpointDir,
     ) -> None:
         self.engine = engine
         self.placement = placement
@@ -87,7 +92,7 @@ class PagedRuntime:
     @classmethod
     def load(
         cls,
-        model_dir: Path,
+        model_dir: Path | CheckpointDir,
         engine_options: EngineOptions,
         options: PagerOptions,
         progress: Progress | None = None,
@@ -97,7 +102,7 @@ class PagedRuntime:
         the weight bytes, e.g. random ones for a benchmark; the directory's safetensors by
         default)."""
         engine, placement = build.load_engine(model_dir, engine_options, options, progress, filler)
-        runtime = cls(engine, placement, options, Path(model_dir))
+        runtime = cls(engine, placement, options, as_checkpoint(model_dir))
         runtime._start_host_copy()
         return runtime
 
@@ -116,7 +121,7 @@ class PagedRuntime:
         engine, placement, model_dir = build.restore_engine(
             manifest, store, workdir, options, progress
         )
-        runtime = cls(engine, placement, options, model_dir)
+        runtime = cls(engine, placement, options, as_checkpoint(model_dir))
         runtime.manifest = manifest
         runtime._store = store
         runtime._start_host_copy()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes
 from torpor.worker.engine.layout import Layout
 from torpor.worker.engine.runtime import WeightFiller
@@ -74,13 +75,13 @@ def write_pieces(
     return tuple(pieces), new
 
 
-def store_model_files(model_dir: Path, store: ChunkStore) -> dict[str, ChunkRef]:
-    """The model's small files (config, tokenizer), so a restore needs no source checkpoint."""
-    return {
-        name: store.put((model_dir / name).read_bytes())
-        for name in MODEL_FILES
-        if (model_dir / name).is_file()
-    }
+def store_model_files(model_dir: Path | CheckpointDir, store: ChunkStore) -> dict[str, ChunkRef]:
+    """The model's small files (config, tokenizer), so a restore needs no source checkpoint.
+
+    Read through CheckpointDir: a file that is a symlink out of the model roots is refused,
+    never copied into the store (issue 12)."""
+    ckpt = as_checkpoint(model_dir)
+    return {name: store.put(ckpt.read_bytes(name)) for name in MODEL_FILES if ckpt.exists(name)}
 
 
 def materialize_files(manifest: SnapshotManifest, store: ChunkStore, out_dir: Path) -> Path:
