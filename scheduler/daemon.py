@@ -57,6 +57,7 @@ from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
 from torpor.scheduler.server import Server
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
+from torpor.store import private
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import RegisteredModel
@@ -89,8 +90,14 @@ class Daemon:
             raise RuntimeError("Daemon.start() called twice")
         self._started = True
         cfg = self.config
-        for directory in (cfg.daemon.state_dir, cfg.daemon.runtime_dir, cfg.store.snapshot_dir):
-            await asyncio.to_thread(Path(directory).mkdir, parents=True, exist_ok=True)
+        # Private whatever the umask (issue 12); the runtime directory lets group torpor
+        # reach the API socket (0660), as systemd's RuntimeDirectoryMode=0750 does.
+        for directory, mode in (
+            (cfg.daemon.state_dir, private.PRIVATE_DIR),
+            (cfg.daemon.runtime_dir, 0o750),
+            (cfg.store.snapshot_dir, private.PRIVATE_DIR),
+        ):
+            await asyncio.to_thread(private.make_dirs, directory, mode)
         self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
         self.snapshots = await asyncio.to_thread(
             SnapshotStore.open, self.catalog, cfg.snapshot_store_config()

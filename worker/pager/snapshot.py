@@ -8,6 +8,7 @@ that changes a few tensors stores only those.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
+from torpor.errors import DataLoss
+from torpor.store import private
 from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes
 from torpor.worker.engine.layout import Layout
 from torpor.worker.engine.runtime import WeightFiller
@@ -86,10 +89,18 @@ def store_model_files(model_dir: Path | CheckpointDir, store: ChunkStore) -> dic
 
 def materialize_files(manifest: SnapshotManifest, store: ChunkStore, out_dir: Path) -> Path:
     """Write the snapshot's model files into `out_dir` (verified) and return it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(out_dir)
     for name, ref in manifest.files.items():
-        (out_dir / name).write_bytes(store.read(ref))
+        if name not in MODEL_FILES:  # a manifest names files; never a path out of out_dir
+            raise DataLoss(f"snapshot manifest names an unexpected file {name!r}")
+        fd = os.open(out_dir / name, _PRIVATE_WRITE, private.PRIVATE_FILE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(store.read(ref))
     return out_dir
+
+
+# Write a restored model file anew, never through a symlink left in the scratch directory.
+_PRIVATE_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SnapshotFiller(WeightFiller):
