@@ -133,11 +133,12 @@ def estimate(
         rows, cols = embed
         weights += rows * cols + 4 * rows  # its own quantized copy of the tied head
     heads = _int(config, "num_attention_heads")
-    head_dim = _int(config, "head_dim", 0) or _int(config, "hidden_size") // heads
+    hidden = _int(config, "hidden_size")
+    head_dim = _int(config, "head_dim", 0) or hidden // heads
     if head_dim == 0:
         raise InvalidArgument(
-            f"config.json: hidden_size // num_attention_heads is 0 ({config.get('hidden_size')} "
-            f"// {heads}); set head_dim or fix the sizes",
+            f"config.json: hidden_size // num_attention_heads is 0 ({hidden} // {heads}); "
+            "set head_dim or fix the sizes",
             reason="BAD_CONFIG",
             metadata={"file": "config.json", "field": "head_dim"},
         )
