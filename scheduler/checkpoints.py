@@ -5,8 +5,9 @@ a FIFO, sit on a hung network mount, or be huge. Inspecting one (config.json, sa
 headers) therefore never runs on the default executor that the catalog, the event log and
 `snapshots ls` need (issue 12: eight registrations of a model whose config.json was a FIFO
 blocked every default thread). Here each read runs on a daemon thread, at most `limit` at
-once, and the caller stops waiting after `timeout_s`. A read that overruns keeps its slot
-until it really ends, so a stuck filesystem can fill these slots but nothing else.
+once, and the caller stops waiting after `timeout_s` (a wait for a free slot included). A
+read that overruns keeps its slot until it really ends, so a stuck filesystem can fill these
+slots but nothing else.
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ class CheckpointReader:
     def __init__(self, limit: int = 4, timeout_s: float = 30.0) -> None:
         self.limit = limit
         self.timeout_s = timeout_s
-        self._slots = threading.BoundedSemaphore(limit)
+        self._slots = asyncio.Semaphore(limit)
 
     async def run(self, what: str, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` on a thread of its own; Unavailable when no slot frees up or the read
-        takes longer than the timeout (`what` names the checkpoint in the message)."""
+        """`fn(*args)` on a thread of its own; Unavailable when no slot frees up in time,
+        DeadlineExceeded when the read takes longer (`what` names the model in messages)."""
         loop = asyncio.get_running_loop()
-        if not self._slots.acquire(blocking=False):
+        deadline = loop.time() + self.timeout_s
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
+        except TimeoutError:
             raise Unavailable(
-                f"{self.limit} checkpoint reads are still running (a checkpoint file may be on "
-                f"a stuck filesystem); try {what} again later",
+                f"{self.limit} checkpoint reads are still running after {self.timeout_s:g} s "
+                f"(a checkpoint file may be on a stuck filesystem); try {what} again later",
                 reason="CHECKPOINT_READS_BUSY",
-            )
+            ) from None
         future: asyncio.Future[T] = loop.create_future()
 
-        def settle(result: T | None, error: BaseException | None) -> None:
+        def done(result: T | None, error: BaseException | None) -> None:
+            self._slots.release()  # only now: a stuck read keeps its slot
             if future.done():
                 return
             if error is not None:
@@ -55,16 +60,14 @@ class CheckpointReader:
                 result, error = fn(*args), None
             except BaseException as exc:  # handed to the waiting coroutine
                 result, error = None, exc
-            finally:
-                self._slots.release()
             # RuntimeError: the loop closed while the read ran, and nobody waits for it.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, result, error)
+                loop.call_soon_threadsafe(done, result, error)
 
         # A daemon thread: one stuck in the kernel must not hold up torpord's exit.
         threading.Thread(target=work, name="checkpoint-read", daemon=True).start()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(future), deadline - loop.time())
         except TimeoutError:
             raise DeadlineExceeded(
                 f"reading the checkpoint of {what} took longer than {self.timeout_s:g} s "

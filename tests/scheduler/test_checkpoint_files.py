@@ -136,6 +136,16 @@ def test_a_bare_path_is_confined_to_itself(tree: tuple[CheckpointDir, Path]) -> 
         CheckpointDir.confined(ckpt.path, [])
 
 
+def test_reader_queues_a_burst_beyond_its_threads() -> None:
+    reader = CheckpointReader(limit=2, timeout_s=10)
+
+    async def main() -> None:
+        results = await asyncio.gather(*(reader.run("m", lambda i=i: i) for i in range(20)))
+        assert results == list(range(20))
+
+    asyncio.run(main())
+
+
 def test_reader_returns_results_and_errors() -> None:
     reader = CheckpointReader(limit=2, timeout_s=5)
 
@@ -151,8 +161,8 @@ def test_reader_returns_results_and_errors() -> None:
 
 
 def test_reader_times_out_and_bounds_its_threads() -> None:
-    """A read that never ends costs its caller `timeout_s` and holds one slot; with every
-    slot held, the next read is refused at once instead of queueing."""
+    """A read that never ends costs its caller `timeout_s` and holds its slot; with every
+    slot held, the next read waits for one until its own timeout, then is refused."""
     reader = CheckpointReader(limit=1, timeout_s=0.2)
     release = threading.Event()
 
@@ -162,5 +172,6 @@ def test_reader_times_out_and_bounds_its_threads() -> None:
         with pytest.raises(Unavailable, match="still running"):
             await reader.run("next", lambda: None)
         release.set()
+        assert await reader.run("after", lambda: 7) == 7  # the slot came back
 
     asyncio.run(main())
