@@ -39,6 +39,7 @@ from torpor.worker.pager.manifest import Environment, SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
     SnapshotReport,
+    read_model_files,
     store_model_files,
     write_pieces,
 )
@@ -71,6 +72,7 @@ class PagedRuntime:
         self.placement = placement
         self.options = options
         self.model_dir = model_dir
+        self.model_files = read_model_files(model_dir)  # what a snapshot will store
         self.loop = EngineLoop(engine).start()
         self.residency = Residency.RESIDENT
         self.manifest: SnapshotManifest | None = None
@@ -177,7 +179,7 @@ class PagedRuntime:
                 weights=layout,
                 kv=self.engine.memory.kv,
                 addresses=self.placement.arena_addresses(),
-                files=store_model_files(self.model_dir, store),
+                files=store_model_files(self.model_files, store),
                 pieces=pieces,
                 model=self.engine.cfg.to_json(),
             )

@@ -9,7 +9,7 @@ that changes a few tensors stores only those.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,13 +78,20 @@ def write_pieces(
     return tuple(pieces), new
 
 
-def store_model_files(model_dir: Path | CheckpointDir, store: ChunkStore) -> dict[str, ChunkRef]:
-    """The model's small files (config, tokenizer), so a restore needs no source checkpoint.
+def read_model_files(model_dir: Path | CheckpointDir) -> dict[str, bytes]:
+    """The model's small files (config, tokenizer), read when the runtime is loaded.
 
-    Read through CheckpointDir: a file that is a symlink out of the model roots is refused,
-    never copied into the store (issue 12)."""
+    A snapshot stores these bytes, not what the checkpoint holds by then: it copies what the
+    runtime was loaded from, and a file turned into a symlink out of the model roots later
+    is never read (issue 12). They are read through CheckpointDir's checks like every
+    checkpoint file."""
     ckpt = as_checkpoint(model_dir)
-    return {name: store.put(ckpt.read_bytes(name)) for name in MODEL_FILES if ckpt.exists(name)}
+    return {name: ckpt.read_bytes(name) for name in MODEL_FILES if ckpt.exists(name)}
+
+
+def store_model_files(files: Mapping[str, bytes], store: ChunkStore) -> dict[str, ChunkRef]:
+    """Put the small files into the store, so a restore needs no source checkpoint."""
+    return {name: store.put(data) for name, data in files.items()}
 
 
 def materialize_files(manifest: SnapshotManifest, store: ChunkStore, out_dir: Path) -> Path:
