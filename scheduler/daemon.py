@@ -4,12 +4,14 @@
             [--metrics-port N] [--backend auto|cuda|cpu] [--cpu-devices N]
             [--cpu-device-memory SIZE] [--demo]
 
-Start-up: config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
+Start-up: an exclusive lock on the state and the runtime directory (scheduler/instance.py: a
+second torpord on either is refused, naming the running one's pid, before it touches
+anything), config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
 policy state with the registered models (a model with a snapshot restores from it), workers
 and keepers left by an earlier torpord stopped, then the gRPC services on the Unix socket
 (and TCP if asked), metrics, and READY=1 to systemd. Each GPU's keeper starts with its first
 worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight calls up to the
-drain timeout, stop the workers, then the keepers, exit 0.
+drain timeout, stop the workers, then the keepers, release the locks, exit 0.
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ from torpor.scheduler.core import (
 )
 from torpor.scheduler.core import ModelSpec as CoreSpec
 from torpor.scheduler.events import EventLog
-from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
+from torpor.scheduler.executor import (
+    Executor,
+    ModelSource,
+    WorkerDefaults,
+    check_worker_sockets_fit,
+)
+from torpor.scheduler.instance import InstanceLock, lock_directories
 from torpor.scheduler.inventory import from_config
 from torpor.scheduler.keepers import KEEPER_CONTEXT, Keepers
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
-from torpor.scheduler.server import Server
+from torpor.scheduler.server import Server, check_socket_path
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.store import private
 from torpor.store.catalog import Catalog
@@ -81,6 +89,7 @@ class Daemon:
         self.registered: dict[str, RegisteredModel] = {}
         self._stopping = asyncio.Event()
         self._started = False
+        self._locks: list[InstanceLock] = []
         self.checkpoints = CheckpointReader()  # never the default pool (issue 12, FIFO)
 
     # -- start ---------------------------------------------------------------------------
@@ -90,14 +99,27 @@ class Daemon:
             raise RuntimeError("Daemon.start() called twice")
         self._started = True
         cfg = self.config
-        # Private whatever the umask (issue 12); the runtime directory lets group torpor
-        # reach the API socket (0660), as systemd's RuntimeDirectoryMode=0750 does.
+        # Private whatever the umask (issue 12), and made before the locks below would make
+        # them with the umask's mode (making a missing directory touches nothing of a running
+        # torpord). The runtime directory lets group torpor reach the API socket (0660), as
+        # systemd's RuntimeDirectoryMode=0750 does.
         for directory, mode in (
             (cfg.daemon.state_dir, private.PRIVATE_DIR),
             (cfg.daemon.runtime_dir, 0o750),
             (cfg.store.snapshot_dir, private.PRIVATE_DIR),
         ):
             await asyncio.to_thread(private.make_dirs, directory, mode)
+        # First of all: a second torpord on our directories would stop our workers, take our
+        # sockets and serve our catalog. Refused here, it has touched nothing.
+        self._locks = await asyncio.to_thread(
+            lock_directories,
+            (Path(cfg.daemon.state_dir), "state directory"),
+            (Path(cfg.daemon.runtime_dir), "runtime directory"),
+        )
+        # A file, or another server's live socket, at our socket path: refused before anything
+        # moves (Server.start replaces only a stale socket).
+        await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
+        check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
         self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
         self.snapshots = await asyncio.to_thread(
             SnapshotStore.open, self.catalog, cfg.snapshot_store_config()
@@ -385,6 +407,8 @@ class Daemon:
         if getattr(self, "_shut", False):
             return
         self._shut = True
+        if not self._locks:  # refused at start-up: nothing here is ours to stop
+            return
         self._stopping.set()
         notify.notify("STOPPING=1")
         grace = self.config.daemon.drain_timeout_s
@@ -397,6 +421,8 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.close()
         await asyncio.to_thread(self.catalog.close)
+        for lock in self._locks:
+            lock.release()
         _log.info("torpord_stopped")
 
 

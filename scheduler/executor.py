@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,14 @@ from typing import Any
 
 import grpc
 
-from torpor.errors import Aborted, FailedPrecondition, Internal, TorporError, Unavailable
+from torpor.errors import (
+    Aborted,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    TorporError,
+    Unavailable,
+)
 from torpor.log import bind, get_logger
 from torpor.rpc_status import from_rpc_error
 from torpor.scheduler.core import (
@@ -40,6 +49,12 @@ from torpor.v1 import common_pb2, worker_pb2
 
 log = get_logger("executor")
 
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, one of them the NUL
+_EPOCH = secrets.token_hex(4)
+"""This daemon start's token in its workers' socket names. Runtime ids start again at #1 in
+every torpord, so names made from the id alone were the same for every daemon and every
+restart: one daemon's worker took another's socket path (issue 12)."""
+
 _DTYPES = {
     "float32": common_pb2.DTYPE_FLOAT32,
     "bfloat16": common_pb2.DTYPE_BFLOAT16,
@@ -57,6 +72,27 @@ _STATES = {
     common_pb2.RUNTIME_STATE_SUSPENDED_DEEP: RuntimeState.SUSPENDED_DEEP,
     common_pb2.RUNTIME_STATE_SUSPENDED_DISK: RuntimeState.SUSPENDED_DISK,
 }
+
+
+def worker_socket(runtime_dir: Path, runtime_id: str) -> Path:
+    """The socket of `runtime_id`'s worker: short (a Unix socket path has at most 107 bytes),
+    the start's token, then the runtime's (`<runtime_dir>/workers/1a2b3c4d-5e6f7a8b.sock`)."""
+    name = f"{_EPOCH}-{hashlib.sha1(runtime_id.encode()).hexdigest()[:8]}"
+    return runtime_dir / "workers" / f"{name}.sock"
+
+
+def check_worker_sockets_fit(runtime_dir: Path) -> None:
+    """InvalidArgument unless a worker's socket path under `runtime_dir` fits sun_path:
+    torpord checks it at start-up, or else every worker would fail to bind, one by one."""
+    longest = worker_socket(runtime_dir, "#1")
+    if len(os.fsencode(longest)) > SUN_PATH_MAX:
+        raise InvalidArgument(
+            f"daemon.runtime_dir {runtime_dir} is too long: its workers' sockets "
+            f"({longest}) would exceed the {SUN_PATH_MAX} bytes of a Unix socket path; "
+            "choose a shorter runtime directory (TORPOR_DAEMON_RUNTIME_DIR)",
+            reason="INVALID_CONFIG",
+            metadata={"field": "daemon.runtime_dir", "value": runtime_dir},
+        )
 
 
 @dataclass(frozen=True)
@@ -278,12 +314,11 @@ class Executor:
 
     def _spec(self, action: Load) -> WorkerSpec:
         d = self.defaults
-        name = hashlib.sha1(action.runtime_id.encode()).hexdigest()[:16]  # socket paths are short
         return WorkerSpec(
             runtime_id=action.runtime_id,
             model=action.model,
             device=self._device(action.gpu),
-            socket=d.runtime_dir / "workers" / f"{name}.sock",
+            socket=worker_socket(d.runtime_dir, action.runtime_id),
             store=d.store,
             handle_size=d.handle_size,
             graph_pool=d.graph_pool,

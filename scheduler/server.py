@@ -9,7 +9,11 @@ mode is its guard, while the TCP server checks a bearer token on every call
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import os
+import socket as pysocket
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,10 +95,74 @@ class Server:
         _remove(Path(self.daemon.config.daemon.socket))
 
 
+def check_socket_path(socket: Path) -> None:
+    """FailedPrecondition SOCKET_PATH_IN_USE unless `socket` is missing or a stale socket:
+    torpord checks this at start-up, before it opens the catalog or stops any leftover."""
+    _socket_state(socket)
+
+
 def _prepare(socket: Path) -> None:
+    """Make way for our socket: only a stale socket (one nothing answers on) is removed.
+
+    A regular file, a directory or a socket another server answers on (a second torpord) is
+    a start-up error: `--socket` never deletes what is not ours to delete (issue 12).
+    """
     socket.parent.mkdir(parents=True, exist_ok=True)
-    socket.unlink(missing_ok=True)  # a socket file left by a crash
+    if _socket_state(socket) is _SocketState.STALE:
+        socket.unlink(missing_ok=True)  # a socket file left by a crash
 
 
 def _remove(socket: Path) -> None:
-    socket.unlink(missing_ok=True)
+    """At shutdown, after the server stopped: remove our socket, if it is still a stale
+    socket (a path someone replaced meanwhile is not ours any more)."""
+    with contextlib.suppress(FailedPrecondition):
+        if _socket_state(socket) is _SocketState.STALE:
+            socket.unlink(missing_ok=True)
+
+
+class _SocketState(enum.Enum):
+    MISSING = "missing"
+    STALE = "stale"  # a socket file that nothing answers on
+
+
+def _socket_state(path: Path) -> _SocketState:
+    """MISSING or STALE; FailedPrecondition SOCKET_PATH_IN_USE for anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return _SocketState.MISSING
+    if not stat.S_ISSOCK(mode):
+        raise FailedPrecondition(
+            f"socket path {path} exists and is not a socket; torpord will not remove it: "
+            "choose another daemon.socket (--socket), or move the file away",
+            reason="SOCKET_PATH_IN_USE",
+            metadata={"socket": path},
+        )
+    if _answers(path):
+        raise FailedPrecondition(
+            f"socket path {path} is in use: another server (a second torpord?) answers on it; "
+            "stop it first, or choose another daemon.socket (--socket)",
+            reason="SOCKET_PATH_IN_USE",
+            metadata={"socket": path},
+        )
+    return _SocketState.STALE
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket `path` (refused: stale)."""
+    with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except TimeoutError:  # a full backlog: someone listens, and is busy
+            return True
+        except OSError as exc:  # EACCES and the like: not ours to judge, nor to remove
+            raise FailedPrecondition(
+                f"cannot tell whether socket path {path} is in use ({exc}); torpord will not "
+                "remove it: choose another daemon.socket (--socket)",
+                reason="SOCKET_PATH_IN_USE",
+                metadata={"socket": path},
+            ) from exc
+    return True
