@@ -108,7 +108,10 @@ class Daemon:
             (cfg.daemon.runtime_dir, 0o750),
             (cfg.store.snapshot_dir, private.PRIVATE_DIR),
         ):
-            await asyncio.to_thread(private.make_dirs, directory, mode)
+            # One that cannot be made is reported by the lock below (state and runtime
+            # directories, LOCK_FAILED) or by the store when it opens (snapshots).
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(private.make_dirs, directory, mode)
         # First of all: a second torpord on our directories would stop our workers, take our
         # sockets and serve our catalog. Refused here, it has touched nothing.
         self._locks = await asyncio.to_thread(
