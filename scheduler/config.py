@@ -184,6 +184,9 @@ class StoreSection(_Section):
     recently used snapshots are deleted to stay within it."""
     max_chunk_size: int = _key(64 * MiB, kind="size", lo=MiB, hi=2 * GiB)
     """Largest chunk file, in bytes; bounds the pager's staging buffers."""
+    sweep_interval_s: float = _key(300.0, kind="float", lo=0, hi=86400)
+    """Seconds between sweeps of temp and orphan chunk files left by failed or killed
+    snapshot writes, while torpord runs; 0 sweeps only after a failed write."""
     busy_timeout_s: float = _key(30.0, kind="float", lo=0, hi=3600)
     """SQLite: how long a writer waits for another writer's lock."""
     pool_size: int = _key(5, kind="int", lo=1, hi=64)

@@ -29,8 +29,14 @@ from typing import Any
 
 from torpor import log
 from torpor.checkpoint_files import CheckpointDir
-from torpor.errors import FailedPrecondition, InvalidArgument, NotFound, TorporError
-from torpor.scheduler import convert, footprint, notify
+from torpor.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TorporError,
+)
+from torpor.scheduler import convert, footprint, notify, validate
 from torpor.scheduler.checkpoints import CheckpointReader
 from torpor.scheduler.config import (
     DaemonConfig,
@@ -87,6 +93,8 @@ class Daemon:
         self.metrics = Metrics()
         self.sources: dict[str, ModelSource] = {}
         self.registered: dict[str, RegisteredModel] = {}
+        self._forgetting: dict[str, asyncio.Event] = {}  # unregistered, worker still stopping
+        self.limits: dict[str, validate.ModelLimits] = {}  # what the API edge checks against
         self._stopping = asyncio.Event()
         self._started = False
         self._locks: list[InstanceLock] = []
@@ -130,7 +138,11 @@ class Daemon:
         self.inventory = from_config(cfg.backend)
         self.cuda = self.inventory.backend == "cuda"
         self.recorder = Recorder(
-            self.catalog, self.snapshots, lambda: self.controller.state.costs, self._costs
+            self.catalog,
+            self.snapshots,
+            lambda: self.controller.state.costs,
+            self._costs,
+            self.metrics,
         )
         state = await asyncio.to_thread(self._initial_state)
         self.keepers = Keepers(
@@ -156,11 +168,15 @@ class Daemon:
             self.metrics,
         )
         self.controller = Controller(state, self.executor, on_plan=self._on_plan)
-        self.events = EventLog(self.catalog)
+        self.events = EventLog(self.catalog, self.metrics)
         self.events.start()
         self.recorder.on_recorded = lambda info: self.events.append(
             "snapshot_created", model=info.model, snapshot=info.id, bytes=info.total_bytes
         )
+        self.recorder.on_write_failed = lambda model, runtime, error: self.events.append(
+            "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
+        )
+        self.recorder.start_sweeping(cfg.store.sweep_interval_s)
         await self._stop_leftover_workers()
         await self._load_models()
         if self.demo:
@@ -283,18 +299,21 @@ class Daemon:
 
     async def _admit_model(self, registered: RegisteredModel, has_snapshot: bool) -> None:
         spec = registered.spec
+        ckpt = CheckpointDir.confined(spec.source_path, self.config.daemon.model_roots)
         estimate = await self.checkpoints.run(
             spec.name,
             footprint.estimate,
-            CheckpointDir.confined(spec.source_path, self.config.daemon.model_roots),
+            ckpt,
             spec.dtype.value,
             spec.max_batch,
             spec.max_seq_len,
             self.cuda,
         )
+        vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
         )
+        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
         core_spec = CoreSpec(
             spec.name,
             estimate,
@@ -306,6 +325,7 @@ class Daemon:
             self.controller.submit(ModelRegistered(core_spec, has_snapshot=has_snapshot))
         except BaseException:
             self.sources.pop(spec.name, None)
+            self.limits.pop(spec.name, None)
             raise
         self.registered[spec.name] = registered
 
@@ -322,11 +342,32 @@ class Daemon:
                 )
         self.controller.submit(ModelUnregistered(name))
         self.sources.pop(name, None)
+        self.limits.pop(name, None)
         self.registered.pop(name, None)
         self.recorder.latest.pop(name, None)
         await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
         await asyncio.to_thread(self.catalog.delete_model, name)
         self.events.append("model_unregistered", model=name)
+        await self._forgotten(name)
+
+    async def _forgotten(self, name: str) -> None:
+        """Wait until the core has forgotten `name`: a model with a worker is forgotten only
+        once its worker is dropped, and until then registering the name again is refused
+        (ALREADY_EXISTS), so UnregisterModel answers only then (issue 12)."""
+        if name not in self.controller.state.models:
+            return
+        gone = self._forgetting.setdefault(name, asyncio.Event())
+        limit = self.config.worker.stop_timeout_s + 30
+        try:
+            async with asyncio.timeout(limit):
+                await gone.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {name!r} is unregistered, but its worker is still being stopped after "
+                f"{limit:g} s; its name is free once it has stopped",
+                reason="WORKER_STOPPING",
+                metadata={"model": name},
+            ) from None
 
     async def model_message(self, name: str) -> common_pb2.Model:
         registered = self.registered.get(name)
@@ -369,6 +410,8 @@ class Daemon:
 
     def _on_plan(self, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
         record_plan(self, before, state, plan)
+        for name in [n for n in self._forgetting if n not in state.models]:
+            self._forgetting.pop(name).set()
 
     def tier_usage(self) -> tuple[int, int]:
         state = self.controller.state
@@ -419,6 +462,7 @@ class Daemon:
         await self.server.stop(grace)
         await self.executor.drain(grace)
         await self.supervisor.stop_all(self.config.worker.stop_timeout_s)
+        await self.recorder.close()
         self.controller.close_all()
         await self.events.close()
         if self.metrics_server is not None:

@@ -1,9 +1,12 @@
 """Carries out the core's transitions on worker processes, and reports how they ended.
 
 Every Load, Resume, Suspend and Drop runs as its own task and ends with exactly one
-TransitionCompleted or TransitionFailed back into the controller. A failed transition kills
-its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is never
-left half-suspended. Progress of loads and restores is forwarded as it streams.
+TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller. A
+failed transition kills its worker first (the core's rule: a FAILED runtime holds no
+bytes), so a worker is never left half-suspended. The one exception is a suspend whose
+snapshot found no room (or whose record the store refused) before anything was unmapped:
+its worker keeps the runtime as it was, and TransitionRolledBack says so (issue 12).
+Progress of loads and restores is forwarded as it streams.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torpor.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    ResourceExhausted,
     TorporError,
     Unavailable,
 )
@@ -41,6 +45,7 @@ from torpor.scheduler.core import (
     Tier,
     TransitionCompleted,
     TransitionFailed,
+    TransitionRolledBack,
     WorkerDied,
 )
 from torpor.scheduler.metrics import Metrics
@@ -184,6 +189,9 @@ class Executor:
         with bind(model=action.model, runtime=action.runtime_id):
             try:
                 event = await getattr(self, f"_{kind}")(action)
+            except RuntimeUnchanged as unchanged:  # issue 12: not a failure of the worker
+                self._rolled_back(action, unchanged.error)
+                return
             except Exception as exc:  # every failure is reported, none escapes the task
                 error = exc if isinstance(exc, TorporError) else Internal(f"{kind} failed: {exc!r}")
                 log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
@@ -197,6 +205,13 @@ class Executor:
             self.busy.discard(action.runtime_id)
             log.info("transition_done", action=kind, seconds=round(time.perf_counter() - start, 4))
             self._safe_report(event)
+
+    def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
+        """The transition failed before changing anything: the worker keeps its runtime."""
+        log.warning("transition_rolled_back", action="suspend", reason=error.reason)
+        self.busy.discard(action.runtime_id)
+        self.snapshots.write_failed(action.model, action.runtime_id, error)
+        self._safe_report(TransitionRolledBack(action.runtime_id, action.seq, error))
 
     def _safe_report(self, event: Any) -> None:
         try:
@@ -274,12 +289,7 @@ class Executor:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
         if action.write_snapshot:
-            done = None
-            async for event in _stream(worker.stub.Snapshot(worker_pb2.WorkerSnapshotRequest())):
-                if event.HasField("done"):
-                    done = event.done
-            assert done is not None
-            await self.snapshots.record(action.model, done.manifest_hash)
+            await self._write_snapshot(action, worker)
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
         request = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
@@ -287,6 +297,31 @@ class Executor:
         if self.metrics is not None:
             self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
         return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))
+
+    async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> None:
+        """The worker writes the chunks, torpord records them. Nothing is unmapped yet, so a
+        store or disk without room (RESOURCE_EXHAUSTED: the worker aborted its write), or a
+        record the store refuses, leaves the runtime as it was: RuntimeUnchanged."""
+        written = False
+        try:
+            async with self.snapshots.gate.writing():  # no sweep while chunks are unrecorded
+                done = None
+                request = worker_pb2.WorkerSnapshotRequest()
+                async for event in _stream(worker.stub.Snapshot(request)):
+                    if event.HasField("done"):
+                        done = event.done
+                if done is None:
+                    raise Internal("the worker's snapshot stream ended without a result")
+                written = True
+                await self.snapshots.record(action.model, done.manifest_hash)
+        except BaseException as exc:
+            # The worker refused for want of room, or torpord's record failed: the worker
+            # still holds its runtime as it was (unless it died meanwhile).
+            refused = isinstance(exc, ResourceExhausted) or written
+            if isinstance(exc, TorporError) and refused and not worker.exited.is_set():
+                raise RuntimeUnchanged(exc) from exc  # its report sweeps the leftovers
+            self.snapshots.sweep_soon()  # what the write left: removed once no write runs
+            raise
 
     async def _drop(self, action: Drop) -> TransitionCompleted:
         worker = self.worker(action.runtime_id)
@@ -356,6 +391,15 @@ class Executor:
     async def drain(self, grace_s: float) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
+
+
+class RuntimeUnchanged(Exception):
+    """A transition failed before it changed the runtime, and its worker lives (a snapshot
+    that found no room): reported as TransitionRolledBack, the worker is not stopped."""
+
+    def __init__(self, error: TorporError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _tier_name(tier: Tier) -> str:

@@ -37,6 +37,7 @@ _BOUNDS = {
     "hidden_size": 1 << 20,
     "head_dim": 1 << 16,
     "max_position_embeddings": 1 << 30,
+    "vocab_size": 1 << 24,
 }
 MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header, in bytes
 _MAX_ELEMENTS = 1 << 48  # per tensor: far past any real checkpoint
@@ -169,6 +170,11 @@ def checkpoint_dtype(model_dir: Path | CheckpointDir) -> str:
 def max_positions(model_dir: Path | CheckpointDir) -> int:
     """The model's max_position_embeddings (the longest max_seq_len it allows)."""
     return _int(_config(model_dir), "max_position_embeddings", 4096)
+
+
+def vocab_size(model_dir: Path | CheckpointDir) -> int:
+    """The model's vocab_size; 0 when config.json does not say (then the worker checks)."""
+    return _int(_config(model_dir), "vocab_size", 0)
 
 
 def _int(config: dict[str, object], key: str, default: int | None = None) -> int:

@@ -26,6 +26,7 @@ from torpor.errors import FailedPrecondition
 from torpor.scheduler.admin import AdminService
 from torpor.scheduler.api import SchedulerService
 from torpor.scheduler.auth import TokenInterceptor, Tokens, load_tokens, server_credentials
+from torpor.scheduler.decoding import DecodeGuard
 from torpor.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class Server:
         self.tcp: grpc.aio.Server | None = None
 
     def _build(self, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
-        server = grpc.aio.server(interceptors=interceptors)
+        # The token check first: a refused call's body is never decoded.
+        server = grpc.aio.server(interceptors=[*interceptors, DecodeGuard()])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self._scheduler, server)
         admin_pb2_grpc.add_AdminServicer_to_server(self._admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

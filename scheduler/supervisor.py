@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from torpor.errors import Unavailable
+from torpor.errors import ResourceExhausted, Unavailable
 from torpor.log import get_logger
 from torpor.scheduler import procinfo
 from torpor.scheduler.procinfo import ProcessStart
@@ -197,8 +198,11 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(*spec.argv(), stdin=asyncio.subprocess.DEVNULL)
         # Read now, while it is our unreaped child: its pid cannot have been reused yet.
         worker = WorkerProcess(spec, proc.pid, proc, procinfo.started(proc.pid))
-        self._track(worker)
+        # Watched before anything else can fail: `stop` waits for the watcher to see the
+        # exit, so a worker whose record could not be written is still stopped (issue 12).
+        self._watch(worker)
         try:
+            self._record(worker)
             await worker.wait_ready(self.start_timeout)
         except BaseException:
             await worker.stop(grace_s=5)
@@ -214,8 +218,15 @@ class Supervisor:
         return worker
 
     def _track(self, worker: WorkerProcess) -> None:
+        self._watch(worker)
+        try:
+            self._record(worker)
+        except (ResourceExhausted, Unavailable) as err:
+            # An adopted worker runs already; without a record only a later restart loses it.
+            log.error("worker_record_failed", runtime=worker.runtime_id, error=str(err))
+
+    def _watch(self, worker: WorkerProcess) -> None:
         self.workers[worker.runtime_id] = worker
-        self._record(worker)
         task = asyncio.create_task(worker.watch(self._exited), name=f"watch-{worker.runtime_id}")
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -235,13 +246,20 @@ class Supervisor:
         await self.on_exit(worker)
 
     def _record(self, worker: WorkerProcess) -> None:
+        """Write the worker's record (atomically); a full or failing runtime directory
+        raises ResourceExhausted (RUNTIME_DIR_FULL) or Unavailable (RUNTIME_DIR_IO_ERROR)
+        and leaves no partial file."""
         fields = {k: str(v) for k, v in asdict(worker.spec).items() if v is not None}
         start = asdict(worker.start) if worker.start is not None else {}
         record = {"pid": worker.pid, **{f"start_{k}": v for k, v in start.items()}, **fields}
         path = self.records / f"{worker.runtime_id}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _record_error(exc, path, worker.spec.model) from exc
 
     async def adopt(self) -> list[WorkerProcess]:
         """Find the workers an earlier torpord left: adopt those that answer, stop the rest.
@@ -298,6 +316,22 @@ class Supervisor:
             await asyncio.wait(self._watchers, timeout=grace_s)
         if self.keepers is not None:
             await self.keepers.stop(grace_s)
+
+
+def _record_error(exc: OSError, path: Path, model: str) -> ResourceExhausted | Unavailable:
+    meta = {"path": path, "errno": exc.errno, "model": model}
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(
+            f"cannot start a worker for {model}: the runtime directory is full "
+            f"(writing {path}: {exc.strerror})",
+            reason="RUNTIME_DIR_FULL",
+            metadata=meta,
+        )
+    return Unavailable(
+        f"cannot start a worker for {model}: writing {path} failed: {exc.strerror}",
+        reason="RUNTIME_DIR_IO_ERROR",
+        metadata=meta,
+    )
 
 
 @dataclass(frozen=True)
