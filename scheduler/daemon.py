@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor import log
+from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -36,6 +37,7 @@ from torpor.errors import (
     TorporError,
 )
 from torpor.scheduler import convert, footprint, notify, validate
+from torpor.scheduler.checkpoints import CheckpointReader
 from torpor.scheduler.config import (
     DaemonConfig,
     default_config_path,
@@ -69,6 +71,7 @@ from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
 from torpor.scheduler.server import Server, check_socket_path
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
+from torpor.store import private
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import RegisteredModel
@@ -95,6 +98,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._started = False
         self._locks: list[InstanceLock] = []
+        self.checkpoints = CheckpointReader()  # never the default pool (issue 12, FIFO)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -103,6 +107,19 @@ class Daemon:
             raise RuntimeError("Daemon.start() called twice")
         self._started = True
         cfg = self.config
+        # Private whatever the umask (issue 12), and made before the locks below would make
+        # them with the umask's mode (making a missing directory touches nothing of a running
+        # torpord). The runtime directory lets group torpor reach the API socket (0660), as
+        # systemd's RuntimeDirectoryMode=0750 does.
+        for directory, mode in (
+            (cfg.daemon.state_dir, private.PRIVATE_DIR),
+            (cfg.daemon.runtime_dir, 0o750),
+            (cfg.store.snapshot_dir, private.PRIVATE_DIR),
+        ):
+            # One that cannot be made is reported by the lock below (state and runtime
+            # directories, LOCK_FAILED) or by the store when it opens (snapshots).
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(private.make_dirs, directory, mode)
         # First of all: a second torpord on our directories would stop our workers, take our
         # sockets and serve our catalog. Refused here, it has touched nothing.
         self._locks = await asyncio.to_thread(
@@ -114,8 +131,6 @@ class Daemon:
         # moves (Server.start replaces only a stale socket).
         await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
         check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
-        for directory in (cfg.daemon.state_dir, cfg.daemon.runtime_dir, cfg.store.snapshot_dir):
-            await asyncio.to_thread(Path(directory).mkdir, parents=True, exist_ok=True)
         self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
         self.snapshots = await asyncio.to_thread(
             SnapshotStore.open, self.catalog, cfg.snapshot_store_config()
@@ -226,6 +241,7 @@ class Daemon:
             python=str(cfg.worker.python),
             log_level=cfg.daemon.log_level,
             stop_grace_s=cfg.worker.stop_timeout_s,
+            model_roots=tuple(Path(root) for root in cfg.daemon.model_roots),
         )
 
     async def _stop_leftover_workers(self) -> None:
@@ -254,8 +270,9 @@ class Daemon:
                 "spec.source (the checkpoint directory) is required", reason="NO_SOURCE"
             )
         source = check_source_path(msg.source, self.config.daemon.model_roots)
-        limit = await asyncio.to_thread(footprint.max_positions, source)
-        dtype = DType(await asyncio.to_thread(footprint.checkpoint_dtype, source))
+        ckpt = CheckpointDir.confined(source, self.config.daemon.model_roots)
+        limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
+        dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
         spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096))
         if spec.max_seq_len > limit:
             raise InvalidArgument(
@@ -282,15 +299,17 @@ class Daemon:
 
     async def _admit_model(self, registered: RegisteredModel, has_snapshot: bool) -> None:
         spec = registered.spec
-        estimate = await asyncio.to_thread(
+        ckpt = CheckpointDir.confined(spec.source_path, self.config.daemon.model_roots)
+        estimate = await self.checkpoints.run(
+            spec.name,
             footprint.estimate,
-            Path(spec.source_path),
+            ckpt,
             spec.dtype.value,
             spec.max_batch,
             spec.max_seq_len,
             self.cuda,
         )
-        vocab = await asyncio.to_thread(footprint.vocab_size, Path(spec.source_path))
+        vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
         )

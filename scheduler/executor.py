@@ -123,6 +123,8 @@ class WorkerDefaults:
     python: str
     log_level: str
     stop_grace_s: float
+    # Every checkpoint file a worker opens must resolve under these (daemon.model_roots).
+    model_roots: tuple[Path, ...] = ()
 
 
 class Executor:
@@ -236,6 +238,7 @@ class Executor:
             request.snapshot_id = await self.snapshots.manifest_for(action.model)
         else:
             request.model_dir = str(source.source)
+            request.model_roots.extend(str(root) for root in self.defaults.model_roots)
         done = await self._transfer(worker.stub.Load(request), action, loading=True)
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start

@@ -9,9 +9,12 @@ policy replaces this estimate with it.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from pathlib import Path
 
+from torpor.checkpoint_files import SMALL_FILES, CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 from torpor.scheduler.core import Footprint
 
@@ -25,38 +28,81 @@ CUDA_RESIDUE = 64 * MiB
 _ALIGN = 256
 
 
-def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
-    files = sorted(model_dir.glob("*.safetensors"))
+# Bounds of config.json values: a checkpoint past them is a mistake or an attack, and the
+# estimate of one would be nonsense (or a ZeroDivisionError for num_attention_heads: 0).
+_BOUNDS = {
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "num_hidden_layers": 1 << 12,
+    "hidden_size": 1 << 20,
+    "head_dim": 1 << 16,
+    "max_position_embeddings": 1 << 30,
+    "vocab_size": 1 << 24,
+}
+MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header, in bytes
+_MAX_ELEMENTS = 1 << 48  # per tensor: far past any real checkpoint
+
+
+def _tensor_shapes(ckpt: CheckpointDir) -> dict[str, list[int]]:
+    files = ckpt.shard_names()
     if not files:
         raise InvalidArgument(
-            f"{model_dir}: no *.safetensors files", reason="CHECKPOINT_INCOMPLETE"
+            f"{ckpt.path}: no *.safetensors files", reason="CHECKPOINT_INCOMPLETE"
         )
     shapes: dict[str, list[int]] = {}
-    for path in files:
-        try:
-            with path.open("rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-        except (OSError, struct.error, ValueError) as exc:
-            raise InvalidArgument(
-                f"{path} is not a readable safetensors file: {exc}", reason="CHECKPOINT_UNREADABLE"
-            ) from exc
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    for name in files:
+        shapes.update(_header_shapes(ckpt, name))
     return shapes
 
 
-def _config(model_dir: Path) -> dict[str, object]:
-    path = model_dir / "config.json"
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(
-            f"{model_dir} has no readable config.json: {exc}", reason="NO_CONFIG"
-        ) from exc
+def _header_shapes(ckpt: CheckpointDir, name: str) -> dict[str, list[int]]:
+    def bad(why: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"{ckpt.path / name} is not a readable safetensors file: {why}",
+            reason="CHECKPOINT_UNREADABLE",
+            metadata={"file": name},
+        )
+
+    with ckpt.open(name) as fd, os.fdopen(os.dup(fd), "rb") as f:
+        size = os.fstat(fd).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, MAX_HEADER):
+            raise bad(f"header length {length} is past the end of the file or over {MAX_HEADER}")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise bad(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    shapes: dict[str, list[int]] = {}
+    for key, value in header.items():
+        if key == "__metadata__":
+            continue
+        shape = value.get("shape") if isinstance(value, dict) else None
+        if not isinstance(shape, list) or not all(_dim(d) for d in shape):
+            raise bad(f"tensor {key!r} has no valid shape (got {shape!r})")
+        if math.prod(shape) > _MAX_ELEMENTS:
+            raise bad(f"tensor {key!r} has an absurd shape {shape}")
+        shapes[key] = shape
+    return shapes
+
+
+def _dim(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _config(model_dir: Path | CheckpointDir) -> dict[str, object]:
+    ckpt = as_checkpoint(model_dir)
+    if not ckpt.exists("config.json"):
+        raise InvalidArgument(f"{ckpt.path} has no config.json", reason="NO_CONFIG")
+    return ckpt.read_json_object("config.json")
 
 
 def estimate(
-    model_dir: Path,
+    model_dir: Path | CheckpointDir,
     dtype: str,
     max_batch: int,
     max_seq_len: int,
@@ -65,8 +111,11 @@ def estimate(
 ) -> Footprint:
     """Bytes of a runtime of this checkpoint with these options (dtype: float32, bfloat16,
     float16, fp8; an fp8 runtime keeps its embedding in bf16 and activations in bf16)."""
-    config = _config(model_dir)
-    shapes = _tensor_shapes(model_dir)
+    ckpt = as_checkpoint(model_dir)
+    config = _config(ckpt)
+    shapes = _tensor_shapes(ckpt)
+    for name in SMALL_FILES:  # refuse a symlink out of the roots now, not at the first load
+        ckpt.resolve(name)
     width = BYTES[dtype]
     weights = 0
     for name, shape in shapes.items():
@@ -79,11 +128,21 @@ def estimate(
         else:
             weights += count * (2 if dtype == "fp8" else width)
         weights += _ALIGN
-    if dtype == "fp8" and config.get("tie_word_embeddings") and "lm_head.weight" not in shapes:
-        rows, cols = shapes["model.embed_tokens.weight"]
+    embed = shapes.get("model.embed_tokens.weight")
+    tied = config.get("tie_word_embeddings") and "lm_head.weight" not in shapes
+    if dtype == "fp8" and tied and embed is not None and len(embed) == 2:
+        rows, cols = embed
         weights += rows * cols + 4 * rows  # its own quantized copy of the tied head
     heads = _int(config, "num_attention_heads")
-    head_dim = _int(config, "head_dim", 0) or _int(config, "hidden_size") // heads
+    hidden = _int(config, "hidden_size")
+    head_dim = _int(config, "head_dim", 0) or hidden // heads
+    if head_dim == 0:
+        raise InvalidArgument(
+            f"config.json: hidden_size // num_attention_heads is 0 ({hidden} // {heads}); "
+            "set head_dim or fix the sizes",
+            reason="BAD_CONFIG",
+            metadata={"file": "config.json", "field": "head_dim"},
+        )
     kv_heads = _int(config, "num_key_value_heads", 0) or heads
     layers = _int(config, "num_hidden_layers")
     kv_width = 2 if dtype == "fp8" else width
@@ -100,7 +159,7 @@ def estimate(
 _CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def checkpoint_dtype(model_dir: Path) -> str:
+def checkpoint_dtype(model_dir: Path | CheckpointDir) -> str:
     """The dtype config.json says the weights are in (`dtype`, or the older `torch_dtype`);
     float32 when it says nothing torpor runs."""
     config = _config(model_dir)
@@ -108,22 +167,29 @@ def checkpoint_dtype(model_dir: Path) -> str:
     return _CHECKPOINT_DTYPES.get(str(value), "float32")
 
 
-def max_positions(model_dir: Path) -> int:
+def max_positions(model_dir: Path | CheckpointDir) -> int:
     """The model's max_position_embeddings (the longest max_seq_len it allows)."""
     return _int(_config(model_dir), "max_position_embeddings", 4096)
 
 
-def vocab_size(model_dir: Path) -> int:
+def vocab_size(model_dir: Path | CheckpointDir) -> int:
     """The model's vocab_size; 0 when config.json does not say (then the worker checks)."""
     return _int(_config(model_dir), "vocab_size", 0)
 
 
 def _int(config: dict[str, object], key: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        if value is None and default is not None:
-            return default
+    """config.json's `key`: a positive integer within its bound, or `default` when absent
+    (or null). A `default` of 0 means "absent, derive it" and lets 0 through."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    bound = _BOUNDS.get(key, 1 << 30)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= bound:
+        if value == 0 and default == 0:
+            return 0
         raise InvalidArgument(
-            f"config.json: {key} must be an integer, got {value!r}", reason="BAD_CONFIG"
+            f"config.json: {key} must be an integer in 1..{bound}, got {value!r}",
+            reason="BAD_CONFIG",
+            metadata={"file": "config.json", "field": key},
         )
     return value

@@ -12,6 +12,7 @@ lock upgrade. PostgreSQL is reached by URL (psycopg 3).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from torpor.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from torpor.log import get_logger
-from torpor.store import migrate
+from torpor.store import migrate, private
 from torpor.store.config import CatalogConfig
 from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import Bandwidth, Event, ModelSpec, NewEvent, RegisteredModel
@@ -274,10 +275,26 @@ class Catalog:
             return int(getattr(result, "rowcount", 0) or 0)
 
 
+def _make_private(database: str | None) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would use 0644 less the umask), and
+    narrow an older one. SQLite gives its -wal and -shm files the database file's mode."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        private.make_file(database)
+    except OSError:
+        return  # no such directory, or not ours: SQLite's own open says why
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(database + suffix).st_mode & 0o077:
+                os.chmod(database + suffix, private.PRIVATE_FILE)
+
+
 def _create_engine(config: CatalogConfig) -> Engine:
     url = config.parsed_url()
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_size=config.pool_size, pool_pre_ping=True, echo=config.echo)
+    _make_private(url.database)
     engine = create_engine(url, echo=config.echo)
     busy_ms = int(config.busy_timeout_s * 1000)
 

@@ -31,6 +31,7 @@ import xxhash
 
 from torpor.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from torpor.log import get_logger
+from torpor.store import private
 
 Buffer = bytes | bytearray | memoryview
 """Anything with the buffer protocol that the store accepts (contiguous)."""
@@ -123,7 +124,7 @@ class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.chunk_dir = self.root / "chunks"
-        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.chunk_dir)  # 0700 whatever the umask: chunks are weights
         self.store_id = _load_or_create_store_id(self.root)
 
     def path(self, digest: str) -> Path:
@@ -213,7 +214,7 @@ class ChunkStore:
             pass
         source = self.path(ref.hash)
         target_dir = self.root / "quarantine"
-        target_dir.mkdir(exist_ok=True)
+        private.make_dir(target_dir)
         target = target_dir / f"{ref.hash}-{int(time.time())}-{secrets.token_hex(4)}"
         try:
             os.rename(source, target)
@@ -271,7 +272,7 @@ def _io_error(exc: OSError, ref: ChunkRef, path: Path) -> Exception:
 
 def _write_durable(path: Path, view: memoryview) -> None:
     """Write `view` to a new file at `path` and fsync it; remove the file on any failure."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, private.PRIVATE_FILE)
     try:
         done = 0
         while done < view.nbytes:
@@ -294,11 +295,8 @@ def _make_dirs_durable(directory: Path, top: Path) -> None:
         missing.append(d)
         d = d.parent
     for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
+        if private.make_dir(d):
+            _fsync_dir(d.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from torpor.errors import InvalidArgument
+from torpor.store import private
 
 
 class StoreLocks:
@@ -33,8 +34,8 @@ class StoreLocks:
         self.dir = Path(root) / "locks"
         self.writers_dir = self.dir / "writers"
         self.readers_dir = self.dir / "readers"
-        self.writers_dir.mkdir(parents=True, exist_ok=True)
-        self.readers_dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.writers_dir)
+        private.make_dirs(self.readers_dir)
         self.store_path = self.dir / "store.lock"
 
     @contextlib.contextmanager
@@ -70,7 +71,7 @@ class StoreLocks:
         it: a reader that arrives meanwhile waits, then finds the snapshot gone.
         """
         path = self.reader_path(snapshot_id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, private.PRIVATE_FILE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -81,7 +82,7 @@ class StoreLocks:
     def hold_writer(self, snapshot_id: str) -> WriterLock:
         """Create and take the writer lock of a new snapshot; release with `release()`."""
         path = self.writer_path(snapshot_id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, private.PRIVATE_FILE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
@@ -155,7 +156,7 @@ class DeleteClaim(HeldLock):
 
 @contextlib.contextmanager
 def _flocked(path: Path, mode: int) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, private.PRIVATE_FILE)
     try:
         fcntl.flock(fd, mode)
         yield

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import Aborted, FailedPrecondition, InvalidArgument
 from torpor.log import bind, get_logger
 from torpor.rpc_status import servicer_errors
@@ -113,7 +114,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 max_seq_len=request.max_seq_len,
                 dtype=convert.dtype(request.dtype),
             )
-            self.runtime = PagedRuntime.load(Path(request.model_dir), options, pager, progress)
+            model_dir = CheckpointDir.confined(request.model_dir, request.model_roots)
+            self.runtime = PagedRuntime.load(model_dir, options, pager, progress)
         self.model = request.model
 
     def _manifest(self, snapshot_id: str) -> SnapshotManifest:

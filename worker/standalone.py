@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import InvalidArgument
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.engine import Engine
@@ -45,6 +46,13 @@ class RunResult:
         }
 
 
+def _unconfined(model_dir: Path) -> CheckpointDir:
+    # `torpor run` reads as the user who runs it, who may read these files anyway: no root
+    # but the filesystem's (a Hugging Face cache links its files out of the snapshot dir).
+    # Files must still be regular files, so a FIFO cannot hang it.
+    return CheckpointDir.confined(model_dir, [Path("/")])
+
+
 def prompt_tokens(
     model_dir: Path, prompt: str | None, prompt_ids: Sequence[int] | None
 ) -> list[int]:
@@ -56,7 +64,7 @@ def prompt_tokens(
     if prompt_ids is not None:
         return list(prompt_ids)
     assert prompt is not None
-    return Tokenizer(model_dir).encode(prompt)
+    return Tokenizer(_unconfined(model_dir)).encode(prompt)
 
 
 def run_once(
@@ -67,14 +75,15 @@ def run_once(
     on_text: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Load the model, generate for one prompt, stream text to `on_text`."""
-    cfg = ModelConfig.from_dir(model_dir)
+    ckpt = _unconfined(model_dir)
+    cfg = ModelConfig.from_dir(ckpt)
     params.validate(cfg.vocab_size)  # fail before the (possibly long) load
     if options.max_seq_len <= 0:  # 0: just large enough, within the model's limit
         need = len(prompt_ids) + params.max_tokens
         fitted = min(cfg.max_position_embeddings, max(256, _round_up(need, 256)))
         options = dataclasses.replace(options, max_seq_len=fitted)
     start = time.perf_counter()
-    engine = Engine.load(model_dir, options)
+    engine = Engine.load(ckpt, options)
     loaded = time.perf_counter()
     deltas: list[RequestDelta] = []
     first = 0.0

@@ -84,7 +84,11 @@ def load(worker: Worker, model_dir: Path) -> list[worker_pb2.WorkerLoadResponse]
     return worker.call(
         "Load",
         worker_pb2.WorkerLoadRequest(
-            model="demo", model_dir=str(model_dir), max_batch=4, max_seq_len=256
+            model="demo",
+            model_dir=str(model_dir),
+            model_roots=[str(model_dir)],
+            max_batch=4,
+            max_seq_len=256,
         ),
     )
 
@@ -146,7 +150,12 @@ def test_errors_have_their_codes(worker: Worker, model_dir: Path, tmp_path: Path
     with pytest.raises(FailedPrecondition, match="Load first"):
         generate(worker, [1])
     with pytest.raises(InvalidArgument, match=r"no config\.json"):
-        worker.call("Load", worker_pb2.WorkerLoadRequest(model="x", model_dir=str(tmp_path)))
+        worker.call(
+            "Load",
+            worker_pb2.WorkerLoadRequest(
+                model="x", model_dir=str(tmp_path), model_roots=[str(tmp_path)]
+            ),
+        )
     load(worker, model_dir)
     with pytest.raises(FailedPrecondition, match="already holds a runtime"):
         load(worker, model_dir)

@@ -7,7 +7,6 @@ Two layouts of config.json exist in the wild and both are read:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 
 # Architecture name in config.json -> the family whose tensor layout and quirks apply.
@@ -138,29 +138,50 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
+    def from_dir(cls, model_dir: Path | CheckpointDir) -> ModelConfig:
+        ckpt = as_checkpoint(model_dir)
+        if not ckpt.exists("config.json"):
             raise InvalidArgument(
-                f"{model_dir} is not a Hugging Face checkpoint directory: no config.json",
+                f"{ckpt.path} is not a Hugging Face checkpoint directory: no config.json",
                 reason="NO_CONFIG",
-                metadata={"path": str(model_dir)},
+                metadata={"path": str(ckpt.path)},
             )
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"cannot read {path}: {exc}", reason="BAD_CONFIG") from exc
-        return cls.from_dict(raw)
+        return cls.from_dict(ckpt.read_json_object("config.json"))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Validate `raw` (a parsed config.json); InvalidArgument names what is wrong."""
+        if not isinstance(raw, dict):
+            raise InvalidArgument(
+                f"config.json must hold a JSON object, not {type(raw).__name__}",
+                reason="BAD_CONFIG",
+            )
+        try:
+            return cls._from_dict(raw)
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
+            # A value of the wrong type or a missing key deep in rope or layer settings.
+            raise InvalidArgument(
+                f"config.json has an invalid value: {type(exc).__name__}: {exc}",
+                reason="BAD_CONFIG",
+            ) from exc
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         architecture = _architecture(raw)
         family = ARCHITECTURES[architecture]
         num_heads = _int(raw, "num_attention_heads")
         hidden = _int(raw, "hidden_size")
-        head_dim = raw.get("head_dim") or hidden // num_heads
+        head_dim = _int(raw, "head_dim") if raw.get("head_dim") else hidden // num_heads
+        if head_dim == 0:
+            raise InvalidArgument(
+                f"config.json: hidden_size // num_attention_heads is 0 ({hidden} // "
+                f"{num_heads}); set head_dim or fix the sizes",
+                reason="BAD_CONFIG",
+                metadata={"key": "head_dim"},
+            )
         num_layers = _int(raw, "num_hidden_layers")
-        num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
+        num_kv_heads = _int(raw, "num_key_value_heads") if "num_key_value_heads" in raw else 0
+        num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise InvalidArgument(
                 f"num_attention_heads ({num_heads}) is not a multiple of "
@@ -180,7 +201,9 @@ class ModelConfig:
             head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=_rope(raw),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_int(
+                {"max_position_embeddings": 4096, **raw}, "max_position_embeddings"
+            ),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=attention_bias and family != "qwen2",
@@ -194,6 +217,7 @@ class ModelConfig:
 
 def _architecture(raw: dict[str, Any]) -> str:
     names = raw.get("architectures") or []
+    names = [str(n) for n in names] if isinstance(names, list) else [str(names)]
     for name in names:
         if name in ARCHITECTURES:
             return str(name)
@@ -206,11 +230,25 @@ def _architecture(raw: dict[str, Any]) -> str:
     )
 
 
+# Past these a config.json is a mistake or an attack (sizes would overflow or exhaust memory).
+_BOUNDS = {
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "num_hidden_layers": 1 << 12,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "head_dim": 1 << 16,
+    "vocab_size": 1 << 24,
+    "max_position_embeddings": 1 << 30,
+}
+
+
 def _int(raw: dict[str, Any], key: str) -> int:
     value = raw.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    bound = _BOUNDS.get(key, 1 << 30)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
         raise InvalidArgument(
-            f"config.json: {key} must be a positive integer, got {value!r}",
+            f"config.json: {key} must be an integer in 1..{bound}, got {value!r}",
             reason="BAD_CONFIG",
             metadata={"key": key},
         )

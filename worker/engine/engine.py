@@ -14,7 +14,6 @@ step k has one speculative row in step k+1, whose output is discarded.
 from __future__ import annotations
 
 import heapq
-import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 from torpor.log import get_logger
 from torpor.worker.engine.config import ModelConfig
@@ -112,7 +112,7 @@ class Engine:
     @classmethod
     def load(
         cls,
-        model_dir: Path | str,
+        model_dir: Path | str | CheckpointDir,
         options: EngineOptions | None = None,
         placement: Placement | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -125,13 +125,14 @@ class Engine:
         """
         options = options or EngineOptions()
         options.validate()
-        model_dir = Path(model_dir)
-        cfg = ModelConfig.from_dir(model_dir)
+        ckpt = as_checkpoint(model_dir)
+        ckpt.check_dir()  # swapped for a symlink out of the roots since registration?
+        cfg = ModelConfig.from_dir(ckpt)
         options = options.resolved(cfg)
         device = resolve_device(options.device)
         dtype_name, compute_dtype = resolve_dtype(options.dtype, cfg, device)
         model, memory, timings = load_runtime(
-            model_dir,
+            ckpt,
             cfg,
             options,
             device,
@@ -141,14 +142,14 @@ class Engine:
             progress,
             filler,
         )
-        tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        tokenizer = Tokenizer(ckpt) if ckpt.exists("tokenizer.json") else None
         engine = cls(
-            cfg, options, model, memory, tokenizer, _eos_ids(model_dir, cfg, tokenizer), timings
+            cfg, options, model, memory, tokenizer, _eos_ids(ckpt, cfg, tokenizer), timings
         )
         engine.enable_graphs()
         log.info(
             "engine_loaded",
-            model_dir=str(model_dir),
+            model_dir=str(ckpt.path),
             device=str(device),
             dtype=dtype_name,
             weight_bytes=memory.weights.nbytes,
@@ -433,12 +434,11 @@ class Engine:
         return self.tokenizer.encode(text)
 
 
-def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
+def _eos_ids(ckpt: CheckpointDir, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
     """End-of-sequence ids from config.json, generation_config.json and the tokenizer."""
     ids = set(cfg.eos_token_ids)
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
+    if ckpt.exists("generation_config.json"):
+        value = ckpt.read_json_object("generation_config.json").get("eos_token_id")
         ids.update([value] if isinstance(value, int) else (value or []))
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import InvalidArgument
 from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.layout import DevicePlacement, Layout, Placement
@@ -73,7 +74,7 @@ class WeightFiller(Protocol):
 class CheckpointFiller:
     """Reads (converting or quantizing) a Hugging Face safetensors checkpoint."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path | CheckpointDir) -> None:
         self.checkpoint = Checkpoint(model_dir)
 
     def check(self, plan: list[WeightSource], layout: Layout) -> None:
@@ -105,7 +106,7 @@ def plan_memory(
 
 
 def load_runtime(
-    model_dir: Path,
+    model_dir: Path | CheckpointDir,
     cfg: ModelConfig,
     options: EngineOptions,
     device: torch.device,

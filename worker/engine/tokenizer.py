@@ -3,31 +3,39 @@ and chat template of `tokenizer_config.json` where present."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 
 
 class Tokenizer:
     """Encode prompts and decode generated tokens the way the checkpoint says to."""
 
-    def __init__(self, model_dir: Path) -> None:
-        path = Path(model_dir) / "tokenizer.json"
-        if not path.is_file():
+    def __init__(self, model_dir: Path | CheckpointDir) -> None:
+        ckpt = as_checkpoint(model_dir)
+        if not ckpt.exists("tokenizer.json"):
             raise InvalidArgument(
-                f"{model_dir}: no tokenizer.json (use --prompt-ids to pass token ids directly)",
+                f"{ckpt.path}: no tokenizer.json (use --prompt-ids to pass token ids directly)",
                 reason="NO_TOKENIZER",
-                metadata={"path": str(model_dir)},
+                metadata={"path": str(ckpt.path)},
             )
-        self._tok = HFTokenizer.from_file(str(path))
-        config_path = Path(model_dir) / "tokenizer_config.json"
+        try:
+            self._tok = HFTokenizer.from_str(ckpt.read_bytes("tokenizer.json").decode())
+        except (ValueError, Exception) as exc:  # tokenizers raises its own Exception type
+            raise InvalidArgument(
+                f"{ckpt.path / 'tokenizer.json'} is not a readable tokenizer: {exc}",
+                reason="BAD_TOKENIZER",
+                metadata={"file": "tokenizer.json"},
+            ) from exc
         config: dict[str, Any] = (
-            json.loads(config_path.read_text()) if config_path.is_file() else {}
+            ckpt.read_json_object("tokenizer_config.json")
+            if ckpt.exists("tokenizer_config.json")
+            else {}
         )
         self.bos_token_id = self._special_id(config.get("bos_token"))
         self.eos_token_id = self._special_id(config.get("eos_token"))

@@ -9,7 +9,6 @@ the placed tensors.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from torpor.checkpoint_files import INDEX, CheckpointDir, as_checkpoint, fd_path
 from torpor.errors import InvalidArgument
 from torpor.worker.engine import fp8
 from torpor.worker.engine.config import ModelConfig
@@ -103,39 +103,41 @@ def weight_specs(plan: list[WeightSource], dtype: torch.dtype) -> list[TensorSpe
 
 
 class Checkpoint:
-    """The safetensors files of a checkpoint directory, and which file holds each tensor."""
+    """The safetensors files of a checkpoint directory, and which file holds each tensor.
 
-    def __init__(self, model_dir: Path) -> None:
-        self.dir = Path(model_dir)
+    Files are opened through `CheckpointDir` (confined to the model roots, regular files
+    only) and safetensors reads them through `/proc/self/fd/N`, so what it maps is the file
+    that was checked, whatever the directory holds by then.
+    """
+
+    def __init__(self, model_dir: Path | CheckpointDir) -> None:
+        self.files = as_checkpoint(model_dir)
+        self.dir = self.files.path
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.location: dict[str, Path] = {}
-        for path in self._tensor_files():
+        self.location: dict[str, str] = {}
+        for file in self._tensor_files():
             try:
-                with safe_open(str(path), framework="pt") as f:
+                with self.files.open(file) as fd, safe_open(fd_path(fd), framework="pt") as f:
                     for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                        self.location[name] = path
+                        self.location[name] = file
                         self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            except InvalidArgument:
+                raise
             except Exception as exc:  # safetensors raises its own error types
                 raise InvalidArgument(
-                    f"{path} is not a readable safetensors file: {exc}",
+                    f"{self.dir / file} is not a readable safetensors file: {exc}",
                     reason="CHECKPOINT_UNREADABLE",
-                    metadata={"path": str(path)},
+                    metadata={"path": str(self.dir / file)},
                 ) from exc
 
-    def _tensor_files(self) -> list[Path]:
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.dir / name for name in weight_map.values()})
-            missing = [p.name for p in files if not p.is_file()]
-            if missing:
-                raise InvalidArgument(
-                    f"{self.dir}: shards named in model.safetensors.index.json are missing: "
-                    f"{', '.join(missing)}",
-                    reason="CHECKPOINT_INCOMPLETE",
-                )
-            return files
-        files = sorted(self.dir.glob("*.safetensors"))
+    def _tensor_files(self) -> list[str]:
+        files = self.files.shard_names()  # each a plain name under the roots, or refused
+        missing = [name for name in files if not self.files.exists(name)]
+        if missing:
+            raise InvalidArgument(
+                f"{self.dir}: shards named in {INDEX} are missing: {', '.join(missing)}",
+                reason="CHECKPOINT_INCOMPLETE",
+            )
         if not files:
             raise InvalidArgument(
                 f"{self.dir}: no *.safetensors files (torpor reads safetensors checkpoints only)",
@@ -181,13 +183,14 @@ def load_weights(
     """
     done = 0
     with ExitStack() as stack, torch.no_grad():
-        handles: dict[Path, Any] = {}
+        handles: dict[str, Any] = {}
 
         def read(name: str) -> torch.Tensor:
-            path = ckpt.location[name]
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return handles[path].get_tensor(name)
+            file = ckpt.location[name]
+            if file not in handles:
+                fd = stack.enter_context(ckpt.files.open(file))  # checked again, at this open
+                handles[file] = stack.enter_context(safe_open(fd_path(fd), framework="pt"))
+            return handles[file].get_tensor(name)
 
         for src in plan:
             target = tensors[src.target]

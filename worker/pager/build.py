@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+from torpor.checkpoint_files import CheckpointDir
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
@@ -21,7 +22,7 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 def load_engine(
-    model_dir: Path,
+    model_dir: Path | CheckpointDir,
     engine_options: EngineOptions,
     options: PagerOptions,
     progress: Progress | None,

@@ -18,12 +18,13 @@ import torch
 from torch import device as Device
 
 import torpor
+from torpor.checkpoint_files import SMALL_FILES
 from torpor.errors import FailedPrecondition
 from torpor.store.chunks import ChunkRef
 from torpor.worker.engine.layout import Layout
 
 FORMAT_VERSION = 1
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+MODEL_FILES = SMALL_FILES
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import FailedPrecondition
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
@@ -38,6 +39,7 @@ from torpor.worker.pager.manifest import Environment, SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
     SnapshotReport,
+    read_model_files,
     store_model_files,
     write_pieces,
 )
@@ -60,12 +62,17 @@ class PagedRuntime:
     """An engine in arenas, with suspend, resume and snapshot. Thread-safe."""
 
     def __init__(
-        self, engine: Engine, placement: ArenaPlacement, options: PagerOptions, model_dir: Path
+        self,
+        engine: Engine,
+        placement: ArenaPlacement,
+        options: PagerOptions,
+        model_dir: CheckpointDir,
     ) -> None:
         self.engine = engine
         self.placement = placement
         self.options = options
         self.model_dir = model_dir
+        self.model_files = read_model_files(model_dir)  # what a snapshot will store
         self.loop = EngineLoop(engine).start()
         self.residency = Residency.RESIDENT
         self.manifest: SnapshotManifest | None = None
@@ -87,7 +94,7 @@ class PagedRuntime:
     @classmethod
     def load(
         cls,
-        model_dir: Path,
+        model_dir: Path | CheckpointDir,
         engine_options: EngineOptions,
         options: PagerOptions,
         progress: Progress | None = None,
@@ -97,7 +104,7 @@ class PagedRuntime:
         the weight bytes, e.g. random ones for a benchmark; the directory's safetensors by
         default)."""
         engine, placement = build.load_engine(model_dir, engine_options, options, progress, filler)
-        runtime = cls(engine, placement, options, Path(model_dir))
+        runtime = cls(engine, placement, options, as_checkpoint(model_dir))
         runtime._start_host_copy()
         return runtime
 
@@ -116,7 +123,7 @@ class PagedRuntime:
         engine, placement, model_dir = build.restore_engine(
             manifest, store, workdir, options, progress
         )
-        runtime = cls(engine, placement, options, model_dir)
+        runtime = cls(engine, placement, options, as_checkpoint(model_dir))
         runtime.manifest = manifest
         runtime._store = store
         runtime._start_host_copy()
@@ -172,7 +179,7 @@ class PagedRuntime:
                 weights=layout,
                 kv=self.engine.memory.kv,
                 addresses=self.placement.arena_addresses(),
-                files=store_model_files(self.model_dir, store),
+                files=store_model_files(self.model_files, store),
                 pieces=pieces,
                 model=self.engine.cfg.to_json(),
             )

@@ -8,13 +8,17 @@ that changes a few tensors stores only those.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from torpor.checkpoint_files import CheckpointDir, as_checkpoint
+from torpor.errors import DataLoss
+from torpor.store import private
 from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes
 from torpor.worker.engine.layout import Layout
 from torpor.worker.engine.runtime import WeightFiller
@@ -74,21 +78,36 @@ def write_pieces(
     return tuple(pieces), new
 
 
-def store_model_files(model_dir: Path, store: ChunkStore) -> dict[str, ChunkRef]:
-    """The model's small files (config, tokenizer), so a restore needs no source checkpoint."""
-    return {
-        name: store.put((model_dir / name).read_bytes())
-        for name in MODEL_FILES
-        if (model_dir / name).is_file()
-    }
+def read_model_files(model_dir: Path | CheckpointDir) -> dict[str, bytes]:
+    """The model's small files (config, tokenizer), read when the runtime is loaded.
+
+    A snapshot stores these bytes, not what the checkpoint holds by then: it copies what the
+    runtime was loaded from, and a file turned into a symlink out of the model roots later
+    is never read (issue 12). They are read through CheckpointDir's checks like every
+    checkpoint file."""
+    ckpt = as_checkpoint(model_dir)
+    return {name: ckpt.read_bytes(name) for name in MODEL_FILES if ckpt.exists(name)}
+
+
+def store_model_files(files: Mapping[str, bytes], store: ChunkStore) -> dict[str, ChunkRef]:
+    """Put the small files into the store, so a restore needs no source checkpoint."""
+    return {name: store.put(data) for name, data in files.items()}
 
 
 def materialize_files(manifest: SnapshotManifest, store: ChunkStore, out_dir: Path) -> Path:
     """Write the snapshot's model files into `out_dir` (verified) and return it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(out_dir)
     for name, ref in manifest.files.items():
-        (out_dir / name).write_bytes(store.read(ref))
+        if name not in MODEL_FILES:  # a manifest names files; never a path out of out_dir
+            raise DataLoss(f"snapshot manifest names an unexpected file {name!r}")
+        fd = os.open(out_dir / name, _PRIVATE_WRITE, private.PRIVATE_FILE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(store.read(ref))
     return out_dir
+
+
+# Write a restored model file anew, never through a symlink left in the scratch directory.
+_PRIVATE_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SnapshotFiller(WeightFiller):

@@ -37,7 +37,7 @@ class Arena(_message.Message):
     def __init__(self, name: _Optional[str] = ..., base_address: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerLoadRequest(_message.Message):
-    __slots__ = ("model", "model_dir", "dtype", "max_batch", "max_seq_len", "device", "snapshot_id", "options")
+    __slots__ = ("model", "model_dir", "dtype", "max_batch", "max_seq_len", "device", "snapshot_id", "options", "model_roots")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class WorkerLoadRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROOTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_dir: str
     dtype: _common_pb2.Dtype
@@ -61,7 +62,8 @@ class WorkerLoadRequest(_message.Message):
     device: str
     snapshot_id: str
     options: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., device: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    model_roots: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., device: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., model_roots: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadTimings(_message.Message):
     __slots__ = ("context", "weights", "graphs", "warmup", "total")
