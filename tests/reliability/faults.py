@@ -368,6 +368,11 @@ def run_trial(
     assert outcome.code != grpc.StatusCode.DEADLINE_EXCEEDED, (
         f"{phase}/{victim}: the call hung until its deadline ({outcome.detail})"
     )
+    # ... and in success or a designed error (UNAVAILABLE for a dead worker or torpord), never
+    # an INTERNAL or UNKNOWN that hides what happened.
+    assert outcome.code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+        f"{phase}/{victim}: the call ended {outcome.code}: {outcome.detail}"
+    )
     if not in_flight and outcome.code is None and phase != "keeper_fill":
         # The call finished before the kill: its duration is a truer window.
         h.windows[phase] = max(outcome.elapsed, 0.005)
