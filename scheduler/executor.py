@@ -226,7 +226,7 @@ class Executor:
             request.snapshot_id = await self.snapshots.manifest_for(action.model)
         else:
             request.model_dir = str(source.source)
-        done = await self._transfer(worker, worker.stub.Load(request), action, loading=True)
+        done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
@@ -241,8 +241,8 @@ class Executor:
     async def _resume(self, action: Resume) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        call = worker.stub.Resume(worker_pb2.WorkerResumeRequest())
-        done = await self._transfer(worker, call, action, loading=False)
+        request = worker_pb2.WorkerResumeRequest()
+        done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
         moved = 0 if done is None else done.bytes
         seconds = time.perf_counter() - start
         self.restores[action.runtime_id] = seconds
@@ -258,16 +258,16 @@ class Executor:
 
     async def _suspend_to_host(self, worker: WorkerProcess) -> None:
         request = worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST)
-        await self._call(worker, worker.stub.Suspend(request), "suspend to host")
+        await self._call(worker, worker.stub.Suspend, request, "suspend to host")
 
     async def _transfer(
-        self, worker: WorkerProcess, call: Any, action: Load | Resume, loading: bool
+        self, worker: WorkerProcess, method: Any, request: Any, action: Load | Resume, loading: bool
     ) -> Any:
         """Follow a Load or Resume stream: pass its progress on to the waiting clients and
         return its final `done` message (None if it sent none)."""
         done = None
-        what = "load" if loading else "resume"
-        async for event in self._stream(worker, call, f"{what} from {_tier_name(action.source)}"):
+        what = f"{'load' if loading else 'resume'} from {_tier_name(action.source)}"
+        async for event in self._stream(worker, method, request, what):
             if event.HasField("progress"):
                 p = event.progress
                 self.progress(action.model, action.source, p.bytes_done, p.bytes_total, loading)
@@ -280,17 +280,17 @@ class Executor:
         start = time.perf_counter()
         if action.write_snapshot:
             done = None
-            call = worker.stub.Snapshot(worker_pb2.WorkerSnapshotRequest())
-            async for event in self._stream(worker, call, "snapshot write"):
+            request = worker_pb2.WorkerSnapshotRequest()
+            async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
                 if event.HasField("done"):
                     done = event.done
             assert done is not None
             await self.snapshots.record(action.model, done.manifest_hash)
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
-        request = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
+        suspend = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
         what = f"suspend to {_tier_name(action.level)}"
-        reply = await self._call(worker, worker.stub.Suspend(request), what)
+        reply = await self._call(worker, worker.stub.Suspend, suspend, what)
         if self.metrics is not None:
             self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
         return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))
@@ -372,11 +372,13 @@ class Executor:
             worker.signal(signal.SIGKILL)
             log.error("worker_not_reaped", pid=worker.pid, waited_s=3 * grace + REAP_MARGIN_S)
 
-    async def _call(self, worker: WorkerProcess, call: Any, what: str) -> Any:
-        return await worker_calls.unary(worker, call, self.defaults.transition_timeout_s, what)
+    async def _call(self, worker: WorkerProcess, method: Any, request: Any, what: str) -> Any:
+        timeout = self.defaults.transition_timeout_s
+        return await worker_calls.unary(worker, method, request, timeout, what)
 
-    def _stream(self, worker: WorkerProcess, call: Any, what: str) -> Any:
-        return worker_calls.stream(worker, call, self.defaults.transition_timeout_s, what)
+    def _stream(self, worker: WorkerProcess, method: Any, request: Any, what: str) -> Any:
+        timeout = self.defaults.transition_timeout_s
+        return worker_calls.stream(worker, method, request, timeout, what)
 
     async def drain(self, grace_s: float) -> None:
         if self._tasks:

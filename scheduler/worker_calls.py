@@ -14,7 +14,7 @@ so a long load that keeps reporting is never cut short.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -35,13 +35,26 @@ class Watched(Protocol):
     returncode: int | None
 
 
-async def unary(worker: Watched, call: Awaitable[T], timeout_s: float, what: str) -> T:
+async def unary(
+    worker: Watched,
+    method: Callable[[Any], Awaitable[T]],
+    request: Any,
+    timeout_s: float,
+    what: str,
+) -> T:
     """The reply of a unary worker call, or the typed error of its failure."""
-    return await _first(worker, call, timeout_s, what)
+    if worker.exited.is_set():  # its channel is closed: a call would not even start
+        raise died(worker, what)
+    return await _first(worker, method(request), timeout_s, what)
 
 
-async def stream(worker: Watched, call: Any, timeout_s: float, what: str) -> AsyncIterator[Any]:
+async def stream(
+    worker: Watched, method: Callable[[Any], Any], request: Any, timeout_s: float, what: str
+) -> AsyncIterator[Any]:
     """The messages of a streaming worker call; each must come within `timeout_s`."""
+    if worker.exited.is_set():
+        raise died(worker, what)
+    call = method(request)
     messages = aiter(call)
     try:
         while True:

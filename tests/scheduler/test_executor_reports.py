@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ class StandInWorker:
     def __init__(self, **methods: Callable[..., Any]) -> None:
         self.runtime_id = RID
         self.pid = 4242
+        self.spec = SimpleNamespace(model="m")
         self.returncode: int | None = None
         self.stub = type("Stub", (), {k: staticmethod(v) for k, v in methods.items()})()
         self.stopped = 0
@@ -151,6 +153,33 @@ def test_stand_in_worker_whose_channel_closes_mid_suspend_is_reported_failed() -
     asyncio.run(run(ex, Suspend(RID, "m", 3, Tier.HOST, write_snapshot=False)))
     assert [type(r) for r in reports] == [TransitionFailed]
     assert worker.stopped == 1  # killed before the report: FAILED holds no bytes
+
+
+def test_stand_in_worker_that_exits_while_its_call_hangs_is_reported_once() -> None:
+    """The worker exits but grpc says nothing about the call (no status, no cancel): the
+    exit alone ends the transition, at once rather than at the time limit, and the exit is
+    not also reported as a WorkerDied (the transition's report covers it)."""
+    started = asyncio.Event()
+
+    async def forever(*_: Any, **__: Any) -> Any:
+        started.set()
+        await asyncio.Event().wait()
+
+    worker = StandInWorker(Suspend=forever)
+    ex, reports = executor(worker, timeout_s=30)
+
+    async def scenario() -> Any:
+        ex.start(Suspend(RID, "m", 4, Tier.HOST, write_snapshot=False))
+        await started.wait()
+        worker.returncode = -9
+        worker.exited.set()
+        died = ex.on_worker_exit(worker)  # type: ignore[arg-type]
+        await asyncio.wait_for(asyncio.gather(*ex._tasks), 5)
+        return died
+
+    assert asyncio.run(scenario()) is None
+    assert [type(r) for r in reports] == [TransitionFailed]
+    assert reports[0].error.reason == "WORKER_DIED" and "exit status -9" in str(reports[0].error)
 
 
 def test_a_cancelled_transition_task_reports_and_stays_cancelled() -> None:
