@@ -162,18 +162,67 @@ def quietly(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-@pytest.mark.parametrize("rounds", [2])
-def test_a_worker_killed_while_suspending_to_disk_never_wedges_its_model(
-    torpord: Torpord, rounds: int
+COPIES = 6
+"""Models (copies of alpha) whose workers are killed at once: each kill races grpc's view of
+the closed socket against the supervisor closing the channel, and main wedged in about 1
+trial in 5 of this kind (4 in 10 in the issue's runs), so six make one round fail on main
+nearly always."""
+
+
+@pytest.fixture
+def crowded(tmp_path: Path, model_root: Path) -> Iterator[Torpord]:
+    """torpord with COPIES models that all fit on its device at once."""
+    memory = int((COPIES + 0.5) * footprint_bytes(model_root))
+    daemon = start_torpord(tmp_path / "state", model_root, memory=memory)
+    for i in range(COPIES):
+        daemon.register(f"alpha-{i}", model_root / "alpha")
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def states(torpord: Torpord) -> dict[str, int]:
+    return {r.model: r.state for r in torpord.residency().runtimes}
+
+
+def test_workers_killed_while_suspending_to_disk_never_wedge_their_models(
+    crowded: Torpord,
 ) -> None:
     """Issue 12: kill -9 during a suspend to disk hung about 4 runs in 10 (`ps`: suspending,
-    PID -). The eviction must end, the runtime come to rest, and the model serve again."""
-    first = tokens(generate(torpord, "alpha"))
-    for _ in range(rounds):
-        evicting = quietly(lambda: evict(torpord, "alpha", common_pb2.TIER_DISK))
-        kill_mid_transition(torpord, "alpha", evicting, common_pb2.RUNTIME_STATE_SUSPENDING)
-        assert settled(torpord, "alpha") == common_pb2.RUNTIME_STATE_FAILED
-        assert tokens(generate(torpord, "alpha", timeout=60)) == first
+    PID -). Every eviction must end, every runtime come to rest, and the models serve again."""
+    names = [f"alpha-{i}" for i in range(COPIES)]
+    with ThreadPoolExecutor(COPIES) as pool:
+        first = list(pool.map(lambda m: tokens(generate(crowded, m, timeout=120)), names))
+    pids = [worker_pid(crowded, m) for m in names]
+    assert all(pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(COPIES) as pool:
+            evictions = [
+                pool.submit(quietly(lambda m=m: evict(crowded, m, common_pb2.TIER_DISK)))
+                for m in names
+            ]
+            suspending = common_pb2.RUNTIME_STATE_SUSPENDING
+            assert_eventually(
+                lambda: states(crowded),
+                lambda now: all(now[m] == suspending for m in names),
+                timeout=60,
+            )
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            for eviction in evictions:
+                eviction.result(timeout=90)  # TimeoutError: a transition wedged
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    rest = assert_eventually(
+        lambda: states(crowded),
+        lambda now: not any(now[m] in TRANSITIONAL for m in names),
+        timeout=30,
+    )
+    assert {rest[m] for m in names} == {common_pb2.RUNTIME_STATE_FAILED}
+    assert tokens(generate(crowded, names[0], timeout=120)) == first[0]
 
 
 def test_a_worker_killed_while_resuming_from_disk_never_wedges_its_model(
