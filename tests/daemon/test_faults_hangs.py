@@ -23,7 +23,7 @@ from tests.daemon.conftest import (
 )
 from tests.helpers import assert_eventually
 from torpor.errors import Unavailable
-from torpor.v1 import admin_pb2, common_pb2
+from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2
 
 T = TypeVar("T")
 
@@ -41,8 +41,6 @@ def tokens(chunks: list[common_pb2.GenerateChunk]) -> list[int]:
 
 def generate(torpord: Torpord, model: str, timeout: float = 60) -> list[common_pb2.GenerateChunk]:
     """A greedy generate that fails (DEADLINE_EXCEEDED) instead of hanging the test."""
-    from tests.daemon.conftest import scheduler_pb2
-
     request = scheduler_pb2.GenerateRequest(
         model=model,
         prompt_token_ids=common_pb2.TokenIds(ids=PROMPT),
