@@ -11,6 +11,10 @@ PIP := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STATE_DIR ?= .state
+# `make run`'s runtime directory (its socket, its workers' and keepers' sockets, the instance
+# lock): inside the checkout, so that it never touches the /run/torpor of a torpord that
+# systemd runs on the same host (issue 12).
+RUN_DIR ?= $(STATE_DIR)/run
 PYTEST_ARGS ?=
 
 .PHONY: install run test test-gpu lint proto proto-check bench-gpu linktree clean
@@ -34,7 +38,8 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 run: install
-	$(VENV)/bin/torpord --state-dir $(STATE_DIR) --demo
+	@echo "[run] socket $(abspath $(RUN_DIR))/torpord.sock; in another terminal: export TORPOR_SOCKET=$(abspath $(RUN_DIR))/torpord.sock"
+	TORPOR_DAEMON_RUNTIME_DIR=$(RUN_DIR) $(VENV)/bin/torpord --state-dir $(STATE_DIR) --socket $(RUN_DIR)/torpord.sock --demo
 
 # The store's tests run against SQLite and a throwaway PostgreSQL server, which this script
 # installs (if missing), starts on loopback, and stops again.

@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from torpor import __version__
-from torpor.errors import FailedPrecondition, Unavailable
+from torpor.errors import FailedPrecondition, NotFound, Unavailable
 from torpor.rpc_status import aio_servicer_errors as aio_errors
-from torpor.scheduler import convert, events
+from torpor.scheduler import convert, events, validate
 from torpor.scheduler.core import (
     DrainRequested,
     DrainStarted,
     EvictFinished,
+    EvictMode,
     EvictRequested,
     PinChanged,
     RuntimeState,
@@ -60,13 +61,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @aio_errors
     async def Evict(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        validate.required(request.model, "model")
         to_tier = convert.tier(request.to_tier, _EVICT_TIERS, "to_tier")
-        timeout = (
-            request.drain_timeout.ToNanoseconds() / 1e9
-            if request.HasField("drain_timeout")
-            else None
-        )
+        mode, timeout = _drain_options(request)
         ctl = self.d.controller
+        model = validate.known_model(ctl.state.models, request.model)
+        if request.runtime_id and request.runtime_id != model.runtime_id:
+            raise NotFound(
+                f"model {request.model!r} has no runtime {request.runtime_id!r}",
+                reason="RUNTIME_NOT_FOUND",
+                metadata={"model": request.model, "runtime_id": request.runtime_id},
+            )
         request_id = ctl.new_id("evict")
         ticket = ctl.open(request_id, request.model, progress=False)
         start = time.perf_counter()
@@ -75,11 +80,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 ctl.state.runtime_of(request.model) if request.model in ctl.state.models else None
             )
             before = ctl.state.held(runtime).gpu_bytes if runtime is not None else 0
-            ctl.submit(
-                EvictRequested(
-                    request_id, request.model, to_tier, convert.evict_mode(request.mode), timeout
-                )
-            )
+            ctl.submit(EvictRequested(request_id, request.model, to_tier, mode, timeout))
             if runtime is not None and (ctl.state.leases_on(runtime.id) or runtime.inflight):
                 yield admin_pb2.EvictResponse(
                     runtime_id=runtime.id, draining=ctl.state.leases_on(runtime.id)
@@ -118,6 +119,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @aio_errors
     async def SetPinned(self, request: Any, context: Any) -> Any:
+        validate.required(request.model, "model")
         self.d.controller.submit(PinChanged(request.model, request.pinned))
         self.d.registered[request.model] = await asyncio.to_thread(
             self.d.catalog.set_model_pinned, request.model, request.pinned
@@ -127,17 +129,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @aio_errors
     async def Explain(self, request: Any, context: Any) -> Any:
+        validate.required(request.model, "model")
+        validate.priority(request.priority)
         return convert.explain(self.d.controller.explain(request.model, request.priority))
 
     @aio_errors
     async def WatchEvents(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        descriptor = admin_pb2.EventKind.DESCRIPTOR
         kinds = frozenset(
-            admin_pb2.EventKind.Name(k).removeprefix("EVENT_KIND_").lower() for k in request.kinds
+            descriptor.values_by_number[validate.enum(k, descriptor, "kinds")]
+            .name.removeprefix("EVENT_KIND_")
+            .lower()
+            for k in request.kinds
+            if k != admin_pb2.EVENT_KIND_UNSPECIFIED  # ignored in a filter, as documented
         )
         flt = events.Filter(kinds, request.model, request.gpu if request.HasField("gpu") else None)
-        after = request.after_id
+        after = validate.event_id(request.after_id)
         if request.WhichOneof("start") == "since":
-            after = await asyncio.to_thread(self.d.first_event_id_since, request.since.ToDatetime())
+            since = validate.timestamp(request.since, "since")
+            after = await asyncio.to_thread(self.d.first_event_id_since, since)
         elif request.WhichOneof("start") is None and request.follow:
             after = await asyncio.to_thread(self.d.last_event_id)  # live only
         async for event in self.d.events.watch(flt, after, request.follow):
@@ -153,6 +163,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @aio_errors
     async def DeleteSnapshot(self, request: Any, context: Any) -> Any:
+        validate.required(request.snapshot_id, "snapshot_id", "SNAPSHOT_REQUIRED")
         info = await asyncio.to_thread(self.d.snapshots.get, request.snapshot_id)
         if (
             self.d.recorder.latest.get(info.model) == info.id
@@ -179,11 +190,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @aio_errors
     async def Drain(self, request: Any, context: Any) -> Any:
         to_tier = convert.tier(request.to_tier or int(Tier.HOST), _EVICT_TIERS, "to_tier")
-        timeout = (
-            request.drain_timeout.ToNanoseconds() / 1e9
-            if request.HasField("drain_timeout")
-            else None
-        )
+        mode, timeout = _drain_options(request)
         ctl = self.d.controller
         request_id = ctl.new_id("drain")
         ticket = ctl.open(request_id, "", progress=False)
@@ -193,7 +200,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     request_id,
                     request.gpu,
                     to_tier,
-                    convert.evict_mode(request.mode),
+                    mode,
                     timeout,
                     undrain=request.undrain,
                 )
@@ -231,6 +238,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             workers=workers,
             hostname=self.d.recorder.host,
         )
+
+
+def _drain_options(request: Any) -> tuple[EvictMode, float | None]:
+    """The mode and drain timeout of an Evict or Drain request, checked."""
+    mode = validate.enum(request.mode, admin_pb2.EvictMode.DESCRIPTOR, "mode")
+    timeout = None
+    if request.HasField("drain_timeout"):
+        timeout = validate.duration(
+            request.drain_timeout, "drain_timeout", validate.DRAIN_TIMEOUT_S
+        )
+    return convert.evict_mode(mode), timeout
 
 
 _WITH_WORKER = {

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from torpor.errors import InvalidArgument, NotFound, TorporError, Unavailable
+from torpor.errors import NotFound, TorporError, Unavailable
 from torpor.log import bind
 from torpor.rpc_status import aio_servicer_errors as aio_errors
 from torpor.rpc_status import from_rpc_error
-from torpor.scheduler import convert
+from torpor.scheduler import convert, validate
 from torpor.scheduler.controller import Evicting, Progress, Queued, Ticket
 from torpor.scheduler.core import (
     AcquireRequested,
@@ -50,16 +50,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def RegisterModel(self, request: Any, context: Any) -> Any:
+        validate.model_spec(request.spec)
         model = await self.d.register(request.spec)
         return scheduler_pb2.RegisterModelResponse(model=model)
 
     @aio_errors
     async def UnregisterModel(self, request: Any, context: Any) -> Any:
+        validate.required(request.name, "name")
         await self.d.unregister(request.name, request.delete_snapshots)
         return scheduler_pb2.UnregisterModelResponse()
 
     @aio_errors
     async def GetModel(self, request: Any, context: Any) -> Any:
+        validate.required(request.name, "name")
         return scheduler_pb2.GetModelResponse(model=await self.d.model_message(request.name))
 
     @aio_errors
@@ -75,10 +78,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Acquire(self, request: Any, context: Any) -> AsyncIterator[Any]:
         ctl = self.d.controller
         request_id = ctl.new_id("acq")
+        event = self._acquire_event(request, request_id, context)  # checked before it queues
         ticket = ctl.open(request_id, request.model)
         try:
             with bind(model=request.model, request=request_id):
-                ctl.submit(self._acquire_event(request, request_id, context))
+                ctl.submit(event)
                 grant = None
                 async for update in self._until_granted(ticket):
                     if isinstance(update, Grant):
@@ -95,22 +99,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self._client_gone(request_id)  # its lease (or its place in the queue) ends
 
     def _acquire_event(self, request: Any, request_id: str, context: Any) -> AcquireRequested:
+        validate.required(request.model, "model")
+        validate.priority(request.priority)
         deadline = None
         if request.HasField("deadline"):
-            deadline = self.d.clocks.monotonic(request.deadline.ToNanoseconds() / 1e9)
+            deadline = self.d.clocks.monotonic(validate.timestamp_s(request.deadline, "deadline"))
+        ttl = None
+        if request.HasField("lease_ttl"):
+            ttl = validate.duration(
+                request.lease_ttl, "lease_ttl", validate.LEASE_TTL_S, "BAD_LEASE_TTL"
+            )
         remaining = context.time_remaining()
         if remaining is not None:
             call_deadline = self.d.controller.clock() + remaining
             deadline = call_deadline if deadline is None else min(deadline, call_deadline)
-        ttl = request.lease_ttl.ToNanoseconds() / 1e9 if request.HasField("lease_ttl") else None
-        if ttl is not None and not 1 <= ttl <= 3600:
-            raise InvalidArgument(
-                f"lease_ttl={ttl:g} s is out of range [1, 3600]", reason="BAD_LEASE_TTL"
-            )
-        if not -100 <= request.priority <= 100:
-            raise InvalidArgument(
-                f"priority={request.priority} is out of range [-100, 100]", reason="BAD_PRIORITY"
-            )
         return AcquireRequested(
             request_id,
             request.model,
@@ -170,7 +172,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def Renew(self, request: Any, context: Any) -> Any:
-        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+        validate.required(request.lease_id, "lease_id", "LEASE_REQUIRED")
+        ttl = None
+        if request.HasField("ttl"):
+            ttl = validate.duration(request.ttl, "ttl", validate.LEASE_TTL_S, "BAD_LEASE_TTL")
         plan = self.d.controller.submit(RenewRequested(request.lease_id, ttl))
         renewed = next(a for a in plan.actions if isinstance(a, Renewed))
         return scheduler_pb2.RenewResponse(
@@ -179,6 +184,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def Release(self, request: Any, context: Any) -> Any:
+        validate.required(request.lease_id, "lease_id", "LEASE_REQUIRED")
         self.d.controller.submit(LeaseReleased(request.lease_id))
         return scheduler_pb2.ReleaseResponse()
 
@@ -187,11 +193,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @aio_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         start = self.d.controller.clock()
-        target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidArgument("Generate needs a model or a lease_id", reason="NO_TARGET")
-        if request.WhichOneof("prompt") is None:
-            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        target = validate.generate_request(request)  # before it queues, evicts or loads
+        model = self._lease(request.lease_id).model if target == "lease_id" else request.model
+        limits = self.d.limits.get(model)
+        if limits is not None:  # an unknown model is the core's NOT_FOUND
+            validate.for_model(request, limits)
         if target == "lease_id":
             grant, ticket = self._lease(request.lease_id), None
         else:
@@ -301,8 +307,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def Prefetch(self, request: Any, context: Any) -> Any:
-        tier = convert.tier(request.tier, (Tier.GPU, Tier.HOST), "Prefetch tier")
         ctl = self.d.controller
+        validate.known_model(ctl.state.models, request.model)
+        tier = convert.tier(request.tier, (Tier.GPU, Tier.HOST), "Prefetch tier")
         request_id = ctl.new_id("pre")
         ticket = ctl.open(request_id, request.model, progress=False)
         try:

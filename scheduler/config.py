@@ -34,6 +34,7 @@ from torpor.scheduler.config_rules import (
     _half_host_memory,
     _invalid,
     _key,
+    is_loopback,
 )
 from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 
@@ -85,7 +86,23 @@ class DaemonSection(_Section):
     socket_mode: int = _key(0o660, kind="mode", lo=0, hi=0o777)
     """Permission bits of the socket: 0660 lets the socket's group (the operators) in."""
     listen: str = _key("", kind="hostport")
-    """Also serve on TCP at HOST:PORT (no TLS, no authentication); "" serves no TCP."""
+    """Also serve on TCP at HOST:PORT; "" serves no TCP. Every TCP call needs a bearer token
+    from tokens_file (unless tcp_auth is off on loopback), and an address that is not
+    loopback also needs tls_cert and tls_key."""
+    tcp_auth: bool = _key(True, kind="bool")
+    """Check bearer tokens on TCP. false is INSECURE: anyone who can reach a loopback listen
+    (any local user or container sharing the host network) may call every RPC, Admin
+    included; it is refused for an address that is not loopback."""
+    tokens_file: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
+    """Hashed bearer tokens for TCP, one `SCOPE sha256:HEX [NAME]` per line (scope admin or
+    client); `torpor token new` prints a token and its line. Read once at start."""
+    tls_cert: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
+    """PEM certificate chain that TCP serves with TLS; "" serves plaintext (loopback only)."""
+    tls_key: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
+    """PEM private key of tls_cert (readable by torpord only)."""
+    tls_client_ca: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
+    """PEM CA bundle: when set, TCP clients must also present a certificate it signed
+    (mutual TLS), besides their token."""
     metrics_port: int = _key(9464, kind="int", lo=0, hi=65535)
     """Prometheus /metrics on 127.0.0.1 at this port; 0 disables the endpoint."""
     log_level: str = _key("info", kind="choice", choices=("debug", "info", "warning", "error"))
@@ -107,6 +124,34 @@ class DaemonSection(_Section):
     def _check(self) -> None:
         if len(os.fsencode(self.socket)) > _SUN_PATH_MAX:
             raise _invalid("daemon.socket", str(self.socket), "a path of at most 107 bytes")
+        self._check_tcp()
+
+    def _check_tcp(self) -> None:
+        """TCP has no file mode to guard it, so it is served only with what authenticates a
+        caller (issue 12): tokens always, unless tcp_auth is off on loopback; TLS off it."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("tls_cert", "tls_key")
+            if self.tls_cert is None:
+                given, missing = missing, given
+            raise _invalid(f"daemon.{missing}", "", f"set together with daemon.{given}")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            rule = "set only with daemon.tls_cert and daemon.tls_key"
+            raise _invalid("daemon.tls_client_ca", str(self.tls_client_ca), rule)
+        if not self.listen:
+            return
+        remote = f"when daemon.listen ({self.listen}) is not loopback"
+        if not is_loopback(self.listen):
+            if not self.tcp_auth:
+                raise _invalid("daemon.tcp_auth", False, f"true {remote}")
+            if self.tls_cert is None:
+                rule = f"a PEM certificate, with daemon.tls_key, {remote}"
+                raise _invalid("daemon.tls_cert", "", rule)
+        if self.tcp_auth and self.tokens_file is None:
+            rule = (
+                f"a tokens file when daemon.listen is set ({self.listen}); on loopback, "
+                "daemon.tcp_auth = false serves TCP without tokens (insecure)"
+            )
+            raise _invalid("daemon.tokens_file", "", rule)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +184,9 @@ class StoreSection(_Section):
     recently used snapshots are deleted to stay within it."""
     max_chunk_size: int = _key(64 * MiB, kind="size", lo=MiB, hi=2 * GiB)
     """Largest chunk file, in bytes; bounds the pager's staging buffers."""
+    sweep_interval_s: float = _key(300.0, kind="float", lo=0, hi=86400)
+    """Seconds between sweeps of temp and orphan chunk files left by failed or killed
+    snapshot writes, while torpord runs; 0 sweeps only after a failed write."""
     busy_timeout_s: float = _key(30.0, kind="float", lo=0, hi=3600)
     """SQLite: how long a writer waits for another writer's lock."""
     pool_size: int = _key(5, kind="int", lo=1, hi=64)
@@ -289,6 +337,8 @@ class DaemonConfig:
 
 
 def _plain(value: object) -> object:
+    if value is None:
+        return ""  # an unset optional path: TOML has no null
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     return str(value) if isinstance(value, Path) else value

@@ -37,7 +37,7 @@ def _half_host_memory() -> int:
 class Rule:
     """How one key is parsed and bounded. `text` is the rule as errors and docs print it."""
 
-    kind: str  # int float size bool choice path exe mode hostport url
+    kind: str  # int float size bool choice path optpath exe mode hostport url
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
@@ -57,6 +57,7 @@ class Rule:
             "bool": "true or false",
             "choice": "one of " + ", ".join(self.choices),
             "path": "a path",
+            "optpath": 'a path, or "" for none',
             "exe": "the path of an executable file",
             "mode": 'a permission mode in 0o000..0o777 (TOML 0o660, or the string "0660")',
             "hostport": 'HOST:PORT with a port in 1..65535 (IPv6 as [::1]:PORT), or ""',
@@ -109,6 +110,10 @@ class Rule:
                 parsed = v.strip().lower()
             case "path" | "exe", str() | Path() if str(v).strip():
                 parsed = Path(str(v).strip()).expanduser().absolute()
+            case "optpath", None:
+                parsed = None
+            case "optpath", str() | Path():
+                parsed = Path(str(v).strip()).expanduser().absolute() if str(v).strip() else None
             case "mode", int():
                 parsed = v
             case "mode", str():
@@ -141,6 +146,18 @@ def _hostport(text: str) -> str:
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError
     return f"{host}:{int(port)}"
+
+
+def is_loopback(hostport: str) -> bool:
+    """Whether a `hostport` value (already parsed) names only this host's loopback interface:
+    127.0.0.0/8, [::1] or localhost. 0.0.0.0, [::] and every other name reach the network."""
+    host = hostport.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _key(default: object, **rule: Any) -> Any:

@@ -113,8 +113,24 @@ def tier(value: int, allowed: tuple[Tier, ...], what: str) -> Tier:
     return parsed
 
 
+_EVICT_MODES = {
+    admin_pb2.EVICT_MODE_UNSPECIFIED: EvictMode.DRAIN,  # documented default
+    admin_pb2.EVICT_MODE_DRAIN: EvictMode.DRAIN,
+    admin_pb2.EVICT_MODE_ABORT: EvictMode.ABORT,
+}
+
+
 def evict_mode(value: int) -> EvictMode:
-    return EvictMode.ABORT if value == admin_pb2.EVICT_MODE_ABORT else EvictMode.DRAIN
+    """The core's mode for a proto EvictMode; an undefined number is INVALID_ARGUMENT, never
+    a silent DRAIN."""
+    mode = _EVICT_MODES.get(value)  # type: ignore[call-overload]
+    if mode is None:
+        raise InvalidArgument(
+            f"mode={value} is invalid: must be EVICT_MODE_DRAIN or EVICT_MODE_ABORT",
+            reason="BAD_ENUM",
+            metadata={"field": "mode", "value": value},
+        )
+    return mode
 
 
 def victim(v: VictimChoice) -> common_pb2.Victim:

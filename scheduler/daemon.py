@@ -4,12 +4,14 @@
             [--metrics-port N] [--backend auto|cuda|cpu] [--cpu-devices N]
             [--cpu-device-memory SIZE] [--demo]
 
-Start-up: config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
+Start-up: an exclusive lock on the state and the runtime directory (scheduler/instance.py: a
+second torpord on either is refused, naming the running one's pid, before it touches
+anything), config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
 policy state with the registered models (a model with a snapshot restores from it), workers
 and keepers left by an earlier torpord stopped, then the gRPC services on the Unix socket
 (and TCP if asked), metrics, and READY=1 to systemd. Each GPU's keeper starts with its first
 worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight calls up to the
-drain timeout, stop the workers, then the keepers, exit 0.
+drain timeout, stop the workers, then the keepers, release the locks, exit 0.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from torpor import log
-from torpor.errors import FailedPrecondition, InvalidArgument, NotFound, TorporError
-from torpor.scheduler import convert, footprint, notify
+from torpor.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TorporError,
+)
+from torpor.scheduler import convert, footprint, notify, validate
 from torpor.scheduler.config import (
     DaemonConfig,
     default_config_path,
@@ -47,13 +55,19 @@ from torpor.scheduler.core import (
 )
 from torpor.scheduler.core import ModelSpec as CoreSpec
 from torpor.scheduler.events import EventLog
-from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
+from torpor.scheduler.executor import (
+    Executor,
+    ModelSource,
+    WorkerDefaults,
+    check_worker_sockets_fit,
+)
+from torpor.scheduler.instance import InstanceLock, lock_directories
 from torpor.scheduler.inventory import from_config
 from torpor.scheduler.keepers import KEEPER_CONTEXT, Keepers
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
-from torpor.scheduler.server import Server
+from torpor.scheduler.server import Server, check_socket_path
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name
@@ -76,8 +90,11 @@ class Daemon:
         self.metrics = Metrics()
         self.sources: dict[str, ModelSource] = {}
         self.registered: dict[str, RegisteredModel] = {}
+        self._forgetting: dict[str, asyncio.Event] = {}  # unregistered, worker still stopping
+        self.limits: dict[str, validate.ModelLimits] = {}  # what the API edge checks against
         self._stopping = asyncio.Event()
         self._started = False
+        self._locks: list[InstanceLock] = []
 
     # -- start ---------------------------------------------------------------------------
 
@@ -86,6 +103,17 @@ class Daemon:
             raise RuntimeError("Daemon.start() called twice")
         self._started = True
         cfg = self.config
+        # First of all: a second torpord on our directories would stop our workers, take our
+        # sockets and serve our catalog. Refused here, it has touched nothing.
+        self._locks = await asyncio.to_thread(
+            lock_directories,
+            (Path(cfg.daemon.state_dir), "state directory"),
+            (Path(cfg.daemon.runtime_dir), "runtime directory"),
+        )
+        # A file, or another server's live socket, at our socket path: refused before anything
+        # moves (Server.start replaces only a stale socket).
+        await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
+        check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
         for directory in (cfg.daemon.state_dir, cfg.daemon.runtime_dir, cfg.store.snapshot_dir):
             await asyncio.to_thread(Path(directory).mkdir, parents=True, exist_ok=True)
         self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
@@ -95,7 +123,11 @@ class Daemon:
         self.inventory = from_config(cfg.backend)
         self.cuda = self.inventory.backend == "cuda"
         self.recorder = Recorder(
-            self.catalog, self.snapshots, lambda: self.controller.state.costs, self._costs
+            self.catalog,
+            self.snapshots,
+            lambda: self.controller.state.costs,
+            self._costs,
+            self.metrics,
         )
         state = await asyncio.to_thread(self._initial_state)
         self.keepers = Keepers(
@@ -121,11 +153,15 @@ class Daemon:
             self.metrics,
         )
         self.controller = Controller(state, self.executor, on_plan=self._on_plan)
-        self.events = EventLog(self.catalog)
+        self.events = EventLog(self.catalog, self.metrics)
         self.events.start()
         self.recorder.on_recorded = lambda info: self.events.append(
             "snapshot_created", model=info.model, snapshot=info.id, bytes=info.total_bytes
         )
+        self.recorder.on_write_failed = lambda model, runtime, error: self.events.append(
+            "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
+        )
+        self.recorder.start_sweeping(cfg.store.sweep_interval_s)
         await self._stop_leftover_workers()
         await self._load_models()
         if self.demo:
@@ -255,9 +291,11 @@ class Daemon:
             spec.max_seq_len,
             self.cuda,
         )
+        vocab = await asyncio.to_thread(footprint.vocab_size, Path(spec.source_path))
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
         )
+        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
         core_spec = CoreSpec(
             spec.name,
             estimate,
@@ -269,6 +307,7 @@ class Daemon:
             self.controller.submit(ModelRegistered(core_spec, has_snapshot=has_snapshot))
         except BaseException:
             self.sources.pop(spec.name, None)
+            self.limits.pop(spec.name, None)
             raise
         self.registered[spec.name] = registered
 
@@ -285,11 +324,32 @@ class Daemon:
                 )
         self.controller.submit(ModelUnregistered(name))
         self.sources.pop(name, None)
+        self.limits.pop(name, None)
         self.registered.pop(name, None)
         self.recorder.latest.pop(name, None)
         await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
         await asyncio.to_thread(self.catalog.delete_model, name)
         self.events.append("model_unregistered", model=name)
+        await self._forgotten(name)
+
+    async def _forgotten(self, name: str) -> None:
+        """Wait until the core has forgotten `name`: a model with a worker is forgotten only
+        once its worker is dropped, and until then registering the name again is refused
+        (ALREADY_EXISTS), so UnregisterModel answers only then (issue 12)."""
+        if name not in self.controller.state.models:
+            return
+        gone = self._forgetting.setdefault(name, asyncio.Event())
+        limit = self.config.worker.stop_timeout_s + 30
+        try:
+            async with asyncio.timeout(limit):
+                await gone.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {name!r} is unregistered, but its worker is still being stopped after "
+                f"{limit:g} s; its name is free once it has stopped",
+                reason="WORKER_STOPPING",
+                metadata={"model": name},
+            ) from None
 
     async def model_message(self, name: str) -> common_pb2.Model:
         registered = self.registered.get(name)
@@ -332,6 +392,8 @@ class Daemon:
 
     def _on_plan(self, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
         record_plan(self, before, state, plan)
+        for name in [n for n in self._forgetting if n not in state.models]:
+            self._forgetting.pop(name).set()
 
     def tier_usage(self) -> tuple[int, int]:
         state = self.controller.state
@@ -373,6 +435,8 @@ class Daemon:
         if getattr(self, "_shut", False):
             return
         self._shut = True
+        if not self._locks:  # refused at start-up: nothing here is ours to stop
+            return
         self._stopping.set()
         notify.notify("STOPPING=1")
         grace = self.config.daemon.drain_timeout_s
@@ -380,11 +444,14 @@ class Daemon:
         await self.server.stop(grace)
         await self.executor.drain(grace)
         await self.supervisor.stop_all(self.config.worker.stop_timeout_s)
+        await self.recorder.close()
         self.controller.close_all()
         await self.events.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         await asyncio.to_thread(self.catalog.close)
+        for lock in self._locks:
+            lock.release()
         _log.info("torpord_stopped")
 
 

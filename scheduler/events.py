@@ -11,6 +11,7 @@ from typing import Any
 
 from torpor.log import get_logger
 from torpor.scheduler import convert
+from torpor.scheduler.metrics import Metrics
 from torpor.store.catalog import Catalog
 from torpor.store.records import Event, NewEvent
 from torpor.v1 import admin_pb2
@@ -47,8 +48,9 @@ class _Watcher:
 class EventLog:
     """Appends events in order and fans them out to live watchers."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, metrics: Metrics | None = None) -> None:
         self.catalog = catalog
+        self.metrics = metrics
         self._pending: asyncio.Queue[NewEvent | None] = asyncio.Queue()
         self._watchers: set[_Watcher] = set()
         self._writer: asyncio.Task[None] | None = None
@@ -98,7 +100,10 @@ class EventLog:
         try:
             events = await asyncio.to_thread(self.catalog.append_events, batch)
         except Exception as exc:  # the audit trail must not take the daemon down
+            # A full catalog disk loses these events (logged and counted), nothing else.
             log.error("event_write_failed", events=len(batch), kind=batch[0].kind, error=repr(exc))
+            if self.metrics is not None:
+                self.metrics.catalog_write_failed("events")
             return
         for event in events:
             for watcher in self._watchers:

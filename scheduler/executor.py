@@ -1,18 +1,23 @@
 """Carries out the core's transitions on worker processes, and reports how they ended.
 
 Every Load, Resume, Suspend and Drop runs as its own task and ends with exactly one
-TransitionCompleted or TransitionFailed back into the controller, however it ends: an error,
-a worker that exits or hangs (every worker call is bounded, see worker_calls.py), or the
-task's own cancellation (STYLE.md rule 15). A failed transition kills its worker first (the
-core's rule: a FAILED runtime holds no bytes), so a worker is never left half-suspended.
-A restore that fails on an unusable snapshot says so in its report, and the core plans it
-again from the next source. Progress of loads and restores is forwarded as it streams.
+TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller,
+however it ends: an error, a worker that exits or hangs (every worker call is bounded, see
+worker_calls.py), or the task's own cancellation (STYLE.md rule 15). A failed transition
+kills its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is
+never left half-suspended. The one exception is a suspend whose snapshot found no room (or
+whose record the store refused) before anything was unmapped: its worker keeps the runtime
+as it was, and TransitionRolledBack says so (issue 12). A restore that fails on an unusable
+snapshot says so in its report, and the core plans it again from the next source. Progress
+of loads and restores is forwarded as it streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +30,8 @@ from torpor.errors import (
     Cancelled,
     FailedPrecondition,
     Internal,
+    InvalidArgument,
+    ResourceExhausted,
     TorporError,
     Unavailable,
 )
@@ -40,6 +47,7 @@ from torpor.scheduler.core import (
     Tier,
     TransitionCompleted,
     TransitionFailed,
+    TransitionRolledBack,
     WorkerDied,
 )
 from torpor.scheduler.metrics import Metrics
@@ -47,6 +55,12 @@ from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
 from torpor.v1 import common_pb2, worker_pb2
 
 log = get_logger("executor")
+
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, one of them the NUL
+_EPOCH = secrets.token_hex(4)
+"""This daemon start's token in its workers' socket names. Runtime ids start again at #1 in
+every torpord, so names made from the id alone were the same for every daemon and every
+restart: one daemon's worker took another's socket path (issue 12)."""
 
 _DTYPES = {
     "float32": common_pb2.DTYPE_FLOAT32,
@@ -79,6 +93,27 @@ SNAPSHOT_UNUSABLE = frozenset(
 """Reasons of a restore's failure that condemn the snapshot, not the runtime."""
 REAP_MARGIN_S = 10.0
 """How long a killed worker may take to be reaped before the report goes out without it."""
+
+
+def worker_socket(runtime_dir: Path, runtime_id: str) -> Path:
+    """The socket of `runtime_id`'s worker: short (a Unix socket path has at most 107 bytes),
+    the start's token, then the runtime's (`<runtime_dir>/workers/1a2b3c4d-5e6f7a8b.sock`)."""
+    name = f"{_EPOCH}-{hashlib.sha1(runtime_id.encode()).hexdigest()[:8]}"
+    return runtime_dir / "workers" / f"{name}.sock"
+
+
+def check_worker_sockets_fit(runtime_dir: Path) -> None:
+    """InvalidArgument unless a worker's socket path under `runtime_dir` fits sun_path:
+    torpord checks it at start-up, or else every worker would fail to bind, one by one."""
+    longest = worker_socket(runtime_dir, "#1")
+    if len(os.fsencode(longest)) > SUN_PATH_MAX:
+        raise InvalidArgument(
+            f"daemon.runtime_dir {runtime_dir} is too long: its workers' sockets "
+            f"({longest}) would exceed the {SUN_PATH_MAX} bytes of a Unix socket path; "
+            "choose a shorter runtime directory (TORPOR_DAEMON_RUNTIME_DIR)",
+            reason="INVALID_CONFIG",
+            metadata={"field": "daemon.runtime_dir", "value": runtime_dir},
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +205,9 @@ class Executor:
         with bind(model=action.model, runtime=action.runtime_id):
             try:
                 event = await getattr(self, f"_{kind}")(action)
+            except RuntimeUnchanged as unchanged:  # issue 12: not a failure of the worker
+                self._rolled_back(action, unchanged.error)
+                return
             except BaseException as exc:  # every way out is reported: STYLE.md rule 15
                 cancelled = _cancelling()
                 await self._fail(action, kind, exc, cancelled)
@@ -199,6 +237,13 @@ class Executor:
             self.busy.discard(action.runtime_id)
             failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left)
             self._safe_report(failed)
+
+    def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
+        """The transition failed before changing anything: the worker keeps its runtime."""
+        log.warning("transition_rolled_back", action="suspend", reason=error.reason)
+        self.busy.discard(action.runtime_id)
+        self.snapshots.write_failed(action.model, action.runtime_id, error)
+        self._safe_report(TransitionRolledBack(action.runtime_id, action.seq, error))
 
     def _safe_report(self, event: Any) -> None:
         try:
@@ -279,13 +324,7 @@ class Executor:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
         if action.write_snapshot:
-            done = None
-            request = worker_pb2.WorkerSnapshotRequest()
-            async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
-                if event.HasField("done"):
-                    done = event.done
-            assert done is not None
-            await self.snapshots.record(action.model, done.manifest_hash)
+            await self._write_snapshot(action, worker)
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
         suspend = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
@@ -294,6 +333,31 @@ class Executor:
         if self.metrics is not None:
             self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
         return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))
+
+    async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> None:
+        """The worker writes the chunks, torpord records them. Nothing is unmapped yet, so a
+        store or disk without room (RESOURCE_EXHAUSTED: the worker aborted its write), or a
+        record the store refuses, leaves the runtime as it was: RuntimeUnchanged."""
+        written = False
+        try:
+            async with self.snapshots.gate.writing():  # no sweep while chunks are unrecorded
+                done = None
+                request = worker_pb2.WorkerSnapshotRequest()
+                async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
+                    if event.HasField("done"):
+                        done = event.done
+                if done is None:
+                    raise Internal("the worker's snapshot stream ended without a result")
+                written = True
+                await self.snapshots.record(action.model, done.manifest_hash)
+        except BaseException as exc:
+            # The worker refused for want of room, or torpord's record failed: the worker
+            # still holds its runtime as it was (unless it died meanwhile).
+            refused = isinstance(exc, ResourceExhausted) or written
+            if isinstance(exc, TorporError) and refused and not worker.exited.is_set():
+                raise RuntimeUnchanged(exc) from exc  # its report sweeps the leftovers
+            self.snapshots.sweep_soon()  # what the write left: removed once no write runs
+            raise
 
     async def _drop(self, action: Drop) -> TransitionCompleted:
         await self._kill(action.runtime_id)
@@ -319,12 +383,11 @@ class Executor:
 
     def _spec(self, action: Load) -> WorkerSpec:
         d = self.defaults
-        name = hashlib.sha1(action.runtime_id.encode()).hexdigest()[:16]  # socket paths are short
         return WorkerSpec(
             runtime_id=action.runtime_id,
             model=action.model,
             device=self._device(action.gpu),
-            socket=d.runtime_dir / "workers" / f"{name}.sock",
+            socket=worker_socket(d.runtime_dir, action.runtime_id),
             store=d.store,
             handle_size=d.handle_size,
             graph_pool=d.graph_pool,
@@ -383,6 +446,15 @@ class Executor:
     async def drain(self, grace_s: float) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
+
+
+class RuntimeUnchanged(Exception):
+    """A transition failed before it changed the runtime, and its worker lives (a snapshot
+    that found no room): reported as TransitionRolledBack, the worker is not stopped."""
+
+    def __init__(self, error: TorporError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _tier_name(tier: Tier) -> str:

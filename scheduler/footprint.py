@@ -113,6 +113,11 @@ def max_positions(model_dir: Path) -> int:
     return _int(_config(model_dir), "max_position_embeddings", 4096)
 
 
+def vocab_size(model_dir: Path) -> int:
+    """The model's vocab_size; 0 when config.json does not say (then the worker checks)."""
+    return _int(_config(model_dir), "vocab_size", 0)
+
+
 def _int(config: dict[str, object], key: str, default: int | None = None) -> int:
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):

@@ -24,10 +24,13 @@ from pathlib import Path
 from torpor.errors import TorporError
 from torpor.keeper import KeeperProcess, hello
 from torpor.log import get_logger
+from torpor.scheduler import procinfo
 from torpor.scheduler.supervisor import _wait_pidfd
 
 log = get_logger("keepers")
 
+KEEPER_MODULE = "torpor.worker.pager.keeper"
+"""What a keeper runs (`python -m`, torpor/keeper.py): how a leftover one is recognized."""
 KEEPER_KINDS = ("cuda",)
 """Device kinds whose workers get a keeper: only a GPU's deep suspend needs one."""
 KEEPER_CONTEXT = 576 * 1024**2
@@ -147,7 +150,8 @@ class Keepers:
         A socket in our keepers directory that answers `hello` is such a keeper (its own
         keepers are all started later): it gets SIGTERM, then SIGKILL after `grace_s`, and is
         waited for, since a keeper removes its socket path as it stops. Dead sockets are
-        removed.
+        removed. The pid it names is signalled only if /proc shows that process to be a
+        keeper on that very socket: a pid is never taken on trust (issue 12).
         """
         stopped = []
         mine = {k.pid for k in self.processes.values()}
@@ -157,6 +161,10 @@ class Keepers:
                 path.unlink(missing_ok=True)
                 continue
             if pid in mine or pid == os.getpid():
+                continue
+            why = procinfo.not_ours(pid, KEEPER_MODULE, path)
+            if why:
+                log.warning("leftover_keeper_not_ours", socket=str(path), pid=pid, why=why)
                 continue
             log.warning("leftover_keeper_stopped", socket=str(path), pid=pid)
             await _terminate(pid, grace_s)

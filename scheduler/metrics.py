@@ -47,6 +47,8 @@ EVICTION_REASONS = ("pressure", "host_budget", "disk_budget", "idle", "admin", "
 """pressure: room for another runtime on its GPU; host_budget / disk_budget: paged further
 down to keep a budget; idle: keep-alive over; admin: the Evict RPC; drain: Drain(gpu);
 shutdown: torpord stopping."""
+CATALOG_WRITES = ("bandwidth", "events")
+"""Bookkeeping writes that never fail a transition: skipped and counted (issue 12)."""
 RUNTIME_STATES = (
     "resident",
     "suspended_host",
@@ -130,6 +132,23 @@ class Metrics:
         self._crashes = self._per_model(
             "torpor_worker_crashes_total", "Worker processes that died unasked."
         )
+        self._catalog_write_failures = Counter(
+            "torpor_catalog_write_failures_total",
+            "Bookkeeping writes to the catalog that failed and were skipped (a full disk).",
+            ["what"],
+            registry=r,
+        )
+        self._snapshot_failures = Counter(
+            "torpor_snapshot_failures_total",
+            "Snapshot writes that failed with the runtime left as it was, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._store_swept = Counter(
+            "torpor_store_swept_files_total",
+            "Temp and orphan chunk files removed by the running sweep.",
+            registry=r,
+        )
         self._leases.set(0)
         # Every known label set is exported from the start, at zero, so that rate() and
         # absent-series alerts work before the first event.
@@ -147,6 +166,8 @@ class Metrics:
         for reason in EVICTION_REASONS:
             for tier in EVICTION_TIERS:
                 self._evictions.labels(reason=reason, tier=tier)
+        for what in CATALOG_WRITES:
+            self._catalog_write_failures.labels(what=what)
 
     def _histogram(self, verb: str, doc: str) -> Histogram:
         return Histogram(
@@ -225,6 +246,16 @@ class Metrics:
 
     def worker_crash(self, model: str) -> None:
         self._crashes.labels(model=model).inc()
+
+    def catalog_write_failed(self, what: str) -> None:
+        """A bookkeeping write (a bandwidth sample, events) the catalog refused."""
+        self._catalog_write_failures.labels(what=_label("what", what, CATALOG_WRITES)).inc()
+
+    def snapshot_failed(self, reason: str) -> None:
+        self._snapshot_failures.labels(reason=reason).inc()
+
+    def store_swept(self, files: int) -> None:
+        self._store_swept.inc(files)
 
     def forget_model(self, model: str) -> None:
         """Drop the series of an unregistered model."""

@@ -35,6 +35,7 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
             gpu=runtime.gpu if runtime else None,
             frm=t.frm.name.lower(),
             to=t.to.name.lower(),
+            why=t.why or None,
         )
     for action in plan.actions:
         if isinstance(action, Grant):

@@ -1,18 +1,25 @@
 """The store's side of the daemon: snapshots recorded and found again, corrupt ones
-forgotten, and transfer bandwidths measured into the catalog (the policy's restore costs)."""
+forgotten, transfer bandwidths measured into the catalog (the policy's restore costs), and
+the running sweep of what failed or killed snapshot writes leave behind.
+
+Bookkeeping writes (bandwidth samples) never fail a transition: a full catalog disk only
+costs the sample (logged and counted, issue 12).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from torpor.errors import TorporError
 from torpor.log import get_logger
 from torpor.scheduler import snapshots as snaps
 from torpor.scheduler.core import Costs, Tier
+from torpor.scheduler.metrics import Metrics
 from torpor.store.catalog import Catalog
 from torpor.store.records import SnapshotInfo
 from torpor.store.schema import BandwidthTier
@@ -35,6 +42,39 @@ _COST_FIELD = {
 }
 
 
+class WriteGate:
+    """Snapshot writes in flight (shared) against the sweep (exclusive).
+
+    A worker's chunks are orphans in the catalog's eyes until torpord records them, so the
+    sweep must never run between the first chunk and the record. New writes wait for a
+    running sweep (milliseconds); a sweep waits until no write is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._writes = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sweeping = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        async with self._sweeping:
+            self._writes += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            self._writes -= 1
+            if self._writes == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def sweeping(self) -> AsyncIterator[None]:
+        async with self._sweeping:
+            await self._idle.wait()
+            yield
+
+
 class Recorder:
     """Blocking store calls, each run in a thread so the event loop never waits on them."""
 
@@ -44,15 +84,21 @@ class Recorder:
         store: SnapshotStore,
         costs: Callable[[], Costs],
         on_costs: Callable[[Costs], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
         self.current_costs = costs
         self.on_costs = on_costs
+        self.metrics = metrics
         self.host = socket.gethostname()
         self.latest: dict[str, str] = {}  # model -> snapshot id
         self.refused: set[str] = set()  # snapshots that failed a restore: never offered again
         self.on_recorded: Callable[[SnapshotInfo], None] | None = None
+        self.on_write_failed: Callable[[str, str, TorporError], None] | None = None
+        """(model, runtime id, error): a snapshot write failed and the runtime stayed."""
+        self.gate = WriteGate()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def known_snapshots(self) -> dict[str, str]:
         """At start-up (blocking): the newest complete snapshot of every model."""
@@ -116,8 +162,69 @@ class Recorder:
         which = _BANDWIDTH.get(tier)
         if which is None or nbytes <= 0 or seconds <= 0:
             return
-        measured = await asyncio.to_thread(
-            self.catalog.record_bandwidth, self.host, which, nbytes, seconds
-        )
+        try:
+            measured = await asyncio.to_thread(
+                self.catalog.record_bandwidth, self.host, which, nbytes, seconds
+            )
+        except Exception as exc:  # a sample lost must never fail the resume it measured
+            log.warning("bandwidth_not_recorded", tier=which.value, error=repr(exc))
+            if self.metrics is not None:
+                self.metrics.catalog_write_failed("bandwidth")
+            return
         field = _COST_FIELD[which]
         self.on_costs(dataclasses.replace(self.current_costs(), **{field: measured.bytes_per_s}))
+
+    # -- failed writes and the running sweep ------------------------------------------------
+
+    def write_failed(self, model: str, runtime_id: str, error: TorporError) -> None:
+        """A snapshot write failed and its runtime was left as it was: say so (event,
+        metric), and sweep the chunks it wrote before failing as soon as no write runs."""
+        log.error(
+            "snapshot_failed",
+            model=model,
+            runtime=runtime_id,
+            reason=error.reason,
+            error=str(error),
+        )
+        if self.metrics is not None:
+            self.metrics.snapshot_failed(error.reason)
+        if self.on_write_failed is not None:
+            self.on_write_failed(model, runtime_id, error)
+        self.sweep_soon()
+
+    def sweep_soon(self) -> None:
+        """Sweep in the background (after the snapshot writes in flight end)."""
+        task = asyncio.create_task(self.sweep(), name="store-sweep")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def sweep(self) -> None:
+        """One sweep of the chunk store (store.sweep), while no snapshot write is in flight.
+        Never raises: a sweep that fails is logged and tried again next time."""
+        try:
+            async with self.gate.sweeping():
+                report = await asyncio.to_thread(self.store.sweep)
+        except Exception as exc:
+            log.warning("store_sweep_failed", error=repr(exc))
+            return
+        if self.metrics is not None:
+            self.metrics.store_swept(report.temp_files_removed + report.orphan_files_removed)
+
+    def start_sweeping(self, interval_s: float) -> None:
+        """Sweep every `interval_s` seconds until `close` (0: never)."""
+        if interval_s > 0:
+            task = asyncio.create_task(self._sweep_every(interval_s), name="store-sweeper")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _sweep_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.sweep()
+
+    async def close(self) -> None:
+        """Stop the sweeps (idempotent)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)

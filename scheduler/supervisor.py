@@ -3,7 +3,10 @@
 A worker that exits is noticed at once: children through `wait()`, workers adopted from an
 earlier torpord through a pidfd (which is readable the moment the process ends). Each worker
 leaves a small record in `<runtime_dir>/workers/` so that a restarted torpord can find it
-again and either adopt it (it still answers) or stop it.
+again and either adopt it (it still answers) or stop it. The record names the process for
+good (pid, boot and start time: scheduler/procinfo.py), and a record whose pid is now some
+other process (not this worker module on this socket, or started at another time) is
+dropped without a signal: a reused pid is never killed (issue 12).
 
 A worker on a GPU is given the socket of that GPU's keeper (`Keepers`, started with the GPU's
 first worker), and the keepers are stopped after the workers.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -24,14 +28,18 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from torpor.errors import Unavailable
+from torpor.errors import ResourceExhausted, Unavailable
 from torpor.log import get_logger
+from torpor.scheduler import procinfo
+from torpor.scheduler.procinfo import ProcessStart
 from torpor.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
     from torpor.scheduler.keepers import Keepers
 
 log = get_logger("supervisor")
+
+WORKER_MODULE = "torpor.worker.main"
 
 OnExit = Callable[["WorkerProcess"], Awaitable[None]]
 
@@ -56,7 +64,7 @@ class WorkerSpec:
         return [
             self.python,
             "-m",
-            "torpor.worker.main",
+            WORKER_MODULE,
             "--socket",
             str(self.socket),
             "--device",
@@ -76,10 +84,21 @@ class WorkerSpec:
 class WorkerProcess:
     """A running worker and its gRPC stub."""
 
-    def __init__(self, spec: WorkerSpec, pid: int, proc: asyncio.subprocess.Process | None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        pid: int,
+        proc: asyncio.subprocess.Process | None,
+        start: ProcessStart | None = None,
+        pidfd: int | None = None,
+    ) -> None:
         self.spec = spec
         self.pid = pid
+        self.start = start  # with the pid, names this process for a restarted torpord
         self._proc = proc
+        # An adopted worker (not our child) is watched and signalled through a pidfd, which
+        # names this very process: once it has exited, its pid may belong to another one.
+        self._pidfd = pidfd
         self.channel = grpc.aio.insecure_channel(f"unix://{spec.socket}")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.exited = asyncio.Event()
@@ -117,6 +136,10 @@ class WorkerProcess:
         """Wait for the process to end, then report it once."""
         if self._proc is not None:
             self.returncode = await self._proc.wait()
+        elif self._pidfd is not None:
+            await _wait_fd(self._pidfd)  # not our child: its status is not ours to know
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
         else:
             self.returncode = await _wait_pidfd(self.pid)
         self.exited.set()
@@ -139,8 +162,13 @@ class WorkerProcess:
         await self.exited.wait()
 
     def signal(self, sig: int) -> None:
+        if self.exited.is_set():  # its pid may be another process's by now
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
 
 
 class Supervisor:
@@ -168,9 +196,13 @@ class Supervisor:
             spec = replace(spec, keeper=keeper)
         spec.socket.unlink(missing_ok=True)
         proc = await asyncio.create_subprocess_exec(*spec.argv(), stdin=asyncio.subprocess.DEVNULL)
-        worker = WorkerProcess(spec, proc.pid, proc)
-        self._track(worker)
+        # Read now, while it is our unreaped child: its pid cannot have been reused yet.
+        worker = WorkerProcess(spec, proc.pid, proc, procinfo.started(proc.pid))
+        # Watched before anything else can fail: `stop` waits for the watcher to see the
+        # exit, so a worker whose record could not be written is still stopped (issue 12).
+        self._watch(worker)
         try:
+            self._record(worker)
             await worker.wait_ready(self.start_timeout)
         except BaseException:
             await worker.stop(grace_s=5)
@@ -186,8 +218,15 @@ class Supervisor:
         return worker
 
     def _track(self, worker: WorkerProcess) -> None:
+        self._watch(worker)
+        try:
+            self._record(worker)
+        except (ResourceExhausted, Unavailable) as err:
+            # An adopted worker runs already; without a record only a later restart loses it.
+            log.error("worker_record_failed", runtime=worker.runtime_id, error=str(err))
+
+    def _watch(self, worker: WorkerProcess) -> None:
         self.workers[worker.runtime_id] = worker
-        self._record(worker)
         task = asyncio.create_task(worker.watch(self._exited), name=f"watch-{worker.runtime_id}")
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -207,36 +246,52 @@ class Supervisor:
         await self.on_exit(worker)
 
     def _record(self, worker: WorkerProcess) -> None:
+        """Write the worker's record (atomically); a full or failing runtime directory
+        raises ResourceExhausted (RUNTIME_DIR_FULL) or Unavailable (RUNTIME_DIR_IO_ERROR)
+        and leaves no partial file."""
         fields = {k: str(v) for k, v in asdict(worker.spec).items() if v is not None}
-        record = {"pid": worker.pid, **fields}
+        start = asdict(worker.start) if worker.start is not None else {}
+        record = {"pid": worker.pid, **{f"start_{k}": v for k, v in start.items()}, **fields}
         path = self.records / f"{worker.runtime_id}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _record_error(exc, path, worker.spec.model) from exc
 
     async def adopt(self) -> list[WorkerProcess]:
-        """Find the workers an earlier torpord left: adopt those that answer, stop the rest."""
+        """Find the workers an earlier torpord left: adopt those that answer, stop the rest.
+        Only a process that is that worker is signalled; a record whose pid is now another
+        process is dropped."""
         adopted = []
         for path in sorted(self.records.glob("*.json")):
             try:
-                record = json.loads(path.read_text())
-                pid = int(record.pop("pid"))
-                paths = {k: Path(record[k]) for k in ("socket", "store", "keeper") if k in record}
-                spec = WorkerSpec(**{**record, **paths})
+                record = WorkerRecord.parse(path.read_text())
             except (OSError, ValueError, TypeError, KeyError):
                 path.unlink(missing_ok=True)
                 continue
-            worker = await self._try_adopt(spec, pid)
+            worker = await self._try_adopt(record.spec, record.pid, record.start)
             if worker is None:
                 path.unlink(missing_ok=True)
             else:
                 adopted.append(worker)
         return adopted
 
-    async def _try_adopt(self, spec: WorkerSpec, pid: int) -> WorkerProcess | None:
-        if not _alive(pid):
+    async def _try_adopt(
+        self, spec: WorkerSpec, pid: int, start: ProcessStart | None
+    ) -> WorkerProcess | None:
+        try:  # a pidfd holds on to this very process: a signal never reaches a reused pid
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
             return None
-        worker = WorkerProcess(spec, pid, None)
+        why = procinfo.not_ours(pid, WORKER_MODULE, spec.socket, start)
+        if why:
+            os.close(pidfd)
+            log.warning("stale_worker_record", runtime=spec.runtime_id, pid=pid, why=why)
+            return None
+        worker = WorkerProcess(spec, pid, None, start or procinfo.started(pid), pidfd)
         try:
             await asyncio.wait_for(worker.channel.channel_ready(), 5)
             await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=5)
@@ -244,8 +299,12 @@ class Supervisor:
             log.warning("worker_unresponsive_stopped", runtime=spec.runtime_id, pid=pid)
             worker.signal(signal.SIGKILL)
             await worker.channel.close()
+            os.close(pidfd)
             return None
-        self._track(worker)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        self._track(worker)  # its watcher closes the pidfd once the worker has exited
         log.info("worker_adopted", runtime=spec.runtime_id, model=spec.model, pid=pid)
         return worker
 
@@ -259,14 +318,39 @@ class Supervisor:
             await self.keepers.stop(grace_s)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _record_error(exc: OSError, path: Path, model: str) -> ResourceExhausted | Unavailable:
+    meta = {"path": path, "errno": exc.errno, "model": model}
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(
+            f"cannot start a worker for {model}: the runtime directory is full "
+            f"(writing {path}: {exc.strerror})",
+            reason="RUNTIME_DIR_FULL",
+            metadata=meta,
+        )
+    return Unavailable(
+        f"cannot start a worker for {model}: writing {path} failed: {exc.strerror}",
+        reason="RUNTIME_DIR_IO_ERROR",
+        metadata=meta,
+    )
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker record as `Supervisor._record` writes it: the spec, the pid, and when that
+    process started (None in a record of a torpord from before issue 12)."""
+
+    spec: WorkerSpec
+    pid: int
+    start: ProcessStart | None
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerRecord:
+        record = json.loads(text)
+        pid = int(record.pop("pid"))
+        boot, ticks = record.pop("start_boot_id", None), record.pop("start_ticks", None)
+        start = None if boot is None or ticks is None else ProcessStart(str(boot), int(ticks))
+        paths = {k: Path(record[k]) for k in ("socket", "store", "keeper") if k in record}
+        return cls(WorkerSpec(**{**record, **paths}), pid, start)
 
 
 async def _wait_pidfd(pid: int) -> int | None:
@@ -275,6 +359,15 @@ async def _wait_pidfd(pid: int) -> int | None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
+    try:
+        await _wait_fd(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+async def _wait_fd(fd: int) -> None:
+    """Until the pidfd `fd` is readable: its process has exited."""
     loop = asyncio.get_running_loop()
     ended = loop.create_future()
 
@@ -287,5 +380,3 @@ async def _wait_pidfd(pid: int) -> int | None:
         await ended
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
-    return None

@@ -25,6 +25,7 @@ from torpor.store.records import (
     RegisteredModel,
     ScrubReport,
     SnapshotInfo,
+    SweepReport,
 )
 from torpor.store.schema import BandwidthTier
 from torpor.store.snapshots import SnapshotStore
@@ -133,3 +134,6 @@ class AsyncSnapshotStore:
 
     async def scrub(self, *, deep: bool = False) -> ScrubReport:
         return await asyncio.to_thread(self.sync.scrub, deep=deep)
+
+    async def sweep(self, *, min_age_s: float = 0.0) -> SweepReport:
+        return await asyncio.to_thread(self.sync.sweep, min_age_s=min_age_s)

@@ -40,11 +40,14 @@ class StoreUsage:
     """Chunk bytes on disk (each shared chunk once)."""
     reserved_bytes: int
     """Bytes that live writers may still add."""
+    untracked_bytes: int = 0
+    """Temp and orphan chunk files on disk that no catalog row counts (failed or killed
+    writes), as the last sweep measured them: they take room until removed (issue 12)."""
 
     @property
     def free_bytes(self) -> int:
         """What a new reservation can take without evicting anything."""
-        return self.capacity_bytes - self.used_bytes - self.reserved_bytes
+        return self.capacity_bytes - self.used_bytes - self.reserved_bytes - self.untracked_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ def usage(store: SnapshotStore, s: Session) -> StoreUsage:
         capacity_bytes=store.config.capacity_bytes,
         used_bytes=rows.used_bytes(s, store.store_id),
         reserved_bytes=rows.reserved_bytes(s, store.store_id),
+        untracked_bytes=store.untracked_bytes,
     )
 
 
@@ -137,6 +141,7 @@ def _plan(store: SnapshotStore, s: Session, need: int) -> _Plan:
                 "capacity_bytes": current.capacity_bytes,
                 "used_bytes": current.used_bytes,
                 "reserved_bytes": current.reserved_bytes,
+                "untracked_bytes": current.untracked_bytes,
                 "evictable_bytes": freed,
             },
         )

@@ -18,6 +18,11 @@ from torpor.errors import InvalidArgument
 MAX_MODEL_NAME_LEN = 128
 """Longest accepted model name, in characters."""
 
+MAX_SOURCE_PATH_BYTES = 4096
+"""Longest accepted checkpoint source path, in UTF-8 bytes (Linux's PATH_MAX)."""
+MAX_PATH_COMPONENT_BYTES = 255
+"""Longest accepted file name in a source path, in UTF-8 bytes (Linux's NAME_MAX)."""
+
 # A letter or digit first (no leading dot, dash or colon), then up to 127 of a small safe
 # set. ':' is allowed for tags such as `llama3:70b`; '/' and '\\' never are.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -64,6 +69,20 @@ def _name_problem(name: object) -> str | None:
     return None
 
 
+def check_source_length(text: str) -> None:
+    """Refuse a source path the kernel would refuse to look up (ENAMETOOLONG), before any
+    lookup: reason SOURCE_PATH_TOO_LONG."""
+    size = len(text.encode(errors="surrogateescape"))
+    longest = max((len(p.encode(errors="surrogateescape")) for p in text.split("/")), default=0)
+    if size > MAX_SOURCE_PATH_BYTES or longest > MAX_PATH_COMPONENT_BYTES:
+        raise InvalidArgument(
+            f"checkpoint source path is too long ({size} bytes, longest name {longest}): at "
+            f"most {MAX_SOURCE_PATH_BYTES} bytes, {MAX_PATH_COMPONENT_BYTES} per name",
+            reason="SOURCE_PATH_TOO_LONG",
+            metadata={"source": text[:200], "bytes": size},
+        )
+
+
 def check_source_path(source: str | os.PathLike[str], roots: Iterable[Path]) -> Path:
     """Resolve a checkpoint source directory and require it to lie under a model root.
 
@@ -87,9 +106,9 @@ def check_source_path(source: str | os.PathLike[str], roots: Iterable[Path]) -> 
         )
     try:
         resolved = Path(text).resolve(strict=True)
-    except (FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+    except (OSError, RuntimeError) as exc:  # missing, a loop, unreadable, a name too long
         raise InvalidArgument(
-            f"checkpoint source {text!r} does not exist: {exc}",
+            f"checkpoint source {text!r} does not exist or cannot be looked up: {exc}",
             reason="SOURCE_MISSING",
             metadata={"source": text},
         ) from exc

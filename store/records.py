@@ -162,6 +162,20 @@ class GcReport:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What a light scrub while running (`SnapshotStore.sweep`) removed and left."""
+
+    dead_writers_removed: int
+    temp_files_removed: int
+    orphan_files_removed: int
+    bytes_removed: int
+    """Bytes of the temp and orphan files removed."""
+    untracked_bytes: int
+    """Bytes of temp and orphan files left (a live writer's, or too young); they count
+    against the budget until a later sweep removes them."""
+
+
+@dataclass(frozen=True, slots=True)
 class ScrubReport:
     """What a scrub found and repaired (logged at start-up)."""
 

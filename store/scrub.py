@@ -1,4 +1,5 @@
-"""Scrub: reconcile the chunk files of one host with the catalog (run at start-up).
+"""Scrub: reconcile the chunk files of one host with the catalog (run at start-up), and the
+light `sweep` that the daemon runs while it serves.
 
 In order:
 1. Snapshots left in WRITING by a dead writer (its writer lock is free) are deleted.
@@ -8,10 +9,19 @@ In order:
    between the file and the row) are removed; complete snapshots that reference a
    missing or wrong-sized file (or, with `deep`, a file failing its hash) become CORRUPT.
 3. Lock files of writers and readers that are gone are removed.
+
+`sweep` is the part that is safe and cheap while the daemon serves (issue 12): dead writers'
+WRITING rows, temp files whose writing process is gone, and chunk files no catalog row
+references (older than `min_age_s`). It walks the directory but reads no chunk. Chunks a
+worker has written but torpord has not yet recorded are orphans too, so the daemon sweeps
+only while none of its snapshot writes is in flight (`torpor.scheduler.recorder`).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, update
@@ -20,7 +30,7 @@ from torpor.errors import DataLoss
 from torpor.log import get_logger
 from torpor.store import capacity, rows
 from torpor.store.chunks import ChunkRef
-from torpor.store.records import ScrubReport
+from torpor.store.records import ScrubReport, SweepReport
 from torpor.store.schema import ChunkRow, SnapshotChunkRow, SnapshotRow, SnapshotState
 
 if TYPE_CHECKING:
@@ -51,6 +61,7 @@ def scrub(store: SnapshotStore, *, deep: bool = False) -> ScrubReport:
         for digest in bad & on_disk.keys():  # present but damaged: keep it for inspection
             store.chunks.quarantine(ChunkRef(digest, sizes[digest]))
     _remove_stale_locks(store)
+    store.untracked_bytes = 0  # every temp and orphan file is gone
     report = ScrubReport(
         dead_writers_removed=dead,
         temp_files_removed=temps,
@@ -64,6 +75,86 @@ def scrub(store: SnapshotStore, *, deep: bool = False) -> ScrubReport:
     for stray in scan.strays:
         log.warning("stray_file_in_chunk_store", store=store.store_id, path=str(stray))
     return report
+
+
+def sweep(store: SnapshotStore, *, min_age_s: float = 0.0) -> SweepReport:
+    """Remove what failed or killed writes left while the store is in use: dead writers'
+    rows, temp files of processes that are gone, and orphan chunk files older than
+    `min_age_s`. What stays is counted in `store.untracked_bytes` (the budget sees it)."""
+    dead = reap_dead_writers(store)
+    now = time.time()
+    removed_bytes = kept_bytes = temps = orphans = 0
+    with store.locks.exclusive():  # no chunk is between a writer's dedup and its row
+        scan = store.chunks.scan()
+        with store.catalog.session(write=False) as s:
+            known = set(rows.chunk_table(s, store.store_id))
+        for path in scan.temps:
+            size = _size(path)
+            if _writer_alive(path):
+                kept_bytes += size
+            elif _unlink(path):
+                temps, removed_bytes = temps + 1, removed_bytes + size
+        for ref in scan.chunks:
+            if ref.hash in known:
+                continue
+            if now - _mtime(store.chunks.path(ref.hash)) < min_age_s:
+                kept_bytes += ref.size
+            elif store.chunks.delete(ref.hash):
+                orphans, removed_bytes = orphans + 1, removed_bytes + ref.size
+        store.untracked_bytes = kept_bytes
+    removed = temps + orphans
+    report = SweepReport(dead, temps, orphans, removed_bytes, kept_bytes)
+    if removed or dead:
+        log.info(
+            "store_swept",
+            store=store.store_id,
+            dead_writers=dead,
+            temp_files=temps,
+            orphan_files=orphans,
+            bytes_removed=removed_bytes,
+            untracked_bytes=kept_bytes,
+        )
+    return report
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process named in a temp file's name (`.tmp-<hash>-<pid>-<rand>`) lives;
+    a name without a pid is taken for a dead writer's."""
+    try:
+        pid = int(temp.name.split("-")[-2])
+    except (IndexError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def reap_dead_writers(store: SnapshotStore) -> int:

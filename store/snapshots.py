@@ -30,6 +30,7 @@ from torpor.store.records import (
     SnapshotContents,
     SnapshotDetails,
     SnapshotInfo,
+    SweepReport,
 )
 from torpor.store.schema import ChunkRow, EventRow, ModelRow, SnapshotRow, SnapshotState
 from torpor.store.writer import SnapshotWriter
@@ -48,6 +49,9 @@ class SnapshotStore:
         self.chunks = ChunkStore(config.root)
         self.locks = StoreLocks(config.root)
         self.store_id = self.chunks.store_id
+        self.untracked_bytes = 0
+        """Temp and orphan chunk files the last scrub or sweep found and left (they count
+        against the budget: `capacity.usage`)."""
 
     @classmethod
     def open(
@@ -307,6 +311,13 @@ class SnapshotStore:
     def scrub(self, *, deep: bool = False) -> ScrubReport:
         """Reconcile files and catalog (start-up); `deep` also re-hashes every chunk."""
         return scrub.scrub(self, deep=deep)
+
+    def sweep(self, *, min_age_s: float = 0.0) -> SweepReport:
+        """Remove temp and orphan chunk files of failed or killed writes while the store is
+        in use (the daemon runs it periodically and after a failed snapshot write). Chunks
+        written but not yet referenced look like orphans: run it only when no such write is
+        in flight, or with a `min_age_s` longer than any write."""
+        return scrub.sweep(self, min_age_s=min_age_s)
 
 
 def _check_fingerprint(fingerprint: str) -> None:

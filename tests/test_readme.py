@@ -32,7 +32,8 @@ def test_make_run_then_torpor_ps(tmp_path: Path) -> None:
     assert "make run" in (clone / "README.md").read_text()
     env = {
         **os.environ,
-        "TORPOR_DAEMON_RUNTIME_DIR": str(tmp_path / "run"),  # beside, not over, another torpord
+        # make run's own runtime directory wins over this one (and over /run/torpor).
+        "TORPOR_DAEMON_RUNTIME_DIR": str(tmp_path / "elsewhere"),
         "TORPOR_DAEMON_METRICS_PORT": "0",
     }
     daemon = subprocess.Popen(
@@ -43,7 +44,8 @@ def test_make_run_then_torpor_ps(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    cli_env = {**env, "TORPOR_SOCKET": str(tmp_path / "run" / "torpord.sock")}
+    # make run keeps its runtime directory in the state directory (issue 12).
+    cli_env = {**env, "TORPOR_SOCKET": str(tmp_path / "state" / "run" / "torpord.sock")}
 
     def torpor(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -71,6 +73,7 @@ def test_make_run_then_torpor_ps(tmp_path: Path) -> None:
         assert len(json.loads(generated.stdout)["token_ids"]) == 8
         runtimes = json.loads(torpor("ps", "--json").stdout)["runtimes"]
         assert [(r["model"], r["state"]) for r in runtimes] == [("demo-a", "resident")]
+        assert not (tmp_path / "elsewhere").exists()
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(timeout=120)

@@ -27,6 +27,8 @@ class Code(enum.Enum):
     UNIMPLEMENTED = "UNIMPLEMENTED"
     DATA_LOSS = "DATA_LOSS"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class TorporError(Exception):
@@ -135,6 +137,19 @@ class Internal(TorporError):
     code = Code.INTERNAL
 
 
+class Unauthenticated(TorporError):
+    """The caller did not prove who it is: a TCP call with no bearer token, or a token that
+    is not in the daemon's tokens file."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(TorporError):
+    """The caller is known but its scope does not cover the call (a client token on Admin)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 BY_CODE: dict[Code, type[TorporError]] = {
     cls.code: cls
     for cls in (
@@ -150,6 +165,8 @@ BY_CODE: dict[Code, type[TorporError]] = {
         Unimplemented,
         DataLoss,
         Internal,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

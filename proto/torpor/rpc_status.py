@@ -9,6 +9,7 @@ retryable follows from its class. Servicers abort with it, sync or `grpc.aio` al
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from torpor.errors import Code, Internal, TorporError, error_for
+from torpor.log import get_logger
 
 DOMAIN = "torpor"
 
@@ -102,6 +104,26 @@ def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
         return None
 
 
+UNEXPECTED_LOG_INTERVAL_S = 60.0
+"""An unexpected exception is logged at most once a minute per method and exception type."""
+_log = get_logger("rpc")
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def _log_unexpected(method: Callable[..., Any], exc: BaseException) -> None:
+    """A bug reached a servicer's edge (it ends the call as INTERNAL): one line, rate-limited,
+    since any client can repeat the request that triggers it (issue 12); the traceback only
+    at debug. Errors of bad input are TorporErrors and never logged here."""
+    key = (method.__qualname__, type(exc).__name__)
+    now = time.monotonic()
+    last = _last_logged.get(key)
+    if last is not None and now - last < UNEXPECTED_LOG_INTERVAL_S:
+        return
+    _last_logged[key] = now
+    _log.error("unexpected_error", method=key[0], error=_clip(f"{key[1]}: {exc}", 500))
+    _log.debug("unexpected_error_traceback", method=key[0], exc_info=exc)
+
+
 def servicer_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a sync gRPC servicer method (unary or streaming): a TorporError ends the
     call with its status; any other exception is a bug and ends it as INTERNAL."""
@@ -109,6 +131,8 @@ def servicer_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     import inspect
 
     def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+        if not isinstance(exc, TorporError):
+            _log_unexpected(method, exc)
         err = exc if isinstance(exc, TorporError) else Internal(f"{type(exc).__name__}: {exc}")
         context.abort_with_status(to_status(err))
 
@@ -140,6 +164,8 @@ def aio_servicer_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     import inspect
 
     async def fail(context: Any, exc: BaseException) -> None:
+        if not isinstance(exc, TorporError):
+            _log_unexpected(method, exc)
         err = exc if isinstance(exc, TorporError) else Internal(f"{type(exc).__name__}: {exc}")
         await context.abort_with_status(to_status(err))
 

@@ -10,6 +10,7 @@ import typer
 
 from torpor.errors import InvalidArgument, Unavailable
 from torpor.scheduler.client import render, shapes
+from torpor.scheduler.client.credentials import TcpOptions
 from torpor.scheduler.client.exits import fail
 from torpor.scheduler.client.session import ClientOptions, emit, session, wants_json
 from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2
@@ -58,12 +59,57 @@ def global_options(
         ),
     ] = None,
     as_json: JsonOption = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            envvar="TORPOR_TOKEN_FILE",
+            help="TCP: a file holding the bearer token (default: $TORPOR_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="TCP: use TLS, trusting the system's CAs.")
+    ] = False,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            envvar="TORPOR_TLS_CA",
+            help="TCP: use TLS, trusting this PEM CA bundle.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            envvar="TORPOR_TLS_CERT",
+            help="TCP: client certificate (PEM), for a daemon that asks for one.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key", envvar="TORPOR_TLS_KEY", help="Key of --tls-cert.", show_default=False
+        ),
+    ] = None,
+    tls_server_name: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-server-name",
+            help="TCP: the name the daemon's certificate must carry (default: the host).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Page initialized LLM runtimes between GPU, host RAM and NVMe."""
     source = ctx.get_parameter_source("socket")
     if address is not None and source is not None and source.name == "ENVIRONMENT":
         socket = None  # --address on the command line beats $TORPOR_SOCKET
-    ctx.obj = ClientOptions(socket=socket, address=address, timeout=timeout, json=as_json)
+    tcp = TcpOptions(token_file, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+    ctx.obj = ClientOptions(socket=socket, address=address, timeout=timeout, json=as_json, tcp=tcp)
 
 
 def ps(

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from torpor.errors import DeadlineExceeded, TorporError, Unavailable
 from torpor.rpc_status import from_rpc_error
+from torpor.scheduler.client.credentials import TcpCredentials, open_channel
 from torpor.scheduler.client.target import Target
 from torpor.v1 import admin_pb2_grpc, scheduler_pb2_grpc
 
@@ -112,10 +113,13 @@ class Connection:
     --follow`, a held lease) waits for as long as it is left to.
     """
 
-    def __init__(self, target: Target, timeout: float | None = None) -> None:
+    def __init__(
+        self, target: Target, timeout: float | None = None, creds: TcpCredentials | None = None
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target.grpc_target)
+        self.creds = creds
+        self._channel = open_channel(target, creds)
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self.admin = admin_pb2_grpc.AdminStub(self._channel)
         self.health = health_pb2_grpc.HealthStub(self._channel)
@@ -180,7 +184,7 @@ class Connection:
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         if code is not None and not _from_torpor(exc):
             if code is grpc.StatusCode.UNAVAILABLE:
-                return self._not_running()
+                return self._not_running(exc)
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 within = "in time" if waited is None else f"within {waited:g} s"
                 return DeadlineExceeded(
@@ -190,8 +194,10 @@ class Connection:
                 )
         return from_rpc_error(exc)
 
-    def _not_running(self) -> Unavailable:
+    def _not_running(self, exc: grpc.RpcError) -> Unavailable:
         sock = self.target.socket
+        if sock is None and (tls := self._tls_failure(exc)) is not None:
+            return tls
         if sock is None:
             what = f"nothing answers at {self.target}"
         elif not os.path.exists(sock):
@@ -209,6 +215,23 @@ class Connection:
             f"torpord is not running ({what}); {START_HINT}, or point --socket, "
             "$TORPOR_SOCKET or --address at a running one",
             reason="DAEMON_NOT_RUNNING",
+            metadata={"target": str(self.target)},
+        )
+
+    def _tls_failure(self, exc: grpc.RpcError) -> Unavailable | None:
+        """A TCP connection that failed in the TLS handshake, or that spoke plaintext to a
+        TLS port (the server drops it), said as such rather than as a daemon that is down."""
+        details = exc.details() if callable(getattr(exc, "details", None)) else ""
+        tls = self.creds is not None and self.creds.tls
+        if tls and any(word in (details or "").lower() for word in ("ssl", "handshake", "tls")):
+            hint = "check --tls-ca and the name in the daemon's certificate (--tls-server-name)"
+        elif not tls and "socket closed" in (details or "").lower():
+            hint = "if it serves TLS, give --tls-ca (or --tls)"
+        else:
+            return None
+        return Unavailable(
+            f"cannot connect to torpord at {self.target}: {details}; {hint}",
+            reason="TLS_FAILED",
             metadata={"target": str(self.target)},
         )
 

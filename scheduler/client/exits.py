@@ -14,6 +14,8 @@
 | 9 | ABORTED: an eviction in ABORT mode ended the request or lease (retryable) |
 | 10 | UNIMPLEMENTED: not supported by this daemon or backend |
 | 11 | DATA_LOSS: a snapshot chunk failed its hash check |
+| 12 | UNAUTHENTICATED: TCP without a token, or a token torpord does not know |
+| 13 | PERMISSION_DENIED: a client-scope token on an Admin call |
 | 130 | CANCELLED: interrupted (Ctrl-C, SIGTERM) before the command was done |
 
 The retryable codes are exactly 6-9. `torpor acquire` and `torpor events --follow` run until
@@ -41,6 +43,8 @@ EXIT_CODES: dict[Code, int] = {
     Code.ABORTED: 9,
     Code.UNIMPLEMENTED: 10,
     Code.DATA_LOSS: 11,
+    Code.UNAUTHENTICATED: 12,
+    Code.PERMISSION_DENIED: 13,
     Code.CANCELLED: 130,
 }
 INTERRUPTED = EXIT_CODES[Code.CANCELLED]

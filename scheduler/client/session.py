@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -13,6 +14,7 @@ import typer
 
 from torpor.errors import TorporError
 from torpor.scheduler.client.connection import Connection
+from torpor.scheduler.client.credentials import TcpOptions
 from torpor.scheduler.client.exits import fail, interrupted
 from torpor.scheduler.client.render import print_json
 from torpor.scheduler.client.shapes import Json
@@ -21,12 +23,14 @@ from torpor.scheduler.client.target import resolve_target
 
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
-    """`torpor [--socket PATH | --address HOST:PORT] [--timeout S] [--json] COMMAND`."""
+    """`torpor [--socket PATH | --address HOST:PORT [TCP options]] [--timeout S] [--json]
+    COMMAND`; `tcp` holds the TCP options (token, TLS)."""
 
     socket: Path | None = None
     address: str | None = None
     timeout: float | None = None
     json: bool = False
+    tcp: TcpOptions = field(default_factory=TcpOptions)
 
 
 def options(ctx: typer.Context) -> ClientOptions:
@@ -55,7 +59,8 @@ def session(ctx: typer.Context) -> Iterator[Connection]:
     try:
         with sigterm_interrupts():
             target = resolve_target(opts.socket, opts.address)
-            with Connection(target, opts.timeout) as conn:
+            creds = opts.tcp.credentials(os.environ) if target.address is not None else None
+            with Connection(target, opts.timeout, creds) as conn:
                 yield conn
     except TorporError as err:
         fail(err)

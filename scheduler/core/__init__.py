@@ -46,6 +46,7 @@ from torpor.scheduler.core.events import (
     Tick,
     TransitionCompleted,
     TransitionFailed,
+    TransitionRolledBack,
     WorkerDied,
 )
 from torpor.scheduler.core.state import Lease, Model, Runtime, SchedulerState, Waiter, initial_state
@@ -111,6 +112,7 @@ __all__ = [
     "Transition",
     "TransitionCompleted",
     "TransitionFailed",
+    "TransitionRolledBack",
     "VictimChoice",
     "Waiter",
     "WorkerDied",

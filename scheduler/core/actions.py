@@ -184,6 +184,8 @@ class Transition:
     model: str
     frm: RuntimeState
     to: RuntimeState
+    why: str = ""
+    """Why, when it is not the planned outcome: a failure, or a rolled-back suspend."""
 
 
 @dataclass(frozen=True, slots=True)

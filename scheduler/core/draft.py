@@ -94,10 +94,13 @@ class Draft:
         self.transitions.append(Transition(rt.id, rt.model, rt.at.state, state))
         return op
 
-    def settle(self, rt: Runtime, at: Residency, failures: int | None = None) -> Runtime:
-        """End `rt`'s op (if any) in the stable residency `at`; checks the table."""
+    def settle(
+        self, rt: Runtime, at: Residency, failures: int | None = None, why: str = ""
+    ) -> Runtime:
+        """End `rt`'s op (if any) in the stable residency `at` (`why`: the reason of a
+        failure or a rollback, for the event log); checks the table."""
         check_transition(rt.id, rt.state, at.state)
-        self.transitions.append(Transition(rt.id, rt.model, rt.state, at.state))
+        self.transitions.append(Transition(rt.id, rt.model, rt.state, at.state, why))
         failures = rt.failures if failures is None else failures
         new = replace(rt, at=at, op=None, since=self.now, failures=failures)
         self.runtimes[rt.id] = new

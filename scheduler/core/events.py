@@ -126,6 +126,19 @@ class TransitionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class TransitionRolledBack:
+    """The suspend `seq` on `runtime_id` failed before it changed anything: its worker lives
+    and its runtime is where the op started (a snapshot the store or its disk had no room
+    for, issue 12). The runtime goes back to its previous state; an eviction that wanted the
+    move is answered with `error` (a drain falls to the next tier instead), and the policy
+    picks no snapshot write for it for a while (an operator's eviction still may)."""
+
+    runtime_id: str
+    seq: int
+    error: TorporError
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerDied:
     """A worker exited on its own (crash, OOM kill). `incarnation` is the Load's."""
 
@@ -203,6 +216,7 @@ Event = (
     | Tick
     | TransitionCompleted
     | TransitionFailed
+    | TransitionRolledBack
     | WorkerDied
     | PrefetchRequested
     | EvictRequested

@@ -35,7 +35,7 @@ def drive_evictions(d: Draft, sim: Sim) -> None:
         if rt.at.depth >= rt.evict.to_tier:
             _finish_eviction(d, rt)
             continue
-        to = _evict_target(sim, rt, rt.evict, d.config.deep_suspend)
+        to = _evict_target(sim, rt, rt.evict, d.config.deep_suspend, d.now)
         if to is None:
             _reject_eviction(d, rt, f"no room in tier {rt.evict.to_tier.name} for {rt.model}")
             continue
@@ -68,9 +68,10 @@ def _abort_users(d: Draft, rt: Runtime) -> None:
 
 
 def _evict_target(
-    sim: Sim, rt: Runtime, intent: EvictIntent, deep_allowed: bool
+    sim: Sim, rt: Runtime, intent: EvictIntent, deep_allowed: bool, now: float
 ) -> Residency | None:
-    """The residency for the ordered tier, or (for drains) the next one down that has room."""
+    """The residency for the ordered tier, or (for drains) the next one down that has room.
+    A drain also passes over a snapshot write while a failed one's back-off runs."""
     at = rt.at
     start = _CHAIN.index(intent.to_tier)
     tiers = _CHAIN[start:] if intent.fallback else _CHAIN[start : start + 1]
@@ -86,6 +87,9 @@ def _evict_target(
                 to = Residency(S.SUSPENDED_DISK, at.gpu, snapshot=True)
             case _:
                 to = dropped(at.snapshot)
+        writes = to.snapshot and not at.snapshot
+        if intent.fallback and writes and now < rt.snapshot_retry_at:
+            continue
         if to.depth > at.depth and sim.fits(rt.id, to):
             return to
     return None

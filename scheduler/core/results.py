@@ -11,11 +11,21 @@ from dataclasses import replace
 from torpor.errors import Internal, Unavailable
 from torpor.scheduler.core.actions import LeaseEnd, Reject
 from torpor.scheduler.core.draft import Draft
-from torpor.scheduler.core.events import TransitionCompleted, TransitionFailed, WorkerDied
+from torpor.scheduler.core.events import (
+    TransitionCompleted,
+    TransitionFailed,
+    TransitionRolledBack,
+    WorkerDied,
+)
 from torpor.scheduler.core.state import Runtime
 from torpor.scheduler.core.states import Residency, RuntimeState
 
 S = RuntimeState
+
+SNAPSHOT_RETRY_S = 60.0
+"""After a snapshot write failed for want of room, the policy plans no new one for that
+runtime for this long: as a victim it goes to another tier (or is dropped) meanwhile,
+instead of retrying a write that fails again on every pass. Operator evictions still try."""
 
 
 def _current(d: Draft, runtime_id: str, seq: int) -> Runtime | None:
@@ -59,6 +69,26 @@ def on_failed(d: Draft, ev: TransitionFailed) -> None:
         _fail(d, rt, why)
 
 
+def on_rolled_back(d: Draft, ev: TransitionRolledBack) -> None:
+    """The suspend changed nothing: back to where it started, with its worker. An eviction
+    that wanted it is answered with the error (retrying it now would fail the same way)."""
+    rt = _current(d, ev.runtime_id, ev.seq)
+    if rt is None or rt.op is None:
+        return
+    if rt.op.state is not S.SUSPENDING:
+        raise Internal(
+            f"runtime {rt.id}: only a suspend can be rolled back, not {rt.op.state.name}",
+            reason="BAD_ROLLBACK",
+        )
+    wrote = rt.op.to.snapshot and not rt.at.snapshot
+    rt = d.settle(rt, rt.at, why=f"rolled back: {ev.error.message}")
+    if wrote:
+        rt = replace(rt, snapshot_retry_at=d.now + SNAPSHOT_RETRY_S)
+        d.runtimes[rt.id] = rt
+    if rt.evict is not None and not rt.evict.fallback:
+        d.end_eviction(rt, ev.error)  # a drain's order stays: it falls to the next tier
+
+
 def on_worker_died(d: Draft, ev: WorkerDied) -> None:
     """A worker exited on its own."""
     rt = d.runtimes.get(ev.runtime_id)
@@ -83,7 +113,7 @@ def _fail(
     failures = rt.failures + 1 if up and counted else rt.failures
     # A snapshot that was being written is lost with the worker; a complete one survives.
     keep = rt.at.snapshot if snapshot is None else snapshot
-    rt = d.settle(rt, Residency(S.FAILED, snapshot=keep), failures=failures)
+    rt = d.settle(rt, Residency(S.FAILED, snapshot=keep), failures=failures, why=why)
     if rt.prefetch is not None and counted:
         d.emit(Reject(rt.prefetch.request_id, error))
         rt = replace(rt, prefetch=None)

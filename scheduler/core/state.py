@@ -92,6 +92,8 @@ class Runtime:
     """Grants made while another model waited for its room (the starvation cap counts these)."""
     evict: EvictIntent | None = None
     prefetch: PrefetchIntent | None = None
+    snapshot_retry_at: float = 0.0
+    """No snapshot write is planned for it before this time (the last one found no room)."""
 
     @property
     def state(self) -> RuntimeState:

@@ -96,9 +96,18 @@ TRANSITIONS: dict[RuntimeState, frozenset[RuntimeState]] = {
     S.SUSPENDED_HOST: frozenset({S.RESUMING, S.SUSPENDING, S.FAILED}),
     S.SUSPENDED_DEEP: frozenset({S.RESUMING, S.SUSPENDING, S.FAILED}),
     S.SUSPENDED_DISK: frozenset({S.RESUMING, S.SUSPENDING, S.FAILED}),
-    # Down the tiers, or out of the worker altogether (a drop).
+    # Down the tiers, or out of the worker altogether (a drop); or back where it started
+    # when the suspend failed before changing anything (TransitionRolledBack).
     S.SUSPENDING: frozenset(
-        {S.SUSPENDED_HOST, S.SUSPENDED_DEEP, S.SUSPENDED_DISK, S.SNAPSHOT, S.COLD, S.FAILED}
+        {
+            S.RESIDENT,
+            S.SUSPENDED_HOST,
+            S.SUSPENDED_DEEP,
+            S.SUSPENDED_DISK,
+            S.SNAPSHOT,
+            S.COLD,
+            S.FAILED,
+        }
     ),
     # Up to the GPU, or from disk to host RAM for Prefetch(HOST).
     S.RESUMING: frozenset({S.RESIDENT, S.SUSPENDED_HOST, S.FAILED}),

@@ -24,6 +24,7 @@ from torpor.scheduler.core.events import (
     Tick,
     TransitionCompleted,
     TransitionFailed,
+    TransitionRolledBack,
     WorkerDied,
 )
 from torpor.scheduler.core.handlers import (
@@ -39,7 +40,12 @@ from torpor.scheduler.core.handlers import (
     snapshot_needed,
 )
 from torpor.scheduler.core.orders import on_drain, on_evict, on_prefetch
-from torpor.scheduler.core.results import on_completed, on_failed, on_worker_died
+from torpor.scheduler.core.results import (
+    on_completed,
+    on_failed,
+    on_rolled_back,
+    on_worker_died,
+)
 from torpor.scheduler.core.schedule import run_pass
 from torpor.scheduler.core.state import SchedulerState
 
@@ -63,6 +69,8 @@ def _handle(d: Draft, event: Event) -> None:
             on_completed(d, event)
         case TransitionFailed():
             on_failed(d, event)
+        case TransitionRolledBack():
+            on_rolled_back(d, event)
         case WorkerDied():
             on_worker_died(d, event)
         case ModelRegistered():

@@ -123,11 +123,20 @@ def _targets(at: Residency, deep_allowed: bool) -> list[Residency]:
     return []
 
 
+def _write_blocked(d: Draft, rid: str, at: Residency, to: Residency) -> bool:
+    """A move that writes a snapshot while a failed write's back-off runs (the store had no
+    room): the policy picks another tier rather than fail the same write on every pass.
+    An operator's eviction still tries (the operator may have made room)."""
+    return to.snapshot and not at.snapshot and d.now < d.runtimes[rid].snapshot_retry_at
+
+
 def _demote(d: Draft, sim: Sim, rid: str, exclude: str) -> list[VictimChoice] | None:
     """Move `rid` down on `sim` by the tier rule; the moves made, host-RAM victims first."""
     at = sim.proj[rid]
     fp = d.fp(d.runtimes[rid].model)
     for to in _targets(at, d.config.deep_suspend):
+        if _write_blocked(d, rid, at, to):
+            continue
         moves: list[VictimChoice] = []
         if not sim.fits(rid, to):
             need = host_bytes(to, fp) - host_bytes(at, fp)
@@ -162,7 +171,8 @@ def page_host(
             if rid == avoid or at.state not in (S.SUSPENDED_HOST, S.SUSPENDED_DEEP):
                 continue
             disk = Residency(S.SUSPENDED_DISK, at.gpu, snapshot=True)
-            to = disk if sim.fits(rid, disk) else dropped(at.snapshot)
+            writable = sim.fits(rid, disk) and not _write_blocked(d, rid, at, disk)
+            to = disk if writable else dropped(at.snapshot)
             fp = d.fp(d.runtimes[rid].model)
             s = loss(d, rid, at, to, host_bytes(at, fp) - host_bytes(to, fp))
             if s < bar and (best is None or (s, rid) < (best[0], best[1])):

@@ -73,6 +73,7 @@ def real(model_root: Path) -> Iterator[Real]:
             memory,
             TORPOR_DAEMON_RUNTIME_DIR=str(Path(tmp) / "run"),  # its workers, no one else's
             TORPOR_DAEMON_LISTEN=f"127.0.0.1:{port}",
+            TORPOR_DAEMON_TCP_AUTH="false",  # tokens and TLS: tests/security/test_tcp_auth.py
         )
         try:
             cli = Cli(daemon.socket)

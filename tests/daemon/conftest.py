@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -105,8 +106,14 @@ def call(method, request, timeout: float = 60):
 
 
 def start_torpord(
-    state_dir: Path, model_root: Path, memory: int, metrics_port: int = 0, **env: str
+    state_dir: Path,
+    model_root: Path,
+    memory: int,
+    metrics_port: int = 0,
+    stderr: Any = None,
+    **env: str,
 ) -> Torpord:
+    """torpord on `memory` bytes of one simulated device; `stderr` (a file) captures its log."""
     socket = state_dir / "torpord.sock"
     environ = {
         **os.environ,
@@ -136,6 +143,7 @@ def start_torpord(
             str(memory),
         ],
         env=environ,
+        stderr=stderr,
     )
     channel = grpc.insecure_channel(f"unix://{socket}")
     try:

@@ -100,6 +100,7 @@ def test_tcp_readiness_and_metrics(tmp_path: Path, model_root: Path) -> None:
         metrics_port=metrics,
         NOTIFY_SOCKET=str(tmp_path / "notify"),
         TORPOR_DAEMON_LISTEN=f"127.0.0.1:{port}",
+        TORPOR_DAEMON_TCP_AUTH="false",  # tokens and TLS: tests/security/test_tcp_auth.py
     )
     try:
         assert b"READY=1" in notify.recv(4096)  # systemd is told once the socket serves

@@ -49,8 +49,8 @@ class FailingScheduler(scheduler_pb2_grpc.SchedulerServicer):
     async def GetModel(self, request, context):
         if request.name == "RuntimeError":
             raise RuntimeError("a bug in a handler")
-        if request.name == "PERMISSION_DENIED":
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not torpor's code")
+        if request.name == "OUT_OF_RANGE":
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, "not torpor's code")
         if request.name == "hang":
             await self.never.wait()
         await context.abort_with_status(rpc_status.to_status(error_named(request.name)))
@@ -184,7 +184,7 @@ async def test_client_deadline_is_deadline_exceeded(address: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "code"),
-    [("RuntimeError", "UNKNOWN"), ("PERMISSION_DENIED", "PERMISSION_DENIED")],
+    [("RuntimeError", "UNKNOWN"), ("OUT_OF_RANGE", "OUT_OF_RANGE")],
 )
 async def test_status_without_torpor_detail_is_internal(address: str, name: str, code: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:

@@ -92,6 +92,8 @@ def test_values_as_text_from_the_environment() -> None:
         "TORPOR_DAEMON_LOG_FORMAT": "JSON",
         "TORPOR_WORKER_DEEP_SUSPEND": "off",
         "TORPOR_DAEMON_LISTEN": "[::1]:50051",
+        "TORPOR_DAEMON_TOKENS_FILE": "~/tokens",
+        "TORPOR_TOKEN": "torpor_x",  # the CLI's variable: no section, ignored
         "TORPOR_BUDGETS_HOST_MEMORY": "4GiB",
         "TORPOR_SOCKET": "/not/config",  # the CLI's variable: no section, ignored
         "TORPOR_CONFIG": "/not/config/either",
@@ -101,6 +103,7 @@ def test_values_as_text_from_the_environment() -> None:
     assert c.daemon.socket_mode == 0o600 and c.daemon.log_json is True
     assert c.daemon.model_roots == (Path("/models"), Path("/data/models"))
     assert c.worker.deep_suspend is False and c.daemon.listen == "[::1]:50051"
+    assert c.daemon.tokens_file == Path.home() / "tokens"
     assert c.budgets.host_memory == 4 * GiB
 
 
@@ -297,3 +300,52 @@ def test_policy_section_feeds_the_policy_core() -> None:
     )
     assert core.starvation_cap == 3 and core.deep_suspend is False
     assert [f.name for f in fields(core)] == [f.name for f in fields(policy)] + ["deep_suspend"]
+
+
+# TCP authentication (issue 12): what torpord refuses to start with. Tests bind loopback only,
+# so an address that is not loopback is checked here, by validation, never bound.
+
+TLS = {"daemon.tls_cert": "/etc/torpor/tls.pem", "daemon.tls_key": "/etc/torpor/tls.key"}
+TOKENS = {"daemon.tokens_file": "/etc/torpor/tokens"}
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:7070", "[::]:7070", "10.1.2.3:7070", "gpu1:7070"])
+def test_a_listen_off_loopback_needs_tls_and_tokens(listen: str) -> None:
+    exc = error(overrides={"daemon.listen": listen, **TOKENS})
+    assert exc.metadata["field"] == "daemon.tls_cert"
+    assert "with daemon.tls_key" in exc.message and "is not loopback" in exc.message
+    exc = error(overrides={"daemon.listen": listen, **TLS})
+    assert exc.metadata["field"] == "daemon.tokens_file"
+    exc = error(overrides={"daemon.listen": listen, **TLS, **TOKENS, "daemon.tcp_auth": False})
+    assert exc.metadata["field"] == "daemon.tcp_auth" and "is not loopback" in exc.message
+    c = load_config(None, {}, {"daemon.listen": listen, **TLS, **TOKENS})
+    assert c.daemon.tls_cert == Path("/etc/torpor/tls.pem") and c.daemon.tcp_auth is True
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:7070", "127.8.9.10:7070", "[::1]:7070",
+                                    "localhost:7070"])  # fmt: skip
+def test_a_loopback_listen_needs_tokens_unless_tcp_auth_is_off(listen: str) -> None:
+    exc = error(overrides={"daemon.listen": listen})
+    assert exc.metadata["field"] == "daemon.tokens_file"
+    assert "daemon.tcp_auth = false" in exc.message and "insecure" in exc.message
+    assert load_config(None, {}, {"daemon.listen": listen, **TOKENS}).daemon.tls_cert is None
+    env = {"TORPOR_DAEMON_LISTEN": listen, "TORPOR_DAEMON_TCP_AUTH": "false"}
+    assert load_config(None, env, {}).daemon.tcp_auth is False
+
+
+def test_tls_keys_come_in_pairs() -> None:
+    exc = error(overrides={"daemon.tls_cert": "/c.pem"})
+    assert exc.metadata["field"] == "daemon.tls_key" and "daemon.tls_cert" in exc.message
+    exc = error(overrides={"daemon.tls_key": "/c.key"})
+    assert exc.metadata["field"] == "daemon.tls_cert"
+    exc = error(overrides={"daemon.tls_client_ca": "/ca.pem"})
+    assert exc.metadata["field"] == "daemon.tls_client_ca"
+
+
+def test_auth_paths_default_to_none_and_round_trip(tmp_path: Path) -> None:
+    c = load_config(None, {}, {})
+    assert (c.daemon.tokens_file, c.daemon.tls_cert, c.daemon.listen) == (None, None, "")
+    assert c.as_dict()["daemon"]["tokens_file"] == ""  # TOML has no null
+    auth = {"daemon.listen": "[::1]:7070", **TLS, **TOKENS, "daemon.tls_client_ca": "/ca.pem"}
+    c = load_config(None, {}, auth)
+    assert load_config(write(tmp_path, c.to_toml()), {}, {}) == c

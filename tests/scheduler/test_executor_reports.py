@@ -24,6 +24,7 @@ from torpor.scheduler.core import (
     TransitionFailed,
 )
 from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
+from torpor.scheduler.recorder import WriteGate
 from torpor.v1 import common_pb2, worker_pb2
 
 RID = "m#1"
@@ -69,6 +70,14 @@ class Snapshots:
     def __init__(self, others: int = 0) -> None:
         self.forgotten: list[str] = []
         self.others = others
+        self.gate = WriteGate()
+        self.sweeps = 0
+
+    def sweep_soon(self) -> None:
+        self.sweeps += 1
+
+    def write_failed(self, model: str, runtime_id: str, error: Any) -> None:
+        pass
 
     async def forget(self, model: str, error: Any) -> bool:
         self.forgotten.append(error.reason)

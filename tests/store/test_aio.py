@@ -70,5 +70,6 @@ async def test_async_snapshot_admin(store: SnapshotStore) -> None:
     assert [s.id for s in await astore.list(MODEL)] == [snapshot_id]
     assert (await astore.usage()).used_bytes == 100
     assert (await astore.scrub()).dead_writers_removed == 0
+    assert (await astore.sweep()).orphan_files_removed == 0
     assert (await astore.delete(snapshot_id)).bytes_freed == 100
     assert await astore.list() == ()

@@ -47,6 +47,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_SNAPSHOT_CORRUPT: _ClassVar[EventKind]
     EVENT_KIND_PINNED_CHANGED: _ClassVar[EventKind]
     EVENT_KIND_GPU_DRAINING_CHANGED: _ClassVar[EventKind]
+    EVENT_KIND_SNAPSHOT_FAILED: _ClassVar[EventKind]
 EVICT_MODE_UNSPECIFIED: EvictMode
 EVICT_MODE_DRAIN: EvictMode
 EVICT_MODE_ABORT: EvictMode
@@ -71,6 +72,7 @@ EVENT_KIND_SNAPSHOT_DELETED: EventKind
 EVENT_KIND_SNAPSHOT_CORRUPT: EventKind
 EVENT_KIND_PINNED_CHANGED: EventKind
 EVENT_KIND_GPU_DRAINING_CHANGED: EventKind
+EVENT_KIND_SNAPSHOT_FAILED: EventKind
 
 class GpuInfo(_message.Message):
     __slots__ = ("index", "name", "uuid", "total_bytes", "used_bytes", "free_bytes", "draining")

@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class AdminStub:
-    """Operators and the `torpor` CLI: what is where, and moving it by hand.
+    """Operators and the `torpor` CLI: what is where, and moving it by hand. Bad values are
+    INVALID_ARGUMENT, checked before anything moves: an enum number the enum does not define
+    (reason BAD_ENUM), a Duration or Timestamp out of range (BAD_DURATION, BAD_TIMESTAMP), an
+    empty model name where the call needs one (MODEL_REQUIRED), a body that does not decode
+    (UNDECODABLE_REQUEST). Unknown models are NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -88,7 +92,11 @@ class AdminStub:
 
 
 class AdminServicer:
-    """Operators and the `torpor` CLI: what is where, and moving it by hand.
+    """Operators and the `torpor` CLI: what is where, and moving it by hand. Bad values are
+    INVALID_ARGUMENT, checked before anything moves: an enum number the enum does not define
+    (reason BAD_ENUM), a Duration or Timestamp out of range (BAD_DURATION, BAD_TIMESTAMP), an
+    empty model name where the call needs one (MODEL_REQUIRED), a body that does not decode
+    (UNDECODABLE_REQUEST). Unknown models are NOT_FOUND.
     """
 
     def ListResidency(self, request, context):
@@ -226,7 +234,11 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Operators and the `torpor` CLI: what is where, and moving it by hand.
+    """Operators and the `torpor` CLI: what is where, and moving it by hand. Bad values are
+    INVALID_ARGUMENT, checked before anything moves: an enum number the enum does not define
+    (reason BAD_ENUM), a Duration or Timestamp out of range (BAD_DURATION, BAD_TIMESTAMP), an
+    empty model name where the call needs one (MODEL_REQUIRED), a body that does not decode
+    (UNDECODABLE_REQUEST). Unknown models are NOT_FOUND.
     """
 
     @staticmethod

@@ -28,7 +28,9 @@ if _version_not_supported:
 
 class SchedulerStub:
     """Clients of torpord: models, leases and generation. Unknown models are NOT_FOUND, bad
-    values INVALID_ARGUMENT, a model that can never fit on any GPU FAILED_PRECONDITION (at
+    values INVALID_ARGUMENT (checked when the request arrives, before it queues or moves
+    anything; a body that does not decode too, reason UNDECODABLE_REQUEST; an empty name that
+    the call needs, reason MODEL_REQUIRED or LEASE_REQUIRED), a model that can never fit on any GPU FAILED_PRECONDITION (at
     once, never queued), a full queue RESOURCE_EXHAUSTED, a deadline that passes while queued
     DEADLINE_EXCEEDED, a worker that died UNAVAILABLE.
     """
@@ -88,7 +90,9 @@ class SchedulerStub:
 
 class SchedulerServicer:
     """Clients of torpord: models, leases and generation. Unknown models are NOT_FOUND, bad
-    values INVALID_ARGUMENT, a model that can never fit on any GPU FAILED_PRECONDITION (at
+    values INVALID_ARGUMENT (checked when the request arrives, before it queues or moves
+    anything; a body that does not decode too, reason UNDECODABLE_REQUEST; an empty name that
+    the call needs, reason MODEL_REQUIRED or LEASE_REQUIRED), a model that can never fit on any GPU FAILED_PRECONDITION (at
     once, never queued), a full queue RESOURCE_EXHAUSTED, a deadline that passes while queued
     DEADLINE_EXCEEDED, a worker that died UNAVAILABLE.
     """
@@ -220,7 +224,9 @@ def add_SchedulerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Scheduler:
     """Clients of torpord: models, leases and generation. Unknown models are NOT_FOUND, bad
-    values INVALID_ARGUMENT, a model that can never fit on any GPU FAILED_PRECONDITION (at
+    values INVALID_ARGUMENT (checked when the request arrives, before it queues or moves
+    anything; a body that does not decode too, reason UNDECODABLE_REQUEST; an empty name that
+    the call needs, reason MODEL_REQUIRED or LEASE_REQUIRED), a model that can never fit on any GPU FAILED_PRECONDITION (at
     once, never queued), a full queue RESOURCE_EXHAUSTED, a deadline that passes while queued
     DEADLINE_EXCEEDED, a worker that died UNAVAILABLE.
     """

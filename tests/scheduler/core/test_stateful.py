@@ -27,7 +27,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from torpor.errors import Code, FailedPrecondition, NotFound
+from torpor.errors import Code, FailedPrecondition, NotFound, ResourceExhausted
 from torpor.scheduler.core import (
     TRANSITIONS,
     AcquireRequested,
@@ -59,6 +59,7 @@ from torpor.scheduler.core import (
     Suspend,
     Tick,
     Tier,
+    TransitionRolledBack,
     WorkerDied,
     initial_state,
     snapshot_in_use,
@@ -282,6 +283,15 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(i=PICK)
     def fail_move(self, i) -> None:
         self.h.fail(self.h.moves[self._pick(self.h.moves, i)])
+
+    @precondition(lambda self: any(isinstance(m, Suspend) for m in self.h.moves.values()))
+    @rule(i=PICK)
+    def roll_back_suspend(self, i) -> None:
+        """A suspend whose snapshot found no room: back where it started (issue 12)."""
+        suspends = {k: m for k, m in self.h.moves.items() if isinstance(m, Suspend)}
+        move = self.h.moves.pop(self._pick(suspends, i))
+        full = ResourceExhausted("no room", reason="STORE_FULL")
+        self._send(TransitionRolledBack(move.runtime_id, move.seq, full))
 
     @precondition(lambda self: any(rt.state.has_worker for rt in self.h.state.runtimes.values()))
     @rule(i=PICK)
