@@ -262,6 +262,11 @@ class WorkerSection(_Section):
     not included)."""
     stop_timeout_s: float = _key(10.0, kind="float", lo=0, hi=600)
     """Seconds a worker gets to exit after Shutdown before it is killed."""
+    transition_timeout_s: float = _key(300.0, kind="float", lo=1, hi=86400)
+    """Seconds a worker may go without answering during a load, restore, suspend or
+    snapshot write (a streamed one restarts the clock with every progress report) before
+    it counts as hung: it is killed, the transition fails and its waiting requests are
+    planned again."""
     handle_size: int = _key(512 * MiB, kind="size", lo=2 * MiB, hi=64 * GiB)
     """Physical handle size of the pager's arenas, in bytes (rounded up to the device's
     granularity); large handles map faster."""

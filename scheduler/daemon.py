@@ -241,6 +241,7 @@ class Daemon:
             python=str(cfg.worker.python),
             log_level=cfg.daemon.log_level,
             stop_grace_s=cfg.worker.stop_timeout_s,
+            transition_timeout_s=cfg.worker.transition_timeout_s,
             model_roots=tuple(Path(root) for root in cfg.daemon.model_roots),
         )
 

@@ -1,12 +1,15 @@
 """Carries out the core's transitions on worker processes, and reports how they ended.
 
 Every Load, Resume, Suspend and Drop runs as its own task and ends with exactly one
-TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller. A
-failed transition kills its worker first (the core's rule: a FAILED runtime holds no
-bytes), so a worker is never left half-suspended. The one exception is a suspend whose
-snapshot found no room (or whose record the store refused) before anything was unmapped:
-its worker keeps the runtime as it was, and TransitionRolledBack says so (issue 12).
-Progress of loads and restores is forwarded as it streams.
+TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller,
+however it ends: an error, a worker that exits or hangs (every worker call is bounded, see
+worker_calls.py), or the task's own cancellation (STYLE.md rule 15). A failed transition
+kills its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is
+never left half-suspended. The one exception is a suspend whose snapshot found no room (or
+whose record the store refused) before anything was unmapped: its worker keeps the runtime
+as it was, and TransitionRolledBack says so (issue 12). A restore that fails on an unusable
+snapshot says so in its report, and the core plans it again from the next source. Progress
+of loads and restores is forwarded as it streams.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ import asyncio
 import hashlib
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from torpor.errors import (
     Aborted,
+    Cancelled,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -33,14 +36,13 @@ from torpor.errors import (
     Unavailable,
 )
 from torpor.log import bind, get_logger
-from torpor.rpc_status import from_rpc_error
+from torpor.scheduler import worker_calls
 from torpor.scheduler.core import (
     Drop,
     Footprint,
     Load,
     Resume,
     RuntimeState,
-    SnapshotDeleted,
     Suspend,
     Tier,
     TransitionCompleted,
@@ -77,6 +79,20 @@ _STATES = {
     common_pb2.RUNTIME_STATE_SUSPENDED_DEEP: RuntimeState.SUSPENDED_DEEP,
     common_pb2.RUNTIME_STATE_SUSPENDED_DISK: RuntimeState.SUSPENDED_DISK,
 }
+SNAPSHOT_UNUSABLE = frozenset(
+    {
+        "CHUNK_CORRUPT",
+        "CHUNK_MISSING",
+        "SNAPSHOT_CORRUPT",
+        "SNAPSHOT_INCOMPATIBLE",
+        "SNAPSHOT_NOT_FOUND",
+        "SNAPSHOT_NOT_LOCAL",
+        "NO_SNAPSHOT",
+    }
+)
+"""Reasons of a restore's failure that condemn the snapshot, not the runtime."""
+REAP_MARGIN_S = 10.0
+"""How long a killed worker may take to be reaped before the report goes out without it."""
 
 
 def worker_socket(runtime_dir: Path, runtime_id: str) -> Path:
@@ -123,6 +139,8 @@ class WorkerDefaults:
     python: str
     log_level: str
     stop_grace_s: float
+    transition_timeout_s: float
+    """How long one worker call of a transition (or one message of its stream) may take."""
     # Every checkpoint file a worker opens must resolve under these (daemon.model_roots).
     model_roots: tuple[Path, ...] = ()
 
@@ -192,19 +210,35 @@ class Executor:
             except RuntimeUnchanged as unchanged:  # issue 12: not a failure of the worker
                 self._rolled_back(action, unchanged.error)
                 return
-            except Exception as exc:  # every failure is reported, none escapes the task
-                error = exc if isinstance(exc, TorporError) else Internal(f"{kind} failed: {exc!r}")
-                log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
-                await self._kill(action.runtime_id)
-                self.busy.discard(action.runtime_id)
-                if error.reason in ("CHUNK_CORRUPT", "CHUNK_MISSING", "SNAPSHOT_INCOMPATIBLE"):
-                    await self.snapshots.forget(action.model, error)
-                    self._safe_report(SnapshotDeleted(action.model))
-                self._safe_report(TransitionFailed(action.runtime_id, action.seq, error))
+            except BaseException as exc:  # every way out is reported: STYLE.md rule 15
+                cancelled = _cancelling()
+                await self._fail(action, kind, exc, cancelled)
+                if cancelled or not isinstance(exc, Exception | asyncio.CancelledError):
+                    raise  # our own cancellation (or an interpreter exit) goes on
                 return
             self.busy.discard(action.runtime_id)
             log.info("transition_done", action=kind, seconds=round(time.perf_counter() - start, 4))
             self._safe_report(event)
+
+    async def _fail(
+        self, action: Load | Resume | Suspend | Drop, kind: str, exc: BaseException, cancelled: bool
+    ) -> None:
+        """Kill the worker, forget an unusable snapshot, and report TransitionFailed: the
+        report goes out in `finally`, even if this task is cancelled again meanwhile."""
+        error = _error_of(exc, kind, cancelled)
+        log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
+        restore = isinstance(action, Load | Resume) and action.source is Tier.DISK
+        unusable = restore and error.reason in SNAPSHOT_UNUSABLE
+        left = False
+        try:
+            await self._kill(action.runtime_id, now=cancelled or error.reason == "WORKER_HUNG")
+            if unusable:
+                left = await self.snapshots.forget(action.model, error)
+                log.warning("snapshot_unusable", reason=error.reason, another_left=left)
+        finally:
+            self.busy.discard(action.runtime_id)
+            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left)
+            self._safe_report(failed)
 
     def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
         """The transition failed before changing anything: the worker keeps its runtime."""
@@ -216,8 +250,9 @@ class Executor:
     def _safe_report(self, event: Any) -> None:
         try:
             self.report(event)
-        except TorporError as err:  # a stale report the core refuses is not our crash
-            log.warning("report_refused", event=type(event).__name__, error=str(err))
+        except Exception as err:  # a stale report the core refuses is not our crash
+            # Not `event=`: structlog reserves it, and the TypeError killed this task (#12).
+            log.warning("report_refused", report=type(event).__name__, error=str(err))
 
     # -- the four transitions -------------------------------------------------------------
 
@@ -239,16 +274,14 @@ class Executor:
         else:
             request.model_dir = str(source.source)
             request.model_roots.extend(str(root) for root in self.defaults.model_roots)
-        done = await self._transfer(worker.stub.Load(request), action, loading=True)
+        done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
             kind = "snapshot" if action.source is Tier.DISK else "cold"
             self.metrics.observe_load(kind, self.restores[action.runtime_id])
         if action.target is RuntimeState.SUSPENDED_HOST:
-            await _call(
-                worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST))
-            )
+            await self._suspend_to_host(worker)
         return TransitionCompleted(
             action.runtime_id, action.seq, action.target, self._footprint(status, source)
         )
@@ -256,8 +289,8 @@ class Executor:
     async def _resume(self, action: Resume) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        call = worker.stub.Resume(worker_pb2.WorkerResumeRequest())
-        done = await self._transfer(call, action, loading=False)
+        request = worker_pb2.WorkerResumeRequest()
+        done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
         moved = 0 if done is None else done.bytes
         seconds = time.perf_counter() - start
         self.restores[action.runtime_id] = seconds
@@ -268,16 +301,21 @@ class Executor:
             # copy's, and would make host restores look many times faster than they are.
             await self.snapshots.bandwidth(action.source, moved, seconds)
         if action.target is RuntimeState.SUSPENDED_HOST:  # pulled up to host only (prefetch)
-            await _call(
-                worker.stub.Suspend(worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST))
-            )
+            await self._suspend_to_host(worker)
         return TransitionCompleted(action.runtime_id, action.seq, action.target)
 
-    async def _transfer(self, call: Any, action: Load | Resume, loading: bool) -> Any:
+    async def _suspend_to_host(self, worker: WorkerProcess) -> None:
+        request = worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST)
+        await self._call(worker, worker.stub.Suspend, request, "suspend to host")
+
+    async def _transfer(
+        self, worker: WorkerProcess, method: Any, request: Any, action: Load | Resume, loading: bool
+    ) -> Any:
         """Follow a Load or Resume stream: pass its progress on to the waiting clients and
         return its final `done` message (None if it sent none)."""
         done = None
-        async for event in _stream(call):
+        what = f"{'load' if loading else 'resume'} from {_tier_name(action.source)}"
+        async for event in self._stream(worker, method, request, what):
             if event.HasField("progress"):
                 p = event.progress
                 self.progress(action.model, action.source, p.bytes_done, p.bytes_total, loading)
@@ -292,8 +330,9 @@ class Executor:
             await self._write_snapshot(action, worker)
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
-        request = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
-        reply = await _call(worker.stub.Suspend(request))
+        suspend = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
+        what = f"suspend to {_tier_name(action.level)}"
+        reply = await self._call(worker, worker.stub.Suspend, suspend, what)
         if self.metrics is not None:
             self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
         return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))
@@ -307,7 +346,7 @@ class Executor:
             async with self.snapshots.gate.writing():  # no sweep while chunks are unrecorded
                 done = None
                 request = worker_pb2.WorkerSnapshotRequest()
-                async for event in _stream(worker.stub.Snapshot(request)):
+                async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
                     if event.HasField("done"):
                         done = event.done
                 if done is None:
@@ -324,9 +363,7 @@ class Executor:
             raise
 
     async def _drop(self, action: Drop) -> TransitionCompleted:
-        worker = self.worker(action.runtime_id)
-        if worker is not None:
-            await worker.stop(self.defaults.stop_grace_s)
+        await self._kill(action.runtime_id)
         return TransitionCompleted(action.runtime_id, action.seq)
 
     # -- helpers ------------------------------------------------------------------------
@@ -383,10 +420,31 @@ class Executor:
             residue=est.residue,
         )
 
-    async def _kill(self, runtime_id: str) -> None:
+    async def _kill(self, runtime_id: str, now: bool = False) -> None:
+        """Stop the worker (at `now`, SIGKILL at once: it hangs, or torpord is stopping).
+        Bounded: a worker that cannot be reaped is logged, never waited for forever."""
         worker = self.worker(runtime_id)
-        if worker is not None:
-            await worker.stop(self.defaults.stop_grace_s)
+        if worker is None:
+            return
+        grace = self.defaults.stop_grace_s
+        if now:
+            worker.stopping = True
+            worker.signal(signal.SIGKILL)
+        stopping = worker.exited.wait() if now else worker.stop(grace)
+        try:
+            # stop() takes at most three graces (Shutdown, SIGTERM, SIGKILL), then the reap.
+            await asyncio.wait_for(stopping, 3 * grace + REAP_MARGIN_S)
+        except TimeoutError:
+            worker.signal(signal.SIGKILL)
+            log.error("worker_not_reaped", pid=worker.pid, waited_s=3 * grace + REAP_MARGIN_S)
+
+    async def _call(self, worker: WorkerProcess, method: Any, request: Any, what: str) -> Any:
+        timeout = self.defaults.transition_timeout_s
+        return await worker_calls.unary(worker, method, request, timeout, what)
+
+    def _stream(self, worker: WorkerProcess, method: Any, request: Any, what: str) -> Any:
+        timeout = self.defaults.transition_timeout_s
+        return worker_calls.stream(worker, method, request, timeout, what)
 
     async def drain(self, grace_s: float) -> None:
         if self._tasks:
@@ -408,19 +466,24 @@ def _tier_name(tier: Tier) -> str:
     )
 
 
-async def _call(call: Any) -> Any:
-    try:
-        return await call
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+def _cancelling() -> bool:
+    """Is this task being cancelled? (A CancelledError without it is grpc ending a call
+    whose worker's channel closed: a failure of the transition, not a cancellation.)"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
-async def _stream(call: Any) -> Any:
-    try:
-        async for event in call:
-            yield event
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+def _error_of(exc: BaseException, kind: str, cancelled: bool) -> TorporError:
+    """The typed error a failed transition is reported with."""
+    if isinstance(exc, TorporError):
+        return exc
+    if cancelled:
+        return Cancelled(f"the {kind} was cancelled (torpord is stopping)", reason="CANCELLED")
+    if isinstance(exc, asyncio.CancelledError):
+        return Unavailable(
+            f"the worker's channel closed during the {kind}", reason=worker_calls.WORKER_DIED
+        )
+    return Internal(f"{kind} failed: {exc!r}")
 
 
 __all__ = ["Executor", "FailedPrecondition", "ModelSource", "WorkerDefaults"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -32,6 +33,7 @@ _BANDWIDTH = {
     Tier.HOST: BandwidthTier.HOST_TO_GPU,
     Tier.DISK: BandwidthTier.DISK_READ,
 }
+_HASH = re.compile(r"[0-9a-f]{32}")  # a chunk's name (store.chunks.check_hash)
 _COST_FIELD = {
     BandwidthTier.HOST_TO_GPU: "host_to_gpu",
     BandwidthTier.DISK_READ: "disk_read",
@@ -91,6 +93,7 @@ class Recorder:
         self.metrics = metrics
         self.host = socket.gethostname()
         self.latest: dict[str, str] = {}  # model -> snapshot id
+        self.refused: set[str] = set()  # snapshots that failed a restore: never offered again
         self.on_recorded: Callable[[SnapshotInfo], None] | None = None
         self.on_write_failed: Callable[[str, str, TorporError], None] | None = None
         """(model, runtime id, error): a snapshot write failed and the runtime stayed."""
@@ -125,12 +128,34 @@ class Recorder:
             raise FailedPrecondition(f"model {model!r} has no snapshot", reason="NO_SNAPSHOT")
         return await asyncio.to_thread(snaps.manifest_hash_of, self.store, snapshot_id)
 
-    async def forget(self, model: str, error: TorporError) -> None:
-        """A snapshot that failed to restore is not offered again (marked corrupt when its
-        bytes were bad)."""
+    async def forget(self, model: str, error: TorporError) -> bool:
+        """A snapshot that failed to restore is not offered again: marked corrupt when its
+        bytes were bad, with its bad chunk quarantined (so that the next snapshot of the same
+        weights writes a good copy instead of sharing the bad one). True when another
+        complete snapshot of the model is left; it becomes the one restores read."""
         snapshot_id = self.latest.pop(model, None)
-        if snapshot_id is not None and error.reason in ("CHUNK_CORRUPT", "CHUNK_MISSING"):
-            await asyncio.to_thread(self.store.mark_corrupt, snapshot_id, error.message)
+        if snapshot_id is not None:
+            self.refused.add(snapshot_id)
+            if error.reason in ("CHUNK_CORRUPT", "CHUNK_MISSING"):
+                await self._mark_corrupt(snapshot_id, error)
+        try:
+            others = await asyncio.to_thread(self.store.list, model)
+        except TorporError as err:
+            log.error("snapshot_list_failed", model=model, error=str(err))
+            return False
+        for info in others:
+            if info.id not in self.refused:
+                self.latest[model] = info.id
+                return True
+        return False
+
+    async def _mark_corrupt(self, snapshot_id: str, error: TorporError) -> None:
+        chunk = error.metadata.get("hash")
+        chunk = chunk if chunk and _HASH.fullmatch(chunk) else None
+        try:
+            await asyncio.to_thread(self.store.mark_corrupt, snapshot_id, error.message, chunk)
+        except Exception as exc:  # the restore's report must still go out
+            log.error("mark_corrupt_failed", snapshot=snapshot_id, error=repr(exc))
 
     async def bandwidth(self, tier: Tier, nbytes: int, seconds: float) -> None:
         """Fold a measured restore into the catalog, and the policy's costs."""

@@ -53,8 +53,8 @@ def global_options(
         typer.Option(
             "--timeout",
             min=0.001,
-            help="Deadline of each call in seconds (default: 60 for quick calls, none for "
-            "streams and waits).",
+            help="Deadline of each call in seconds (default: 60 for quick calls; calls that "
+            "wait, such as generate and evict, fail after 600 without a word from torpord).",
             show_default=False,
         ),
     ] = None,

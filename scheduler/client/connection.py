@@ -9,6 +9,8 @@ A transport failure (no socket, connection refused) is not torpor's status, so i
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -23,6 +25,11 @@ from torpor.v1 import admin_pb2_grpc, scheduler_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 60.0
 """Deadline of a quick unary call when --timeout is not given."""
+WAIT_TIMEOUT_S = 600.0
+"""Without --timeout, how long a call that waits (generate, evict, prefetch, acquire until
+its lease is ready) may go without a word from torpord before it fails DEADLINE_EXCEEDED
+(exit 7): a wedged model or daemon must not hang a script forever (issue 12). A stream that
+keeps sending (a long generation, a restore's progress) is never cut by it."""
 START_HINT = "start it with `torpord` (or `make run` in a torpor checkout)"
 _DETAILS_KEY = "grpc-status-details-bin"  # the trailer where torpor's ErrorInfo travels
 
@@ -31,28 +38,79 @@ T = TypeVar("T")
 
 class Stream(Generic[T]):
     """A server stream: iterate it for its messages (errors arrive typed); cancel it to end
-    the call early."""
+    the call early. With `idle_s`, a call that sends nothing for that long is cancelled and
+    ends in `idle_error`, until `settle` (a held lease is silent by design)."""
 
-    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], TorporError]) -> None:
+    def __init__(
+        self,
+        call: Any,
+        translate: Callable[[grpc.RpcError], TorporError],
+        idle_s: float | None = None,
+        idle_error: Callable[[float], TorporError] | None = None,
+    ) -> None:
         self._call = call
         self._translate = translate
+        self._watchdog = _Watchdog(call, idle_s) if idle_s is not None else None
+        self._idle_error = idle_error
 
     def __iter__(self) -> Iterator[T]:
+        dog = self._watchdog
         try:
-            yield from self._call
+            for message in self._call:
+                if dog is not None:
+                    dog.kick()
+                yield message
         except grpc.RpcError as exc:
+            if dog is not None and dog.fired and self._idle_error is not None:
+                raise self._idle_error(dog.idle_s) from None
             raise self._translate(exc) from None
+        finally:
+            self.settle()
+
+    def settle(self) -> None:
+        """Stop bounding the silence: what follows may wait as long as it likes."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     def cancel(self) -> None:
         """End the call; a server that holds state for it (a lease) lets it go."""
+        self.settle()
         self._call.cancel()
+
+
+class _Watchdog:
+    """Cancels a call that has gone `idle_s` without a message. One thread that waits on an
+    event, not a timer per message (a generation sends hundreds a second)."""
+
+    def __init__(self, call: Any, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.fired = False
+        self._call = call
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="stream-watchdog", daemon=True).start()
+
+    def kick(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(max(0.0, self._last + self.idle_s - time.monotonic())):
+            if time.monotonic() >= self._last + self.idle_s:
+                self.fired = True
+                self._call.cancel()
+                return
 
 
 class Connection:
     """One channel to torpord and its Scheduler, Admin and Health stubs.
 
-    `timeout` is the deadline, in seconds, of every unary call; None means DEFAULT_TIMEOUT_S
-    for quick calls and no deadline for calls that wait (`Prefetch --wait`) and streams.
+    `timeout` (--timeout) is the deadline, in seconds, of every call, streams included.
+    Without it, quick calls get DEFAULT_TIMEOUT_S, and calls that wait get WAIT_TIMEOUT_S
+    of silence from torpord at most; only a stream that follows on purpose (`events
+    --follow`, a held lease) waits for as long as it is left to.
     """
 
     def __init__(
@@ -85,19 +143,34 @@ class Connection:
     ) -> T:
         """Call a unary method; `waits` marks a call that may legitimately take long, and
         `timeout` caps this call's deadline (for calls made while exiting)."""
-        deadline: float | None
+        deadline: float
         if self.timeout is not None:
             deadline = self.timeout if timeout is None else min(self.timeout, timeout)
         else:
-            deadline = timeout if timeout is not None else None if waits else DEFAULT_TIMEOUT_S
+            deadline = (
+                timeout if timeout is not None else WAIT_TIMEOUT_S if waits else DEFAULT_TIMEOUT_S
+            )
         try:
             return method(request, timeout=deadline)
         except grpc.RpcError as exc:
-            raise self.error(exc) from None
+            raise self.error(exc, waited=deadline) from None
 
-    def stream(self, method: Callable[..., Any], request: Any) -> Stream[Any]:
-        """Start a server-streaming call; it has no deadline unless --timeout gave one."""
-        return Stream(method(request, timeout=self.timeout), self.error)
+    def stream(
+        self, method: Callable[..., Any], request: Any, *, follow: bool = False
+    ) -> Stream[Any]:
+        """Start a server-streaming call: --timeout is its deadline; without it, it fails
+        after WAIT_TIMEOUT_S without a message, unless it `follow`s (events --follow)."""
+        if self.timeout is not None or follow:
+            return Stream(method(request, timeout=self.timeout), self.error)
+        return Stream(method(request), self.error, WAIT_TIMEOUT_S, self._silent)
+
+    def _silent(self, idle_s: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"no word from torpord at {self.target} for {idle_s:g} s while waiting (a model "
+            "stuck in a transition?); see `torpor ps`, or wait longer with --timeout",
+            reason="CLIENT_DEADLINE",
+            metadata={"target": str(self.target), "waited_s": f"{idle_s:g}"},
+        )
 
     def health_status(self, service: str = "") -> str:
         """The standard health service's status of `service` ("" is the whole server), as its
@@ -106,15 +179,16 @@ class Connection:
         response = self.unary(self.health.Check, request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status).lower()
 
-    def error(self, exc: grpc.RpcError) -> TorporError:
+    def error(self, exc: grpc.RpcError, waited: float | None = None) -> TorporError:
         """The typed error of a failed call, with the transport's failures made readable."""
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         if code is not None and not _from_torpor(exc):
             if code is grpc.StatusCode.UNAVAILABLE:
                 return self._not_running(exc)
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                within = "in time" if waited is None else f"within {waited:g} s"
                 return DeadlineExceeded(
-                    f"no answer from torpord at {self.target} in time (see --timeout)",
+                    f"no answer from torpord at {self.target} {within} (see --timeout)",
                     reason="CLIENT_DEADLINE",
                     metadata={"target": str(self.target)},
                 )

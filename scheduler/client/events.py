@@ -92,7 +92,7 @@ def events(
         request.gpu = gpu
     with session(ctx) as conn:
         try:
-            for event in conn.stream(conn.admin.WatchEvents, request):
+            for event in conn.stream(conn.admin.WatchEvents, request, follow=follow):
                 doc = shapes.event(event)
                 if as_json:
                     render.print_json_line(doc)

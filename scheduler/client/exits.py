@@ -9,7 +9,7 @@
 | 4 | ALREADY_EXISTS: the model name is taken |
 | 5 | FAILED_PRECONDITION: never fits on any GPU, pinned, wrong state |
 | 6 | RESOURCE_EXHAUSTED: queue or store budget full (retryable) |
-| 7 | DEADLINE_EXCEEDED: a deadline or a DRAIN timeout passed (retryable) |
+| 7 | DEADLINE_EXCEEDED: a deadline or DRAIN timeout passed; 600 s silent in a wait (retryable) |
 | 8 | UNAVAILABLE: torpord is not running or not reachable, or a worker died (retryable) |
 | 9 | ABORTED: an eviction in ABORT mode ended the request or lease (retryable) |
 | 10 | UNIMPLEMENTED: not supported by this daemon or backend |

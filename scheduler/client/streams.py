@@ -70,6 +70,7 @@ def acquire(
         ready = None
         try:
             ready = _until_ready(messages, for_output(as_json), name)
+            stream.settle()  # the lease is held in silence for as long as the user likes
             _hold(conn, stream, messages, ready, lambda: _announce_ready(name, ready, as_json))
         except KeyboardInterrupt:
             if ready is None:

@@ -115,6 +115,14 @@ class TransitionFailed:
     runtime_id: str
     seq: int
     error: TorporError
+    snapshot_unusable: bool = False
+    """A restore from the snapshot failed because the snapshot itself is unusable (a chunk
+    corrupt or missing, or it does not fit this runtime). The runtime is planned again from
+    the next source, and the failure does not count towards `max_load_failures`: the
+    waiting requests are served from there, not answered with an error."""
+    snapshot_left: bool = False
+    """With `snapshot_unusable`: another complete snapshot of the model is left (the next
+    restore reads it). Otherwise the runtime keeps none and the next load is cold."""
 
 
 @dataclass(frozen=True, slots=True)

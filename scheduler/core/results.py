@@ -54,10 +54,19 @@ def on_completed(d: Draft, ev: TransitionCompleted) -> None:
 
 
 def on_failed(d: Draft, ev: TransitionFailed) -> None:
-    """The op failed and its worker is gone: FAILED, recovered by the next request."""
+    """The op failed and its worker is gone: FAILED, recovered by the next request.
+
+    A restore that failed on an unusable snapshot is not the runtime's failure: it leaves
+    the snapshot behind (or keeps another one) and the next pass plans the runtime again
+    from the next source, for the requests that wait for it (issue 12)."""
     rt = _current(d, ev.runtime_id, ev.seq)
-    if rt is not None:
-        _fail(d, rt, f"{rt.state.name.lower()} failed: {ev.error.message}")
+    if rt is None:
+        return
+    why = f"{rt.state.name.lower()} failed: {ev.error.message}"
+    if ev.snapshot_unusable:
+        _fail(d, rt, why, snapshot=ev.snapshot_left, counted=False)
+    else:
+        _fail(d, rt, why)
 
 
 def on_rolled_back(d: Draft, ev: TransitionRolledBack) -> None:
@@ -88,17 +97,24 @@ def on_worker_died(d: Draft, ev: WorkerDied) -> None:
     _fail(d, rt, f"worker exited{': ' + ev.reason if ev.reason else ''}")
 
 
-def _fail(d: Draft, rt: Runtime, why: str) -> None:
+def _fail(
+    d: Draft, rt: Runtime, why: str, snapshot: bool | None = None, counted: bool = True
+) -> None:
     """Move `rt` to FAILED: its leases end UNAVAILABLE; after `max_load_failures` failed
-    loads in a row its queue is answered UNAVAILABLE instead of retried forever."""
+    loads in a row its queue is answered UNAVAILABLE instead of retried forever.
+
+    `snapshot` overrides whether it keeps a snapshot; an uncounted failure (an unusable
+    snapshot) neither adds to the failed loads nor ends a prefetch: both try the next source.
+    """
     error = Unavailable(f"runtime of {rt.model}: {why}", reason="WORKER_FAILED")
     for lease in d.leases_on(rt.id):
         d.end_lease(lease, LeaseEnd.WORKER_DIED, error)
     up = rt.op is not None and rt.op.state in (S.LOADING, S.RESUMING)
-    failures = rt.failures + 1 if up else rt.failures
+    failures = rt.failures + 1 if up and counted else rt.failures
     # A snapshot that was being written is lost with the worker; a complete one survives.
-    rt = d.settle(rt, Residency(S.FAILED, snapshot=rt.at.snapshot), failures=failures, why=why)
-    if rt.prefetch is not None:
+    keep = rt.at.snapshot if snapshot is None else snapshot
+    rt = d.settle(rt, Residency(S.FAILED, snapshot=keep), failures=failures, why=why)
+    if rt.prefetch is not None and counted:
         d.emit(Reject(rt.prefetch.request_id, error))
         rt = replace(rt, prefetch=None)
     if failures >= d.config.max_load_failures:

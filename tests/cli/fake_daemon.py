@@ -50,6 +50,7 @@ class FakeTorpord:
         self.socket = socket
         self.lease_ttl_s = lease_ttl_s
         self.renewable = True  # False: Renew answers NOT_FOUND, as for an expired lease
+        self.wedged = False  # True: calls that wait never answer (a model stuck in a move)
         self.now = datetime.now(UTC)
         self.models = {m.spec.name: m for m in _models(self.now)}
         self.leases: dict[str, threading.Event] = {}  # lease id -> set when it ends
@@ -150,6 +151,12 @@ def _gpus() -> list[admin_pb2.GpuInfo]:
     ]  # fmt: skip
 
 
+def _wedge(daemon: FakeTorpord, context: grpc.ServicerContext) -> None:
+    """When the daemon is wedged: say nothing until the client gives up (or HOLD_LIMIT_S)."""
+    if daemon.wedged:
+        _hold(context, threading.Event())
+
+
 def _hold(context: grpc.ServicerContext, ended: threading.Event) -> None:
     """Keep a stream open until `ended` is set or the client cancels the call."""
     context.add_callback(ended.set)
@@ -193,6 +200,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     @servicer_errors
     def Acquire(self, request, context):
         self.d.record("Acquire", request)
+        _wedge(self.d, context)
         model = self.d.model(request.model)
         if model.spec.name == "huge":
             raise FailedPrecondition(
@@ -246,6 +254,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     @servicer_errors
     def Generate(self, request, context):
         self.d.record("Generate", request)
+        _wedge(self.d, context)
         model = self.d.model(request.model)
         s = request.sampling
         if not 0 <= s.temperature <= 100:
@@ -281,6 +290,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     @servicer_errors
     def Prefetch(self, request, context):
         self.d.record("Prefetch", request)
+        _wedge(self.d, context)
         self.d.model(request.model)
         if request.tier not in (common_pb2.TIER_GPU, common_pb2.TIER_HOST):
             raise InvalidArgument("prefetch goes to GPU or HOST")
@@ -311,6 +321,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
     @servicer_errors
     def Evict(self, request, context):
         self.d.record("Evict", request)
+        _wedge(self.d, context)
         model = self.d.model(request.model)
         if model.spec.pinned:
             raise FailedPrecondition(f"{model.spec.name} is pinned", reason="PINNED")

@@ -31,12 +31,14 @@ def _executor(streamed: bool, tier: int) -> tuple[Executor, Recorded]:
             done=worker_pb2.WorkerResumeResponse.Done(tier=tier, bytes=10**9, streamed=streamed)
         )
 
-    worker = SimpleNamespace(stub=SimpleNamespace(Resume=resume_stream))
+    worker = SimpleNamespace(
+        stub=SimpleNamespace(Resume=resume_stream), exited=asyncio.Event(), returncode=None
+    )
     supervisor = SimpleNamespace(workers={"m#1": worker})
     recorded = Recorded()
     executor = Executor(
         supervisor,  # type: ignore[arg-type]
-        defaults=None,  # type: ignore[arg-type]
+        defaults=SimpleNamespace(transition_timeout_s=30.0),  # type: ignore[arg-type]
         models={},
         report=lambda _: None,
         progress=lambda *_: None,

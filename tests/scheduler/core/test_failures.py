@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from torpor.errors import Code, FailedPrecondition, Internal
+from torpor.errors import Code, DataLoss, FailedPrecondition, Internal
 from torpor.scheduler.core import (
     ClientGone,
     EndLease,
+    EvictRequested,
     LeaseEnd,
     Load,
     ModelUnregistered,
     RequestFinished,
+    Resume,
     RuntimeState,
+    SnapshotDeleted,
     Tier,
     TransitionCompleted,
+    TransitionFailed,
     WorkerDied,
 )
 
@@ -52,6 +56,74 @@ def test_repeated_load_failures_answer_the_queue_unavailable() -> None:
     again = h.acquire("a")  # the next request tries again
     h.settle()
     assert again in h.grants
+
+
+def _corrupt(move: Load | Resume, left: bool = False) -> TransitionFailed:
+    error = DataLoss("chunk is corrupt", reason="CHUNK_CORRUPT")
+    return TransitionFailed(move.runtime_id, move.seq, error, True, left)
+
+
+def test_a_snapshot_that_proves_corrupt_falls_back_to_a_cold_load() -> None:
+    """Issue 12: the restore from a corrupt snapshot fails; the waiting request is served
+    by a cold load, and the runtime holds no snapshot (nor its disk bytes) any more."""
+    h = Harness(world(max_load_failures=1))  # one counted failure would reject the queue
+    h.register("a", 10, snapshot=True)
+    rid = h.acquire("a")
+    [load] = _loads(h)
+    assert load.source is Tier.DISK
+    del h.moves[(load.runtime_id, load.seq)]
+    h.send(_corrupt(load))
+    [cold] = _loads(h)
+    assert cold.source is Tier.SOURCE and rid not in h.rejects
+    assert not h.rt("a").at.snapshot and h.state.held(h.rt("a")).disk == 0
+    h.settle()
+    assert h.grants[rid].runtime_id == load.runtime_id and h.rt("a").failures == 0
+
+
+def test_a_corrupt_snapshot_with_another_left_restores_from_that_one() -> None:
+    h = Harness(world(max_load_failures=1))
+    h.register("a", 10, snapshot=True)
+    rid = h.acquire("a")
+    [load] = _loads(h)
+    del h.moves[(load.runtime_id, load.seq)]
+    h.send(_corrupt(load, left=True))
+    [again] = _loads(h)
+    assert again.source is Tier.DISK and h.rt("a").at.snapshot
+    h.settle()
+    assert rid in h.grants
+
+
+def test_a_resume_from_a_corrupt_snapshot_falls_back_too() -> None:
+    """A runtime suspended to disk keeps its worker; a resume that finds the snapshot
+    corrupt loses the worker (it is killed), and the request is served cold."""
+    h = Harness(world(max_load_failures=1))
+    h.register("a", 10)
+    h.register("b", 10)
+    h.acquire("a")
+    h.settle()
+    h.send(ClientGone("c"))
+    h.send(EvictRequested("e1", "a", Tier.DISK))
+    h.settle()
+    assert h.rt("a").state is S.SUSPENDED_DISK
+    rid = h.acquire("a", client="d")
+    [resume] = [a for a in h.plans[-1].actions if isinstance(a, Resume)]
+    assert resume.source is Tier.DISK
+    del h.moves[(resume.runtime_id, resume.seq)]
+    h.send(_corrupt(resume))
+    [cold] = _loads(h)
+    assert cold.source is Tier.SOURCE
+    h.settle()
+    assert rid in h.grants and rid not in h.rejects
+
+
+def test_a_snapshot_deleted_mid_restore_is_refused() -> None:
+    """Why the executor no longer reports SnapshotDeleted for a bad snapshot: the core
+    refuses it while the runtime restores from it (and the report was then lost)."""
+    h = Harness(world())
+    h.register("a", 10, snapshot=True)
+    h.acquire("a")
+    with pytest.raises(FailedPrecondition):
+        h.send(SnapshotDeleted("a"))
 
 
 def test_a_dead_worker_ends_its_leases_unavailable_and_recovers_on_next_request() -> None:
