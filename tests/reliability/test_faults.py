@@ -31,23 +31,13 @@ from tests.reliability.faults import PHASES, VICTIMS, FaultHarness, Trial, run_t
 pytestmark = pytest.mark.reliability
 
 
-# Findings of issue 12 that other branches fix; the marks go once those are merged.
-WEDGE = pytest.mark.xfail(
-    reason="issue 12: a worker killed mid-transition wedges its model, being fixed",
-    strict=False,
-)
+# A finding of this suite that no branch fixes yet; the mark goes with its fix.
 STALE_SOCKET = pytest.mark.xfail(
     reason="issue 12: a killed worker's socket stays in the runtime dir until its runtime "
     "starts again (found by this suite; no branch fixes it yet)",
     strict=False,
 )
 KNOWN: dict[tuple[str, str], pytest.MarkDecorator] = {
-    ("load", "worker"): WEDGE,
-    ("suspend_host", "worker"): WEDGE,
-    ("suspend_disk", "worker"): WEDGE,
-    ("resume_host", "worker"): WEDGE,
-    ("resume_disk", "worker"): WEDGE,
-    ("snapshot_write", "worker"): WEDGE,
     ("registration", "worker"): STALE_SOCKET,
 }
 CASES = [
