@@ -145,6 +145,7 @@ class FaultHarness:
         self.backend = backend
         self.windows = dict(INITIAL_WINDOW_S)
         self.registered = 0
+        self.killed = 0  # the worker pid the last trial killed
         self.daemon = self._start()
         for name in models:
             self.daemon.register(name, model_root / name)
@@ -252,6 +253,7 @@ class FaultHarness:
         pid = self._await_worker(target, outcome)
         in_flight = not outcome.done.is_set()
         if pid:
+            self.killed = pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return in_flight and pid != 0
@@ -277,18 +279,18 @@ class FaultHarness:
     # -- the checks after a trial ------------------------------------------------------------
     def assert_settled(self) -> None:
         """No runtime is left LOADING, SUSPENDING or RESUMING, and torpord has noticed every
-        killed worker (no runtime reports a dead pid), after a bounded wait. (A request sent
+        killed worker (no runtime reports the killed pid, or a dead one: a killed process can
+        still look alive in /proc while it exits), after a bounded wait. (A request sent
         before torpord noticed can still be routed to the dead worker: UNAVAILABLE, retryable.)"""
+
+        def unsettled(r: admin_pb2.RuntimeInfo) -> bool:
+            if r.state in TRANSITIONAL or (r.worker_pid and r.worker_pid == self.killed):
+                return True
+            return bool(r.worker_pid) and not leftovers.alive(r.worker_pid)
+
         assert_eventually(
             self.runtimes,
-            lambda rs: (
-                not [
-                    r
-                    for r in rs
-                    if r.state in TRANSITIONAL
-                    or (r.worker_pid and not leftovers.alive(r.worker_pid))
-                ]
-            ),
+            lambda rs: not [r for r in rs if unsettled(r)],
             timeout=SETTLE_S,
         )
 
