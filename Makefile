@@ -17,7 +17,7 @@ STATE_DIR ?= .state
 RUN_DIR ?= $(STATE_DIR)/run
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-gpu lint proto proto-check bench-gpu linktree clean
+.PHONY: install run test test-reliability test-gpu lint proto proto-check bench-gpu linktree clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,14 @@ run: install
 # installs (if missing), starts on loopback, and stops again.
 test: install proto-check
 	bash tests/postgres/run-with-postgres.sh $(VENV)/bin/pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# The full forms of issue 12's standing suites (docs/RELIABILITY.md): faults (20 kills per
+# phase), load (1,000 concurrent streams), the second-user security checks and the edge fuzz.
+# `make test` runs their short forms. The gpu-marked faults run where torch sees a GPU.
+RELIABILITY_TESTS = tests/reliability $(wildcard tests/daemon/test_edge_fuzz.py)
+test-reliability: install
+	TORPOR_RELIABILITY_FULL=1 bash tests/postgres/run-with-postgres.sh \
+	  $(VENV)/bin/pytest -q -rxX $(RELIABILITY_TESTS) $(PYTEST_ARGS)
 
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu $(PYTEST_ARGS)

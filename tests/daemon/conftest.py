@@ -110,10 +110,13 @@ def start_torpord(
     model_root: Path,
     memory: int,
     metrics_port: int = 0,
+    backend: str = "cpu",
     stderr: Any = None,
     **env: str,
 ) -> Torpord:
-    """torpord on `memory` bytes of one simulated device; `stderr` (a file) captures its log."""
+    """torpord on `memory` bytes of one simulated device; `stderr` (a file) captures its log.
+    With backend="cuda" it runs on the host's GPUs instead (`memory` unused; the gpu-marked
+    faults of tests/reliability)."""
     socket = state_dir / "torpord.sock"
     environ = {
         **os.environ,
@@ -135,12 +138,11 @@ def start_torpord(
             str(socket),
             "--metrics-port",
             str(metrics_port),
-            "--backend",
-            "cpu",
-            "--cpu-devices",
-            "1",
-            "--cpu-device-memory",
-            str(memory),
+            *(
+                ["--backend", "cpu", "--cpu-devices", "1", "--cpu-device-memory", str(memory)]
+                if backend == "cpu"
+                else ["--backend", backend]
+            ),
         ],
         env=environ,
         stderr=stderr,

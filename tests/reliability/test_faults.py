@@ -1,0 +1,95 @@
+"""Faults: kill -9 of a worker and of torpord at a random moment inside every phase, on the
+CPU backend (issue 12, "Standing suites").
+
+Phases: load (cold or from a snapshot), generate, suspend to host, suspend to disk, resume
+from host, resume from disk, snapshot write (evict to DROP) and registration (a worker kill
+there hits a bystander model's worker while the registration runs). Per phase, each victim
+is killed `scale.trials_per_phase()` times: 1 in CI, 10 in the full run (20 per phase,
+both victims). After
+every kill: the call in flight ended before its deadline; no runtime is left LOADING,
+SUSPENDING or RESUMING; every live worker of the state dir is one torpord reports; the model
+serves the reference's greedy tokens; no temp or orphan chunk file or stray socket is left.
+A killed torpord is restarted on the same state dir first. At the end torpord stops with
+status 0 and leaves no worker process or socket.
+
+Replay a failure with the TORPOR_RELIABILITY_SEED that the test printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.conftest import MODELS, footprint_bytes
+from tests.reliability import scale
+from tests.reliability.faults import PHASES, VICTIMS, FaultHarness, Trial, run_trial
+
+pytestmark = pytest.mark.reliability
+
+
+# Findings of this suite that no branch fixes yet; each mark goes with its fix.
+STALE_SOCKET = pytest.mark.xfail(
+    reason="issue 12: a killed worker's socket stays in the runtime dir until its runtime "
+    "starts again (found by this suite; no branch fixes it yet)",
+    strict=False,
+)
+KILLED_WRITE_DEBRIS = pytest.mark.xfail(
+    reason="issue 12: a worker killed mid-snapshot-write can leave its chunk temp file until "
+    "the next periodic sweep (300 s), though torpord sweeps after a failed write (found by "
+    "this suite after the disk merge, 1 run in 3)",
+    strict=False,
+)
+KNOWN: dict[tuple[str, str], pytest.MarkDecorator] = {
+    ("suspend_disk", "worker"): KILLED_WRITE_DEBRIS,
+    ("registration", "worker"): STALE_SOCKET,
+}
+CASES = [
+    pytest.param(phase, victim, marks=[KNOWN[phase, victim]] if (phase, victim) in KNOWN else [])
+    for phase in PHASES
+    for victim in VICTIMS
+]
+
+
+@pytest.mark.parametrize(("phase", "victim"), CASES)
+def test_kill_in_phase(
+    phase: str,
+    victim: str,
+    tmp_path: Path,
+    model_root: Path,
+    reference_tokens: dict[str, list[int]],
+) -> None:
+    rng = scale.seeded(f"faults-{phase}-{victim}")
+    harness = FaultHarness(
+        tmp_path / "state", model_root, int(2.5 * footprint_bytes(model_root)), MODELS
+    )
+    trials: list[Trial] = []
+    try:
+        for _ in range(scale.trials_per_phase()):
+            model, bystander = rng.sample(MODELS, 2)
+            delay = rng.uniform(0, harness.windows[phase])
+            cold = rng.random() < 0.5
+            trials.append(
+                run_trial(harness, phase, victim, model, bystander, reference_tokens, delay, cold)
+            )
+        harness.stop_and_assert_clean()
+    except BaseException:
+        harness.abandon()
+        raise
+    finally:
+        _report(trials)
+
+
+def _report(trials: list[Trial]) -> None:
+    """Print the trials; with TORPOR_RELIABILITY_REPORT=FILE also append them (JSON lines)
+    for docs/RELIABILITY.md's figures."""
+    for t in trials:
+        print(f"[faults] {t}")
+    path = os.environ.get("TORPOR_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as out:
+            for t in trials:
+                out.write(json.dumps({"suite": "faults", **asdict(t)}) + "\n")
