@@ -94,7 +94,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         servers = [self.server] if self.tcp is None else [self.server, self.tcp]
         await asyncio.gather(*(server.stop(grace) for server in servers))
-        _remove(Path(self.daemon.config.daemon.socket))
+        remove_stale_socket(Path(self.daemon.config.daemon.socket))
 
 
 def check_socket_path(socket: Path) -> None:
@@ -114,9 +114,10 @@ def _prepare(socket: Path) -> None:
         socket.unlink(missing_ok=True)  # a socket file left by a crash
 
 
-def _remove(socket: Path) -> None:
-    """At shutdown, after the server stopped: remove our socket, if it is still a stale
-    socket (a path someone replaced meanwhile is not ours any more)."""
+def remove_stale_socket(socket: Path) -> None:
+    """Once its server has stopped (torpord's at shutdown, a worker that exited): remove
+    the socket, if it is still a stale socket (a path someone replaced meanwhile, or a
+    server that answers on it now, is not ours any more)."""
     with contextlib.suppress(FailedPrecondition):
         if _socket_state(socket) is _SocketState.STALE:
             socket.unlink(missing_ok=True)

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from torpor.errors import ResourceExhausted, Unavailable
+from torpor.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from torpor.log import get_logger
 from torpor.scheduler import procinfo
 from torpor.scheduler.procinfo import ProcessStart
+from torpor.scheduler.server import remove_stale_socket
 from torpor.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -232,8 +233,15 @@ class Supervisor:
         task.add_done_callback(self._watchers.discard)
 
     async def _exited(self, worker: WorkerProcess) -> None:
-        self.workers.pop(worker.runtime_id, None)
-        (self.records / f"{worker.runtime_id}.json").unlink(missing_ok=True)
+        # The runtime's next worker may be running already (`stop` returns once the exit is
+        # seen, before this report): its entry, record and socket are not this one's.
+        if self.workers.get(worker.runtime_id, worker) is worker:
+            self.workers.pop(worker.runtime_id, None)
+            (self.records / f"{worker.runtime_id}.json").unlink(missing_ok=True)
+            # A killed worker cannot remove its socket; left, it lingered until its runtime
+            # started again (issue 12). Only a socket that nothing answers on is removed.
+            with contextlib.suppress(FailedPrecondition, OSError):
+                remove_stale_socket(worker.spec.socket)
         level = "info" if worker.stopping else "error"
         getattr(log, level)(
             "worker_exited",

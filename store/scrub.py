@@ -132,7 +132,27 @@ def _writer_alive(temp: Path) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _exiting(pid)
+
+
+PF_EXITING = 0x4
+"""The kernel's flag (in /proc/PID/stat) of a process that has begun to exit."""
+
+
+def _exiting(pid: int) -> bool:
+    """Whether `pid` has exited but is not reaped yet (a zombie), or is exiting: it writes
+    nothing more. `kill(pid, 0)` succeeds on such a process, and a worker killed mid-write
+    is one until torpord reaps it, which is just when the sweep after its failed write runs
+    (issue 12). The writers are single-process Python (the main thread lives as long as the
+    process), so the state of the pid itself tells."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # reaped meanwhile (the next sweep has it), or no /proc: trust kill()
+        return False
+    # After the command name, which may hold spaces and parentheses: state, ppid, pgrp,
+    # session, tty_nr, tpgid, flags.
+    fields = text[text.rindex(")") + 1 :].split()
+    return fields[0] in ("Z", "X", "x") or int(fields[6]) & PF_EXITING != 0
 
 
 def _size(path: Path) -> int:

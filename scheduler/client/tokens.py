@@ -17,6 +17,7 @@ from torpor.errors import InvalidArgument
 from torpor.scheduler.auth import Scope, new_token
 from torpor.scheduler.client.exits import fail
 from torpor.scheduler.client.render import print_json
+from torpor.store.private import PRIVATE_FILE
 
 token_app = typer.Typer(name="token", help="Bearer tokens for torpord's TCP endpoint.")
 
@@ -48,9 +49,24 @@ def new(
 
 def _append(path: Path, line: str) -> None:
     try:
-        # 0644 at most: the file holds digests, not secrets, but only its owner writes it.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        with os.fdopen(fd, "a") as f:
+        with os.fdopen(_open_for_append(path), "a") as f:
             f.write(line + "\n")
     except OSError as exc:
         fail(InvalidArgument(f"cannot append to {path}: {exc.strerror}", reason="BAD_TOKENS_FILE"))
+
+
+def _open_for_append(path: Path) -> int:
+    """A new tokens file is 0600 whatever the umask: its digests let anyone who reads them
+    try tokens offline, and torpord needs no group or other bit (issue 12). An existing file
+    keeps its mode: the operator may have made it 0640 root:torpor for torpord to read."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except FileExistsError:
+        return os.open(path, flags)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)  # the umask only narrows: 0600 exactly, not 0400
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -31,27 +31,10 @@ from tests.reliability.faults import PHASES, VICTIMS, FaultHarness, Trial, run_t
 pytestmark = pytest.mark.reliability
 
 
-# Findings of this suite that no branch fixes yet; each mark goes with its fix.
-STALE_SOCKET = pytest.mark.xfail(
-    reason="issue 12: a killed worker's socket stays in the runtime dir until its runtime "
-    "starts again (found by this suite; no branch fixes it yet)",
-    strict=False,
-)
-KILLED_WRITE_DEBRIS = pytest.mark.xfail(
-    reason="issue 12: a worker killed mid-snapshot-write can leave its chunk temp file until "
-    "the next periodic sweep (300 s), though torpord sweeps after a failed write (found by "
-    "this suite after the disk merge, 1 run in 3)",
-    strict=False,
-)
-KNOWN: dict[tuple[str, str], pytest.MarkDecorator] = {
-    ("suspend_disk", "worker"): KILLED_WRITE_DEBRIS,
-    ("registration", "worker"): STALE_SOCKET,
-}
-CASES = [
-    pytest.param(phase, victim, marks=[KNOWN[phase, victim]] if (phase, victim) in KNOWN else [])
-    for phase in PHASES
-    for victim in VICTIMS
-]
+# Every case must pass. Fixed findings of this suite (docs/RELIABILITY.md, "Standing
+# suites"): suspend_disk-worker left a chunk temp file (store/scrub.py: a zombie writer is
+# dead), registration-worker left a killed worker's socket (scheduler/supervisor.py).
+CASES = [pytest.param(phase, victim) for phase in PHASES for victim in VICTIMS]
 
 
 @pytest.mark.parametrize(("phase", "victim"), CASES)

@@ -135,11 +135,6 @@ def test_admin_calls_stay_fast(load_run: LoadRun) -> None:
     assert worst < bound, f"admin p99 {worst * 1000:.0f} ms under load (bound {bound * 1000} ms)"
 
 
-@pytest.mark.xfail(
-    reason="issue 12: a stream whose deadline passes while queued logs grpc's multi-line "
-    "ExecuteBatchError traceback (found by this suite; no branch fixes it yet)",
-    strict=False,
-)
 def test_log_has_no_tracebacks(load_run: LoadRun) -> None:
     """Clients that give up (deadline, cancel) must not flood torpord's log with tracebacks."""
     tracebacks = load_run.log.count("Traceback (most recent call last)")

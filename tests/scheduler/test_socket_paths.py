@@ -1,5 +1,5 @@
-"""torpord's socket path helpers (scheduler/server.py `_prepare`, `_remove`): only a stale
-socket, one nothing answers on, is ever removed (issue 12)."""
+"""torpord's socket path helpers (scheduler/server.py `_prepare`, `remove_stale_socket`):
+only a stale socket, one nothing answers on, is ever removed (issue 12)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from torpor.errors import FailedPrecondition
-from torpor.scheduler.server import _prepare, _remove
+from torpor.scheduler.server import _prepare, remove_stale_socket
 
 
 def stale_socket(path: Path) -> Path:
@@ -37,7 +37,7 @@ def test_a_stale_socket_is_removed(tmp_path: Path) -> None:
     path = stale_socket(tmp_path / "torpord.sock")
     _prepare(path)
     assert not path.exists()
-    _remove(stale_socket(path))
+    remove_stale_socket(stale_socket(path))
     assert not path.exists()
 
 
@@ -53,7 +53,7 @@ def test_what_is_not_a_socket_is_refused_and_kept(tmp_path: Path, kind: str) -> 
     with pytest.raises(FailedPrecondition, match="is not a socket") as refused:
         _prepare(path)
     assert refused.value.reason == "SOCKET_PATH_IN_USE" and str(path) in str(refused.value)
-    _remove(path)
+    remove_stale_socket(path)
     assert path.exists() or path.is_symlink()
 
 
@@ -61,5 +61,5 @@ def test_a_live_socket_is_refused_and_kept(live_socket: Path) -> None:
     with pytest.raises(FailedPrecondition, match="another server") as refused:
         _prepare(live_socket)
     assert refused.value.reason == "SOCKET_PATH_IN_USE"
-    _remove(live_socket)
+    remove_stale_socket(live_socket)
     assert live_socket.is_socket()

@@ -44,6 +44,9 @@ async def test_crash_is_noticed_at_once(tmp_path: Path) -> None:
     assert gone is worker and not worker.stopping and worker.returncode == -signal.SIGKILL
     assert "r1" not in sup.workers
     assert not (tmp_path / "run" / "workers" / "r1.json").exists()
+    # Its socket too, not only when its runtime starts again (issue 12, found by the fault
+    # suite's registration-worker case).
+    assert not worker.spec.socket.exists()
 
 
 async def test_stop_is_clean(tmp_path: Path) -> None:
@@ -72,7 +75,28 @@ async def test_a_restarted_supervisor_adopts_live_workers(tmp_path: Path) -> Non
     os.kill(pid, signal.SIGKILL)  # an adopted worker's death is noticed too (pidfd)
     gone = await asyncio.wait_for(exits.get(), 10)
     assert gone.pid == pid
+    assert not gone.spec.socket.exists()  # removed on the watch path of an adopted worker
     await first.stop_all(grace_s=5)
+
+
+async def test_an_exit_removes_only_a_stale_socket_of_its_own(tmp_path: Path) -> None:
+    """What lies at an exited worker's socket path is removed only if it is a socket that
+    nothing answers on: a file put there is not torpord's to delete, and neither is the
+    socket of the runtime's next worker, already started."""
+    exits: asyncio.Queue[WorkerProcess] = asyncio.Queue()
+    sup = Supervisor(tmp_path / "run", exits.put)
+    worker = await sup.spawn(spec(tmp_path, "r1"))
+    worker.spec.socket.unlink()
+    worker.spec.socket.write_text("not a socket")
+    worker.signal(signal.SIGKILL)
+    await asyncio.wait_for(exits.get(), 10)
+    assert worker.spec.socket.read_text() == "not a socket"
+    worker.spec.socket.unlink()
+    again = await sup.spawn(spec(tmp_path, "r1"))
+    await worker.channel.close()  # (closed already: only the newer worker counts below)
+    await sup._exited(worker)  # a late report of the first one's exit
+    assert sup.workers["r1"] is again and again.spec.socket.exists()
+    await sup.stop_all(grace_s=5)
 
 
 async def test_a_worker_that_cannot_start_is_unavailable(tmp_path: Path) -> None:

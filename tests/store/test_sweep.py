@@ -12,6 +12,7 @@ import pytest
 from tests.faults.fullfs import fill, small_tmpfs
 from tests.store.helpers import FINGERPRINT, MODEL, StoreFactory, blob
 from torpor.errors import ResourceExhausted
+from torpor.store.scrub import _writer_alive
 from torpor.store.snapshots import SnapshotStore
 
 
@@ -88,3 +89,32 @@ def test_write_on_a_full_file_system_aborts_without_leftovers(
         usage = store.usage()
         assert (usage.used_bytes, usage.reserved_bytes, usage.untracked_bytes) == (0, 0, 0)
         assert store.list(MODEL) == ()
+
+
+def _zombie() -> int:
+    """A child that has exited and is not reaped yet: `kill(pid, 0)` still succeeds on it."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # until it has exited; still unreaped
+    return pid
+
+
+def test_a_zombie_writer_is_dead_and_its_temp_file_is_swept(make_store: StoreFactory) -> None:
+    """A worker killed mid-write is a zombie until torpord reaps it, and the sweep that
+    follows the failed write runs in that window: its temp file must go then, not at the
+    next periodic sweep (issue 12, found by the fault suite's suspend_disk-worker case)."""
+    store = make_store()
+    pid = _zombie()
+    try:
+        _, temp = _leftovers(store, pid=pid)
+        assert not _writer_alive(temp)
+        assert store.sweep(min_age_s=3600).temp_files_removed == 1
+        assert not temp.exists()
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_live_writer_is_alive() -> None:
+    assert _writer_alive(Path(f".tmp-{'0' * 32}-{os.getpid()}-abcd"))
+    assert not _writer_alive(Path(f".tmp-{'0' * 32}-{2**22 + 1}-abcd"))  # above pid_max
