@@ -21,7 +21,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,23 +113,23 @@ def probe(stranger: str, model_root: Path) -> Iterator[dict[str, str]]:
             admin_pb2.EvictRequest(model=MODELS[1], to_tier=common_pb2.TIER_DISK),
         )
         found = [str(p) for p in parent.rglob("*") if p.is_file() or p.is_socket()]
+        site = _probe_site(parent / "probe")
         command = [
             "runuser",
             "-u",
             stranger,
             "--",
             "env",
-            f"PYTHONPATH={_pythonpath()}",
+            f"PYTHONPATH={site}",
             _stranger_python(),
-            "-m",
-            "tests.reliability.stranger_probe",
+            str(site / "stranger_probe.py"),
             str(parent / "state"),
             str(parent / "run"),
             f"127.0.0.1:{port}",
             *found,
         ]
         result = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+            command, cwd=site, capture_output=True, text=True, timeout=120, check=False
         )
         assert result.returncode == 0, result.stderr
         yield json.loads(result.stdout)
@@ -159,12 +158,26 @@ def _others_may_run(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in [real, *real.parents])
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join(
-        p
-        for p in (os.environ.get("PYTHONPATH", ""), sysconfig.get_paths()["purelib"], str(REPO))
-        if p
+def _probe_site(site: Path) -> Path:
+    """The probe and what it imports (grpc, protobuf, torpor's stubs), copied where the
+    stranger may read them: the checkout and its venv may sit under a private home (CI's
+    clone, say), and the editable install's path hook is not read from PYTHONPATH."""
+    import google.protobuf
+    import grpc
+    import typing_extensions  # grpc's one dependency
+
+    packages = (
+        Path(grpc.__file__).parent,
+        Path(google.protobuf.__file__).parents[1],  # google: protobuf, rpc, _upb
+        REPO / "proto" / "torpor",
     )
+    for package in packages:
+        shutil.copytree(package, site / package.name, ignore=shutil.ignore_patterns("*.pyc"))
+    for module in (Path(typing_extensions.__file__), Path(__file__).with_name("stranger_probe.py")):
+        shutil.copy(module, site)
+    for path in (site, *site.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return site
 
 
 def _free_port() -> int:
