@@ -10,19 +10,21 @@ records whether it did).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 
 from tests.daemon.conftest import MAX_SEQ_LEN, Torpord, call, start_torpord
 from tests.helpers import assert_eventually
-from tests.reliability import leftovers
+from tests.reliability import leftovers, scale
 from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2
 
 PROMPT = [3, 17, 42, 99, 7, 250]
@@ -401,3 +403,44 @@ def _check_registered(h: FaultHarness, source: str, reference: dict[str, list[in
     h.evict(name, common_pb2.TIER_DROP)
     request = scheduler_pb2.UnregisterModelRequest(name=name, delete_snapshots=True)
     call(h.daemon.scheduler.UnregisterModel, request)
+
+
+def run_phase(
+    harness: FaultHarness,
+    phase: str,
+    victim: str,
+    rng: random.Random,
+    reference_tokens: dict[str, list[int]] | None = None,
+) -> None:
+    """`scale.trials_per_phase()` kills of `victim` in `phase`, each at a random moment, then
+    torpord stopped and checked clean. Without `reference_tokens`, the reference is the
+    harness's own daemon's tokens before any kill (CUDA float32 need not give the CPU
+    engine's greedy tokens bit for bit). The trials are reported whatever happens."""
+    trials: list[Trial] = []
+    try:
+        reference = reference_tokens or {m: harness.tokens(m) for m in harness.models}
+        for _ in range(scale.trials_per_phase()):
+            model, bystander = rng.sample(harness.models, 2)
+            delay = rng.uniform(0, harness.windows[phase])
+            cold = rng.random() < 0.5
+            trials.append(
+                run_trial(harness, phase, victim, model, bystander, reference, delay, cold)
+            )
+        harness.stop_and_assert_clean()
+    except BaseException:
+        harness.abandon()
+        raise
+    finally:
+        report_trials(trials)
+
+
+def report_trials(trials: list[Trial]) -> None:
+    """Print the trials; with TORPOR_RELIABILITY_REPORT=FILE also append them (JSON lines)
+    for docs/RELIABILITY.md's figures."""
+    for t in trials:
+        print(f"[faults] {t}")
+    path = os.environ.get("TORPOR_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as out:
+            for t in trials:
+                out.write(json.dumps({"suite": "faults", **asdict(t)}) + "\n")

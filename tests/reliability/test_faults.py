@@ -17,16 +17,13 @@ Replay a failure with the TORPOR_RELIABILITY_SEED that the test printed.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from tests.daemon.conftest import MODELS, footprint_bytes
 from tests.reliability import scale
-from tests.reliability.faults import PHASES, VICTIMS, FaultHarness, Trial, run_trial
+from tests.reliability.faults import PHASES, VICTIMS, FaultHarness, run_phase
 
 pytestmark = pytest.mark.reliability
 
@@ -49,30 +46,4 @@ def test_kill_in_phase(
     harness = FaultHarness(
         tmp_path / "state", model_root, int(2.5 * footprint_bytes(model_root)), MODELS
     )
-    trials: list[Trial] = []
-    try:
-        for _ in range(scale.trials_per_phase()):
-            model, bystander = rng.sample(MODELS, 2)
-            delay = rng.uniform(0, harness.windows[phase])
-            cold = rng.random() < 0.5
-            trials.append(
-                run_trial(harness, phase, victim, model, bystander, reference_tokens, delay, cold)
-            )
-        harness.stop_and_assert_clean()
-    except BaseException:
-        harness.abandon()
-        raise
-    finally:
-        _report(trials)
-
-
-def _report(trials: list[Trial]) -> None:
-    """Print the trials; with TORPOR_RELIABILITY_REPORT=FILE also append them (JSON lines)
-    for docs/RELIABILITY.md's figures."""
-    for t in trials:
-        print(f"[faults] {t}")
-    path = os.environ.get("TORPOR_RELIABILITY_REPORT")
-    if path:
-        with open(path, "a") as out:
-            for t in trials:
-                out.write(json.dumps({"suite": "faults", **asdict(t)}) + "\n")
+    run_phase(harness, phase, victim, rng, reference_tokens)

@@ -20,8 +20,7 @@ import pytest
 
 from tests.daemon.conftest import MODELS
 from tests.reliability import scale
-from tests.reliability.faults import FaultHarness, Trial, run_trial
-from tests.reliability.test_faults import _report
+from tests.reliability.faults import FaultHarness, run_phase
 
 pytestmark = [pytest.mark.gpu, pytest.mark.reliability]
 
@@ -43,21 +42,4 @@ def test_kill_in_gpu_phase(
 ) -> None:
     rng = scale.seeded(f"faults-gpu-{phase}-{victim}")
     harness = FaultHarness(tmp_path / "state", model_root, 0, MODELS, backend="cuda")
-    trials: list[Trial] = []
-    try:
-        # The reference is the GPU's own, before any kill: CUDA float32 need not give the
-        # CPU engine's greedy tokens bit for bit.
-        reference_tokens = {m: harness.tokens(m) for m in MODELS}
-        for _ in range(scale.trials_per_phase()):
-            model, bystander = rng.sample(MODELS, 2)
-            delay = rng.uniform(0, harness.windows[phase])
-            cold = rng.random() < 0.5
-            trials.append(
-                run_trial(harness, phase, victim, model, bystander, reference_tokens, delay, cold)
-            )
-        harness.stop_and_assert_clean()
-    except BaseException:
-        harness.abandon()
-        raise
-    finally:
-        _report(trials)
+    run_phase(harness, phase, victim, rng)  # the reference: the GPU daemon's own tokens
