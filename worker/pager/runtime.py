@@ -9,7 +9,12 @@ Levels of suspend (docs/ARCHITECTURE.md, "Tiers"):
 - DISK: the weights are in the chunk store (written once; reused), the host copy is released
   too. Resuming streams the chunks back, verified, through a ring of staging buffers.
 Resuming maps every arena again, refills the weights, and zeroes the KV cache so nothing of
-an earlier tenant can leak.
+an earlier tenant can leak. A resume from DISK may stop at HOST instead (a prefetch): the
+snapshot is read into a new host copy and no arena is mapped.
+
+Whether the runtime keeps its host copy is torpord's decision (it counts the copy against its
+host budget): a load or a resume is told, and a suspend to HOST of a runtime without one
+makes it then, on the eviction path.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
-from torpor.errors import FailedPrecondition
+from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
@@ -45,6 +50,7 @@ from torpor.worker.pager.snapshot import (
 )
 from torpor.worker.pager.states import (
     DEEPER,
+    LEVEL_OF,
     SUSPENDED,
     MemoryUsage,
     Residency,
@@ -77,12 +83,14 @@ class PagedRuntime:
         self.residency = Residency.RESIDENT
         self.manifest: SnapshotManifest | None = None
         keeper = KeeperClient(Path(options.keeper_socket)) if options.keeper_socket else None
-        self.host_copy = HostCopy(options.host_copy, lambda: self.loop.busy(), keeper)
+        self.host_copy = HostCopy(lambda: self.loop.busy(), keeper)
         self._lock = threading.RLock()
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
         self.refill = refill.Refill(engine, placement, options, self.host_copy)
         self.environment = Environment.current(engine.device)
+        # The most arena bytes mapped at once during the last load, suspend or resume.
+        self.peak_mapped_bytes = placement.mapped_bytes()
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
         # the eviction path.
         self._controller = (
@@ -102,10 +110,11 @@ class PagedRuntime:
     ) -> PagedRuntime:
         """Cold load from a Hugging Face checkpoint into arenas (`filler`: another source of
         the weight bytes, e.g. random ones for a benchmark; the directory's safetensors by
-        default)."""
+        default). With `options.host_copy`, the host copy is then made in the background."""
         engine, placement = build.load_engine(model_dir, engine_options, options, progress, filler)
         runtime = cls(engine, placement, options, as_checkpoint(model_dir))
-        runtime._start_host_copy()
+        if options.host_copy:
+            runtime._start_host_copy()
         return runtime
 
     @classmethod
@@ -126,7 +135,8 @@ class PagedRuntime:
         runtime = cls(engine, placement, options, as_checkpoint(model_dir))
         runtime.manifest = manifest
         runtime._store = store
-        runtime._start_host_copy()
+        if options.host_copy:
+            runtime._start_host_copy()
         return runtime
 
     # -- the host copy -----------------------------------------------------------------------
@@ -140,7 +150,7 @@ class PagedRuntime:
         self.host_copy.start(self.placement.arenas["weights"], self.engine.memory.weights.nbytes)
 
     def wait_host_copy(self) -> HostBuffer | None:
-        """The host copy, once it is made (None when host copies are disabled)."""
+        """The host copy, once it is made (None when the runtime keeps none)."""
         return self.host_copy.wait()
 
     # -- snapshot ----------------------------------------------------------------------------
@@ -204,6 +214,7 @@ class PagedRuntime:
             if self.residency in DEEPER and level in DEEPER[self.residency]:
                 return self._deepen(level, store)
             self._require(Residency.RESIDENT, verb="suspend")
+            self.peak_mapped_bytes = self.placement.mapped_bytes()
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
@@ -246,6 +257,7 @@ class PagedRuntime:
 
     def _deepen(self, level: SuspendLevel, store: ChunkStore | None) -> SuspendReport:
         """Move an already suspended runtime further down; its arenas stay unmapped."""
+        self.peak_mapped_bytes = 0
         start = time.perf_counter()
         if self.residency is Residency.SUSPENDED_DEEP:
             self._checkpoint("resume")  # DISK keeps the context
@@ -282,10 +294,9 @@ class PagedRuntime:
         if level is SuspendLevel.DISK:
             self._ensure_snapshot(store)
         elif self.wait_host_copy() is None:
-            raise FailedPrecondition(
-                "a host-level suspend needs the host copy of the weights (host_copy is off)",
-                reason="NO_HOST_COPY",
-            )
+            # It kept no copy (torpord asked for none): pin and copy now, on the eviction
+            # path, before anything is unmapped. torpord prices this time (POLICY.md).
+            self.host_copy.make(self.placement.arenas["weights"], self.engine.memory.weights.nbytes)
 
     def _unmap_all(self, clock: refill.Stopwatch | None = None) -> int:
         # The background host copy reads the weights arena: never unmap under it (a disk
@@ -306,9 +317,19 @@ class PagedRuntime:
         return released if self._cuda else 0
 
     def resume(
-        self, store: ChunkStore | None = None, progress: Progress | None = None
+        self,
+        store: ChunkStore | None = None,
+        progress: Progress | None = None,
+        *,
+        source: Residency | None = None,
+        target: Residency = Residency.RESIDENT,
+        keep_host_copy: bool = True,
     ) -> ResumeReport:
-        """Bring the runtime back: same addresses, weights refilled, KV zeroed."""
+        """Bring the runtime back: same addresses, weights refilled, KV zeroed. `source`, when
+        given, must be where it is (FailedPrecondition otherwise: the caller's view is
+        stale). `target` SUSPENDED_HOST (from disk only) reads the snapshot into a new host
+        copy and maps nothing. Without `keep_host_copy`, no host copy is left afterwards:
+        none is made after a disk resume, and one it resumed from is released."""
         with self._lock:
             self._require(
                 Residency.SUSPENDED_HOST,
@@ -316,26 +337,33 @@ class PagedRuntime:
                 Residency.SUSPENDED_DISK,
                 verb="resume",
             )
+            self._check_resume(source, target, keep_host_copy)
+            if target is Residency.SUSPENDED_HOST:
+                return self._disk_to_host(store, progress)
+            self.peak_mapped_bytes = self.placement.mapped_bytes()
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
-            tier = self.residency.value.removeprefix("suspended_")
+            tier = LEVEL_OF[self.residency].value
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")
                 # The context is back: if what follows fails, the runtime stays suspended
                 # at the host level, not checkpointed.
                 self.residency = Residency.SUSPENDED_HOST
-            streamed = self.refill.can_stream(self.residency is Residency.SUSPENDED_DISK)
+            came_from_disk = self.residency is Residency.SUSPENDED_DISK
+            # A copy about to be released is not streamed from: it must be done with first.
+            streamed = keep_host_copy and self.refill.can_stream(came_from_disk)
             try:
                 moved = self._bring_back(streamed, store, progress, clock)
             except BaseException:
                 self._unmap_mapped()  # never serve from a half-filled or unverified arena
                 raise
-            came_from_disk = self.residency is Residency.SUSPENDED_DISK
             self.residency = Residency.RESIDENT
             self._unpark()
-            if came_from_disk:
+            if not keep_host_copy:
+                self.host_copy.release()  # torpord counts no copy from now on
+            elif came_from_disk:
                 self._start_host_copy()
             else:
                 self.host_copy.repin()  # after a deep suspend: lock it again, giving way
@@ -356,6 +384,70 @@ class PagedRuntime:
             )
             return report
 
+    def _check_resume(
+        self, source: Residency | None, target: Residency, keep_host_copy: bool
+    ) -> None:
+        if source is not None and source is not self.residency:
+            raise FailedPrecondition(
+                f"cannot resume from {source.value}: the runtime is {self.residency.value}",
+                reason="WRONG_RESUME_SOURCE",
+                metadata={"state": self.residency.value, "source": source.value},
+            )
+        if target is Residency.RESIDENT:
+            return
+        if target is not Residency.SUSPENDED_HOST or self.residency is not (
+            Residency.SUSPENDED_DISK
+        ):
+            raise InvalidArgument(
+                f"a resume from {self.residency.value} ends resident, not {target.value} "
+                "(only a disk resume may stop at host)",
+                reason="BAD_TARGET",
+                metadata={"state": self.residency.value, "target": target.value},
+            )
+        if not keep_host_copy:
+            raise InvalidArgument(
+                "a resume to host keeps its host copy: that is where the weights go",
+                reason="BAD_TARGET",
+                metadata={"target": target.value},
+            )
+
+    def _disk_to_host(self, store: ChunkStore | None, progress: Progress | None) -> ResumeReport:
+        """From SUSPENDED_DISK to SUSPENDED_HOST: the snapshot's chunks, verified, straight
+        into a new host copy. No arena is mapped, so the device holds what it held on disk
+        (the context); a later host resume streams from the copy."""
+        self.peak_mapped_bytes = self.placement.mapped_bytes()  # 0: suspended
+        start = time.perf_counter()
+        clock = refill.Stopwatch()
+        buffer = refill.snapshot_to_host(
+            self.manifest,
+            store or self._store,
+            self.placement.arenas["weights"],
+            self.engine.memory.weights.nbytes,
+            self.options,
+            self.host_copy.keeper is not None,
+            progress,
+        )
+        clock.lap("refill")
+        self.host_copy.adopt(buffer)
+        self.residency = Residency.SUSPENDED_HOST
+        report = ResumeReport(
+            SuspendLevel.DISK.value,
+            time.perf_counter() - start,
+            buffer.nbytes,
+            clock.laps,
+            via="disk",
+        )
+        log.info(
+            "resumed_to_host",
+            tier=report.tier,
+            seconds=round(report.seconds, 4),
+            gbps=round(report.gbps, 2),
+        )
+        return report
+
+    def _note_mapped(self) -> None:
+        self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.placement.mapped_bytes())
+
     def _bring_back(
         self,
         streamed: bool,
@@ -366,6 +458,7 @@ class PagedRuntime:
         """Map every arena and refill the weights; the bytes moved."""
         weights = self.placement.arenas["weights"]
         weights.map()
+        self._note_mapped()
         clock.lap("map")
         if streamed:  # serve at once; each layer waits for its own bytes
             self._map_scratch()
@@ -403,6 +496,7 @@ class PagedRuntime:
         arenas["kv"].map(zero=True)
         if "graphs" in arenas:
             arenas["graphs"].map()
+        self._note_mapped()
         if self._cuda:
             torch.cuda.synchronize(self.engine.device)
 
