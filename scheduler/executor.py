@@ -36,7 +36,7 @@ from torpor.errors import (
     Unavailable,
 )
 from torpor.log import bind, get_logger
-from torpor.scheduler import worker_calls
+from torpor.scheduler import convert, worker_calls
 from torpor.scheduler.core import (
     Drop,
     Footprint,
@@ -261,17 +261,21 @@ class Executor:
         self.incarnations[action.runtime_id] = action.incarnation
         start = time.perf_counter()  # the worker's start is part of a cold restore
         worker = await self.supervisor.spawn(self._spec(action))
+        # The core's decision, every part a typed field: where from, where to (a host
+        # prefetch ends SUSPENDED_HOST inside this one call) and whether to keep a host copy.
         request = worker_pb2.WorkerLoadRequest(
             model=action.model,
             dtype=_DTYPES[source.dtype],
             max_batch=source.max_batch,
             max_seq_len=source.max_seq_len,
-            device=self._device(action.gpu),
-            options={"host_copy": "true" if action.keep_host_copy else "false"},
+            target=convert.state_message(action.target),
+            keep_host_copy=action.keep_host_copy,
         )
         if action.source is Tier.DISK:
+            request.source = common_pb2.TIER_DISK
             request.snapshot_id = await self.snapshots.manifest_for(action.model)
         else:
+            request.source = common_pb2.TIER_SOURCE
             request.model_dir = str(source.source)
             request.model_roots.extend(str(root) for root in self.defaults.model_roots)
         done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
@@ -280,8 +284,6 @@ class Executor:
         if self.metrics is not None:
             kind = "snapshot" if action.source is Tier.DISK else "cold"
             self.metrics.observe_load(kind, self.restores[action.runtime_id])
-        if action.target is RuntimeState.SUSPENDED_HOST:
-            await self._suspend_to_host(worker)
         return TransitionCompleted(
             action.runtime_id, action.seq, action.target, self._footprint(status, source)
         )
@@ -289,7 +291,13 @@ class Executor:
     async def _resume(self, action: Resume) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        request = worker_pb2.WorkerResumeRequest()
+        # RESIDENT, or SUSPENDED_HOST from DISK (a host prefetch: the worker reads the
+        # snapshot into its host copy and maps nothing), in this one call.
+        request = worker_pb2.WorkerResumeRequest(
+            source=convert.tier_message(action.source),
+            target=convert.state_message(action.target),
+            keep_host_copy=action.keep_host_copy,
+        )
         done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
         moved = 0 if done is None else done.bytes
         seconds = time.perf_counter() - start
@@ -300,13 +308,7 @@ class Executor:
             # A streamed resume returns while its copy still runs: its seconds are not the
             # copy's, and would make host restores look many times faster than they are.
             await self.snapshots.bandwidth(action.source, moved, seconds)
-        if action.target is RuntimeState.SUSPENDED_HOST:  # pulled up to host only (prefetch)
-            await self._suspend_to_host(worker)
         return TransitionCompleted(action.runtime_id, action.seq, action.target)
-
-    async def _suspend_to_host(self, worker: WorkerProcess) -> None:
-        request = worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST)
-        await self._call(worker, worker.stub.Suspend, request, "suspend to host")
 
     async def _transfer(
         self, worker: WorkerProcess, method: Any, request: Any, action: Load | Resume, loading: bool
