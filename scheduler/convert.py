@@ -99,16 +99,6 @@ def state_name(s: RuntimeState) -> str:
     return f"RUNTIME_STATE_{s.name}"
 
 
-def tier_message(t: Tier) -> common_pb2.Tier.ValueType:
-    """A core Tier as its torpor.v1 value (the core's numbers are the proto's)."""
-    return common_pb2.Tier.ValueType(t.value)
-
-
-def state_message(s: RuntimeState) -> common_pb2.RuntimeState.ValueType:
-    """A core RuntimeState as its torpor.v1 value (the core's numbers are the proto's)."""
-    return common_pb2.RuntimeState.ValueType(s.value)
-
-
 def tier(value: int, allowed: tuple[Tier, ...], what: str) -> Tier:
     try:
         parsed = Tier(value)

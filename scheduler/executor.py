@@ -268,7 +268,7 @@ class Executor:
             dtype=_DTYPES[source.dtype],
             max_batch=source.max_batch,
             max_seq_len=source.max_seq_len,
-            target=convert.state_message(action.target),
+            target=convert.state_name(action.target),
             keep_host_copy=action.keep_host_copy,
         )
         if action.source is Tier.DISK:
@@ -294,8 +294,8 @@ class Executor:
         # RESIDENT, or SUSPENDED_HOST from DISK (a host prefetch: the worker reads the
         # snapshot into its host copy and maps nothing), in this one call.
         request = worker_pb2.WorkerResumeRequest(
-            source=convert.tier_message(action.source),
-            target=convert.state_message(action.target),
+            source=convert.tier_name(action.source),
+            target=convert.state_name(action.target),
             keep_host_copy=action.keep_host_copy,
         )
         done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
