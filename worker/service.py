@@ -38,7 +38,6 @@ from torpor.worker.pager.states import Residency, SuspendLevel
 log = get_logger("worker")
 
 T = TypeVar("T")
-Progress = Callable[[int, int], None]
 Emit = Callable[..., None]  # the arguments of one progress message
 
 _DONE = object()
