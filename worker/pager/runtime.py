@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
-from torpor.errors import FailedPrecondition, InvalidArgument
+from torpor.errors import FailedPrecondition
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
@@ -57,6 +57,7 @@ from torpor.worker.pager.states import (
     ResumeReport,
     SuspendLevel,
     SuspendReport,
+    check_resume,
 )
 
 log = get_logger("pager.runtime")
@@ -337,7 +338,7 @@ class PagedRuntime:
                 Residency.SUSPENDED_DISK,
                 verb="resume",
             )
-            self._check_resume(source, target, keep_host_copy)
+            check_resume(self.residency, source, target, keep_host_copy)
             if target is Residency.SUSPENDED_HOST:
                 return self._disk_to_host(store, progress)
             self.peak_mapped_bytes = self.placement.mapped_bytes()
@@ -383,33 +384,6 @@ class PagedRuntime:
                 **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
             return report
-
-    def _check_resume(
-        self, source: Residency | None, target: Residency, keep_host_copy: bool
-    ) -> None:
-        if source is not None and source is not self.residency:
-            raise FailedPrecondition(
-                f"cannot resume from {source.value}: the runtime is {self.residency.value}",
-                reason="WRONG_RESUME_SOURCE",
-                metadata={"state": self.residency.value, "source": source.value},
-            )
-        if target is Residency.RESIDENT:
-            return
-        if target is not Residency.SUSPENDED_HOST or self.residency is not (
-            Residency.SUSPENDED_DISK
-        ):
-            raise InvalidArgument(
-                f"a resume from {self.residency.value} ends resident, not {target.value} "
-                "(only a disk resume may stop at host)",
-                reason="BAD_TARGET",
-                metadata={"state": self.residency.value, "target": target.value},
-            )
-        if not keep_host_copy:
-            raise InvalidArgument(
-                "a resume to host keeps its host copy: that is where the weights go",
-                reason="BAD_TARGET",
-                metadata={"target": target.value},
-            )
 
     def _disk_to_host(self, store: ChunkStore | None, progress: Progress | None) -> ResumeReport:
         """From SUSPENDED_DISK to SUSPENDED_HOST: the snapshot's chunks, verified, straight
