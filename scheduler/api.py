@@ -322,7 +322,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             ctl.close(ticket)
         return scheduler_pb2.PrefetchResponse(
-            state=convert.state_name(state), tier=convert.tier_name(_TIER_OF.get(state, tier))
+            state=convert.state_name(state),
+            tier=convert.tier_name(tier if _tier_unknown(state) else state.tier),
         )
 
 
@@ -336,15 +337,10 @@ class _Times:
     end: float  # the last message
 
 
-# Where a runtime's weights are, by its state (what Prefetch reports).
-_TIER_OF = {
-    RuntimeState.RESIDENT: Tier.GPU,
-    RuntimeState.SUSPENDED_HOST: Tier.HOST,
-    RuntimeState.SUSPENDED_DEEP: Tier.DEEP,
-    RuntimeState.SUSPENDED_DISK: Tier.DISK,
-    RuntimeState.SNAPSHOT: Tier.DISK,
-    RuntimeState.COLD: Tier.SOURCE,
-}
+def _tier_unknown(state: RuntimeState) -> bool:
+    """The state does not say where the weights are (a transition, FAILED): Prefetch then
+    reports the tier it asked for."""
+    return state.transitional or state is RuntimeState.FAILED
 
 
 def _worker_error(exc: grpc.aio.AioRpcError, model: str) -> TorporError:

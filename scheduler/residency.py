@@ -3,7 +3,7 @@ runtime with its state, tier, bytes, leases and estimated restore time."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torpor.scheduler import convert
 from torpor.scheduler.core import RuntimeState
@@ -12,23 +12,6 @@ from torpor.v1 import admin_pb2
 
 if TYPE_CHECKING:
     from torpor.scheduler.daemon import Daemon
-
-# The tier a runtime's weights are in, by its stable state (proto enum names).
-_TIER = {
-    RuntimeState.RESIDENT: "TIER_GPU",
-    RuntimeState.SUSPENDED_HOST: "TIER_HOST",
-    RuntimeState.SUSPENDED_DEEP: "TIER_DEEP",
-    RuntimeState.SUSPENDED_DISK: "TIER_DISK",
-    RuntimeState.SNAPSHOT: "TIER_DISK",
-    RuntimeState.COLD: "TIER_SOURCE",
-}
-
-
-def _tier(runtime: Any) -> str:
-    """Where its weights are; a FAILED runtime has its snapshot, or only the source."""
-    if runtime.at.state is RuntimeState.FAILED:
-        return "TIER_DISK" if runtime.at.snapshot else "TIER_SOURCE"
-    return _TIER.get(runtime.at.state, "TIER_UNSPECIFIED")
 
 
 def accounted_gpu_bytes(d: Daemon) -> dict[int, int]:
@@ -81,7 +64,7 @@ def runtime_infos(d: Daemon, model: str, include_cold: bool) -> list[admin_pb2.R
             model=name,
             runtime_id=runtime.id,
             state=convert.state_name(runtime.state),
-            tier=_tier(runtime),
+            tier=convert.tier_name(runtime.at.tier),  # a FAILED one: its snapshot, or source
             gpu_bytes=held.gpu_bytes,
             host_bytes=held.host,
             disk_bytes=held.disk,

@@ -172,7 +172,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         common_pb2.Usage(
                             prompt_tokens=len(prompt),
                             completion_tokens=generated,
-                            finish_reason=convert.FINISH[delta.finish],
+                            finish_reason=convert.finish_message(delta.finish),
                             timings=common_pb2.GenerateTimings(
                                 first_token=convert.duration(first),
                                 total=convert.duration(time.perf_counter() - start),
@@ -194,7 +194,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
         after = runtime.memory()
         return worker_pb2.WorkerSuspendResponse(
-            state=convert.STATES[runtime.residency],
+            state=convert.state_message(runtime.residency),
             gpu_bytes_released=report.gpu_bytes_released,
             host_bytes_released=max(0, before.host_bytes - after.host_bytes),
             gpu_bytes_remaining=after.gpu_bytes,
@@ -206,9 +206,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerResumeRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         runtime = self._runtime()
-        tier = convert.TIERS.get(
-            runtime.residency.value.removeprefix("suspended_"), common_pb2.TIER_UNSPECIFIED
-        )
+        tier = convert.resume_tier(runtime.residency)
         report = yield from _with_progress(
             lambda progress: runtime.resume(self.store, progress),
             lambda d, t: worker_pb2.WorkerResumeResponse(
@@ -217,7 +215,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
         yield worker_pb2.WorkerResumeResponse(
             done=worker_pb2.WorkerResumeResponse.Done(
-                tier=convert.TIERS[report.tier],
+                tier=convert.tier_message(report.tier),
                 bytes=report.bytes,
                 checkpoint_restore=convert.duration(report.phases.get("restore", 0.0)),
                 map=convert.duration(
@@ -279,7 +277,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             return status
         usage = runtime.memory()
-        status.state = convert.STATES[runtime.residency]
+        status.state = convert.state_message(runtime.residency)
         status.gpu_bytes, status.host_bytes, status.disk_bytes = (
             usage.gpu_bytes,
             usage.host_bytes,

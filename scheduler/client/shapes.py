@@ -32,7 +32,10 @@ _ENUM_PREFIXES = {
     "Backend": "BACKEND_",
     "SnapshotState": "SNAPSHOT_STATE_",
     "EventKind": "EVENT_KIND_",
+    "EvictMode": "EVICT_MODE_",
+    "LoadPhase": "LOAD_PHASE_",
 }
+"""Every torpor.v1 enum (tests/cli/test_client_enum_names.py checks that none is missing)."""
 
 
 def enum_name(enum: Any, value: int) -> str | None:

@@ -45,6 +45,7 @@ from torpor.worker.pager.snapshot import (
 )
 from torpor.worker.pager.states import (
     DEEPER,
+    LEVEL_OF,
     SUSPENDED,
     MemoryUsage,
     Residency,
@@ -319,7 +320,7 @@ class PagedRuntime:
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
-            tier = self.residency.value.removeprefix("suspended_")
+            tier = LEVEL_OF[self.residency]
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")
@@ -348,7 +349,7 @@ class PagedRuntime:
                 progress(moved, moved)
             log.info(
                 "resumed",
-                tier=tier,
+                tier=tier.value,
                 seconds=round(report.seconds, 4),
                 via=via,
                 gbps=None if streamed else round(report.gbps, 2),

@@ -31,6 +31,9 @@ SUSPENDED = {
 }
 
 
+LEVEL_OF = {residency: level for level, residency in SUSPENDED.items()}
+"""The level a suspended runtime went down to: where its resume comes back from."""
+
 # Suspended states and the levels a runtime in them may still move down to.
 DEEPER = {
     Residency.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
@@ -52,7 +55,7 @@ class SuspendReport:
 
 @dataclass(frozen=True)
 class ResumeReport:
-    tier: str  # host | deep | disk
+    tier: SuspendLevel  # where it came back from
     seconds: float
     bytes: int
     # Where the time went, in order: "restore" (deep: the driver's), "map" (the weights

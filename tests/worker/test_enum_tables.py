@@ -1,0 +1,57 @@
+"""Every enum member through the worker's one translation table, `worker/convert.py`
+(issue 13): both ways where both exist, and every torpor.v1 value other than UNSPECIFIED
+mapped or refused with INVALID_ARGUMENT, so a member added without a mapping fails here.
+No trimming of names: the tier a runtime resumes from is a SuspendLevel, not a string."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from torpor.errors import InvalidArgument
+from torpor.v1 import common_pb2
+from torpor.worker import convert
+from torpor.worker.engine.config import canonical_dtype
+from torpor.worker.engine.requests import FinishReason
+from torpor.worker.pager.states import SUSPENDED, Residency, SuspendLevel
+
+UNDEFINED = 99
+
+
+def refused(fn: Any, *args: Any) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as info:
+        fn(*args)
+    return info.value
+
+
+def test_every_dtype_is_one_the_engine_takes() -> None:
+    for value in common_pb2.Dtype.values():
+        name = convert.dtype(value)
+        assert name == "auto" if value == 0 else canonical_dtype(name) == name
+    assert refused(convert.dtype, UNDEFINED).reason == "BAD_DTYPE"
+
+
+def test_suspend_levels_both_ways() -> None:
+    for level in SuspendLevel:
+        assert convert.level(convert.tier_message(level)) is level
+    takes = {common_pb2.TIER_HOST, common_pb2.TIER_DEEP, common_pb2.TIER_DISK}
+    for value in [*common_pb2.Tier.values(), UNDEFINED]:
+        if value in takes:
+            assert convert.level(value) in SuspendLevel
+        else:  # GPU, DROP, SOURCE, UNSPECIFIED: not a level a worker suspends to
+            assert refused(convert.level, value).reason == "BAD_SUSPEND_LEVEL"
+
+
+def test_every_residency_has_a_state_and_suspended_ones_a_tier() -> None:
+    states = [convert.state_message(r) for r in Residency]
+    assert len(set(states)) == len(Residency) and common_pb2.RUNTIME_STATE_UNSPECIFIED not in states
+    for level, residency in SUSPENDED.items():
+        assert convert.resume_tier(residency) == convert.tier_message(level)
+    for residency in set(Residency) - set(SUSPENDED.values()):
+        assert convert.resume_tier(residency) == common_pb2.TIER_UNSPECIFIED  # nothing to resume
+
+
+def test_every_finish_reason_both_ways() -> None:
+    messages = [convert.finish_message(f) for f in FinishReason]
+    assert sorted(messages) == sorted(v for v in common_pb2.FinishReason.values() if v != 0)
