@@ -49,6 +49,14 @@ def enum_name(enum: Any, value: int) -> str | None:
     return None if name == "UNSPECIFIED" else name.lower()
 
 
+def enum_value(enum: Any, name: str) -> str:
+    """The inverse of `enum_name`: "host" of Tier is "TIER_HOST", the value's full name
+    (which protobuf takes for the value); ValueError when the enum has no such value."""
+    full = _ENUM_PREFIXES[enum.DESCRIPTOR.name] + name.strip().upper()
+    enum.Value(full)  # ValueError if there is none
+    return full
+
+
 def timestamp(msg: Message, field: str) -> str | None:
     """An optional Timestamp field as ISO-8601 UTC, or None when unset."""
     if not msg.HasField(field):

@@ -1,6 +1,6 @@
-"""The CLI's one table of torpor.v1 enum names (`shapes.enum_name`) knows every enum the
-protocol defines, and every value of each (issue 13: a table per boundary, every member
-through it)."""
+"""The CLI's one table of torpor.v1 enum names (`shapes.enum_name`, `shapes.enum_value`)
+knows every enum the protocol defines, and every value of each, both ways (issue 13: a table
+per boundary, every member through it)."""
 
 from __future__ import annotations
 
@@ -23,4 +23,5 @@ def test_every_value_of_every_enum_has_a_name() -> None:
                 assert shown is None, name  # UNSPECIFIED reads null
             else:
                 assert shown is not None and name.lower().endswith(shown), (name, shown)
+                assert enum.Value(shapes.enum_value(enum, shown)) == value  # and back
         assert shapes.enum_name(enum, 99) == "unknown_99"  # a newer daemon's value
