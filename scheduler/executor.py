@@ -240,7 +240,8 @@ class Executor:
 
     def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
         """The transition failed before changing anything: the worker keeps its runtime."""
-        log.warning("transition_rolled_back", action="suspend", reason=error.reason)
+        kind = ACTION_LABELS[type(action)]
+        log.warning("transition_rolled_back", action=kind, reason=error.reason)
         self.busy.discard(action.runtime_id)
         self.snapshots.write_failed(action.model, action.runtime_id, error)
         self._safe_report(TransitionRolledBack(action.runtime_id, action.seq, error))
