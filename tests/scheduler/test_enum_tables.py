@@ -9,6 +9,7 @@ with INVALID_ARGUMENT: a member added to either side without a mapping fails her
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -28,7 +29,9 @@ from torpor.scheduler.core import (
     RuntimeState,
     Suspend,
     Tier,
+    TransitionCompleted,
 )
+from torpor.scheduler.executor import Executor
 from torpor.scheduler.metrics import Metrics
 from torpor.store.schema import BandwidthTier, DType, SnapshotState
 from torpor.v1 import admin_pb2, common_pb2
@@ -157,3 +160,40 @@ def test_every_lease_end_is_an_event_kind() -> None:
 def test_every_transition_has_a_name() -> None:
     assert set(labels.ACTION_LABELS) == {Load, Resume, Suspend, Drop}
     assert len(set(labels.ACTION_LABELS.values())) == 4
+
+
+class _RecordingExecutor(Executor):
+    """A stand-in: each transition method records that it ran, and touches no worker."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    async def _load(self, action: Load) -> TransitionCompleted:
+        self.ran.append("_load")
+        return TransitionCompleted(action.runtime_id, action.seq)
+
+    async def _resume(self, action: Resume) -> TransitionCompleted:
+        self.ran.append("_resume")
+        return TransitionCompleted(action.runtime_id, action.seq)
+
+    async def _suspend(self, action: Suspend) -> TransitionCompleted:
+        self.ran.append("_suspend")
+        return TransitionCompleted(action.runtime_id, action.seq)
+
+    async def _drop(self, action: Drop) -> TransitionCompleted:
+        self.ran.append("_drop")
+        return TransitionCompleted(action.runtime_id, action.seq)
+
+
+def test_the_executor_dispatches_every_transition_on_its_type_with_stand_in_methods() -> None:
+    actions = {
+        Load: Load("m#1", "m", 1, 0, Tier.SOURCE, RuntimeState.RESIDENT, 1, False),
+        Resume: Resume("m#1", "m", 2, Tier.HOST, RuntimeState.RESIDENT, False),
+        Suspend: Suspend("m#1", "m", 3, Tier.HOST, write_snapshot=False),
+        Drop: Drop("m#1", "m", 4),
+    }
+    assert set(actions) == set(labels.ACTION_LABELS)
+    ex = _RecordingExecutor()
+    for kind, action in actions.items():
+        done = asyncio.run(ex._dispatch(action))
+        assert done.seq == action.seq and ex.ran[-1] == f"_{labels.ACTION_LABELS[kind]}"
