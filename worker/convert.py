@@ -14,7 +14,7 @@ from torpor.worker.engine.requests import FinishReason
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.states import LEVEL_OF, Residency, SuspendLevel
 
-_DTYPES: dict[int, str] = {
+DTYPES: dict[int, str] = {
     common_pb2.DTYPE_UNSPECIFIED: "auto",
     common_pb2.DTYPE_FLOAT32: "float32",
     common_pb2.DTYPE_BFLOAT16: "bfloat16",
@@ -22,21 +22,21 @@ _DTYPES: dict[int, str] = {
     common_pb2.DTYPE_FP8: "fp8",
 }
 """The engine's dtype names (`engine.config.canonical_dtype`); auto: the checkpoint's."""
-_LEVELS: dict[int, SuspendLevel] = {
+LEVELS: dict[int, SuspendLevel] = {
     common_pb2.TIER_HOST: SuspendLevel.HOST,
     common_pb2.TIER_DEEP: SuspendLevel.DEEP,
     common_pb2.TIER_DISK: SuspendLevel.DISK,
 }
-# The inverse of _LEVELS (its keys are Tier values; the stubs type them int).
-_TIERS: dict[SuspendLevel, common_pb2.Tier] = {v: k for k, v in _LEVELS.items()}  # type: ignore[misc]
-_STATES: dict[Residency, common_pb2.RuntimeState] = {
+# The inverse of LEVELS (its keys are Tier values; the stubs type them int).
+TIERS: dict[SuspendLevel, common_pb2.Tier] = {v: k for k, v in LEVELS.items()}  # type: ignore[misc]
+STATES: dict[Residency, common_pb2.RuntimeState] = {
     Residency.RESIDENT: common_pb2.RUNTIME_STATE_RESIDENT,
     Residency.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
     Residency.SUSPENDED_DEEP: common_pb2.RUNTIME_STATE_SUSPENDED_DEEP,
     Residency.SUSPENDED_DISK: common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
     Residency.CLOSED: common_pb2.RUNTIME_STATE_COLD,
 }
-_FINISH: dict[FinishReason, common_pb2.FinishReason] = {
+FINISH: dict[FinishReason, common_pb2.FinishReason] = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
@@ -45,39 +45,26 @@ _FINISH: dict[FinishReason, common_pb2.FinishReason] = {
 
 def dtype(value: int) -> str:
     try:
-        return _DTYPES[value]
+        return DTYPES[value]
     except KeyError:
         raise InvalidArgument(f"unknown dtype enum value {value}", reason="BAD_DTYPE") from None
 
 
 def level(tier: int) -> SuspendLevel:
-    if tier not in _LEVELS:
+    if tier not in LEVELS:
         name = common_pb2.Tier.Name(tier) if tier in common_pb2.Tier.values() else str(tier)
         raise InvalidArgument(
             f"a worker suspends to HOST, DEEP or DISK, not {name}",
             reason="BAD_SUSPEND_LEVEL",
             metadata={"level": name},
         )
-    return _LEVELS[tier]
-
-
-def tier_message(level: SuspendLevel) -> common_pb2.Tier:
-    """The Tier of a suspend level (the inverse of `level`)."""
-    return _TIERS[level]
+    return LEVELS[tier]
 
 
 def resume_tier(residency: Residency) -> common_pb2.Tier:
     """The tier a runtime in `residency` resumes from; UNSPECIFIED when it is not suspended."""
     suspended = LEVEL_OF.get(residency)
-    return common_pb2.TIER_UNSPECIFIED if suspended is None else _TIERS[suspended]
-
-
-def state_message(residency: Residency) -> common_pb2.RuntimeState:
-    return _STATES[residency]
-
-
-def finish_message(reason: FinishReason) -> common_pb2.FinishReason:
-    return _FINISH[reason]
+    return common_pb2.TIER_UNSPECIFIED if suspended is None else TIERS[suspended]
 
 
 def sampling(msg: common_pb2.SamplingParams, prompt_len: int, max_seq_len: int) -> SamplingParams:

@@ -172,7 +172,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         common_pb2.Usage(
                             prompt_tokens=len(prompt),
                             completion_tokens=generated,
-                            finish_reason=convert.finish_message(delta.finish),
+                            finish_reason=convert.FINISH[delta.finish],
                             timings=common_pb2.GenerateTimings(
                                 first_token=convert.duration(first),
                                 total=convert.duration(time.perf_counter() - start),
@@ -194,7 +194,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
         after = runtime.memory()
         return worker_pb2.WorkerSuspendResponse(
-            state=convert.state_message(runtime.residency),
+            state=convert.STATES[runtime.residency],
             gpu_bytes_released=report.gpu_bytes_released,
             host_bytes_released=max(0, before.host_bytes - after.host_bytes),
             gpu_bytes_remaining=after.gpu_bytes,
@@ -215,7 +215,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
         yield worker_pb2.WorkerResumeResponse(
             done=worker_pb2.WorkerResumeResponse.Done(
-                tier=convert.tier_message(report.tier),
+                tier=convert.TIERS[report.tier],
                 bytes=report.bytes,
                 checkpoint_restore=convert.duration(report.phases.get("restore", 0.0)),
                 map=convert.duration(
@@ -277,7 +277,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             return status
         usage = runtime.memory()
-        status.state = convert.state_message(runtime.residency)
+        status.state = convert.STATES[runtime.residency]
         status.gpu_bytes, status.host_bytes, status.disk_bytes = (
             usage.gpu_bytes,
             usage.host_bytes,

@@ -34,7 +34,7 @@ def test_every_dtype_is_one_the_engine_takes() -> None:
 
 def test_suspend_levels_both_ways() -> None:
     for level in SuspendLevel:
-        assert convert.level(convert.tier_message(level)) is level
+        assert convert.level(convert.TIERS[level]) is level
     takes = {common_pb2.TIER_HOST, common_pb2.TIER_DEEP, common_pb2.TIER_DISK}
     for value in [*common_pb2.Tier.values(), UNDEFINED]:
         if value in takes:
@@ -44,14 +44,14 @@ def test_suspend_levels_both_ways() -> None:
 
 
 def test_every_residency_has_a_state_and_suspended_ones_a_tier() -> None:
-    states = [convert.state_message(r) for r in Residency]
+    states = [convert.STATES[r] for r in Residency]
     assert len(set(states)) == len(Residency) and common_pb2.RUNTIME_STATE_UNSPECIFIED not in states
     for level, residency in SUSPENDED.items():
-        assert convert.resume_tier(residency) == convert.tier_message(level)
+        assert convert.resume_tier(residency) == convert.TIERS[level]
     for residency in set(Residency) - set(SUSPENDED.values()):
         assert convert.resume_tier(residency) == common_pb2.TIER_UNSPECIFIED  # nothing to resume
 
 
 def test_every_finish_reason_both_ways() -> None:
-    messages = [convert.finish_message(f) for f in FinishReason]
+    messages = [convert.FINISH[f] for f in FinishReason]
     assert sorted(messages) == sorted(v for v in common_pb2.FinishReason.values() if v != 0)

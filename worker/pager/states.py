@@ -32,7 +32,7 @@ SUSPENDED = {
 
 
 LEVEL_OF = {residency: level for level, residency in SUSPENDED.items()}
-"""The level a suspended runtime went down to: where its resume comes back from."""
+"""The level a suspended runtime is at (the tier a resume starts from)."""
 
 # Suspended states and the levels a runtime in them may still move down to.
 DEEPER = {
