@@ -225,7 +225,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @aio_errors
     async def GetStatus(self, request: Any, context: Any) -> Any:
         state = self.d.controller.state
-        workers = sum(1 for r in state.runtimes.values() if r.state.has_worker)
+        workers = sum(1 for r in state.runtimes.values() if r.state in _WITH_WORKER)
         return admin_pb2.GetStatusResponse(
             version=__version__,
             backend=admin_pb2.BACKEND_CUDA if self.d.cuda else admin_pb2.BACKEND_CPU,
@@ -247,6 +247,17 @@ def _drain_options(request: Any) -> tuple[EvictMode, float | None]:
             request.drain_timeout, "drain_timeout", validate.DRAIN_TIMEOUT_S
         )
     return convert.evict_mode(mode), timeout
+
+
+_WITH_WORKER = {
+    RuntimeState.RESIDENT,
+    RuntimeState.SUSPENDED_HOST,
+    RuntimeState.SUSPENDED_DEEP,
+    RuntimeState.SUSPENDED_DISK,
+    RuntimeState.LOADING,
+    RuntimeState.SUSPENDING,
+    RuntimeState.RESUMING,
+}
 
 
 def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:

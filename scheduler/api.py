@@ -321,9 +321,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 state = ctl.state.runtime_of(request.model).state
         finally:
             ctl.close(ticket)
+        if not (state.transitional or state is RuntimeState.FAILED):
+            tier = state.tier  # where its weights are; else the tier it asked for
         return scheduler_pb2.PrefetchResponse(
-            state=convert.state_name(state),
-            tier=convert.tier_name(tier if _tier_unknown(state) else state.tier),
+            state=convert.state_name(state), tier=convert.tier_name(tier)
         )
 
 
@@ -335,12 +336,6 @@ class _Times:
     granted: float  # its runtime is resident and leased to it
     first: float  # the first token came back
     end: float  # the last message
-
-
-def _tier_unknown(state: RuntimeState) -> bool:
-    """The state does not say where the weights are (a transition, FAILED): Prefetch then
-    reports the tier it asked for."""
-    return state.transitional or state is RuntimeState.FAILED
 
 
 def _worker_error(exc: grpc.aio.AioRpcError, model: str) -> TorporError:

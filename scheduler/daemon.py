@@ -312,7 +312,7 @@ class Daemon:
         )
         vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
         self.sources[spec.name] = ModelSource(
-            Path(spec.source_path), spec.dtype, spec.max_batch, spec.max_seq_len, estimate
+            Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
         )
         self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
         core_spec = CoreSpec(

@@ -106,7 +106,7 @@ class ModelSource:
     """How to build a model's runtime: the registered spec's parts a worker needs."""
 
     source: Path
-    dtype: DType
+    dtype: str
     max_batch: int
     max_seq_len: int
     estimate: Footprint
@@ -262,7 +262,7 @@ class Executor:
         worker = await self.supervisor.spawn(self._spec(action))
         request = worker_pb2.WorkerLoadRequest(
             model=action.model,
-            dtype=convert.dtype_message(source.dtype),
+            dtype=convert.dtype_message(DType(source.dtype)),
             max_batch=source.max_batch,
             max_seq_len=source.max_seq_len,
             device=self._device(action.gpu),

@@ -25,7 +25,6 @@ from torpor.scheduler.core import (
 )
 from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
 from torpor.scheduler.recorder import WriteGate
-from torpor.store.schema import DType
 from torpor.v1 import common_pb2, worker_pb2
 
 RID = "m#1"
@@ -110,7 +109,7 @@ def executor(
         stop_grace_s=0.05,
         transition_timeout_s=timeout_s,
     )
-    source = ModelSource(Path("/m"), DType.FLOAT32, 1, 16, Footprint(weights=1, kv=1))
+    source = ModelSource(Path("/m"), "float32", 1, 16, Footprint(weights=1, kv=1))
     ex = Executor(
         StandInSupervisor(worker),  # type: ignore[arg-type]
         defaults,
