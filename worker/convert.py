@@ -12,7 +12,7 @@ from torpor.errors import InvalidArgument
 from torpor.v1 import common_pb2
 from torpor.worker.engine.requests import FinishReason
 from torpor.worker.engine.sampling import SamplingParams
-from torpor.worker.pager.states import LEVEL_OF, Residency, SuspendLevel
+from torpor.worker.pager.states import Residency, SuspendLevel
 
 DTYPES: dict[int, str] = {
     common_pb2.DTYPE_UNSPECIFIED: "auto",
@@ -21,14 +21,17 @@ DTYPES: dict[int, str] = {
     common_pb2.DTYPE_FLOAT16: "float16",
     common_pb2.DTYPE_FP8: "fp8",
 }
-"""The engine's dtype names (`engine.config.canonical_dtype`); auto: the checkpoint's."""
 LEVELS: dict[int, SuspendLevel] = {
     common_pb2.TIER_HOST: SuspendLevel.HOST,
     common_pb2.TIER_DEEP: SuspendLevel.DEEP,
     common_pb2.TIER_DISK: SuspendLevel.DISK,
 }
-# The inverse of LEVELS (its keys are Tier values; the stubs type them int).
-TIERS: dict[SuspendLevel, common_pb2.Tier] = {v: k for k, v in LEVELS.items()}  # type: ignore[misc]
+# LEVELS' inverse, by SuspendLevel value (a ResumeReport's tier).
+TIERS: dict[str, common_pb2.Tier] = {
+    "host": common_pb2.TIER_HOST,
+    "deep": common_pb2.TIER_DEEP,
+    "disk": common_pb2.TIER_DISK,
+}
 STATES: dict[Residency, common_pb2.RuntimeState] = {
     Residency.RESIDENT: common_pb2.RUNTIME_STATE_RESIDENT,
     Residency.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
@@ -59,12 +62,6 @@ def level(tier: int) -> SuspendLevel:
             metadata={"level": name},
         )
     return LEVELS[tier]
-
-
-def resume_tier(residency: Residency) -> common_pb2.Tier:
-    """The tier a runtime in `residency` resumes from; UNSPECIFIED when it is not suspended."""
-    suspended = LEVEL_OF.get(residency)
-    return common_pb2.TIER_UNSPECIFIED if suspended is None else TIERS[suspended]
 
 
 def sampling(msg: common_pb2.SamplingParams, prompt_len: int, max_seq_len: int) -> SamplingParams:

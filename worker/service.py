@@ -206,7 +206,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerResumeRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         runtime = self._runtime()
-        tier = convert.resume_tier(runtime.residency)
+        tier = convert.TIERS.get(
+            runtime.residency.value.removeprefix("suspended_"), common_pb2.TIER_UNSPECIFIED
+        )
         report = yield from _with_progress(
             lambda progress: runtime.resume(self.store, progress),
             lambda d, t: worker_pb2.WorkerResumeResponse(

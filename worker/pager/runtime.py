@@ -320,7 +320,7 @@ class PagedRuntime:
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
-            tier = LEVEL_OF[self.residency]
+            tier = LEVEL_OF[self.residency].value
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")
@@ -349,7 +349,7 @@ class PagedRuntime:
                 progress(moved, moved)
             log.info(
                 "resumed",
-                tier=tier.value,
+                tier=tier,
                 seconds=round(report.seconds, 4),
                 via=via,
                 gbps=None if streamed else round(report.gbps, 2),

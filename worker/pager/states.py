@@ -55,7 +55,7 @@ class SuspendReport:
 
 @dataclass(frozen=True)
 class ResumeReport:
-    tier: SuspendLevel  # where it came back from
+    tier: str  # host | deep | disk
     seconds: float
     bytes: int
     # Where the time went, in order: "restore" (deep: the driver's), "map" (the weights
