@@ -7,11 +7,13 @@
 Start-up: an exclusive lock on the state and the runtime directory (scheduler/instance.py: a
 second torpord on either is refused, naming the running one's pid, before it touches
 anything), config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
-policy state with the registered models (a model with a snapshot restores from it), workers
-and keepers left by an earlier torpord stopped, then the gRPC services on the Unix socket
-(and TCP if asked), metrics, and READY=1 to systemd. Each GPU's keeper starts with its first
-worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight calls up to the
-drain timeout, stop the workers, then the keepers, release the locks, exit 0.
+metrics, the event log, policy state with the registered models (a model with a snapshot
+restores from it), workers and keepers left by an earlier torpord stopped, then the gRPC
+services on the Unix socket (and TCP if asked), and READY=1 to systemd. Each GPU's keeper
+starts with its first worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight
+calls up to the drain timeout, stop the workers, then the keepers, release the locks, exit 0.
+Shutdown is start-up in reverse (one exit stack), and so is a start-up that fails: it stops
+what it had started, prints one line and exits 1 (docs/ARCHITECTURE.md, "torpord's parts").
 """
 
 from __future__ import annotations

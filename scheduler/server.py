@@ -84,13 +84,21 @@ class Server:
             assert cfg.tokens_file is not None  # DaemonSection._check_tcp
             interceptors.append(TokenInterceptor(Tokens(load_tokens(cfg.tokens_file))))
         server = self._build(interceptors)
-        if cfg.tls_cert is not None and cfg.tls_key is not None:
-            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-            port = server.add_secure_port(cfg.listen, creds)
-        else:
-            port = server.add_insecure_port(cfg.listen)
+        try:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                port = server.add_secure_port(cfg.listen, creds)
+            else:
+                port = server.add_insecure_port(cfg.listen)
+        except RuntimeError:  # what grpc raises for an address in use (older ones return 0)
+            port = 0
         if port == 0:
-            raise FailedPrecondition(f"cannot listen on {cfg.listen}", reason="LISTEN_FAILED")
+            raise FailedPrecondition(
+                f"cannot listen on {cfg.listen}: the address is in use or not this host's; "
+                "choose another daemon.listen (--listen)",
+                reason="LISTEN_FAILED",
+                metadata={"field": "daemon.listen", "value": cfg.listen},
+            )
         return server
 
     async def stop(self, grace: float) -> None:
