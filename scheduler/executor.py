@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from torpor.errors import (
-    Aborted,
     Cancelled,
     FailedPrecondition,
     Internal,
@@ -50,6 +49,7 @@ from torpor.scheduler.core import (
     TransitionRolledBack,
     WorkerDied,
 )
+from torpor.scheduler.inflight import InflightCalls
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
 from torpor.v1 import common_pb2, worker_pb2
@@ -157,6 +157,7 @@ class Executor:
         progress: Callable[[str, Tier, int, int, bool], None],
         snapshots: Any,
         metrics: Metrics | None = None,
+        calls: InflightCalls | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.defaults = defaults
@@ -167,10 +168,8 @@ class Executor:
         self.metrics = metrics
         self.incarnations: dict[str, int] = {}
         self.busy: set[str] = set()  # runtimes with a transition running
-        self.calls: dict[str, set[Any]] = {}  # runtime -> proxied generate calls
+        self.calls = calls if calls is not None else InflightCalls()  # the API's Generates
         self.restores: dict[str, float] = {}  # runtime -> seconds of its last load or restore
-        self.cancelled: dict[Any, TorporError] = {}  # proxied call -> why we cancelled it
-        self.aborted: dict[str, int] = {}  # runtime -> requests aborted by evictions, unreported
         self._tasks: set[asyncio.Task[None]] = set()
 
     def worker(self, runtime_id: str) -> WorkerProcess | None:
@@ -184,22 +183,12 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def abort_requests(self, runtime_id: str) -> None:
-        self.aborted[runtime_id] = self.aborted.get(runtime_id, 0) + len(
-            self.calls.get(runtime_id, ())
-        )
-        self._cancel_calls(
-            runtime_id,
-            Aborted(
-                f"the request on {runtime_id} was aborted by an eviction", reason="REQUEST_ABORTED"
-            ),
-        )
+    def restore_seconds(self, runtime_id: str) -> float:
+        """How long the last load or restore of `runtime_id` took (0 if none yet)."""
+        return self.restores.get(runtime_id, 0.0)
 
-    def _cancel_calls(self, runtime_id: str, why: TorporError) -> None:
-        """End the proxied calls on a runtime; their handlers raise `why` to their clients."""
-        for call in list(self.calls.get(runtime_id, ())):
-            self.cancelled[call] = why
-            call.cancel()
+    def abort_requests(self, runtime_id: str) -> None:
+        self.calls.abort(runtime_id)
 
     async def _run(self, action: Load | Resume | Suspend | Drop) -> None:
         kind = type(action).__name__.lower()
@@ -372,12 +361,7 @@ class Executor:
         """The event for a worker that exited, or None when the exit was expected or a
         running transition will report it."""
         rid = worker.runtime_id
-        self._cancel_calls(
-            rid,
-            Unavailable(
-                f"the worker of {worker.spec.model} exited during the request", reason="WORKER_DIED"
-            ),
-        )
+        self.calls.worker_exited(rid, worker.spec.model)
         if worker.stopping or rid in self.busy:
             return None
         if self.metrics is not None:

@@ -9,7 +9,8 @@ from torpor.scheduler.core import EndLease, Grant, LeaseEnd, Plan, SchedulerStat
 from torpor.scheduler.residency import accounted_gpu_bytes
 
 if TYPE_CHECKING:
-    from torpor.scheduler.daemon import Daemon
+    from torpor.scheduler.events import EventLog
+    from torpor.scheduler.metrics import Metrics
 
 _HITS = {
     Tier.GPU: "resident",
@@ -21,11 +22,10 @@ _HITS = {
 _ENDS = {LeaseEnd.EXPIRED: "lease_expired"}
 
 
-def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
+def record_plan(
+    events: EventLog, metrics: Metrics, before: SchedulerState, state: SchedulerState, plan: Plan
+) -> None:
     """Audit events and metrics for one step (`before` knows the leases that just ended)."""
-    events = getattr(d, "events", None)
-    if events is None:
-        return
     for t in plan.transitions:
         runtime = state.runtimes.get(t.runtime_id)
         events.append(
@@ -47,7 +47,7 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
                 lease=action.lease_id,
                 restored_from=action.restored_from.name.lower(),
             )
-            d.metrics.hit(_HITS.get(action.restored_from, "cold"))
+            metrics.hit(_HITS.get(action.restored_from, "cold"))
         elif isinstance(action, EndLease):
             lease = before.leases.get(action.lease_id)
             runtime = before.runtimes.get(lease.runtime_id) if lease is not None else None
@@ -67,14 +67,13 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
                 to=action.level.name.lower(),
                 snapshot=action.write_snapshot,
             )
-            d.metrics.eviction("pressure", action.level.name.lower())
-    _metrics(d, state)
+            metrics.eviction("pressure", action.level.name.lower())
+    _metrics(metrics, state)
 
 
-def _metrics(d: Daemon, state: SchedulerState) -> None:
-    m = d.metrics
+def _metrics(m: Metrics, state: SchedulerState) -> None:
     m.set_runtime_states(Counter(r.state.name.lower() for r in state.runtimes.values()))
-    for gpu, used in accounted_gpu_bytes(d).items():
+    for gpu, used in accounted_gpu_bytes(state).items():
         m.set_tier_bytes(gpu, "gpu", used)
     m.set_leases(len(state.leases))
     for model, waiters in state.queues.items():
