@@ -138,9 +138,7 @@ class SnapshotManifest:
                 model=dict(raw.get("model", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError, InvalidArgument) as exc:
-            raise DataLoss(
-                f"not a snapshot manifest: {exc!r}", reason="MANIFEST_INVALID"
-            ) from exc
+            raise DataLoss(f"not a snapshot manifest: {exc!r}", reason="MANIFEST_INVALID") from exc
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from torpor.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -66,9 +66,7 @@ class SnapshotStore:
 
     # Writing ----------------------------------------------------------------------------
 
-    def begin(
-        self, model: str, fingerprint: str | None, *, reserve_bytes: int
-    ) -> SnapshotWriter:
+    def begin(self, model: str, fingerprint: str | None, *, reserve_bytes: int) -> SnapshotWriter:
         """Start a snapshot of `model`, reserving room for `reserve_bytes` of new chunks.
 
         Evicts LRU snapshots if needed; raises ResourceExhausted (STORE_FULL) with the store

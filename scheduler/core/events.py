@@ -105,6 +105,9 @@ class TransitionCompleted:
     """The state the worker reports; checked against the plan's target when given."""
     footprint: Footprint | None = None
     """Bytes the worker measured after a load; replaces the model's estimate."""
+    snapshot_bytes: int | None = None
+    """A suspend that wrote a snapshot: the bytes the chunk store holds for it (the model's
+    `Footprint.snapshot` from now on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,14 @@ class SnapshotDeleted:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskOutsideMeasured:
+    """The chunk store holds `nbytes` that no runtime's snapshot accounts for (snapshots the
+    core does not track, leftovers of failed writes): they count in the disk ledger."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class CostsUpdated:
     """New measured bandwidths and overheads (from the catalog)."""
 
@@ -223,5 +234,6 @@ Event = (
     | PinChanged
     | DrainRequested
     | SnapshotDeleted
+    | DiskOutsideMeasured
     | CostsUpdated
 )

@@ -50,7 +50,14 @@ def on_completed(d: Draft, ev: TransitionCompleted) -> None:
     d.settle(rt, to, failures=0 if up else rt.failures)
     if ev.footprint is not None:
         model = d.models[rt.model]
-        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=ev.footprint))
+        measured = ev.footprint
+        if not measured.snapshot:  # a load measures the arenas, not the snapshot
+            measured = replace(measured, snapshot=model.spec.footprint.snapshot)
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=measured))
+    if ev.snapshot_bytes is not None:
+        model = d.models[rt.model]
+        fp = replace(model.spec.footprint, snapshot=ev.snapshot_bytes)
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=fp))
 
 
 def on_failed(d: Draft, ev: TransitionFailed) -> None:
