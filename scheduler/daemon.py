@@ -47,6 +47,7 @@ from torpor.scheduler.config import (
 from torpor.scheduler.controller import Controller
 from torpor.scheduler.core import (
     CostsUpdated,
+    DiskOutsideMeasured,
     GpuSpec,
     ModelRegistered,
     ModelUnregistered,
@@ -176,6 +177,12 @@ class Daemon:
         self.recorder.on_write_failed = lambda model, runtime, error: self.events.append(
             "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
         )
+        # The core owns the disk budget: it counts the recorder's tracked snapshots, and the
+        # store's other bytes as measured (docs/POLICY.md, "The disk budget").
+        self.recorder.tracked_models = lambda: self.controller.state.models.keys()
+        self.recorder.on_outside = lambda nbytes: self.controller.submit(
+            DiskOutsideMeasured(nbytes)
+        )
         self.recorder.start_sweeping(cfg.store.sweep_interval_s)
         await self._stop_leftover_workers()
         await self._load_models()
@@ -257,10 +264,13 @@ class Daemon:
     async def _load_models(self) -> None:
         snapshots = await asyncio.to_thread(self.recorder.known_snapshots)
         for registered in await asyncio.to_thread(self.catalog.list_models):
+            known = snapshots.get(registered.spec.name)
             try:
-                await self._admit_model(registered, has_snapshot=registered.spec.name in snapshots)
+                size = known.total_bytes if known is not None else 0
+                await self._admit_model(registered, known is not None, snapshot_bytes=size)
             except TorporError as err:  # a checkpoint that went away: keep serving the rest
                 _log.error("model_not_loaded", model=registered.spec.name, error=str(err))
+        await self.recorder.measure_outside()
 
     # -- models --------------------------------------------------------------------------
 
@@ -298,7 +308,9 @@ class Daemon:
         )
         return await self.model_message(spec.name)
 
-    async def _admit_model(self, registered: RegisteredModel, has_snapshot: bool) -> None:
+    async def _admit_model(
+        self, registered: RegisteredModel, has_snapshot: bool, snapshot_bytes: int = 0
+    ) -> None:
         spec = registered.spec
         ckpt = CheckpointDir.confined(spec.source_path, self.config.daemon.model_roots)
         estimate = await self.checkpoints.run(
@@ -310,6 +322,8 @@ class Daemon:
             spec.max_seq_len,
             self.cuda,
         )
+        if snapshot_bytes:  # what the store holds for it, not the estimate
+            estimate = dataclasses.replace(estimate, snapshot=snapshot_bytes)
         vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate

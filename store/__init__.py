@@ -3,7 +3,6 @@
 - `torpor.store.chunks`: hash-named chunk files; no database, usable inside a worker.
 - `torpor.store.catalog`: models, bandwidths and events (SQLite or PostgreSQL).
 - `torpor.store.snapshots`: snapshots over both, with the capacity budget, GC and scrub.
-- `torpor.store.aio`: the async faces the daemon uses (calls run in threads).
 - `torpor.store.names`: model-name and checkpoint-path validation.
 
 The names below are re-exported lazily, so `import torpor.store.chunks` in a worker does
@@ -25,8 +24,6 @@ _EXPORTS = {
     "SnapshotStoreConfig": "config",
     "SnapshotStore": "snapshots",
     "SnapshotWriter": "writer",
-    "AsyncCatalog": "aio",
-    "AsyncSnapshotStore": "aio",
     "validate_model_name": "names",
     "check_source_path": "names",
     "ModelSpec": "records",
@@ -41,8 +38,6 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AsyncCatalog",
-    "AsyncSnapshotStore",
     "Bandwidth",
     "BandwidthTier",
     "Catalog",
@@ -66,7 +61,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from torpor.store.aio import AsyncCatalog, AsyncSnapshotStore
     from torpor.store.catalog import Catalog
     from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes, verify
     from torpor.store.config import CatalogConfig, SnapshotStoreConfig

@@ -1,7 +1,7 @@
 """The catalog: what torpor remembers across restarts (models, bandwidths, events).
 
-A synchronous API over SQLAlchemy: the daemon reaches it through `torpor.store.aio`, which
-runs each call in a thread, so the event loop never waits on the database. Snapshot and
+A synchronous API over SQLAlchemy: the daemon runs each call in a thread
+(`asyncio.to_thread`), so the event loop never waits on the database. Snapshot and
 chunk rows are managed by `torpor.store.snapshots.SnapshotStore` through `session()`.
 
 SQLite (default) runs in WAL mode with foreign keys on; write transactions start with

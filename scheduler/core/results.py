@@ -51,8 +51,12 @@ def on_completed(d: Draft, ev: TransitionCompleted) -> None:
     if ev.footprint is not None:
         model = d.models[rt.model]
         measured = ev.footprint
-        if not measured.snapshot:  # a load measures the arenas, not the snapshot
-            measured = replace(measured, snapshot=model.spec.footprint.snapshot)
+        old = model.spec.footprint
+        if not measured.snapshot and old.snapshot:  # a load measures arenas, not snapshots
+            # Weights measured larger than estimated make a larger snapshot too: the count
+            # stays an upper bound of what a write may reserve.
+            grown = max(0, measured.weights - old.weights)
+            measured = replace(measured, snapshot=old.snapshot + grown)
         d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=measured))
     if ev.snapshot_bytes is not None:
         model = d.models[rt.model]
