@@ -359,11 +359,11 @@ class Executor:
         reservation: no chunk is written), a disk without room (the worker aborted its
         write), or a record the store refuses, leaves the runtime as it was:
         RuntimeUnchanged."""
-        written = False
+        asked = written = False
         reserve = action.snapshot_bytes or self.models[action.model].estimate.disk
         try:
             async with self.snapshots.writing(action.model, reserve) as pending:
-                done = None
+                asked, done = True, None
                 request = worker_pb2.WorkerSnapshotRequest(reserved_bytes=pending.reserved)
                 async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
                     if event.HasField("done"):
@@ -373,9 +373,10 @@ class Executor:
                 written = True
                 info = await pending.commit(_written_snapshot(done))
         except BaseException as exc:
-            # The worker refused for want of room, or torpord's record failed: the worker
-            # still holds its runtime as it was (unless it died meanwhile).
-            refused = isinstance(exc, ResourceExhausted) or written
+            # The reservation failed (the worker was not asked), the worker refused for want
+            # of room, or torpord's record failed: the worker still holds its runtime as it
+            # was (unless it died meanwhile).
+            refused = not asked or isinstance(exc, ResourceExhausted) or written
             if isinstance(exc, TorporError) and refused and not worker.exited.is_set():
                 raise RuntimeUnchanged(exc) from exc  # its report sweeps the leftovers
             self.snapshots.sweep_soon()  # what the write left: removed once no write runs
