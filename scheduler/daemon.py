@@ -431,7 +431,8 @@ class Daemon:
     def tier_usage(self) -> tuple[int, int]:
         state = self.controller.state
         held = [state.held(r) for r in state.runtimes.values()]
-        return sum(h.host for h in held), sum(h.disk for h in held)
+        # The disk ledger: the runtimes' snapshots plus the store's bytes outside them.
+        return sum(h.host for h in held), sum(h.disk for h in held) + state.disk_outside
 
     def first_event_id_since(self, since: Any) -> int:
         last = 0
