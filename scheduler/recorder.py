@@ -23,6 +23,7 @@ import dataclasses
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, TypeVar
 
 from torpor.errors import FailedPrecondition, TorporError
 from torpor.log import get_logger
@@ -36,6 +37,8 @@ from torpor.store.snapshots import SnapshotStore
 from torpor.store.writer import SnapshotWriter
 
 log = get_logger("recorder")
+
+T = TypeVar("T")
 
 # A deep resume's copy goes through staging buffers (its host copy was unlocked), a path of
 # its own: folding it into HOST_TO_GPU would make every host restore look slower.
@@ -141,13 +144,15 @@ class Recorder:
         sweep until it is committed or given up. Leaving without `commit` aborts the record;
         chunks the worker wrote are then swept (`write_failed`)."""
         async with self.gate.writing():  # no sweep while chunks are unrecorded
-            writer = await asyncio.to_thread(snaps.begin, self.store, model, reserve_bytes)
+            writer = await _to_the_end(
+                snaps.begin, (self.store, model, reserve_bytes), undo=lambda w: w.abort()
+            )
             pending = PendingSnapshot(self, model, writer, reserve_bytes)
             try:
                 yield pending
             finally:
                 if not pending.committed:
-                    await asyncio.to_thread(writer.abort)
+                    await _to_the_end(writer.abort, ())
 
     async def _recorded(self, model: str, info: SnapshotInfo) -> None:
         """A new snapshot of `model` is its current one: held; the ones it supersedes go."""
@@ -353,9 +358,39 @@ class PendingSnapshot:
         """Bytes reserved: the worker writes no more new bytes than these."""
         self.committed = False
 
+    def _committed(self, info: SnapshotInfo) -> None:
+        self.committed = True  # even when the caller was cancelled meanwhile
+
     async def commit(self, written: snaps.WrittenSnapshot) -> SnapshotInfo:
         """Record what the worker wrote; the snapshot becomes the model's current one."""
-        info = await asyncio.to_thread(snaps.commit, self.writer, written)
+        info = await _to_the_end(snaps.commit, (self.writer, written), done=self._committed)
         self.committed = True
         await self.recorder._recorded(self.model, info)
         return info
+
+
+async def _to_the_end(
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    *,
+    undo: Callable[[T], object] | None = None,
+    done: Callable[[T], object] | None = None,
+) -> T:
+    """`fn(*args)` in a thread, which a cancellation of the caller never leaves running
+    behind its back: the caller waits for it to end, then `done(result)` runs (or, when the
+    caller was cancelled, `undo(result)`, in a thread) before the cancellation goes on. A
+    reservation is never left held, nor a commit raced by its abort."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            if done is not None:
+                done(task.result())
+            if undo is not None:
+                await asyncio.wait([asyncio.ensure_future(asyncio.to_thread(undo, task.result()))])
+        raise
+    if done is not None:
+        done(result)
+    return result
