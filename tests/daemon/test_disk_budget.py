@@ -6,11 +6,14 @@ no chunk."""
 
 from __future__ import annotations
 
+import fcntl
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
-from torpor.errors import ResourceExhausted
+from torpor.errors import FailedPrecondition, ResourceExhausted
 from torpor.store.catalog import Catalog
 from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.snapshots import SnapshotStore
@@ -83,6 +86,62 @@ def test_a_restore_from_disk_moves_its_snapshot_up_the_lru(
         after = _snapshots(daemon)
         assert after["alpha"].last_used.ToDatetime() > after["beta"].last_used.ToDatetime()
     finally:
+        assert daemon.stop() == 0
+
+
+def _read_locked(lock: Path) -> bool:
+    """Does someone hold this snapshot's reader lock (shared) now?"""
+    if not lock.exists():
+        return False
+    with lock.open("rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_snapshot_cannot_be_deleted_under_a_running_resume(
+    tmp_path: Path, model_root: Path
+) -> None:
+    """torpord holds the store's read lock on the snapshot for the whole resume from disk:
+    a deletion asked meanwhile (here by another process on the same store) is refused with
+    SNAPSHOT_IN_USE, and the resume serves the same tokens. The test keeps the resume
+    inside its window by holding the catalog's write lock, which the resume's `touch`
+    waits for."""
+    daemon = _start(tmp_path, model_root, ("alpha",))
+    catalog = Catalog.open(CatalogConfig.in_state_dir(tmp_path / "state"))
+    root = tmp_path / "state" / "snapshots"
+    store = SnapshotStore.open(
+        catalog, SnapshotStoreConfig(root=root, capacity_bytes=CAPACITY), run_scrub=False
+    )
+    try:
+        before = daemon.generate("alpha", PROMPT)
+        _evict(daemon, "alpha", common_pb2.TIER_DISK)
+        snapshot = _snapshots(daemon)["alpha"].snapshot_id
+        db = sqlite3.connect(tmp_path / "state" / "catalog.db", isolation_level=None, timeout=30)
+        db.execute("BEGIN IMMEDIATE")  # the resume's touch waits behind this
+        result: list[object] = []
+        resume = threading.Thread(target=lambda: result.append(daemon.generate("alpha", PROMPT)))
+        resume.start()
+        try:
+            assert_eventually(lambda: _read_locked(store.locks.reader_path(snapshot)), bool)
+            with pytest.raises(FailedPrecondition) as err:
+                store.delete(snapshot)
+            assert err.value.reason == "SNAPSHOT_IN_USE"
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+            resume.join(timeout=120)
+        [chunks] = result
+        assert chunks[-1].usage.restored_from == common_pb2.TIER_DISK  # type: ignore[index]
+        assert [t for c in chunks for t in c.token_ids] == [  # type: ignore[attr-defined]
+            t for c in before for t in c.token_ids
+        ]
+        assert _snapshots(daemon)["alpha"].snapshot_id == snapshot
+    finally:
+        catalog.close()
         assert daemon.stop() == 0
 
 
