@@ -86,6 +86,7 @@ SNAPSHOT_UNUSABLE = frozenset(
     {
         "CHUNK_CORRUPT",
         "CHUNK_MISSING",
+        "MANIFEST_INVALID",
         "SNAPSHOT_CORRUPT",
         "SNAPSHOT_INCOMPATIBLE",
         "SNAPSHOT_NOT_FOUND",

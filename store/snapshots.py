@@ -70,8 +70,8 @@ class SnapshotStore:
         """Start a snapshot of `model`, reserving room for `reserve_bytes` of new chunks.
 
         Evicts LRU snapshots if needed; raises ResourceExhausted (STORE_FULL) with the store
-        unchanged when the reservation cannot fit. Pass `new_bytes(refs)` as the
-        reservation when the chunks were hashed ahead, or the full size when not.
+        unchanged when the reservation cannot fit. The reservation is an upper bound of
+        the new bytes (the full size, unless the caller knows what dedups).
         `fingerprint` may be None when it is known only once the bytes are written (torpord
         reserves before its worker writes): `commit` then gives it.
         """
@@ -113,14 +113,6 @@ class SnapshotStore:
             raise
         log.info("snapshot_begun", snapshot=snapshot_id, model=model, reserve_bytes=reserve_bytes)
         return SnapshotWriter(self, snapshot_id, model, reserve_bytes, lock)
-
-    def new_bytes(self, refs: Iterable[ChunkRef]) -> int:
-        """Bytes of `refs` this store does not hold yet (each distinct chunk once)."""
-        unique = {r.hash: r.size for r in refs}
-        with self.catalog.session(write=False) as s:
-            return sum(
-                size for h, size in unique.items() if not rows.chunk_exists(s, self.store_id, h)
-            )
 
     def usage(self) -> StoreUsage:
         """Bytes used and reserved against the budget."""

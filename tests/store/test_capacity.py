@@ -15,9 +15,10 @@ from torpor.store.snapshots import SnapshotStore
 
 
 def write(store: SnapshotStore, *tensors: bytes, reserve: int | None = None) -> str:
-    """Write a snapshot, reserving what a pager that hashed ahead would: the new bytes."""
+    """Write a snapshot, reserving what a writer that hashed ahead would: the new bytes."""
     if reserve is None:
-        reserve = store.new_bytes(ChunkRef(hash_bytes(t), len(t)) for t in tensors)
+        refs = {ChunkRef(hash_bytes(t), len(t)) for t in tensors}
+        reserve = sum(ref.size for ref in refs if not store.chunks.has(ref))
     with store.begin(MODEL, FINGERPRINT, reserve_bytes=reserve) as w:
         for t in tensors:
             w.add_tensor(t)

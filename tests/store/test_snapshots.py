@@ -15,7 +15,7 @@ from torpor.errors import (
     NotFound,
 )
 from torpor.store.catalog import Catalog
-from torpor.store.chunks import ChunkRef, hash_bytes
+from torpor.store.chunks import hash_bytes
 from torpor.store.schema import SnapshotState
 from torpor.store.snapshots import SnapshotStore
 
@@ -88,7 +88,6 @@ def test_a_changed_tensor_adds_only_its_bytes(store: SnapshotStore) -> None:
     used = store.usage().used_bytes
     tuned = list(tensors)
     tuned[2] = blob("fine-tuned", len(tensors[2]))
-    assert store.new_bytes(ChunkRef(hash_bytes(t), len(t)) for t in tuned) == len(tuned[2])
     tuned_id = write(store, tuned)
     assert store.usage().used_bytes == used + len(tuned[2])
     assert read_back(store, tuned_id) == b"".join(tuned)
