@@ -73,3 +73,16 @@ def test_bytes_outside_the_runtimes_fill_the_disk_budget() -> None:
     h.send(EvictRequested("e2", "a", Tier.DISK))
     [move] = [a for a in h.plans[-1].actions if isinstance(a, Suspend)]
     assert move.write_snapshot
+
+
+def test_a_load_keeps_the_snapshot_count_an_upper_bound() -> None:
+    """The worker's measured footprint after a load says nothing of the snapshot: the
+    registered count stays, grown by any weights measured beyond the estimate."""
+    h = Harness(world())
+    h.register("a", 10, fp=replace(footprint(10), snapshot=11 * GiB))
+    h.acquire("a")
+    [load] = list(h.moves.values())
+    del h.moves[(load.runtime_id, load.seq)]
+    measured = replace(footprint(10), weights=10 * GiB + 4096)
+    h.send(TransitionCompleted(load.runtime_id, load.seq, S.RESIDENT, footprint=measured))
+    assert h.state.models["a"].spec.footprint.snapshot == 11 * GiB + 4096
