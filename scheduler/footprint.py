@@ -22,7 +22,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 # What stays on a GPU beside the arenas: the CUDA context with cuBLAS (0.70 GiB measured on an
-# H100, DESIGN.md) and small buffers outside the arenas (rotary tables, static inputs).
+# H100, docs/BENCHMARKS.md#probes-on-an-h100-host) and small buffers outside the arenas
+# (rotary tables, static inputs).
 CUDA_CONTEXT = 700 * MiB
 CUDA_RESIDUE = 64 * MiB
 _ALIGN = 256

@@ -53,7 +53,8 @@ def demote_seconds(frm: Residency, to: Residency, fp: Footprint, costs: Costs) -
         return 0.0
     seconds = costs.map_s
     if to.host_copy and not frm.host_copy:
-        # Pinning is slow (DESIGN.md: 1.9 GB/s); this is why loads keep a copy when they can.
+        # Pinning is slow (1.9 GB/s, docs/BENCHMARKS.md#probes-on-an-h100-host); this is why
+        # loads keep a copy when they can.
         seconds += w / costs.pin + w / costs.gpu_to_host
     if to.state is S.SUSPENDED_DEEP and frm.state is not S.SUSPENDED_DEEP:
         seconds += costs.checkpoint_s + w / costs.unpin

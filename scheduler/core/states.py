@@ -14,7 +14,7 @@ from torpor.errors import Internal
 
 
 class RuntimeState(enum.IntEnum):
-    """Where a runtime is in its life (DESIGN.md, "Tiers and states").
+    """Where a runtime is in its life (docs/POLICY.md, "Runtimes, states and tiers").
 
     The stable states RESIDENT..COLD are ordered from most to least available; LOADING,
     SUSPENDING and RESUMING are the transitions in between; FAILED is a worker that died or a

@@ -105,7 +105,7 @@ class Costs:
 
     The daemon fills them from the catalog's measured bandwidths and sends `CostsUpdated`
     when they change; the policy never bakes in a number. Defaults are the H100 host of
-    DESIGN.md ("Measured on an H100 host"), for tests and a first start.
+    docs/BENCHMARKS.md ("Probes on an H100 host"), for tests and a first start.
     """
 
     host_to_gpu: float = 54.8e9

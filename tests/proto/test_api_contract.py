@@ -1,4 +1,4 @@
-"""The `torpor.v1` API has what DESIGN.md's "Public API" names, in the package's conventions.
+"""The `torpor.v1` API has what docs/API.md names as the contract, in the package's conventions.
 
 Table-driven over the descriptors of the generated stubs: each service's methods with their
 request and response types and streaming, the fields the contract names with their types,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
@@ -64,13 +65,13 @@ SERVICES: dict[str, dict[str, tuple[str, str, bool]]] = {
     },
 }
 
-# Streamed messages that DESIGN.md names itself, instead of `<Method>Response`.
+# Streamed messages that the contract names itself, instead of `<Method>Response`.
 CONTRACT_STREAM_NAMES = {"AcquireEvent", "GenerateChunk", "Event"}
 
 TS = "google.protobuf.Timestamp"
 DUR = "google.protobuf.Duration"
 
-# message -> {field: "[repeated |optional ]TYPE[ in ONEOF]"}: the fields DESIGN.md and the
+# message -> {field: "[repeated |optional ]TYPE[ in ONEOF]"}: the fields docs/API.md and the
 # issues that use the API (5: daemon, 6: CLI, 3: worker) name. Types in torpor.v1 are short.
 FIELDS: dict[str, dict[str, str]] = {
     "ModelSpec": {
@@ -255,7 +256,7 @@ FIELDS: dict[str, dict[str, str]] = {
 
 # enum -> its values without the prefix, after UNSPECIFIED, in number order from 1.
 ENUMS: dict[str, list[str]] = {
-    # DESIGN.md's state table, then its transitional states.
+    # The tier table of docs/ARCHITECTURE.md, then the transitional states.
     "RuntimeState": [
         "RESIDENT",
         "SUSPENDED_HOST",
@@ -345,6 +346,19 @@ def test_services_have_only_the_contract_methods() -> None:
     for service, methods in SERVICES.items():
         desc = next(f.services_by_name[service] for f in FILES if service in f.services_by_name)
         assert sorted(desc.methods_by_name) == sorted(methods), service
+
+
+def test_the_api_page_names_the_contract_methods() -> None:
+    """docs/API.md's "Services" tables, where the contract is written, list every method of
+    each service and no other: the page and this test cannot drift apart."""
+    text = (Path(__file__).parents[2] / "docs" / "API.md").read_text()
+    services = text.split("\n## Services\n", 1)[1].split("\n## ", 1)[0]
+    parts = services.split("\n### ")[1:]
+    assert [part.split()[0] for part in parts] == list(SERVICES)
+    for service, part in zip(SERVICES, parts, strict=True):
+        rows = [line.split("|")[1] for line in part.splitlines() if line.startswith("| `")]
+        named = {name for cell in rows for name in re.findall(r"`(\w+)`", cell)}
+        assert named == set(SERVICES[service]), service
 
 
 @pytest.mark.parametrize("message", sorted(FIELDS))

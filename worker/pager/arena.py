@@ -35,7 +35,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -269,15 +269,6 @@ class Arena:
                 nbytes=self._nbytes,
                 ms=round((time.perf_counter() - started) * 1e3, 3),
             )
-
-    @contextlib.contextmanager
-    def suspended(self, *, zero_on_resume: bool = False) -> Iterator[Arena]:
-        """Unmap for the duration of the block and map again when it ends, even on error."""
-        self.unmap()
-        try:
-            yield self
-        finally:
-            self.map(zero=zero_on_resume)
 
     def tensor(self, offset: int, shape: int | Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A zero-copy view of the arena: `data_ptr()` is exactly `address + offset`.

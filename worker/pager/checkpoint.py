@@ -12,8 +12,9 @@ on its own pid:
     python -m torpor.worker.pager.checkpoint recover PID   # whatever brings it back to running
 
 The controller imports only `cuda.bindings`, never torch, so it starts in well under a
-second. The virtual address reservations of the worker survive the checkpoint (DESIGN.md:
-remapping afterwards and replaying a graph gave bit-identical output).
+second. The virtual address reservations of the worker survive the checkpoint (remapping
+afterwards and replaying a graph gave bit-identical output: docs/BENCHMARKS.md, "Probes on an
+H100 host").
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Approaches considered:
   stream)`), serving segments from an arena that is fully mapped up front. The callbacks make
   no CUDA calls (legal during capture, cheap), no extension is compiled, and the pool's size is
   a fixed budget, which is what byte-accurate admission wants anyway. A probe confirmed that a
-  ctypes callback allocator works (DESIGN.md, "Graph pool and workspaces"); on an H200 a
+  ctypes callback allocator works (docs/PAGER.md, "Graph pool"); on an H200 a
   graph captured into this pool replayed bit-identical after unmap and map (bench/pager_probe.py).
 
 Constraints:

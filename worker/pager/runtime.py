@@ -1,7 +1,7 @@
 """A paged runtime: an engine whose memory can leave the GPU and come back at the same
 addresses, so its captured graphs, allocator layout and warmed kernels survive.
 
-Levels of suspend (DESIGN.md, "Tiers and states"):
+Levels of suspend (docs/ARCHITECTURE.md, "Tiers"):
 - HOST: the weights' retained host copy (made once, in the background, right after load)
   already holds the bytes, so suspending only unmaps the weights, KV and graph arenas.
 - DEEP: HOST, then the driver checkpoints what remains (the CUDA context), leaving zero GPU
