@@ -116,6 +116,7 @@ class Recorder:
         self.tracked_models: Callable[[], Collection[str]] = lambda: self.latest.keys()
         """The models whose current snapshot the policy counts (the daemon's registered)."""
         self.gate = WriteGate()
+        self._outside_sent: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def known_snapshots(self) -> dict[str, SnapshotInfo]:
@@ -229,7 +230,9 @@ class Recorder:
         except Exception as exc:
             log.warning("store_not_measured", error=repr(exc))
             return
-        self.on_outside(outside)
+        if outside != self._outside_sent:  # a step of the core only when it changed
+            self._outside_sent = outside
+            self.on_outside(outside)
 
     def snapshot_bytes(self, model: str) -> int:
         """Bytes the store holds for the model's current snapshot (0: none known)."""
