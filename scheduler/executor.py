@@ -233,15 +233,16 @@ class Executor:
         log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
         restore = isinstance(action, Load | Resume) and action.source is Tier.DISK
         unusable = restore and error.reason in SNAPSHOT_UNUSABLE
-        left = False
+        left, size = False, None
         try:
             await self._kill(action.runtime_id, now=cancelled or error.reason == "WORKER_HUNG")
             if unusable:
                 left = await self.snapshots.forget(action.model, error)
+                size = self.snapshots.snapshot_bytes(action.model) if left else None
                 log.warning("snapshot_unusable", reason=error.reason, another_left=left)
         finally:
             self.busy.discard(action.runtime_id)
-            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left)
+            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left, size)
             self._safe_report(failed)
 
     def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:

@@ -126,6 +126,9 @@ class TransitionFailed:
     snapshot_left: bool = False
     """With `snapshot_unusable`: another complete snapshot of the model is left (the next
     restore reads it). Otherwise the runtime keeps none and the next load is cold."""
+    snapshot_bytes: int | None = None
+    """With `snapshot_left`: the bytes the store holds for that other snapshot (the model's
+    `Footprint.snapshot` from now on)."""
 
 
 @dataclass(frozen=True, slots=True)

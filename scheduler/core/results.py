@@ -75,6 +75,10 @@ def on_failed(d: Draft, ev: TransitionFailed) -> None:
         return
     why = f"{rt.state.name.lower()} failed: {ev.error.message}"
     if ev.snapshot_unusable:
+        if ev.snapshot_left and ev.snapshot_bytes:
+            model = d.models[rt.model]
+            fp = replace(model.spec.footprint, snapshot=ev.snapshot_bytes)
+            d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=fp))
         _fail(d, rt, why, snapshot=ev.snapshot_left, counted=False)
     else:
         _fail(d, rt, why)

@@ -80,6 +80,9 @@ class Snapshots:
     def write_failed(self, model: str, runtime_id: str, error: Any) -> None:
         pass
 
+    def snapshot_bytes(self, model: str) -> int:
+        return 4096
+
     async def forget(self, model: str, error: Any) -> bool:
         self.forgotten.append(error.reason)
         self.others -= 1

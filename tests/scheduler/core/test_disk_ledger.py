@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from torpor.errors import Code
+from torpor.errors import Code, DataLoss
 from torpor.scheduler.core import (
     ClientGone,
     DiskOutsideMeasured,
@@ -16,6 +16,7 @@ from torpor.scheduler.core import (
     Suspend,
     Tier,
     TransitionCompleted,
+    TransitionFailed,
 )
 
 from .harness import GiB, Harness, footprint, world
@@ -86,3 +87,16 @@ def test_a_load_keeps_the_snapshot_count_an_upper_bound() -> None:
     measured = replace(footprint(10), weights=10 * GiB + 4096)
     h.send(TransitionCompleted(load.runtime_id, load.seq, S.RESIDENT, footprint=measured))
     assert h.state.models["a"].spec.footprint.snapshot == 11 * GiB + 4096
+
+
+def test_the_next_snapshot_after_an_unusable_one_is_counted_at_its_bytes() -> None:
+    h = Harness(world())
+    h.register("a", 10, snapshot=True, fp=replace(footprint(10), snapshot=11 * GiB))
+    h.acquire("a")
+    [load] = list(h.moves.values())
+    assert load.source is Tier.DISK
+    del h.moves[(load.runtime_id, load.seq)]
+    corrupt = DataLoss("chunk is corrupt", reason="CHUNK_CORRUPT")
+    h.send(TransitionFailed(load.runtime_id, load.seq, corrupt, True, True, 12 * GiB))
+    assert h.state.models["a"].spec.footprint.snapshot == 12 * GiB
+    assert h.rt("a").at.snapshot
