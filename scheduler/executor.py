@@ -240,6 +240,9 @@ class Executor:
                 left = await self.snapshots.forget(action.model, error)
                 size = self.snapshots.snapshot_bytes(action.model) if left else None
                 log.warning("snapshot_unusable", reason=error.reason, another_left=left)
+            elif isinstance(action, Suspend) and action.write_snapshot:
+                # A write that committed before the suspend failed: the snapshot stays.
+                size = self.snapshots.snapshot_bytes(action.model) or None
         finally:
             self.busy.discard(action.runtime_id)
             failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left, size)

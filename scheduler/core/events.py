@@ -127,8 +127,10 @@ class TransitionFailed:
     """With `snapshot_unusable`: another complete snapshot of the model is left (the next
     restore reads it). Otherwise the runtime keeps none and the next load is cold."""
     snapshot_bytes: int | None = None
-    """With `snapshot_left`: the bytes the store holds for that other snapshot (the model's
-    `Footprint.snapshot` from now on)."""
+    """With `snapshot_left`: the bytes the store holds for that other snapshot. Without
+    `snapshot_unusable`: a snapshot the failed op recorded before it failed (a DISK suspend
+    whose write committed); the runtime keeps it. Either way the model's `Footprint.snapshot`
+    from now on."""
 
 
 @dataclass(frozen=True, slots=True)

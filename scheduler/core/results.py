@@ -74,12 +74,14 @@ def on_failed(d: Draft, ev: TransitionFailed) -> None:
     if rt is None:
         return
     why = f"{rt.state.name.lower()} failed: {ev.error.message}"
+    if ev.snapshot_bytes and (ev.snapshot_left or not ev.snapshot_unusable):
+        model = d.models[rt.model]
+        fp = replace(model.spec.footprint, snapshot=ev.snapshot_bytes)
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=fp))
     if ev.snapshot_unusable:
-        if ev.snapshot_left and ev.snapshot_bytes:
-            model = d.models[rt.model]
-            fp = replace(model.spec.footprint, snapshot=ev.snapshot_bytes)
-            d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=fp))
         _fail(d, rt, why, snapshot=ev.snapshot_left, counted=False)
+    elif ev.snapshot_bytes:  # its snapshot was recorded before the op failed: it stays
+        _fail(d, rt, why, snapshot=True)
     else:
         _fail(d, rt, why)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from torpor.errors import Code, DataLoss
+from torpor.errors import Code, DataLoss, Unavailable
 from torpor.scheduler.core import (
     ClientGone,
     DiskOutsideMeasured,
@@ -100,3 +100,16 @@ def test_the_next_snapshot_after_an_unusable_one_is_counted_at_its_bytes() -> No
     h.send(TransitionFailed(load.runtime_id, load.seq, corrupt, True, True, 12 * GiB))
     assert h.state.models["a"].spec.footprint.snapshot == 12 * GiB
     assert h.rt("a").at.snapshot
+
+
+def test_a_snapshot_recorded_before_its_suspend_failed_stays_counted() -> None:
+    """The write committed, then the worker died before unmapping: the runtime is FAILED
+    and keeps the snapshot (restored from next time), counted at its bytes."""
+    h = _resident()
+    h.send(EvictRequested("e1", "a", Tier.DISK))
+    [move] = [a for a in h.plans[-1].actions if isinstance(a, Suspend)]
+    del h.moves[(move.runtime_id, move.seq)]
+    died = Unavailable("the worker died", reason="WORKER_DIED")
+    h.send(TransitionFailed(move.runtime_id, move.seq, died, snapshot_bytes=11 * GiB))
+    rt = h.rt("a")
+    assert rt.at.snapshot and _disk_held(h) == 11 * GiB
