@@ -174,8 +174,8 @@ class Recorder:
         (an operator's tool) or pinned stays, outside the runtimes' count."""
         try:
             others = await asyncio.to_thread(self.store.list, model, include_corrupt=True)
-        except TorporError as err:
-            log.warning("superseded_not_listed", model=model, error=str(err))
+        except Exception as exc:
+            log.warning("superseded_not_listed", model=model, error=repr(exc))
             return
         for info in others:
             if info.id == current or info.pinned:
@@ -183,8 +183,8 @@ class Recorder:
             self.store.release(info.id)
             try:
                 await asyncio.to_thread(self.store.delete, info.id)
-            except TorporError as err:
-                log.warning("superseded_not_deleted", snapshot=info.id, error=str(err))
+            except Exception as exc:  # the new snapshot is recorded: this never fails it
+                log.warning("superseded_not_deleted", snapshot=info.id, error=repr(exc))
             else:
                 log.info("snapshot_superseded", model=model, snapshot=info.id)
 
