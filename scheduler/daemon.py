@@ -46,6 +46,7 @@ from torpor.scheduler.controller import Controller
 from torpor.scheduler.core import (
     Costs,
     CostsUpdated,
+    DiskOutsideMeasured,
     Event,
     GpuSpec,
     Plan,
@@ -165,7 +166,8 @@ class Daemon:
         stack.push_async_callback(core.executor.drain, cfg.daemon.drain_timeout_s)
         await _stop_leftovers(core.supervisor, core.keepers, cfg.worker.stop_timeout_s)
         known = await asyncio.to_thread(core.recorder.known_snapshots)
-        await core.models.load_all(set(known))
+        await core.models.load_all({name: info.total_bytes for name, info in known.items()})
+        await core.recorder.measure_outside()
         if self.demo:
             from torpor.scheduler.demo import ensure_demo_models
 
@@ -216,6 +218,10 @@ class Daemon:
         recorder.on_write_failed = lambda model, runtime, error: events.append(
             "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
         )
+        # The core owns the disk budget: it counts the recorder's tracked snapshots, and the
+        # store's other bytes as measured (docs/POLICY.md, "The disk budget").
+        recorder.tracked_models = lambda: controller.state.models.keys()
+        recorder.on_outside = lambda nbytes: report(DiskOutsideMeasured(nbytes))
         state = await asyncio.to_thread(policy_state, cfg, inventory, recorder.costs, cuda)
         keepers = Keepers(
             Path(cfg.daemon.runtime_dir),

@@ -10,6 +10,7 @@ API edge checks requests against (`limits`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Protocol
 
@@ -79,12 +80,14 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self.sources)
 
-    async def load_all(self, with_snapshot: set[str]) -> None:
-        """At start-up: admit every model of the catalog (`with_snapshot`: those that restore
-        from a snapshot). A model whose checkpoint went away is logged; the rest serve."""
+    async def load_all(self, snapshot_bytes: dict[str, int]) -> None:
+        """At start-up: admit every model of the catalog (`snapshot_bytes`: those that restore
+        from a snapshot, with the bytes the store holds for it). A model whose checkpoint went
+        away is logged; the rest serve."""
         for registered in await asyncio.to_thread(self.catalog.list_models):
+            name = registered.spec.name
             try:
-                await self._admit(registered, has_snapshot=registered.spec.name in with_snapshot)
+                await self._admit(registered, name in snapshot_bytes, snapshot_bytes.get(name, 0))
             except TorporError as err:
                 _log.error("model_not_loaded", model=registered.spec.name, error=str(err))
 
@@ -122,7 +125,9 @@ class ModelRegistry:
         )
         return await self.model_message(spec.name)
 
-    async def _admit(self, registered: RegisteredModel, has_snapshot: bool) -> None:
+    async def _admit(
+        self, registered: RegisteredModel, has_snapshot: bool, snapshot_bytes: int = 0
+    ) -> None:
         spec = registered.spec
         ckpt = CheckpointDir.confined(spec.source_path, self.model_roots)
         estimate = await self.checkpoints.run(
@@ -134,6 +139,8 @@ class ModelRegistry:
             spec.max_seq_len,
             self.cuda,
         )
+        if snapshot_bytes:  # what the store holds for it, not the estimate
+            estimate = dataclasses.replace(estimate, snapshot=snapshot_bytes)
         vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
         self.sources[spec.name] = ModelSource(
             Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate

@@ -66,10 +66,11 @@ class ResidencyView:
         self.cuda = inventory.backend == "cuda"
 
     def tier_usage(self) -> tuple[int, int]:
-        """Host and disk bytes the runtimes hold."""
+        """Host and disk bytes of the ledger: the runtimes' host bytes; their snapshots plus
+        the store's bytes outside them (docs/POLICY.md, "The disk budget")."""
         state = self.controller.state
         held = [state.held(r) for r in state.runtimes.values()]
-        return sum(h.host for h in held), sum(h.disk for h in held)
+        return sum(h.host for h in held), sum(h.disk for h in held) + state.disk_outside
 
     def gpus(self) -> list[admin_pb2.GpuInfo]:
         state = self.controller.state
