@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from torpor.log import get_logger
@@ -128,6 +129,25 @@ class EventLog:
                     yield event
         finally:
             self._watchers.discard(watcher)
+
+    def first_id_since(self, since: datetime) -> int:
+        """The id just before the first event at or after `since` (blocking: a thread)."""
+        last = 0
+        while True:
+            batch = self.catalog.events_after(last, limit=WRITE_BATCH)
+            for event in batch:
+                if event.ts.replace(tzinfo=None) >= since.replace(tzinfo=None):
+                    return event.id - 1
+                last = event.id
+            if len(batch) < WRITE_BATCH:
+                return last
+
+    def last_id(self) -> int:
+        """The newest event's id, 0 if none (blocking: a thread)."""
+        last = 0
+        while batch := self.catalog.events_after(last, limit=WRITE_BATCH):
+            last = batch[-1].id
+        return last
 
     async def close(self) -> None:
         if self._writer is not None:

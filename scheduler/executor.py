@@ -15,18 +15,18 @@ of loads and restores is forwarded as it streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
 
 from torpor.errors import (
-    Aborted,
     Cancelled,
     FailedPrecondition,
     Internal,
@@ -50,9 +50,12 @@ from torpor.scheduler.core import (
     TransitionRolledBack,
     WorkerDied,
 )
+from torpor.scheduler.inflight import InflightCalls
 from torpor.scheduler.labels import ACTION_LABELS, LOAD_LABELS, TIER_LABELS
 from torpor.scheduler.metrics import Metrics
+from torpor.scheduler.snapshots import WrittenSnapshot
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
+from torpor.store.chunks import ChunkRef
 from torpor.store.schema import DType
 from torpor.v1 import common_pb2, worker_pb2
 
@@ -68,6 +71,7 @@ SNAPSHOT_UNUSABLE = frozenset(
     {
         "CHUNK_CORRUPT",
         "CHUNK_MISSING",
+        "MANIFEST_INVALID",
         "SNAPSHOT_CORRUPT",
         "SNAPSHOT_INCOMPATIBLE",
         "SNAPSHOT_NOT_FOUND",
@@ -142,20 +146,19 @@ class Executor:
         progress: Callable[[str, Tier, int, int, bool], None],
         snapshots: Any,
         metrics: Metrics | None = None,
+        calls: InflightCalls | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.defaults = defaults
         self.models = models
         self.report = report
         self.progress = progress
-        self.snapshots = snapshots  # SnapshotRecorder: record(model, hash), manifest_for(model)
+        self.snapshots = snapshots  # the Recorder: writing(model, bytes), restoring(model)
         self.metrics = metrics
         self.incarnations: dict[str, int] = {}
         self.busy: set[str] = set()  # runtimes with a transition running
-        self.calls: dict[str, set[Any]] = {}  # runtime -> proxied generate calls
+        self.calls = calls if calls is not None else InflightCalls()  # the API's Generates
         self.restores: dict[str, float] = {}  # runtime -> seconds of its last load or restore
-        self.cancelled: dict[Any, TorporError] = {}  # proxied call -> why we cancelled it
-        self.aborted: dict[str, int] = {}  # runtime -> requests aborted by evictions, unreported
         self._tasks: set[asyncio.Task[None]] = set()
 
     def worker(self, runtime_id: str) -> WorkerProcess | None:
@@ -169,22 +172,12 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def abort_requests(self, runtime_id: str) -> None:
-        self.aborted[runtime_id] = self.aborted.get(runtime_id, 0) + len(
-            self.calls.get(runtime_id, ())
-        )
-        self._cancel_calls(
-            runtime_id,
-            Aborted(
-                f"the request on {runtime_id} was aborted by an eviction", reason="REQUEST_ABORTED"
-            ),
-        )
+    def restore_seconds(self, runtime_id: str) -> float:
+        """How long the last load or restore of `runtime_id` took (0 if none yet)."""
+        return self.restores.get(runtime_id, 0.0)
 
-    def _cancel_calls(self, runtime_id: str, why: TorporError) -> None:
-        """End the proxied calls on a runtime; their handlers raise `why` to their clients."""
-        for call in list(self.calls.get(runtime_id, ())):
-            self.cancelled[call] = why
-            call.cancel()
+    def abort_requests(self, runtime_id: str) -> None:
+        self.calls.abort(runtime_id)
 
     async def _run(self, action: Load | Resume | Suspend | Drop) -> None:
         kind = ACTION_LABELS[type(action)]
@@ -227,15 +220,19 @@ class Executor:
         log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
         restore = isinstance(action, Load | Resume) and action.source is Tier.DISK
         unusable = restore and error.reason in SNAPSHOT_UNUSABLE
-        left = False
+        left, size = False, None
         try:
             await self._kill(action.runtime_id, now=cancelled or error.reason == "WORKER_HUNG")
             if unusable:
                 left = await self.snapshots.forget(action.model, error)
+                size = self.snapshots.snapshot_bytes(action.model) if left else None
                 log.warning("snapshot_unusable", reason=error.reason, another_left=left)
+            elif isinstance(action, Suspend) and action.write_snapshot:
+                # A write that committed before the suspend failed: the snapshot stays.
+                size = self.snapshots.snapshot_bytes(action.model) or None
         finally:
             self.busy.discard(action.runtime_id)
-            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left)
+            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left, size)
             self._safe_report(failed)
 
     def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
@@ -268,12 +265,13 @@ class Executor:
             device=self._device(action.gpu),
             options={"host_copy": "true" if action.keep_host_copy else "false"},
         )
-        if action.source is Tier.DISK:
-            request.snapshot_id = await self.snapshots.manifest_for(action.model)
-        else:
-            request.model_dir = str(source.source)
-            request.model_roots.extend(str(root) for root in self.defaults.model_roots)
-        done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
+        async with self._restoring(action) as manifest_hash:  # the store's read lock
+            if manifest_hash is not None:
+                request.snapshot_id = manifest_hash
+            else:
+                request.model_dir = str(source.source)
+                request.model_roots.extend(str(root) for root in self.defaults.model_roots)
+            done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
@@ -288,7 +286,8 @@ class Executor:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
         request = worker_pb2.WorkerResumeRequest()
-        done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
+        async with self._restoring(action):  # the store's read lock, for a resume from DISK
+            done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
         moved = 0 if done is None else done.bytes
         seconds = time.perf_counter() - start
         self.restores[action.runtime_id] = seconds
@@ -301,6 +300,16 @@ class Executor:
         if action.target is RuntimeState.SUSPENDED_HOST:  # pulled up to host only (prefetch)
             await self._suspend_to_host(worker)
         return TransitionCompleted(action.runtime_id, action.seq, action.target)
+
+    @contextlib.asynccontextmanager
+    async def _restoring(self, action: Load | Resume) -> AsyncIterator[str | None]:
+        """A restore from DISK runs under the store's read lock on its snapshot (the manifest
+        hash is yielded); any other restore needs none (None)."""
+        if action.source is not Tier.DISK:
+            yield None
+            return
+        async with self.snapshots.restoring(action.model) as manifest_hash:
+            yield manifest_hash
 
     async def _suspend_to_host(self, worker: WorkerProcess) -> None:
         request = worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST)
@@ -324,8 +333,7 @@ class Executor:
     async def _suspend(self, action: Suspend) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        if action.write_snapshot:
-            await self._write_snapshot(action, worker)
+        written = await self._write_snapshot(action, worker) if action.write_snapshot else None
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
         level = convert.tier_name(action.level)
@@ -335,32 +343,38 @@ class Executor:
         if self.metrics is not None:
             self.metrics.observe_suspend(TIER_LABELS[action.level], time.perf_counter() - start)
         state = convert.runtime_state(reply.state)  # checked against the plan by the core
-        return TransitionCompleted(action.runtime_id, action.seq, state)
+        return TransitionCompleted(action.runtime_id, action.seq, state, snapshot_bytes=written)
 
-    async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> None:
-        """The worker writes the chunks, torpord records them. Nothing is unmapped yet, so a
-        store or disk without room (RESOURCE_EXHAUSTED: the worker aborted its write), or a
-        record the store refuses, leaves the runtime as it was: RuntimeUnchanged."""
-        written = False
+    async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> int:
+        """torpord reserves the room the core counted, the worker writes the chunks within
+        it, torpord commits what the worker reports; returns the bytes the store holds for
+        the snapshot. Nothing is unmapped yet, so a store without room (STORE_FULL at the
+        reservation: no chunk is written), a disk without room (the worker aborted its
+        write), or a record the store refuses, leaves the runtime as it was:
+        RuntimeUnchanged."""
+        asked = written = False
+        reserve = action.snapshot_bytes or self.models[action.model].estimate.disk
         try:
-            async with self.snapshots.gate.writing():  # no sweep while chunks are unrecorded
-                done = None
-                request = worker_pb2.WorkerSnapshotRequest()
+            async with self.snapshots.writing(action.model, reserve) as pending:
+                asked, done = True, None
+                request = worker_pb2.WorkerSnapshotRequest(reserved_bytes=pending.reserved)
                 async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
                     if event.HasField("done"):
                         done = event.done
                 if done is None:
                     raise Internal("the worker's snapshot stream ended without a result")
                 written = True
-                await self.snapshots.record(action.model, done.manifest_hash)
+                info = await pending.commit(_written_snapshot(done))
         except BaseException as exc:
-            # The worker refused for want of room, or torpord's record failed: the worker
-            # still holds its runtime as it was (unless it died meanwhile).
-            refused = isinstance(exc, ResourceExhausted) or written
+            # The reservation failed (the worker was not asked), the worker refused for want
+            # of room, or torpord's record failed: the worker still holds its runtime as it
+            # was (unless it died meanwhile).
+            refused = not asked or isinstance(exc, ResourceExhausted) or written
             if isinstance(exc, TorporError) and refused and not worker.exited.is_set():
                 raise RuntimeUnchanged(exc) from exc  # its report sweeps the leftovers
             self.snapshots.sweep_soon()  # what the write left: removed once no write runs
             raise
+        return int(info.total_bytes)
 
     async def _drop(self, action: Drop) -> TransitionCompleted:
         await self._kill(action.runtime_id)
@@ -372,12 +386,7 @@ class Executor:
         """The event for a worker that exited, or None when the exit was expected or a
         running transition will report it."""
         rid = worker.runtime_id
-        self._cancel_calls(
-            rid,
-            Unavailable(
-                f"the worker of {worker.spec.model} exited during the request", reason="WORKER_DIED"
-            ),
-        )
+        self.calls.worker_exited(rid, worker.spec.model)
         if worker.stopping or rid in self.busy:
             return None
         if self.metrics is not None:
@@ -458,6 +467,14 @@ class RuntimeUnchanged(Exception):
     def __init__(self, error: TorporError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _written_snapshot(done: Any) -> WrittenSnapshot:
+    """What a worker's WorkerSnapshotResponse.Done says it wrote."""
+    chunks = tuple(ChunkRef(c.hash, c.size) for c in done.chunk_refs)
+    if not chunks or chunks[0].hash != done.manifest_hash or not done.fingerprint:
+        raise Internal("the worker's snapshot reply lacks its manifest, chunks or fingerprint")
+    return WrittenSnapshot(done.manifest_hash, done.fingerprint, chunks)
 
 
 def _cancelling() -> bool:

@@ -50,7 +50,7 @@ EVICTION_REASONS = ("pressure", "host_budget", "disk_budget", "idle", "admin", "
 """pressure: room for another runtime on its GPU; host_budget / disk_budget: paged further
 down to keep a budget; idle: keep-alive over; admin: the Evict RPC; drain: Drain(gpu);
 shutdown: torpord stopping."""
-CATALOG_WRITES = ("bandwidth", "events")
+CATALOG_WRITES = ("bandwidth", "events", "snapshot_touch")
 """Bookkeeping writes that never fail a transition: skipped and counted (issue 12)."""
 RUNTIME_STATES = tuple(labels.STATE_LABELS.values())
 

@@ -10,14 +10,14 @@ from torpor.scheduler.labels import HIT_LABELS, LEASE_END_EVENTS, STATE_LABELS, 
 from torpor.scheduler.residency import accounted_gpu_bytes
 
 if TYPE_CHECKING:
-    from torpor.scheduler.daemon import Daemon
+    from torpor.scheduler.events import EventLog
+    from torpor.scheduler.metrics import Metrics
 
 
-def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
+def record_plan(
+    events: EventLog, metrics: Metrics, before: SchedulerState, state: SchedulerState, plan: Plan
+) -> None:
     """Audit events and metrics for one step (`before` knows the leases that just ended)."""
-    events = getattr(d, "events", None)
-    if events is None:
-        return
     for t in plan.transitions:
         runtime = state.runtimes.get(t.runtime_id)
         events.append(
@@ -39,7 +39,7 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
                 lease=action.lease_id,
                 restored_from=TIER_LABELS[action.restored_from],
             )
-            d.metrics.hit(HIT_LABELS[action.restored_from])
+            metrics.hit(HIT_LABELS[action.restored_from])
         elif isinstance(action, EndLease):
             lease = before.leases.get(action.lease_id)
             runtime = before.runtimes.get(lease.runtime_id) if lease is not None else None
@@ -59,14 +59,13 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
                 to=TIER_LABELS[action.level],
                 snapshot=action.write_snapshot,
             )
-            d.metrics.eviction("pressure", TIER_LABELS[action.level])
-    _metrics(d, state)
+            metrics.eviction("pressure", TIER_LABELS[action.level])
+    _metrics(metrics, state)
 
 
-def _metrics(d: Daemon, state: SchedulerState) -> None:
-    m = d.metrics
+def _metrics(m: Metrics, state: SchedulerState) -> None:
     m.set_runtime_states(Counter(STATE_LABELS[r.state] for r in state.runtimes.values()))
-    for gpu, used in accounted_gpu_bytes(d).items():
+    for gpu, used in accounted_gpu_bytes(state).items():
         m.set_tier_bytes(gpu, "gpu", used)
     m.set_leases(len(state.leases))
     for model, waiters in state.queues.items():
