@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torpor import __version__
 from torpor.errors import FailedPrecondition, NotFound, Unavailable
 from torpor.rpc_status import aio_servicer_errors as aio_errors
-from torpor.scheduler import convert, events, validate
+from torpor.scheduler import convert, events, labels, validate
 from torpor.scheduler.core import (
     DrainRequested,
     DrainStarted,
@@ -140,7 +140,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 "eviction",
                 model=done.model,
                 runtime=done.runtime_id,
-                to=to_tier.name.lower(),
+                to=labels.TIER_LABELS[to_tier],
                 by="operator",
             )
         finally:
@@ -166,9 +166,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def WatchEvents(self, request: Any, context: Any) -> AsyncIterator[Any]:
         descriptor = admin_pb2.EventKind.DESCRIPTOR
         kinds = frozenset(
-            descriptor.values_by_number[validate.enum(k, descriptor, "kinds")]
-            .name.removeprefix("EVENT_KIND_")
-            .lower()
+            convert.event_kind_name(validate.enum(k, descriptor, "kinds"))
             for k in request.kinds
             if k != admin_pb2.EVENT_KIND_UNSPECIFIED  # ignored in a filter, as documented
         )
@@ -295,7 +293,7 @@ def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:
     return admin_pb2.SnapshotInfo(
         snapshot_id=info.id,
         model=info.model,
-        state=_SNAPSHOT_STATES.get(info.state.value, "SNAPSHOT_STATE_UNSPECIFIED"),
+        state=convert.snapshot_state(info.state),
         manifest_hash=str(details.manifest.get("manifest_hash", "")),
         fingerprint=info.fingerprint,
         bytes=info.total_bytes,
@@ -304,10 +302,3 @@ def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:
         created_at=convert.timestamp(info.created_at),
         last_used=convert.timestamp(info.last_used_at),
     )
-
-
-_SNAPSHOT_STATES = {
-    "writing": admin_pb2.SNAPSHOT_STATE_WRITING,
-    "complete": admin_pb2.SNAPSHOT_STATE_COMPLETE,
-    "corrupt": admin_pb2.SNAPSHOT_STATE_CORRUPT,
-}

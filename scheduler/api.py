@@ -325,8 +325,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 state = ctl.state.runtime_of(request.model).state
         finally:
             ctl.close(ticket)
+        if not (state.transitional or state is RuntimeState.FAILED):
+            tier = state.tier  # where its weights are; else the tier it asked for
         return scheduler_pb2.PrefetchResponse(
-            state=convert.state_name(state), tier=convert.tier_name(_TIER_OF.get(state, tier))
+            state=convert.state_name(state), tier=convert.tier_name(tier)
         )
 
 
@@ -338,14 +340,3 @@ class _Times:
     granted: float  # its runtime is resident and leased to it
     first: float  # the first token came back
     end: float  # the last message
-
-
-# Where a runtime's weights are, by its state (what Prefetch reports).
-_TIER_OF = {
-    RuntimeState.RESIDENT: Tier.GPU,
-    RuntimeState.SUSPENDED_HOST: Tier.HOST,
-    RuntimeState.SUSPENDED_DEEP: Tier.DEEP,
-    RuntimeState.SUSPENDED_DISK: Tier.DISK,
-    RuntimeState.SNAPSHOT: Tier.DISK,
-    RuntimeState.COLD: Tier.SOURCE,
-}

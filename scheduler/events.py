@@ -21,10 +21,6 @@ log = get_logger("events")
 
 WRITE_BATCH = 1000  # events per catalog transaction at most
 
-KINDS = {
-    name.removeprefix("EVENT_KIND_").lower(): value for name, value in admin_pb2.EventKind.items()
-}
-
 
 @dataclass(frozen=True)
 class Filter:
@@ -69,7 +65,7 @@ class EventLog:
         **detail: Any,
     ) -> None:
         """Record an event (returns at once; the catalog write happens in order, off-loop)."""
-        assert kind in KINDS, kind
+        assert kind in convert.EVENT_KINDS, kind
         self._pending.put_nowait(
             NewEvent(
                 kind,
@@ -163,7 +159,8 @@ def message(event: Event) -> admin_pb2.Event:
     msg = admin_pb2.Event(
         id=event.id,
         time=convert.timestamp(event.ts),
-        kind=KINDS.get(event.kind, 0),
+        # A kind this torpord does not know (an older one's, in the catalog) reads UNSPECIFIED.
+        kind=convert.EVENT_KINDS.get(event.kind, admin_pb2.EVENT_KIND_UNSPECIFIED),
         model=event.model or "",
         runtime_id=event.runtime or "",
         detail=json.dumps(dict(event.detail), sort_keys=True) if event.detail else "",

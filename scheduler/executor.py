@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from torpor.errors import (
     Cancelled,
@@ -36,7 +36,7 @@ from torpor.errors import (
     Unavailable,
 )
 from torpor.log import bind, get_logger
-from torpor.scheduler import worker_calls
+from torpor.scheduler import convert, worker_calls
 from torpor.scheduler.core import (
     Drop,
     Footprint,
@@ -51,10 +51,12 @@ from torpor.scheduler.core import (
     WorkerDied,
 )
 from torpor.scheduler.inflight import InflightCalls
+from torpor.scheduler.labels import ACTION_LABELS, LOAD_LABELS, TIER_LABELS
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.snapshots import WrittenSnapshot
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
 from torpor.store.chunks import ChunkRef
+from torpor.store.schema import DType
 from torpor.v1 import common_pb2, worker_pb2
 
 log = get_logger("executor")
@@ -65,23 +67,6 @@ _EPOCH = secrets.token_hex(4)
 every torpord, so names made from the id alone were the same for every daemon and every
 restart: one daemon's worker took another's socket path (issue 12)."""
 
-_DTYPES = {
-    "float32": common_pb2.DTYPE_FLOAT32,
-    "bfloat16": common_pb2.DTYPE_BFLOAT16,
-    "float16": common_pb2.DTYPE_FLOAT16,
-    "fp8": common_pb2.DTYPE_FP8,
-}
-_LEVELS = {
-    Tier.HOST: common_pb2.TIER_HOST,
-    Tier.DEEP: common_pb2.TIER_DEEP,
-    Tier.DISK: common_pb2.TIER_DISK,
-}
-_STATES = {
-    common_pb2.RUNTIME_STATE_RESIDENT: RuntimeState.RESIDENT,
-    common_pb2.RUNTIME_STATE_SUSPENDED_HOST: RuntimeState.SUSPENDED_HOST,
-    common_pb2.RUNTIME_STATE_SUSPENDED_DEEP: RuntimeState.SUSPENDED_DEEP,
-    common_pb2.RUNTIME_STATE_SUSPENDED_DISK: RuntimeState.SUSPENDED_DISK,
-}
 SNAPSHOT_UNUSABLE = frozenset(
     {
         "CHUNK_CORRUPT",
@@ -195,11 +180,11 @@ class Executor:
         self.calls.abort(runtime_id)
 
     async def _run(self, action: Load | Resume | Suspend | Drop) -> None:
-        kind = type(action).__name__.lower()
+        kind = ACTION_LABELS[type(action)]
         start = time.perf_counter()
         with bind(model=action.model, runtime=action.runtime_id):
             try:
-                event = await getattr(self, f"_{kind}")(action)
+                event = await self._dispatch(action)
             except RuntimeUnchanged as unchanged:  # issue 12: not a failure of the worker
                 self._rolled_back(action, unchanged.error)
                 return
@@ -212,6 +197,19 @@ class Executor:
             self.busy.discard(action.runtime_id)
             log.info("transition_done", action=kind, seconds=round(time.perf_counter() - start, 4))
             self._safe_report(event)
+
+    async def _dispatch(self, action: Load | Resume | Suspend | Drop) -> TransitionCompleted:
+        match action:
+            case Load():
+                return await self._load(action)
+            case Resume():
+                return await self._resume(action)
+            case Suspend():
+                return await self._suspend(action)
+            case Drop():
+                return await self._drop(action)
+            case _:
+                assert_never(action)
 
     async def _fail(
         self, action: Load | Resume | Suspend | Drop, kind: str, exc: BaseException, cancelled: bool
@@ -239,7 +237,8 @@ class Executor:
 
     def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
         """The transition failed before changing anything: the worker keeps its runtime."""
-        log.warning("transition_rolled_back", action="suspend", reason=error.reason)
+        kind = ACTION_LABELS[type(action)]
+        log.warning("transition_rolled_back", action=kind, reason=error.reason)
         self.busy.discard(action.runtime_id)
         self.snapshots.write_failed(action.model, action.runtime_id, error)
         self._safe_report(TransitionRolledBack(action.runtime_id, action.seq, error))
@@ -260,7 +259,7 @@ class Executor:
         worker = await self.supervisor.spawn(self._spec(action))
         request = worker_pb2.WorkerLoadRequest(
             model=action.model,
-            dtype=_DTYPES[source.dtype],
+            dtype=convert.dtype_message(DType(source.dtype)),
             max_batch=source.max_batch,
             max_seq_len=source.max_seq_len,
             device=self._device(action.gpu),
@@ -276,8 +275,7 @@ class Executor:
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
-            kind = "snapshot" if action.source is Tier.DISK else "cold"
-            self.metrics.observe_load(kind, self.restores[action.runtime_id])
+            self.metrics.observe_load(LOAD_LABELS[action.source], self.restores[action.runtime_id])
         if action.target is RuntimeState.SUSPENDED_HOST:
             await self._suspend_to_host(worker)
         return TransitionCompleted(
@@ -294,7 +292,7 @@ class Executor:
         seconds = time.perf_counter() - start
         self.restores[action.runtime_id] = seconds
         if self.metrics is not None:
-            self.metrics.observe_resume(_tier_name(action.source), seconds)
+            self.metrics.observe_resume(TIER_LABELS[action.source], seconds)
         if done is not None and not done.streamed:
             # A streamed resume returns while its copy still runs: its seconds are not the
             # copy's, and would make host restores look many times faster than they are.
@@ -323,7 +321,7 @@ class Executor:
         """Follow a Load or Resume stream: pass its progress on to the waiting clients and
         return its final `done` message (None if it sent none)."""
         done = None
-        what = f"{'load' if loading else 'resume'} from {_tier_name(action.source)}"
+        what = f"{'load' if loading else 'resume'} from {TIER_LABELS[action.source]}"
         async for event in self._stream(worker, method, request, what):
             if event.HasField("progress"):
                 p = event.progress
@@ -338,12 +336,13 @@ class Executor:
         written = await self._write_snapshot(action, worker) if action.write_snapshot else None
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
-        suspend = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
-        what = f"suspend to {_tier_name(action.level)}"
+        level = convert.tier_name(action.level)
+        suspend = worker_pb2.WorkerSuspendRequest(level=level, abort=True)
+        what = f"suspend to {TIER_LABELS[action.level]}"
         reply = await self._call(worker, worker.stub.Suspend, suspend, what)
         if self.metrics is not None:
-            self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
-        state = _STATES.get(reply.state)
+            self.metrics.observe_suspend(TIER_LABELS[action.level], time.perf_counter() - start)
+        state = convert.runtime_state(reply.state)  # checked against the plan by the core
         return TransitionCompleted(action.runtime_id, action.seq, state, snapshot_bytes=written)
 
     async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> int:
@@ -476,12 +475,6 @@ def _written_snapshot(done: Any) -> WrittenSnapshot:
     if not chunks or chunks[0].hash != done.manifest_hash or not done.fingerprint:
         raise Internal("the worker's snapshot reply lacks its manifest, chunks or fingerprint")
     return WrittenSnapshot(done.manifest_hash, done.fingerprint, chunks)
-
-
-def _tier_name(tier: Tier) -> str:
-    return {Tier.GPU: "resident", Tier.HOST: "host", Tier.DEEP: "deep", Tier.DISK: "disk"}.get(
-        tier, "cold"
-    )
 
 
 def _cancelling() -> bool:

@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 
 from torpor.errors import FailedPrecondition, TorporError
 from torpor.log import get_logger
+from torpor.scheduler import convert
 from torpor.scheduler import snapshots as snaps
 from torpor.scheduler.core import Costs, Tier
 from torpor.scheduler.metrics import Metrics
 from torpor.store.catalog import Catalog
 from torpor.store.records import SnapshotInfo
-from torpor.store.schema import BandwidthTier
 from torpor.store.snapshots import SnapshotStore
 from torpor.store.writer import SnapshotWriter
 
@@ -40,19 +40,7 @@ log = get_logger("recorder")
 
 T = TypeVar("T")
 
-# A deep resume's copy goes through staging buffers (its host copy was unlocked), a path of
-# its own: folding it into HOST_TO_GPU would make every host restore look slower.
-_BANDWIDTH = {
-    Tier.HOST: BandwidthTier.HOST_TO_GPU,
-    Tier.DISK: BandwidthTier.DISK_READ,
-}
 _HASH = re.compile(r"[0-9a-f]{32}")  # a chunk's name (store.chunks.check_hash)
-_COST_FIELD = {
-    BandwidthTier.HOST_TO_GPU: "host_to_gpu",
-    BandwidthTier.DISK_READ: "disk_read",
-    BandwidthTier.GPU_TO_HOST: "gpu_to_host",
-    BandwidthTier.DISK_WRITE: "disk_write",
-}
 
 
 class WriteGate:
@@ -132,7 +120,8 @@ class Recorder:
     def costs(self, base: Costs) -> Costs:
         """`base` with every bandwidth this host has measured before (blocking)."""
         measured = {
-            _COST_FIELD[b.tier]: b.bytes_per_s for b in self.catalog.list_bandwidths(self.host)
+            convert.COST_FIELDS[b.tier]: b.bytes_per_s
+            for b in self.catalog.list_bandwidths(self.host)
         }
         return dataclasses.replace(base, **measured)
 
@@ -276,7 +265,7 @@ class Recorder:
 
     async def bandwidth(self, tier: Tier, nbytes: int, seconds: float) -> None:
         """Fold a measured restore into the catalog, and the policy's costs."""
-        which = _BANDWIDTH.get(tier)
+        which = convert.BANDWIDTH_TIERS[tier]
         if which is None or nbytes <= 0 or seconds <= 0:
             return
         try:
@@ -288,7 +277,7 @@ class Recorder:
             if self.metrics is not None:
                 self.metrics.catalog_write_failed("bandwidth")
             return
-        field = _COST_FIELD[which]
+        field = convert.COST_FIELDS[which]
         self.on_costs(dataclasses.replace(self.current_costs(), **{field: measured.bytes_per_s}))
 
     # -- failed writes and the running sweep ------------------------------------------------

@@ -15,23 +15,6 @@ if TYPE_CHECKING:
     from torpor.scheduler.inventory import Inventory
     from torpor.scheduler.supervisor import WorkerProcess
 
-# The tier a runtime's weights are in, by its stable state (proto enum names).
-_TIER = {
-    RuntimeState.RESIDENT: "TIER_GPU",
-    RuntimeState.SUSPENDED_HOST: "TIER_HOST",
-    RuntimeState.SUSPENDED_DEEP: "TIER_DEEP",
-    RuntimeState.SUSPENDED_DISK: "TIER_DISK",
-    RuntimeState.SNAPSHOT: "TIER_DISK",
-    RuntimeState.COLD: "TIER_SOURCE",
-}
-
-
-def _tier(runtime: Any) -> str:
-    """Where its weights are; a FAILED runtime has its snapshot, or only the source."""
-    if runtime.at.state is RuntimeState.FAILED:
-        return "TIER_DISK" if runtime.at.snapshot else "TIER_SOURCE"
-    return _TIER.get(runtime.at.state, "TIER_UNSPECIFIED")
-
 
 class Workers(Protocol):
     """The worker process of a runtime, if it has one (the executor's)."""
@@ -116,7 +99,7 @@ class ResidencyView:
             model=name,
             runtime_id=runtime.id,
             state=convert.state_name(runtime.state),
-            tier=_tier(runtime),
+            tier=convert.tier_name(runtime.at.tier),  # a FAILED one: its snapshot, or source
             gpu_bytes=held.gpu_bytes,
             host_bytes=held.host,
             disk_bytes=held.disk,

@@ -46,6 +46,7 @@ from torpor.worker.pager.snapshot import (
 )
 from torpor.worker.pager.states import (
     DEEPER,
+    LEVEL_OF,
     SUSPENDED,
     MemoryUsage,
     Residency,
@@ -328,7 +329,7 @@ class PagedRuntime:
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
-            tier = self.residency.value.removeprefix("suspended_")
+            tier = LEVEL_OF[self.residency].value
             if self.residency is Residency.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")

@@ -31,6 +31,9 @@ SUSPENDED = {
 }
 
 
+LEVEL_OF = {residency: level for level, residency in SUSPENDED.items()}
+"""The level a suspended runtime is at (the tier a resume starts from)."""
+
 # Suspended states and the levels a runtime in them may still move down to.
 DEEPER = {
     Residency.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
