@@ -6,43 +6,76 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torpor import __version__
 from torpor.errors import FailedPrecondition, NotFound, Unavailable
 from torpor.rpc_status import aio_servicer_errors as aio_errors
-from torpor.scheduler import convert, events, validate
+from torpor.scheduler import convert, events, labels, validate
 from torpor.scheduler.core import (
     DrainRequested,
     DrainStarted,
     EvictFinished,
     EvictMode,
     EvictRequested,
-    PinChanged,
     RuntimeState,
     SnapshotDeleted,
     Tier,
     snapshot_in_use,
 )
-from torpor.scheduler.residency import gpu_infos, runtime_infos
+from torpor.scheduler.residency import ResidencyView
 from torpor.v1 import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
-    from torpor.scheduler.daemon import Daemon
+    from torpor.scheduler.controller import Controller
+    from torpor.scheduler.events import EventLog
+    from torpor.scheduler.inflight import InflightCalls
+    from torpor.scheduler.registry import LatestSnapshots, ModelRegistry
+    from torpor.store.snapshots import SnapshotStore
 
 _EVICT_TIERS = (Tier.HOST, Tier.DEEP, Tier.DISK, Tier.DROP)
 
 
+@dataclass(frozen=True)
+class DaemonInfo:
+    """What GetStatus says of torpord itself."""
+
+    started_at: float  # time.time() at start
+    cuda: bool
+    hostname: str
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    """Each collaborator is the one owner of what it is asked about."""
+
+    def __init__(
+        self,
+        *,
+        controller: Controller,
+        models: ModelRegistry,
+        residency: ResidencyView,
+        calls: InflightCalls,
+        events: EventLog,
+        snapshots: SnapshotStore,
+        recorder: LatestSnapshots,
+        info: DaemonInfo,
+    ) -> None:
+        self.controller = controller
+        self.models = models
+        self.residency = residency
+        self.calls = calls
+        self.events = events
+        self.snapshots = snapshots
+        self.recorder = recorder
+        self.info = info
 
     @aio_errors
     async def ListResidency(self, request: Any, context: Any) -> Any:
-        reply = admin_pb2.ListResidencyResponse(gpus=gpu_infos(self.d))
-        reply.runtimes.extend(runtime_infos(self.d, request.model, request.include_cold))
-        host_used, disk_used = self.d.tier_usage()
-        state = self.d.controller.state
+        reply = admin_pb2.ListResidencyResponse(gpus=self.residency.gpus())
+        reply.runtimes.extend(self.residency.runtimes(request.model, request.include_cold))
+        host_used, disk_used = self.residency.tier_usage()
+        state = self.controller.state
         reply.host.CopyFrom(
             admin_pb2.MemoryBudget(
                 total_bytes=state.host_budget,
@@ -64,7 +97,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         validate.required(request.model, "model")
         to_tier = convert.tier(request.to_tier, _EVICT_TIERS, "to_tier")
         mode, timeout = _drain_options(request)
-        ctl = self.d.controller
+        ctl = self.controller
         model = validate.known_model(ctl.state.models, request.model)
         if request.runtime_id and request.runtime_id != model.runtime_id:
             raise NotFound(
@@ -99,47 +132,41 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 done=admin_pb2.EvictResponse.Done(
                     state=convert.state_name(done.state),
                     gpu_bytes_freed=max(0, before - self._gpu_bytes(done.runtime_id)),
-                    aborted_requests=self.d.executor.aborted.pop(done.runtime_id, 0),
+                    aborted_requests=self.calls.take_aborted(done.runtime_id),
                     elapsed=convert.duration(time.perf_counter() - start),
                 ),
             )
-            self.d.events.append(
+            self.events.append(
                 "eviction",
                 model=done.model,
                 runtime=done.runtime_id,
-                to=to_tier.name.lower(),
+                to=labels.TIER_LABELS[to_tier],
                 by="operator",
             )
         finally:
             ctl.close(ticket)
 
     def _gpu_bytes(self, runtime_id: str) -> int:
-        runtime = self.d.controller.state.runtimes.get(runtime_id)
-        return self.d.controller.state.held(runtime).gpu_bytes if runtime is not None else 0
+        runtime = self.controller.state.runtimes.get(runtime_id)
+        return self.controller.state.held(runtime).gpu_bytes if runtime is not None else 0
 
     @aio_errors
     async def SetPinned(self, request: Any, context: Any) -> Any:
         validate.required(request.model, "model")
-        self.d.controller.submit(PinChanged(request.model, request.pinned))
-        self.d.registered[request.model] = await asyncio.to_thread(
-            self.d.catalog.set_model_pinned, request.model, request.pinned
-        )
-        self.d.events.append("pinned_changed", model=request.model, pinned=request.pinned)
-        return admin_pb2.SetPinnedResponse(model=await self.d.model_message(request.model))
+        model = await self.models.set_pinned(request.model, request.pinned)
+        return admin_pb2.SetPinnedResponse(model=model)
 
     @aio_errors
     async def Explain(self, request: Any, context: Any) -> Any:
         validate.required(request.model, "model")
         validate.priority(request.priority)
-        return convert.explain(self.d.controller.explain(request.model, request.priority))
+        return convert.explain(self.controller.explain(request.model, request.priority))
 
     @aio_errors
     async def WatchEvents(self, request: Any, context: Any) -> AsyncIterator[Any]:
         descriptor = admin_pb2.EventKind.DESCRIPTOR
         kinds = frozenset(
-            descriptor.values_by_number[validate.enum(k, descriptor, "kinds")]
-            .name.removeprefix("EVENT_KIND_")
-            .lower()
+            convert.event_kind_name(validate.enum(k, descriptor, "kinds"))
             for k in request.kinds
             if k != admin_pb2.EVENT_KIND_UNSPECIFIED  # ignored in a filter, as documented
         )
@@ -147,42 +174,42 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         after = validate.event_id(request.after_id)
         if request.WhichOneof("start") == "since":
             since = validate.timestamp(request.since, "since")
-            after = await asyncio.to_thread(self.d.first_event_id_since, since)
+            after = await asyncio.to_thread(self.events.first_id_since, since)
         elif request.WhichOneof("start") is None and request.follow:
-            after = await asyncio.to_thread(self.d.last_event_id)  # live only
-        async for event in self.d.events.watch(flt, after, request.follow):
+            after = await asyncio.to_thread(self.events.last_id)  # live only
+        async for event in self.events.watch(flt, after, request.follow):
             yield events.message(event)
 
     @aio_errors
     async def ListSnapshots(self, request: Any, context: Any) -> Any:
         def listing() -> list[admin_pb2.SnapshotInfo]:
-            infos = self.d.snapshots.list(request.model or None, include_corrupt=True)
-            return [_snapshot(i, self.d.snapshots.details(i.id)) for i in infos]
+            infos = self.snapshots.list(request.model or None, include_corrupt=True)
+            return [_snapshot(i, self.snapshots.details(i.id)) for i in infos]
 
         return admin_pb2.ListSnapshotsResponse(snapshots=await asyncio.to_thread(listing))
 
     @aio_errors
     async def DeleteSnapshot(self, request: Any, context: Any) -> Any:
         validate.required(request.snapshot_id, "snapshot_id", "SNAPSHOT_REQUIRED")
-        info = await asyncio.to_thread(self.d.snapshots.get, request.snapshot_id)
+        info = await asyncio.to_thread(self.snapshots.get, request.snapshot_id)
         if (
-            self.d.recorder.latest.get(info.model) == info.id
-            and info.model in self.d.controller.state.models
+            self.recorder.latest.get(info.model) == info.id
+            and info.model in self.controller.state.models
         ):
-            if snapshot_in_use(self.d.controller.state, info.model):
+            if snapshot_in_use(self.controller.state, info.model):
                 raise FailedPrecondition(
                     f"snapshot {info.id} holds {info.model}'s only copy of its weights",
                     reason="SNAPSHOT_IN_USE",
                 )
-            self.d.controller.submit(SnapshotDeleted(info.model))
-            self.d.recorder.latest.pop(info.model, None)
-        report = await asyncio.to_thread(self.d.snapshots.delete, request.snapshot_id)
-        self.d.events.append("snapshot_deleted", model=info.model, snapshot=info.id)
+            self.controller.submit(SnapshotDeleted(info.model))
+            self.recorder.latest.pop(info.model, None)
+        report = await asyncio.to_thread(self.snapshots.delete, request.snapshot_id)
+        self.events.append("snapshot_deleted", model=info.model, snapshot=info.id)
         return admin_pb2.DeleteSnapshotResponse(bytes_freed=report.bytes_freed)
 
     @aio_errors
     async def CollectGarbage(self, request: Any, context: Any) -> Any:
-        report = await asyncio.to_thread(self.d.snapshots.collect_garbage, dry_run=request.dry_run)
+        report = await asyncio.to_thread(self.snapshots.collect_garbage, dry_run=request.dry_run)
         return admin_pb2.CollectGarbageResponse(
             chunks_deleted=report.chunks_removed, bytes_freed=report.bytes_freed
         )
@@ -191,7 +218,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Drain(self, request: Any, context: Any) -> Any:
         to_tier = convert.tier(request.to_tier or int(Tier.HOST), _EVICT_TIERS, "to_tier")
         mode, timeout = _drain_options(request)
-        ctl = self.d.controller
+        ctl = self.controller
         request_id = ctl.new_id("drain")
         ticket = ctl.open(request_id, "", progress=False)
         try:
@@ -208,9 +235,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             started = await ticket.next(DrainStarted) if not request.undrain else None
         finally:
             ctl.close(ticket)
-        self.d.events.append("gpu_draining_changed", gpu=request.gpu, draining=not request.undrain)
+        self.events.append("gpu_draining_changed", gpu=request.gpu, draining=not request.undrain)
         reply = admin_pb2.DrainResponse()
-        for info in gpu_infos(self.d):
+        for info in self.residency.gpus():
             if info.index == request.gpu:
                 reply.gpu.CopyFrom(info)
         if started is not None:
@@ -226,17 +253,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @aio_errors
     async def GetStatus(self, request: Any, context: Any) -> Any:
-        state = self.d.controller.state
+        state = self.controller.state
         workers = sum(1 for r in state.runtimes.values() if r.state in _WITH_WORKER)
         return admin_pb2.GetStatusResponse(
             version=__version__,
-            backend=admin_pb2.BACKEND_CUDA if self.d.cuda else admin_pb2.BACKEND_CPU,
-            gpus=gpu_infos(self.d),
-            started_at=convert.timestamp(self.d.started_at),
-            uptime=convert.duration(time.time() - self.d.started_at),
+            backend=admin_pb2.BACKEND_CUDA if self.info.cuda else admin_pb2.BACKEND_CPU,
+            gpus=self.residency.gpus(),
+            started_at=convert.timestamp(self.info.started_at),
+            uptime=convert.duration(time.time() - self.info.started_at),
             models=len(state.models),
             workers=workers,
-            hostname=self.d.recorder.host,
+            hostname=self.info.hostname,
         )
 
 
@@ -266,7 +293,7 @@ def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:
     return admin_pb2.SnapshotInfo(
         snapshot_id=info.id,
         model=info.model,
-        state=_SNAPSHOT_STATES.get(info.state.value, "SNAPSHOT_STATE_UNSPECIFIED"),
+        state=convert.snapshot_state(info.state),
         manifest_hash=str(details.manifest.get("manifest_hash", "")),
         fingerprint=info.fingerprint,
         bytes=info.total_bytes,
@@ -275,10 +302,3 @@ def _snapshot(info: Any, details: Any) -> admin_pb2.SnapshotInfo:
         created_at=convert.timestamp(info.created_at),
         last_used=convert.timestamp(info.last_used_at),
     )
-
-
-_SNAPSHOT_STATES = {
-    "writing": admin_pb2.SNAPSHOT_STATE_WRITING,
-    "complete": admin_pb2.SNAPSHOT_STATE_COMPLETE,
-    "corrupt": admin_pb2.SNAPSHOT_STATE_CORRUPT,
-}

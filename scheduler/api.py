@@ -3,18 +3,14 @@ turns requests into core events through the controller, and streams the answers 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import grpc
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torpor.errors import NotFound, TorporError, Unavailable
 from torpor.log import bind
 from torpor.rpc_status import aio_servicer_errors as aio_errors
-from torpor.rpc_status import from_rpc_error
 from torpor.scheduler import convert, validate
 from torpor.scheduler.controller import Evicting, Progress, Queued, Ticket
 from torpor.scheduler.core import (
@@ -37,46 +33,71 @@ from torpor.scheduler.core import (
 from torpor.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 if TYPE_CHECKING:
-    from torpor.scheduler.daemon import Daemon
+    from torpor.scheduler.controller import Controller
+    from torpor.scheduler.inflight import InflightCalls
+    from torpor.scheduler.registry import ModelRegistry
+    from torpor.scheduler.supervisor import WorkerProcess
 
 _LEASE_ERRORS = {LeaseEnd.REVOKED, LeaseEnd.WORKER_DIED}
 
 
+class Workers(Protocol):
+    """The executor, as the API sees it: a runtime's worker, and its last restore's time."""
+
+    def worker(self, runtime_id: str) -> WorkerProcess | None: ...
+
+    def restore_seconds(self, runtime_id: str) -> float: ...
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    """Each collaborator is the one owner of what it is asked about."""
+
+    def __init__(
+        self,
+        *,
+        controller: Controller,
+        models: ModelRegistry,
+        workers: Workers,
+        calls: InflightCalls,
+        clocks: convert.Clocks,
+    ) -> None:
+        self.controller = controller
+        self.models = models
+        self.workers = workers
+        self.calls = calls
+        self.clocks = clocks
 
     # -- models ---------------------------------------------------------------------------
 
     @aio_errors
     async def RegisterModel(self, request: Any, context: Any) -> Any:
         validate.model_spec(request.spec)
-        model = await self.d.register(request.spec)
+        model = await self.models.register(request.spec)
         return scheduler_pb2.RegisterModelResponse(model=model)
 
     @aio_errors
     async def UnregisterModel(self, request: Any, context: Any) -> Any:
         validate.required(request.name, "name")
-        await self.d.unregister(request.name, request.delete_snapshots)
+        await self.models.unregister(request.name, request.delete_snapshots)
         return scheduler_pb2.UnregisterModelResponse()
 
     @aio_errors
     async def GetModel(self, request: Any, context: Any) -> Any:
         validate.required(request.name, "name")
-        return scheduler_pb2.GetModelResponse(model=await self.d.model_message(request.name))
+        return scheduler_pb2.GetModelResponse(model=await self.models.model_message(request.name))
 
     @aio_errors
     async def ListModels(self, request: Any, context: Any) -> Any:
-        names = sorted(self.d.sources)
+        names = self.models.names()
         return scheduler_pb2.ListModelsResponse(
-            models=[await self.d.model_message(n) for n in names]
+            models=[await self.models.model_message(n) for n in names]
         )
 
     # -- leases ---------------------------------------------------------------------------
 
     @aio_errors
     async def Acquire(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        ctl = self.d.controller
+        ctl = self.controller
         request_id = ctl.new_id("acq")
         event = self._acquire_event(request, request_id, context)  # checked before it queues
         ticket = ctl.open(request_id, request.model)
@@ -103,7 +124,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         validate.priority(request.priority)
         deadline = None
         if request.HasField("deadline"):
-            deadline = self.d.clocks.monotonic(validate.timestamp_s(request.deadline, "deadline"))
+            deadline = self.clocks.monotonic(validate.timestamp_s(request.deadline, "deadline"))
         ttl = None
         if request.HasField("lease_ttl"):
             ttl = validate.duration(
@@ -111,7 +132,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             )
         remaining = context.time_remaining()
         if remaining is not None:
-            call_deadline = self.d.controller.clock() + remaining
+            call_deadline = self.controller.clock() + remaining
             deadline = call_deadline if deadline is None else min(deadline, call_deadline)
         return AcquireRequested(
             request_id,
@@ -156,11 +177,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 yield scheduler_pb2.AcquireEvent(**{key: progress})
 
     def _ready(self, grant: Grant) -> Any:
-        worker = self.d.executor.worker(grant.runtime_id)
+        worker = self.workers.worker(grant.runtime_id)
         endpoint = f"unix://{worker.spec.socket}" if worker is not None else ""
         return scheduler_pb2.AcquireEvent.Ready(
             lease_id=grant.lease_id,
-            expires_at=convert.timestamp(self.d.clocks.wall(grant.expires_at)),
+            expires_at=convert.timestamp(self.clocks.wall(grant.expires_at)),
             gpu=grant.gpu,
             worker_endpoint=endpoint,
             runtime_id=grant.runtime_id,
@@ -168,7 +189,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def _client_gone(self, client: str) -> None:
         with contextlib.suppress(TorporError):  # already gone is fine
-            self.d.controller.submit(ClientGone(client))
+            self.controller.submit(ClientGone(client))
 
     @aio_errors
     async def Renew(self, request: Any, context: Any) -> Any:
@@ -176,49 +197,49 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         ttl = None
         if request.HasField("ttl"):
             ttl = validate.duration(request.ttl, "ttl", validate.LEASE_TTL_S, "BAD_LEASE_TTL")
-        plan = self.d.controller.submit(RenewRequested(request.lease_id, ttl))
+        plan = self.controller.submit(RenewRequested(request.lease_id, ttl))
         renewed = next(a for a in plan.actions if isinstance(a, Renewed))
         return scheduler_pb2.RenewResponse(
-            expires_at=convert.timestamp(self.d.clocks.wall(renewed.expires_at))
+            expires_at=convert.timestamp(self.clocks.wall(renewed.expires_at))
         )
 
     @aio_errors
     async def Release(self, request: Any, context: Any) -> Any:
         validate.required(request.lease_id, "lease_id", "LEASE_REQUIRED")
-        self.d.controller.submit(LeaseReleased(request.lease_id))
+        self.controller.submit(LeaseReleased(request.lease_id))
         return scheduler_pb2.ReleaseResponse()
 
     # -- generate ---------------------------------------------------------------------------
 
     @aio_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        start = self.d.controller.clock()
+        start = self.controller.clock()
         target = validate.generate_request(request)  # before it queues, evicts or loads
         model = self._lease(request.lease_id).model if target == "lease_id" else request.model
-        limits = self.d.limits.get(model)
+        limits = self.models.limits.get(model)
         if limits is not None:  # an unknown model is the core's NOT_FOUND
             validate.for_model(request, limits)
         if target == "lease_id":
             grant, ticket = self._lease(request.lease_id), None
         else:
             grant, ticket = await self._implicit_acquire(request, context)
-        granted = self.d.controller.clock()
+        granted = self.controller.clock()
         first: float | None = None
         try:
             async for chunk in self._proxy(grant, request):
                 if first is None and chunk.token_ids:
-                    first = self.d.controller.clock()
+                    first = self.controller.clock()
                 if chunk.HasField("usage"):
-                    times = _Times(start, granted, first or granted, self.d.controller.clock())
+                    times = _Times(start, granted, first or granted, self.controller.clock())
                     self._fill_usage(chunk.usage, grant, times)
                 yield chunk
         finally:
             if ticket is not None:
-                self.d.controller.close(ticket)
+                self.controller.close(ticket)
                 self._client_gone(ticket.request_id)
 
     async def _implicit_acquire(self, request: Any, context: Any) -> tuple[Grant, Ticket]:
-        ctl = self.d.controller
+        ctl = self.controller
         request_id = ctl.new_id("gen")
         ticket = ctl.open(request_id, request.model, progress=False)
         try:
@@ -239,10 +260,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def _deadline(self, context: Any) -> float | None:
         remaining = context.time_remaining()
-        return None if remaining is None else self.d.controller.clock() + remaining
+        return None if remaining is None else self.controller.clock() + remaining
 
     def _lease(self, lease_id: str) -> Grant:
-        lease = self.d.controller.state.leases.get(lease_id)
+        lease = self.controller.state.leases.get(lease_id)
         if lease is None:
             raise NotFound(f"no lease {lease_id!r} (expired or released)", reason="LEASE_NOT_FOUND")
         return Grant(
@@ -250,8 +271,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     async def _proxy(self, grant: Grant, request: Any) -> AsyncIterator[Any]:
-        ctl = self.d.controller
-        worker = self.d.executor.worker(grant.runtime_id)
+        worker = self.workers.worker(grant.runtime_id)
         if worker is None:
             raise Unavailable(f"the runtime of {grant.model} has no worker", reason="NO_WORKER")
         sampling = common_pb2.SamplingParams()
@@ -261,31 +281,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             forward.prompt_text = request.prompt_text
         else:
             forward.prompt_token_ids.CopyFrom(request.prompt_token_ids)
-        ctl.submit(RequestStarted(grant.model))
-        call = worker.stub.Generate(forward)
-        calls = self.d.executor.calls.setdefault(grant.runtime_id, set())
-        calls.add(call)
+        self.controller.submit(RequestStarted(grant.model))
         try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            why = self.d.executor.cancelled.pop(call, None)
-            if why is None and worker.exited.is_set():
-                why = Unavailable(
-                    f"the worker of {grant.model} exited during the request", reason="WORKER_DIED"
-                )
-            raise (why or _worker_error(exc, grant.model)) from exc
-        except asyncio.CancelledError:
-            why = self.d.executor.cancelled.pop(call, None)
-            task = asyncio.current_task()
-            if why is None or (task is not None and task.cancelling()):
-                call.cancel()  # our client went away: stop the worker's work too
-                raise
-            raise why from None  # we cancelled it: the worker died, or an eviction aborted it
+            call = worker.stub.Generate(forward)
+            stream = self.calls.stream(grant.runtime_id, grant.model, call, worker.exited)
+            async with contextlib.aclosing(stream) as chunks:  # untracked as soon as it ends
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            calls.discard(call)
-            self.d.executor.cancelled.pop(call, None)
-            ctl.submit(RequestFinished(grant.model))
+            self.controller.submit(RequestFinished(grant.model))
 
     def _fill_usage(self, usage: Any, grant: Grant, t: _Times) -> None:
         """Timings as the client sees them, all counted from the request's arrival at torpord:
@@ -294,7 +298,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         waited = t.granted - t.start
         restore_s = 0.0
         if grant.restored_from is not Tier.GPU:  # it waited for a load or a resume
-            restore_s = min(waited, self.d.executor.restores.get(grant.runtime_id, 0.0))
+            restore_s = min(waited, self.workers.restore_seconds(grant.runtime_id))
         usage.timings.queued.CopyFrom(convert.duration(waited - restore_s))
         usage.timings.restore.CopyFrom(convert.duration(restore_s))
         usage.timings.first_token.CopyFrom(convert.duration(t.first - t.start))
@@ -307,7 +311,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def Prefetch(self, request: Any, context: Any) -> Any:
-        ctl = self.d.controller
+        ctl = self.controller
         validate.known_model(ctl.state.models, request.model)
         tier = convert.tier(request.tier, (Tier.GPU, Tier.HOST), "Prefetch tier")
         request_id = ctl.new_id("pre")
@@ -321,8 +325,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 state = ctl.state.runtime_of(request.model).state
         finally:
             ctl.close(ticket)
+        if not (state.transitional or state is RuntimeState.FAILED):
+            tier = state.tier  # where its weights are; else the tier it asked for
         return scheduler_pb2.PrefetchResponse(
-            state=convert.state_name(state), tier=convert.tier_name(_TIER_OF.get(state, tier))
+            state=convert.state_name(state), tier=convert.tier_name(tier)
         )
 
 
@@ -334,28 +340,3 @@ class _Times:
     granted: float  # its runtime is resident and leased to it
     first: float  # the first token came back
     end: float  # the last message
-
-
-# Where a runtime's weights are, by its state (what Prefetch reports).
-_TIER_OF = {
-    RuntimeState.RESIDENT: Tier.GPU,
-    RuntimeState.SUSPENDED_HOST: Tier.HOST,
-    RuntimeState.SUSPENDED_DEEP: Tier.DEEP,
-    RuntimeState.SUSPENDED_DISK: Tier.DISK,
-    RuntimeState.SNAPSHOT: Tier.DISK,
-    RuntimeState.COLD: Tier.SOURCE,
-}
-
-
-def _worker_error(exc: grpc.aio.AioRpcError, model: str) -> TorporError:
-    """A worker call that broke: a worker that died (or was evicted with ABORT) is
-    UNAVAILABLE or ABORTED for the client, never a hang."""
-    from torpor.errors import Aborted, Unavailable
-
-    if exc.code() == grpc.StatusCode.CANCELLED:
-        return Aborted(f"the request on {model} was aborted (eviction)", reason="REQUEST_ABORTED")
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(
-            f"the worker of {model} went away during the request", reason="WORKER_DIED"
-        )
-    return from_rpc_error(exc)

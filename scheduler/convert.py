@@ -1,7 +1,11 @@
 """torpord's side of the wire: torpor.v1 messages to core and store dataclasses, and back.
 
-The core's RuntimeState, Tier and EvictMode are IntEnums whose values are the proto's
-numbers (a core test checks it), so enums convert by value.
+This is torpord's one translation table for enums (issue 13): every other module of torpord
+calls it, and tests/scheduler/test_enum_tables.py sends every member through it. The core's
+RuntimeState, Tier and EvictMode are IntEnums whose values are the proto's numbers, so they
+convert by value (`RuntimeState(value)`, `common_pb2.Tier.Name(tier.value)`); the store's
+enums and the event log's kinds have a table each. The names torpord gives its enums in
+metrics and the event log are `labels.py`'s.
 """
 
 from __future__ import annotations
@@ -15,16 +19,57 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from torpor.errors import InvalidArgument
 from torpor.scheduler.core import Decision, EvictMode, RuntimeState, Tier, VictimChoice
 from torpor.store.records import ModelSpec
-from torpor.store.schema import DType
+from torpor.store.schema import BandwidthTier, DType, SnapshotState
 from torpor.v1 import admin_pb2, common_pb2
 
-_DTYPES = {
-    common_pb2.DTYPE_FLOAT32: DType.FLOAT32,
-    common_pb2.DTYPE_BFLOAT16: DType.BFLOAT16,
-    common_pb2.DTYPE_FLOAT16: DType.FLOAT16,
-    common_pb2.DTYPE_FP8: DType.FP8,
+_DTYPES: dict[DType, common_pb2.Dtype] = {
+    DType.FLOAT32: common_pb2.DTYPE_FLOAT32,
+    DType.BFLOAT16: common_pb2.DTYPE_BFLOAT16,
+    DType.FLOAT16: common_pb2.DTYPE_FLOAT16,
+    DType.FP8: common_pb2.DTYPE_FP8,
 }
-_DTYPE_ENUM = {v: k for k, v in _DTYPES.items()}
+_DTYPE_OF: dict[int, DType] = {v: k for k, v in _DTYPES.items()}
+_SNAPSHOT_STATES: dict[SnapshotState, admin_pb2.SnapshotState] = {
+    SnapshotState.WRITING: admin_pb2.SNAPSHOT_STATE_WRITING,
+    SnapshotState.COMPLETE: admin_pb2.SNAPSHOT_STATE_COMPLETE,
+    SnapshotState.CORRUPT: admin_pb2.SNAPSHOT_STATE_CORRUPT,
+}
+EVENT_KINDS: dict[str, admin_pb2.EventKind] = {
+    "model_registered": admin_pb2.EVENT_KIND_MODEL_REGISTERED,
+    "model_unregistered": admin_pb2.EVENT_KIND_MODEL_UNREGISTERED,
+    "state_changed": admin_pb2.EVENT_KIND_STATE_CHANGED,
+    "eviction": admin_pb2.EVENT_KIND_EVICTION,
+    "lease_granted": admin_pb2.EVENT_KIND_LEASE_GRANTED,
+    "lease_released": admin_pb2.EVENT_KIND_LEASE_RELEASED,
+    "lease_expired": admin_pb2.EVENT_KIND_LEASE_EXPIRED,
+    "worker_exited": admin_pb2.EVENT_KIND_WORKER_EXITED,
+    "snapshot_created": admin_pb2.EVENT_KIND_SNAPSHOT_CREATED,
+    "snapshot_deleted": admin_pb2.EVENT_KIND_SNAPSHOT_DELETED,
+    "snapshot_corrupt": admin_pb2.EVENT_KIND_SNAPSHOT_CORRUPT,
+    "pinned_changed": admin_pb2.EVENT_KIND_PINNED_CHANGED,
+    "gpu_draining_changed": admin_pb2.EVENT_KIND_GPU_DRAINING_CHANGED,
+    "snapshot_failed": admin_pb2.EVENT_KIND_SNAPSHOT_FAILED,
+}
+"""The event log's kinds (the catalog stores these strings) and their EventKind."""
+_EVENT_KIND_NAMES: dict[int, str] = {v: k for k, v in EVENT_KINDS.items()}
+BANDWIDTH_TIERS: dict[Tier, BandwidthTier | None] = {
+    Tier.GPU: None,  # nothing restores from the GPU
+    Tier.HOST: BandwidthTier.HOST_TO_GPU,
+    # A deep resume's copy goes through staging buffers (its host copy was unlocked), a path
+    # of its own: folding it into HOST_TO_GPU would make every host restore look slower.
+    Tier.DEEP: None,
+    Tier.DISK: BandwidthTier.DISK_READ,
+    Tier.DROP: None,
+    Tier.SOURCE: None,  # a cold load's time is mostly the checkpoint's parsing
+}
+"""The catalog's measured path that a restore from each tier is a sample of (None: none)."""
+COST_FIELDS: dict[BandwidthTier, str] = {
+    BandwidthTier.HOST_TO_GPU: "host_to_gpu",
+    BandwidthTier.DISK_READ: "disk_read",
+    BandwidthTier.GPU_TO_HOST: "gpu_to_host",
+    BandwidthTier.DISK_WRITE: "disk_write",
+}
+"""The field of the core's `Costs` that each measured path sets."""
 
 
 def duration(seconds: float) -> Duration:
@@ -60,15 +105,10 @@ def model_spec(
 ) -> ModelSpec:
     """A registration as the catalog stores it (validated there: name, bounds), with the
     checkpoint's dtype and max_seq_len where the message leaves them unset."""
-    dtype = _DTYPES.get(msg.dtype)
-    if dtype is None:
-        if msg.dtype != common_pb2.DTYPE_UNSPECIFIED:
-            raise InvalidArgument(f"unknown dtype enum value {msg.dtype}", reason="BAD_DTYPE")
-        dtype = default_dtype
     return ModelSpec(
         name=msg.name,
         source_path=source,
-        dtype=dtype,
+        dtype=dtype(msg.dtype) or default_dtype,
         max_batch=msg.max_batch or 8,
         max_seq_len=msg.max_seq_len or default_max_seq_len,
         priority=msg.priority,
@@ -81,7 +121,7 @@ def spec_message(spec: ModelSpec) -> common_pb2.ModelSpec:
     return common_pb2.ModelSpec(
         name=spec.name,
         source=spec.source_path,
-        dtype=_DTYPE_ENUM[spec.dtype],
+        dtype=dtype_message(spec.dtype),
         max_batch=spec.max_batch,
         max_seq_len=spec.max_seq_len,
         priority=spec.priority,
@@ -90,13 +130,55 @@ def spec_message(spec: ModelSpec) -> common_pb2.ModelSpec:
     )
 
 
+def dtype(value: int) -> DType | None:
+    """The store's dtype of a proto Dtype; None for DTYPE_UNSPECIFIED (the checkpoint's)."""
+    if value == common_pb2.DTYPE_UNSPECIFIED:
+        return None
+    found = _DTYPE_OF.get(value)
+    if found is None:
+        raise InvalidArgument(f"unknown dtype enum value {value}", reason="BAD_DTYPE")
+    return found
+
+
+def dtype_message(d: DType) -> common_pb2.Dtype:
+    return _DTYPES[d]
+
+
 def tier_name(t: Tier) -> str:
     """The proto enum name of a core tier (messages take enum names as well as numbers)."""
-    return f"TIER_{t.name}"
+    return common_pb2.Tier.Name(t.value)
 
 
 def state_name(s: RuntimeState) -> str:
-    return f"RUNTIME_STATE_{s.name}"
+    return common_pb2.RuntimeState.Name(s.value)
+
+
+def runtime_state(value: int) -> RuntimeState:
+    """The core's state of a proto RuntimeState (a worker's reply); UNSPECIFIED or a number
+    the enum does not define is INVALID_ARGUMENT."""
+    try:
+        return RuntimeState(value)  # no member is 0: UNSPECIFIED is refused here too
+    except ValueError:
+        raise InvalidArgument(
+            f"{value} is not a runtime state", reason="BAD_ENUM", metadata={"value": value}
+        ) from None
+
+
+def snapshot_state(s: SnapshotState) -> admin_pb2.SnapshotState:
+    return _SNAPSHOT_STATES[s]
+
+
+def event_kind_name(value: int) -> str:
+    """The event log's kind of a proto EventKind; UNSPECIFIED or an undefined number is
+    INVALID_ARGUMENT (a filter skips UNSPECIFIED before asking)."""
+    kind = _EVENT_KIND_NAMES.get(value)
+    if kind is None:
+        raise InvalidArgument(
+            f"kinds: {value} is not an event kind",
+            reason="BAD_ENUM",
+            metadata={"field": "kinds", "value": value},
+        )
+    return kind
 
 
 def tier(value: int, allowed: tuple[Tier, ...], what: str) -> Tier:

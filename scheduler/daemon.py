@@ -7,11 +7,13 @@
 Start-up: an exclusive lock on the state and the runtime directory (scheduler/instance.py: a
 second torpord on either is refused, naming the running one's pid, before it touches
 anything), config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
-policy state with the registered models (a model with a snapshot restores from it), workers
-and keepers left by an earlier torpord stopped, then the gRPC services on the Unix socket
-(and TCP if asked), metrics, and READY=1 to systemd. Each GPU's keeper starts with its first
-worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight calls up to the
-drain timeout, stop the workers, then the keepers, release the locks, exit 0.
+metrics, the event log, policy state with the registered models (a model with a snapshot
+restores from it), workers and keepers left by an earlier torpord stopped, then the gRPC
+services on the Unix socket (and TCP if asked), and READY=1 to systemd. Each GPU's keeper
+starts with its first worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight
+calls up to the drain timeout, stop the workers, then the keepers, release the locks, exit 0.
+Shutdown is start-up in reverse (one exit stack), and so is a start-up that fails: it stops
+what it had started, prints one line and exits 1 (docs/ARCHITECTURE.md, "torpord's parts").
 """
 
 from __future__ import annotations
@@ -24,20 +26,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from types import TracebackType
 
 from torpor import log
-from torpor.checkpoint_files import CheckpointDir
-from torpor.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    TorporError,
-)
-from torpor.scheduler import convert, footprint, notify, validate
-from torpor.scheduler.checkpoints import CheckpointReader
+from torpor.errors import TorporError
+from torpor.scheduler import convert, notify
+from torpor.scheduler.admin import AdminService, DaemonInfo
+from torpor.scheduler.api import SchedulerService
 from torpor.scheduler.config import (
     DaemonConfig,
     default_config_path,
@@ -46,16 +44,16 @@ from torpor.scheduler.config import (
 )
 from torpor.scheduler.controller import Controller
 from torpor.scheduler.core import (
+    Costs,
     CostsUpdated,
+    DiskOutsideMeasured,
+    Event,
     GpuSpec,
-    ModelRegistered,
-    ModelUnregistered,
     Plan,
     PolicyConfig,
     SchedulerState,
     initial_state,
 )
-from torpor.scheduler.core import ModelSpec as CoreSpec
 from torpor.scheduler.events import EventLog
 from torpor.scheduler.executor import (
     Executor,
@@ -63,415 +61,351 @@ from torpor.scheduler.executor import (
     WorkerDefaults,
     check_worker_sockets_fit,
 )
-from torpor.scheduler.instance import InstanceLock, lock_directories
-from torpor.scheduler.inventory import from_config
+from torpor.scheduler.inflight import InflightCalls
+from torpor.scheduler.instance import lock_directories
+from torpor.scheduler.inventory import Inventory, from_config
 from torpor.scheduler.keepers import KEEPER_CONTEXT, Keepers
 from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.plan_log import record_plan
 from torpor.scheduler.recorder import Recorder
+from torpor.scheduler.registry import ModelRegistry
+from torpor.scheduler.residency import ResidencyView
 from torpor.scheduler.server import Server, check_socket_path
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.store import private
 from torpor.store.catalog import Catalog
-from torpor.store.names import check_source_path, validate_model_name
-from torpor.store.records import RegisteredModel
-from torpor.store.schema import DType
 from torpor.store.snapshots import SnapshotStore
-from torpor.v1 import common_pb2
 
 _log = log.get_logger("daemon")
 
 
 class Daemon:
-    """Every long-lived part of torpord, started and stopped together."""
+    """torpord: every long-lived part, built and started in one place (`_start`).
+
+    `async with Daemon(config):` starts the parts in order, and each part that needs stopping
+    puts its stop on one exit stack as it starts: shutdown is that stack unwound in reverse,
+    and a start-up that fails at any step unwinds exactly what had started (in the manner of
+    temporalio's `async with Worker(...)`). A Daemon starts once; `shutdown` is idempotent.
+    """
 
     def __init__(self, config: DaemonConfig, demo: bool = False) -> None:
         self.config = config
         self.demo = demo
         self.started_at = time.time()
-        self.clocks = convert.Clocks()
-        self.metrics = Metrics()
-        self.sources: dict[str, ModelSource] = {}
-        self.registered: dict[str, RegisteredModel] = {}
-        self._forgetting: dict[str, asyncio.Event] = {}  # unregistered, worker still stopping
-        self.limits: dict[str, validate.ModelLimits] = {}  # what the API edge checks against
         self._stopping = asyncio.Event()
-        self._started = False
-        self._locks: list[InstanceLock] = []
-        self.checkpoints = CheckpointReader()  # never the default pool (issue 12, FIFO)
+        self._stack: AsyncExitStack | None = None  # the started parts' stops, while serving
+        self._entered = False
+
+    async def __aenter__(self) -> Daemon:
+        if self._entered:
+            raise RuntimeError("a Daemon starts once")
+        self._entered = True
+        async with AsyncExitStack() as stack:
+            try:
+                await self._start(stack)
+            except BaseException:
+                self._stopping.set()  # workers that exit while it unwinds are expected to
+                raise
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.shutdown()
+
+    def stop(self) -> None:
+        """Make `run` return (what SIGTERM does)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT (or `stop`)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain in-flight calls, stop the workers, then the keepers, ...,
+        release the locks: start-up's stack, unwound. Idempotent."""
+        stack, self._stack = self._stack, None
+        if stack is None:  # never started (or refused at start-up), or stopped already
+            return
+        self._stopping.set()
+        notify.notify("STOPPING=1")
+        _log.info("torpord_stopping", drain_timeout_s=self.config.daemon.drain_timeout_s)
+        await stack.aclose()
+        _log.info("torpord_stopped")
 
     # -- start ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._started:
-            raise RuntimeError("Daemon.start() called twice")
-        self._started = True
+    async def _start(self, stack: AsyncExitStack) -> None:
+        """Start every part in order; each one's stop goes on `stack` as it starts."""
         cfg = self.config
-        # Private whatever the umask (issue 12), and made before the locks below would make
-        # them with the umask's mode (making a missing directory touches nothing of a running
-        # torpord). The runtime directory lets group torpor reach the API socket (0660), as
-        # systemd's RuntimeDirectoryMode=0750 does.
-        for directory, mode in (
-            (cfg.daemon.state_dir, private.PRIVATE_DIR),
-            (cfg.daemon.runtime_dir, 0o750),
-            (cfg.store.snapshot_dir, private.PRIVATE_DIR),
-        ):
-            # One that cannot be made is reported by the lock below (state and runtime
-            # directories, LOCK_FAILED) or by the store when it opens (snapshots).
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(private.make_dirs, directory, mode)
-        # First of all: a second torpord on our directories would stop our workers, take our
-        # sockets and serve our catalog. Refused here, it has touched nothing.
-        self._locks = await asyncio.to_thread(
-            lock_directories,
-            (Path(cfg.daemon.state_dir), "state directory"),
-            (Path(cfg.daemon.runtime_dir), "runtime directory"),
+        await _own_directories(stack, cfg)  # first: a second torpord has touched nothing
+        catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
+        stack.push_async_callback(asyncio.to_thread, catalog.close)
+        snapshots = await asyncio.to_thread(
+            SnapshotStore.open, catalog, cfg.snapshot_store_config()
         )
-        # A file, or another server's live socket, at our socket path: refused before anything
-        # moves (Server.start replaces only a stale socket).
-        await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
-        check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
-        self.catalog = await asyncio.to_thread(Catalog.open, cfg.catalog_config())
-        self.snapshots = await asyncio.to_thread(
-            SnapshotStore.open, self.catalog, cfg.snapshot_store_config()
-        )
-        self.inventory = from_config(cfg.backend)
-        self.cuda = self.inventory.backend == "cuda"
-        self.recorder = Recorder(
-            self.catalog,
-            self.snapshots,
-            lambda: self.controller.state.costs,
-            self._costs,
-            self.metrics,
-        )
-        state = await asyncio.to_thread(self._initial_state)
-        self.keepers = Keepers(
-            Path(cfg.daemon.runtime_dir),
-            enabled=self._keepers_enabled(),
-            start_timeout=cfg.worker.start_timeout_s,
-            log_level=cfg.daemon.log_level,
-        )
-        self.metrics.count_keepers(self.keepers.running)
-        self.supervisor = Supervisor(
-            Path(cfg.daemon.runtime_dir),
-            self._worker_exited,
-            cfg.worker.start_timeout_s,
-            keepers=self.keepers,
-        )
-        self.executor = Executor(
-            self.supervisor,
-            self._worker_defaults(),
-            self.sources,
-            self._report,
-            self._progress,
-            self.recorder,
-            self.metrics,
-        )
-        self.controller = Controller(state, self.executor, on_plan=self._on_plan)
-        self.events = EventLog(self.catalog, self.metrics)
-        self.events.start()
-        self.recorder.on_recorded = lambda info: self.events.append(
-            "snapshot_created", model=info.model, snapshot=info.id, bytes=info.total_bytes
-        )
-        self.recorder.on_write_failed = lambda model, runtime, error: self.events.append(
-            "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
-        )
-        self.recorder.start_sweeping(cfg.store.sweep_interval_s)
-        await self._stop_leftover_workers()
-        await self._load_models()
+        inventory = from_config(cfg.backend)
+        stack.callback(inventory.close)
+        metrics = Metrics()
+        if cfg.daemon.metrics_port:  # a port in use is refused before any worker moves
+            stack.callback(metrics.serve(cfg.daemon.metrics_port).close)
+        events = EventLog(catalog, metrics)
+        events.start()
+        stack.push_async_callback(events.close)
+        core = await self._build_core(catalog, snapshots, inventory, metrics, events)
+        stack.callback(core.controller.close_all)
+        core.recorder.start_sweeping(cfg.store.sweep_interval_s)
+        stack.push_async_callback(core.recorder.close)
+        # From here workers run: on the way out they stop (then the keepers) once the
+        # transitions have drained, and those only once the server stopped taking calls.
+        stack.push_async_callback(core.supervisor.stop_all, cfg.worker.stop_timeout_s)
+        stack.push_async_callback(core.executor.drain, cfg.daemon.drain_timeout_s)
+        await _stop_leftovers(core.supervisor, core.keepers, cfg.worker.stop_timeout_s)
+        known = await asyncio.to_thread(core.recorder.known_snapshots)
+        await core.models.load_all({name: info.total_bytes for name, info in known.items()})
+        await core.recorder.measure_outside()
         if self.demo:
             from torpor.scheduler.demo import ensure_demo_models
 
-            await ensure_demo_models(self)
-        self.server = Server(self)
-        await self.server.start()
-        self.metrics_server = (
-            self.metrics.serve(cfg.daemon.metrics_port) if cfg.daemon.metrics_port else None
-        )
+            await ensure_demo_models(Path(cfg.daemon.state_dir), core.models)
+        server = self._server(core, inventory, events, snapshots)
+        stack.push_async_callback(server.stop, cfg.daemon.drain_timeout_s)
+        await server.start()
         notify.notify("READY=1\nSTATUS=serving")
         _log.info(
             "torpord_ready",
             socket=str(cfg.daemon.socket),
             listen=cfg.daemon.listen or None,
-            backend=self.inventory.backend,
-            gpus=len(state.gpus),
-            models=len(self.sources),
+            backend=inventory.backend,
+            gpus=len(core.controller.state.gpus),
+            models=len(core.models.sources),
         )
 
-    def _initial_state(self) -> SchedulerState:
+    async def _build_core(
+        self,
+        catalog: Catalog,
+        snapshots: SnapshotStore,
+        inventory: Inventory,
+        metrics: Metrics,
+        events: EventLog,
+    ) -> _Core:
+        """The parts that call each other. The controller dispatches to the executor, which
+        reports back to it, as do the recorder (measured costs) and the supervisor (a worker's
+        exit); each plan wakes the registry. Their callbacks name `controller` and `models`,
+        bound below before anything can call them: nothing moves until the models load."""
         cfg = self.config
-        reserve = cfg.budgets.gpu_reserve if self.cuda else 0
-        if self._keepers_enabled():  # each GPU's keeper holds a CUDA context of its own
-            reserve += KEEPER_CONTEXT
-        gpus = tuple(
-            GpuSpec(g.index, g.total_bytes, min(reserve, g.total_bytes - 1), g.name)
-            for g in self.inventory.gpus()
-        )
-        knobs = {f.name for f in dataclasses.fields(PolicyConfig)} - {"deep_suspend"}
-        policy = PolicyConfig(
-            **{name: getattr(cfg.policy, name) for name in knobs},
-            deep_suspend=cfg.worker.deep_suspend,
-        )
-        from torpor.scheduler.core import Costs
+        cuda = inventory.backend == "cuda"
+        controller: Controller
+        models: ModelRegistry
 
-        costs = self.recorder.costs(Costs())
-        if self._keepers_enabled():  # deep resumes are filled by the keeper at DMA speed
-            costs = dataclasses.replace(costs, deep_refill=costs.host_to_gpu)
-        return initial_state(
-            gpus,
-            host_budget=cfg.budgets.host_memory,
-            disk_budget=cfg.store.capacity,
-            costs=costs,
-            config=policy,
+        def report(event: Event) -> None:  # a transition's end, measured costs, an exit
+            controller.submit(event)
+
+        recorder = Recorder(
+            catalog,
+            snapshots,
+            lambda: controller.state.costs,
+            lambda costs: report(CostsUpdated(costs)),
+            metrics,
         )
-
-    def _keepers_enabled(self) -> bool:
-        """A keeper per GPU: on CUDA, and only where deep suspends (its one use) happen."""
-        worker = self.config.worker
-        return self.cuda and worker.keeper and worker.deep_suspend
-
-    def _worker_defaults(self) -> WorkerDefaults:
-        cfg = self.config
-        return WorkerDefaults(
-            runtime_dir=Path(cfg.daemon.runtime_dir),
-            store=Path(cfg.store.snapshot_dir),
-            cuda=self.cuda,
-            handle_size=str(cfg.worker.handle_size),
-            graph_pool="512MiB",
-            python=str(cfg.worker.python),
+        recorder.on_recorded = lambda info: events.append(
+            "snapshot_created", model=info.model, snapshot=info.id, bytes=info.total_bytes
+        )
+        recorder.on_write_failed = lambda model, runtime, error: events.append(
+            "snapshot_failed", model=model, runtime=runtime, reason=error.reason, error=str(error)
+        )
+        # The core owns the disk budget: it counts the recorder's tracked snapshots, and the
+        # store's other bytes as measured (docs/POLICY.md, "The disk budget").
+        recorder.tracked_models = lambda: controller.state.models.keys()
+        recorder.on_outside = lambda nbytes: report(DiskOutsideMeasured(nbytes))
+        state = await asyncio.to_thread(policy_state, cfg, inventory, recorder.costs, cuda)
+        keepers = Keepers(
+            Path(cfg.daemon.runtime_dir),
+            enabled=keepers_enabled(cfg, cuda),
+            start_timeout=cfg.worker.start_timeout_s,
             log_level=cfg.daemon.log_level,
-            stop_grace_s=cfg.worker.stop_timeout_s,
-            transition_timeout_s=cfg.worker.transition_timeout_s,
+        )
+        metrics.count_keepers(keepers.running)
+        calls = InflightCalls()
+
+        async def worker_exited(worker: WorkerProcess) -> None:
+            events.append(
+                "worker_exited",
+                model=worker.spec.model,
+                runtime=worker.runtime_id,
+                pid=worker.pid,
+                returncode=worker.returncode,
+                expected=worker.stopping,
+            )
+            died = executor.on_worker_exit(worker)
+            if died is not None and not self._stopping.is_set():
+                with contextlib.suppress(TorporError):
+                    report(died)
+
+        supervisor = Supervisor(
+            Path(cfg.daemon.runtime_dir), worker_exited, cfg.worker.start_timeout_s, keepers=keepers
+        )
+        sources: dict[str, ModelSource] = {}  # the registry fills it, the executor reads it
+        executor = Executor(
+            supervisor,
+            worker_defaults(cfg, cuda),
+            sources,
+            report,
+            lambda model, tier, done, total, loading: controller.progress(
+                model, tier, done, total, loading
+            ),
+            recorder,
+            metrics,
+            calls=calls,
+        )
+
+        def on_plan(before: SchedulerState, after: SchedulerState, plan: Plan) -> None:
+            record_plan(events, metrics, before, after, plan)
+            models.plan_applied(after)
+
+        controller = Controller(state, executor, on_plan=on_plan)
+        models = ModelRegistry(
+            controller=controller,
+            catalog=catalog,
+            snapshots=snapshots,
+            recorder=recorder,
+            events=events,
+            sources=sources,
             model_roots=tuple(Path(root) for root in cfg.daemon.model_roots),
+            cuda=cuda,
+            forget_timeout_s=cfg.worker.stop_timeout_s + 30,
         )
+        return _Core(recorder, keepers, supervisor, executor, controller, models, calls)
 
-    async def _stop_leftover_workers(self) -> None:
-        # Workers of an earlier torpord are found and stopped: their runtimes are known again
-        # from the catalog (with their snapshots), and the policy starts from a clean slate.
-        for worker in await self.supervisor.adopt():
-            _log.warning("leftover_worker_stopped", runtime=worker.runtime_id, pid=worker.pid)
-            await worker.stop(self.config.worker.stop_timeout_s)
-        # Then their keepers: one keeper per GPU, and a keeper removes its socket as it stops.
-        await self.keepers.stop_leftovers(self.config.worker.stop_timeout_s)
-
-    async def _load_models(self) -> None:
-        snapshots = await asyncio.to_thread(self.recorder.known_snapshots)
-        for registered in await asyncio.to_thread(self.catalog.list_models):
-            try:
-                await self._admit_model(registered, has_snapshot=registered.spec.name in snapshots)
-            except TorporError as err:  # a checkpoint that went away: keep serving the rest
-                _log.error("model_not_loaded", model=registered.spec.name, error=str(err))
-
-    # -- models --------------------------------------------------------------------------
-
-    async def register(self, msg: common_pb2.ModelSpec) -> common_pb2.Model:
-        validate_model_name(msg.name)  # before anything else: a name never becomes a path
-        if not msg.source:
-            raise InvalidArgument(
-                "spec.source (the checkpoint directory) is required", reason="NO_SOURCE"
-            )
-        source = check_source_path(msg.source, self.config.daemon.model_roots)
-        ckpt = CheckpointDir.confined(source, self.config.daemon.model_roots)
-        limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
-        dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
-        spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096))
-        if spec.max_seq_len > limit:
-            raise InvalidArgument(
-                f"max_seq_len={spec.max_seq_len} exceeds the model's "
-                f"max_position_embeddings={limit}",
-                reason="MAX_SEQ_LEN_TOO_LARGE",
-            )
-        if spec.dtype is DType.FP8 and not self.cuda:
-            raise InvalidArgument(
-                "fp8 needs a CUDA GPU with compute capability 8.9 or newer; this torpord runs "
-                "the cpu backend. Register it as bfloat16, float16 or float32.",
-                reason="FP8_UNSUPPORTED",
-            )
-        registered = await asyncio.to_thread(self.catalog.register_model, spec)
-        try:
-            await self._admit_model(registered, has_snapshot=False)
-        except BaseException:
-            await asyncio.to_thread(self.catalog.delete_model, spec.name)
-            raise
-        self.events.append(
-            "model_registered", model=spec.name, source=spec.source_path, dtype=spec.dtype.value
+    def _server(
+        self, core: _Core, inventory: Inventory, events: EventLog, snapshots: SnapshotStore
+    ) -> Server:
+        """The two services, each handed the collaborators it uses, and their endpoints."""
+        clocks = convert.Clocks()
+        scheduler = SchedulerService(
+            controller=core.controller,
+            models=core.models,
+            workers=core.executor,
+            calls=core.calls,
+            clocks=clocks,
         )
-        return await self.model_message(spec.name)
-
-    async def _admit_model(self, registered: RegisteredModel, has_snapshot: bool) -> None:
-        spec = registered.spec
-        ckpt = CheckpointDir.confined(spec.source_path, self.config.daemon.model_roots)
-        estimate = await self.checkpoints.run(
-            spec.name,
-            footprint.estimate,
-            ckpt,
-            spec.dtype.value,
-            spec.max_batch,
-            spec.max_seq_len,
-            self.cuda,
+        admin = AdminService(
+            controller=core.controller,
+            models=core.models,
+            residency=ResidencyView(core.controller, inventory, core.executor, clocks),
+            calls=core.calls,
+            events=events,
+            snapshots=snapshots,
+            recorder=core.recorder,
+            info=DaemonInfo(self.started_at, inventory.backend == "cuda", core.recorder.host),
         )
-        vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
-        self.sources[spec.name] = ModelSource(
-            Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
-        )
-        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
-        core_spec = CoreSpec(
-            spec.name,
-            estimate,
-            priority=max(-100, min(100, spec.priority)),
-            pinned=spec.pinned,
-            keep_alive_s=spec.keep_alive_s,
-        )
-        try:
-            self.controller.submit(ModelRegistered(core_spec, has_snapshot=has_snapshot))
-        except BaseException:
-            self.sources.pop(spec.name, None)
-            self.limits.pop(spec.name, None)
-            raise
-        self.registered[spec.name] = registered
+        return Server(self.config.daemon, scheduler, admin)
 
-    async def unregister(self, name: str, delete_snapshots: bool) -> None:
-        if name in self.registered and not delete_snapshots:
-            held = await asyncio.to_thread(self.snapshots.list, name, include_corrupt=True)
-            if held:
-                raise FailedPrecondition(
-                    f"model {name!r} has {len(held)} snapshot(s); unregister it with "
-                    "delete_snapshots (torpor unregister --delete-snapshots), or delete them "
-                    "first (torpor snapshots rm)",
-                    reason="HAS_SNAPSHOTS",
-                    metadata={"snapshots": len(held)},
-                )
-        self.controller.submit(ModelUnregistered(name))
-        self.sources.pop(name, None)
-        self.limits.pop(name, None)
-        self.registered.pop(name, None)
-        self.recorder.latest.pop(name, None)
-        await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
-        await asyncio.to_thread(self.catalog.delete_model, name)
-        self.events.append("model_unregistered", model=name)
-        await self._forgotten(name)
 
-    async def _forgotten(self, name: str) -> None:
-        """Wait until the core has forgotten `name`: a model with a worker is forgotten only
-        once its worker is dropped, and until then registering the name again is refused
-        (ALREADY_EXISTS), so UnregisterModel answers only then (issue 12)."""
-        if name not in self.controller.state.models:
-            return
-        gone = self._forgetting.setdefault(name, asyncio.Event())
-        limit = self.config.worker.stop_timeout_s + 30
-        try:
-            async with asyncio.timeout(limit):
-                await gone.wait()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"model {name!r} is unregistered, but its worker is still being stopped after "
-                f"{limit:g} s; its name is free once it has stopped",
-                reason="WORKER_STOPPING",
-                metadata={"model": name},
-            ) from None
+@dataclasses.dataclass(frozen=True)
+class _Core:
+    """The parts `Daemon._build_core` wires together (see there)."""
 
-    async def model_message(self, name: str) -> common_pb2.Model:
-        registered = self.registered.get(name)
-        if registered is None or name not in self.controller.state.models:
-            raise NotFound(f"no model {name!r} is registered", reason="MODEL_NOT_FOUND")
-        state = self.controller.state
-        model = state.models[name]
-        return common_pb2.Model(
-            spec=convert.spec_message(registered.spec),
-            registered_at=convert.timestamp(registered.created_at),
-            state=convert.state_name(state.runtimes[model.runtime_id].state),
-            footprint_bytes=model.spec.footprint.resident,
-            snapshot_id=self.recorder.latest.get(name, ""),
-        )
+    recorder: Recorder
+    keepers: Keepers
+    supervisor: Supervisor
+    executor: Executor
+    controller: Controller
+    models: ModelRegistry
+    calls: InflightCalls
 
-    # -- wiring --------------------------------------------------------------------------
 
-    def _report(self, event: Any) -> None:
-        self.controller.submit(event)
+async def _own_directories(stack: AsyncExitStack, cfg: DaemonConfig) -> None:
+    """Make torpord's directories, lock the state and runtime directories (released last of
+    all), and check the socket paths: a second torpord is refused here, before it moves
+    anything (scheduler/instance.py)."""
+    # Private whatever the umask (issue 12), and made before the locks below would make
+    # them with the umask's mode (making a missing directory touches nothing of a running
+    # torpord). The runtime directory lets group torpor reach the API socket (0660), as
+    # systemd's RuntimeDirectoryMode=0750 does.
+    for directory, mode in (
+        (cfg.daemon.state_dir, private.PRIVATE_DIR),
+        (cfg.daemon.runtime_dir, 0o750),
+        (cfg.store.snapshot_dir, private.PRIVATE_DIR),
+    ):
+        # One that cannot be made is reported by the lock below (state and runtime
+        # directories, LOCK_FAILED) or by the store when it opens (snapshots).
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(private.make_dirs, directory, mode)
+    locks = await asyncio.to_thread(
+        lock_directories,
+        (Path(cfg.daemon.state_dir), "state directory"),
+        (Path(cfg.daemon.runtime_dir), "runtime directory"),
+    )
+    for lock in locks:
+        stack.callback(lock.release)
+    # A file, or another server's live socket, at our socket path: refused before anything
+    # moves (Server.start replaces only a stale socket).
+    await asyncio.to_thread(check_socket_path, Path(cfg.daemon.socket))
+    check_worker_sockets_fit(Path(cfg.daemon.runtime_dir))
 
-    def _progress(self, model: str, tier: Any, done: int, total: int, loading: bool) -> None:
-        self.controller.progress(model, tier, done, total, loading)
 
-    def _costs(self, costs: Any) -> None:
-        self.controller.submit(CostsUpdated(costs))
+async def _stop_leftovers(supervisor: Supervisor, keepers: Keepers, grace_s: float) -> None:
+    """Workers of an earlier torpord are found and stopped: their runtimes are known again
+    from the catalog (with their snapshots), and the policy starts from a clean slate."""
+    for worker in await supervisor.adopt():
+        _log.warning("leftover_worker_stopped", runtime=worker.runtime_id, pid=worker.pid)
+        await worker.stop(grace_s)
+    # Then their keepers: one keeper per GPU, and a keeper removes its socket as it stops.
+    await keepers.stop_leftovers(grace_s)
 
-    async def _worker_exited(self, worker: WorkerProcess) -> None:
-        self.events.append(
-            "worker_exited",
-            model=worker.spec.model,
-            runtime=worker.runtime_id,
-            pid=worker.pid,
-            returncode=worker.returncode,
-            expected=worker.stopping,
-        )
-        died = self.executor.on_worker_exit(worker)
-        if died is not None and not self._stopping.is_set():
-            with contextlib.suppress(TorporError):
-                self.controller.submit(died)
 
-    def _on_plan(self, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
-        record_plan(self, before, state, plan)
-        for name in [n for n in self._forgetting if n not in state.models]:
-            self._forgetting.pop(name).set()
+def keepers_enabled(cfg: DaemonConfig, cuda: bool) -> bool:
+    """A keeper per GPU: on CUDA, and only where deep suspends (its one use) happen."""
+    return cuda and cfg.worker.keeper and cfg.worker.deep_suspend
 
-    def tier_usage(self) -> tuple[int, int]:
-        state = self.controller.state
-        held = [state.held(r) for r in state.runtimes.values()]
-        return sum(h.host for h in held), sum(h.disk for h in held)
 
-    def first_event_id_since(self, since: Any) -> int:
-        last = 0
-        while True:
-            batch = self.catalog.events_after(last, limit=1000)
-            for event in batch:
-                if event.ts.replace(tzinfo=None) >= since.replace(tzinfo=None):
-                    return event.id - 1
-                last = event.id
-            if len(batch) < 1000:
-                return last
+def policy_state(
+    cfg: DaemonConfig, inventory: Inventory, measured: Callable[[Costs], Costs], cuda: bool
+) -> SchedulerState:
+    """The policy's first state: the GPUs less their reserve, the budgets, and the costs
+    this host measured before (`measured`: blocking, it reads the catalog)."""
+    reserve = cfg.budgets.gpu_reserve if cuda else 0
+    if keepers_enabled(cfg, cuda):  # each GPU's keeper holds a CUDA context of its own
+        reserve += KEEPER_CONTEXT
+    gpus = tuple(
+        GpuSpec(g.index, g.total_bytes, min(reserve, g.total_bytes - 1), g.name)
+        for g in inventory.gpus()
+    )
+    knobs = {f.name for f in dataclasses.fields(PolicyConfig)} - {"deep_suspend"}
+    policy = PolicyConfig(
+        **{name: getattr(cfg.policy, name) for name in knobs},
+        deep_suspend=cfg.worker.deep_suspend,
+    )
+    costs = measured(Costs())
+    if keepers_enabled(cfg, cuda):  # deep resumes are filled by the keeper at DMA speed
+        costs = dataclasses.replace(costs, deep_refill=costs.host_to_gpu)
+    return initial_state(
+        gpus,
+        host_budget=cfg.budgets.host_memory,
+        disk_budget=cfg.store.capacity,
+        costs=costs,
+        config=policy,
+    )
 
-    def last_event_id(self) -> int:
-        last = 0
-        while batch := self.catalog.events_after(last, limit=1000):
-            last = batch[-1].id
-        return last
 
-    # -- run and stop --------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        await self._stopping.wait()
-        await self.shutdown()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def shutdown(self) -> None:
-        """Stop accepting, drain in-flight calls, stop workers. Idempotent."""
-        if getattr(self, "_shut", False):
-            return
-        self._shut = True
-        if not self._locks:  # refused at start-up: nothing here is ours to stop
-            return
-        self._stopping.set()
-        notify.notify("STOPPING=1")
-        grace = self.config.daemon.drain_timeout_s
-        _log.info("torpord_stopping", drain_timeout_s=grace)
-        await self.server.stop(grace)
-        await self.executor.drain(grace)
-        await self.supervisor.stop_all(self.config.worker.stop_timeout_s)
-        await self.recorder.close()
-        self.controller.close_all()
-        await self.events.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-        await asyncio.to_thread(self.catalog.close)
-        for lock in self._locks:
-            lock.release()
-        _log.info("torpord_stopped")
+def worker_defaults(cfg: DaemonConfig, cuda: bool) -> WorkerDefaults:
+    return WorkerDefaults(
+        runtime_dir=Path(cfg.daemon.runtime_dir),
+        store=Path(cfg.store.snapshot_dir),
+        cuda=cuda,
+        handle_size=str(cfg.worker.handle_size),
+        graph_pool="512MiB",
+        python=str(cfg.worker.python),
+        log_level=cfg.daemon.log_level,
+        stop_grace_s=cfg.worker.stop_timeout_s,
+        transition_timeout_s=cfg.worker.transition_timeout_s,
+        model_roots=tuple(Path(root) for root in cfg.daemon.model_roots),
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -495,15 +429,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def _serve(config: DaemonConfig, demo: bool) -> int:
-    daemon = Daemon(config, demo)
     try:
-        await daemon.start()
-    except TorporError as err:
+        async with Daemon(config, demo) as daemon:
+            await daemon.run()
+    except TorporError as err:  # refused at start-up: what had started is stopped again
         print(f"torpord: {err}", file=sys.stderr)
-        with contextlib.suppress(Exception):
-            await daemon.shutdown()
         return 1
-    await daemon.run()
     return 0
 
 

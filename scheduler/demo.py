@@ -15,7 +15,7 @@ from torpor.log import get_logger
 from torpor.v1 import common_pb2
 
 if TYPE_CHECKING:
-    from torpor.scheduler.daemon import Daemon
+    from torpor.scheduler.registry import ModelRegistry
 
 log = get_logger("demo")
 
@@ -26,14 +26,14 @@ DEMOS = (("demo-a", 1), ("demo-b", 2), ("demo-c", 3))
 SHAPE = ["--layers", "6", "--hidden", "640", "--heads", "10", "--kv-heads", "2", "--vocab", "1024"]
 
 
-async def ensure_demo_models(daemon: Daemon) -> None:
-    root = Path(daemon.config.daemon.state_dir) / "models"
+async def ensure_demo_models(state_dir: Path, models: ModelRegistry) -> None:
+    root = Path(state_dir) / "models"
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     for name, seed in DEMOS:
         target = root / name
         if not await asyncio.to_thread((target / "model.safetensors").is_file):
             await _make(target, seed)
-        if name in daemon.sources:
+        if name in models.sources:
             continue
         spec = common_pb2.ModelSpec(
             name=name,
@@ -43,7 +43,7 @@ async def ensure_demo_models(daemon: Daemon) -> None:
             max_seq_len=512,
         )
         with contextlib.suppress(AlreadyExists):  # registered by an earlier start
-            await daemon.register(spec)
+            await models.register(spec)
         log.info("demo_model_ready", model=name, source=str(target))
 
 

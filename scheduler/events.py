@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from torpor.log import get_logger
@@ -19,10 +20,6 @@ from torpor.v1 import admin_pb2
 log = get_logger("events")
 
 WRITE_BATCH = 1000  # events per catalog transaction at most
-
-KINDS = {
-    name.removeprefix("EVENT_KIND_").lower(): value for name, value in admin_pb2.EventKind.items()
-}
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ class EventLog:
         **detail: Any,
     ) -> None:
         """Record an event (returns at once; the catalog write happens in order, off-loop)."""
-        assert kind in KINDS, kind
+        assert kind in convert.EVENT_KINDS, kind
         self._pending.put_nowait(
             NewEvent(
                 kind,
@@ -133,6 +130,25 @@ class EventLog:
         finally:
             self._watchers.discard(watcher)
 
+    def first_id_since(self, since: datetime) -> int:
+        """The id just before the first event at or after `since` (blocking: a thread)."""
+        last = 0
+        while True:
+            batch = self.catalog.events_after(last, limit=WRITE_BATCH)
+            for event in batch:
+                if event.ts.replace(tzinfo=None) >= since.replace(tzinfo=None):
+                    return event.id - 1
+                last = event.id
+            if len(batch) < WRITE_BATCH:
+                return last
+
+    def last_id(self) -> int:
+        """The newest event's id, 0 if none (blocking: a thread)."""
+        last = 0
+        while batch := self.catalog.events_after(last, limit=WRITE_BATCH):
+            last = batch[-1].id
+        return last
+
     async def close(self) -> None:
         if self._writer is not None:
             self._pending.put_nowait(None)
@@ -143,7 +159,8 @@ def message(event: Event) -> admin_pb2.Event:
     msg = admin_pb2.Event(
         id=event.id,
         time=convert.timestamp(event.ts),
-        kind=KINDS.get(event.kind, 0),
+        # A kind this torpord does not know (an older one's, in the catalog) reads UNSPECIFIED.
+        kind=convert.EVENT_KINDS.get(event.kind, admin_pb2.EVENT_KIND_UNSPECIFIED),
         model=event.model or "",
         runtime_id=event.runtime or "",
         detail=json.dumps(dict(event.detail), sort_keys=True) if event.detail else "",

@@ -15,18 +15,18 @@ of loads and restores is forwarded as it streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from torpor.errors import (
-    Aborted,
     Cancelled,
     FailedPrecondition,
     Internal,
@@ -42,7 +42,6 @@ from torpor.scheduler.core import (
     Footprint,
     Load,
     Resume,
-    RuntimeState,
     Suspend,
     Tier,
     TransitionCompleted,
@@ -50,8 +49,13 @@ from torpor.scheduler.core import (
     TransitionRolledBack,
     WorkerDied,
 )
+from torpor.scheduler.inflight import InflightCalls
+from torpor.scheduler.labels import ACTION_LABELS, LOAD_LABELS, TIER_LABELS
 from torpor.scheduler.metrics import Metrics
+from torpor.scheduler.snapshots import WrittenSnapshot
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
+from torpor.store.chunks import ChunkRef
+from torpor.store.schema import DType
 from torpor.v1 import common_pb2, worker_pb2
 
 log = get_logger("executor")
@@ -62,27 +66,11 @@ _EPOCH = secrets.token_hex(4)
 every torpord, so names made from the id alone were the same for every daemon and every
 restart: one daemon's worker took another's socket path (issue 12)."""
 
-_DTYPES = {
-    "float32": common_pb2.DTYPE_FLOAT32,
-    "bfloat16": common_pb2.DTYPE_BFLOAT16,
-    "float16": common_pb2.DTYPE_FLOAT16,
-    "fp8": common_pb2.DTYPE_FP8,
-}
-_LEVELS = {
-    Tier.HOST: common_pb2.TIER_HOST,
-    Tier.DEEP: common_pb2.TIER_DEEP,
-    Tier.DISK: common_pb2.TIER_DISK,
-}
-_STATES = {
-    common_pb2.RUNTIME_STATE_RESIDENT: RuntimeState.RESIDENT,
-    common_pb2.RUNTIME_STATE_SUSPENDED_HOST: RuntimeState.SUSPENDED_HOST,
-    common_pb2.RUNTIME_STATE_SUSPENDED_DEEP: RuntimeState.SUSPENDED_DEEP,
-    common_pb2.RUNTIME_STATE_SUSPENDED_DISK: RuntimeState.SUSPENDED_DISK,
-}
 SNAPSHOT_UNUSABLE = frozenset(
     {
         "CHUNK_CORRUPT",
         "CHUNK_MISSING",
+        "MANIFEST_INVALID",
         "SNAPSHOT_CORRUPT",
         "SNAPSHOT_INCOMPATIBLE",
         "SNAPSHOT_NOT_FOUND",
@@ -157,20 +145,19 @@ class Executor:
         progress: Callable[[str, Tier, int, int, bool], None],
         snapshots: Any,
         metrics: Metrics | None = None,
+        calls: InflightCalls | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.defaults = defaults
         self.models = models
         self.report = report
         self.progress = progress
-        self.snapshots = snapshots  # SnapshotRecorder: record(model, hash), manifest_for(model)
+        self.snapshots = snapshots  # the Recorder: writing(model, bytes), restoring(model)
         self.metrics = metrics
         self.incarnations: dict[str, int] = {}
         self.busy: set[str] = set()  # runtimes with a transition running
-        self.calls: dict[str, set[Any]] = {}  # runtime -> proxied generate calls
+        self.calls = calls if calls is not None else InflightCalls()  # the API's Generates
         self.restores: dict[str, float] = {}  # runtime -> seconds of its last load or restore
-        self.cancelled: dict[Any, TorporError] = {}  # proxied call -> why we cancelled it
-        self.aborted: dict[str, int] = {}  # runtime -> requests aborted by evictions, unreported
         self._tasks: set[asyncio.Task[None]] = set()
 
     def worker(self, runtime_id: str) -> WorkerProcess | None:
@@ -184,29 +171,19 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def abort_requests(self, runtime_id: str) -> None:
-        self.aborted[runtime_id] = self.aborted.get(runtime_id, 0) + len(
-            self.calls.get(runtime_id, ())
-        )
-        self._cancel_calls(
-            runtime_id,
-            Aborted(
-                f"the request on {runtime_id} was aborted by an eviction", reason="REQUEST_ABORTED"
-            ),
-        )
+    def restore_seconds(self, runtime_id: str) -> float:
+        """How long the last load or restore of `runtime_id` took (0 if none yet)."""
+        return self.restores.get(runtime_id, 0.0)
 
-    def _cancel_calls(self, runtime_id: str, why: TorporError) -> None:
-        """End the proxied calls on a runtime; their handlers raise `why` to their clients."""
-        for call in list(self.calls.get(runtime_id, ())):
-            self.cancelled[call] = why
-            call.cancel()
+    def abort_requests(self, runtime_id: str) -> None:
+        self.calls.abort(runtime_id)
 
     async def _run(self, action: Load | Resume | Suspend | Drop) -> None:
-        kind = type(action).__name__.lower()
+        kind = ACTION_LABELS[type(action)]
         start = time.perf_counter()
         with bind(model=action.model, runtime=action.runtime_id):
             try:
-                event = await getattr(self, f"_{kind}")(action)
+                event = await self._dispatch(action)
             except RuntimeUnchanged as unchanged:  # issue 12: not a failure of the worker
                 self._rolled_back(action, unchanged.error)
                 return
@@ -220,6 +197,19 @@ class Executor:
             log.info("transition_done", action=kind, seconds=round(time.perf_counter() - start, 4))
             self._safe_report(event)
 
+    async def _dispatch(self, action: Load | Resume | Suspend | Drop) -> TransitionCompleted:
+        match action:
+            case Load():
+                return await self._load(action)
+            case Resume():
+                return await self._resume(action)
+            case Suspend():
+                return await self._suspend(action)
+            case Drop():
+                return await self._drop(action)
+            case _:
+                assert_never(action)
+
     async def _fail(
         self, action: Load | Resume | Suspend | Drop, kind: str, exc: BaseException, cancelled: bool
     ) -> None:
@@ -229,20 +219,25 @@ class Executor:
         log.error("transition_failed", action=kind, error=str(error), reason=error.reason)
         restore = isinstance(action, Load | Resume) and action.source is Tier.DISK
         unusable = restore and error.reason in SNAPSHOT_UNUSABLE
-        left = False
+        left, size = False, None
         try:
             await self._kill(action.runtime_id, now=cancelled or error.reason == "WORKER_HUNG")
             if unusable:
                 left = await self.snapshots.forget(action.model, error)
+                size = self.snapshots.snapshot_bytes(action.model) if left else None
                 log.warning("snapshot_unusable", reason=error.reason, another_left=left)
+            elif isinstance(action, Suspend) and action.write_snapshot:
+                # A write that committed before the suspend failed: the snapshot stays.
+                size = self.snapshots.snapshot_bytes(action.model) or None
         finally:
             self.busy.discard(action.runtime_id)
-            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left)
+            failed = TransitionFailed(action.runtime_id, action.seq, error, unusable, left, size)
             self._safe_report(failed)
 
     def _rolled_back(self, action: Load | Resume | Suspend | Drop, error: TorporError) -> None:
         """The transition failed before changing anything: the worker keeps its runtime."""
-        log.warning("transition_rolled_back", action="suspend", reason=error.reason)
+        kind = ACTION_LABELS[type(action)]
+        log.warning("transition_rolled_back", action=kind, reason=error.reason)
         self.busy.discard(action.runtime_id)
         self.snapshots.write_failed(action.model, action.runtime_id, error)
         self._safe_report(TransitionRolledBack(action.runtime_id, action.seq, error))
@@ -265,25 +260,25 @@ class Executor:
         # prefetch ends SUSPENDED_HOST inside this one call) and whether to keep a host copy.
         request = worker_pb2.WorkerLoadRequest(
             model=action.model,
-            dtype=_DTYPES[source.dtype],
+            dtype=convert.dtype_message(DType(source.dtype)),
             max_batch=source.max_batch,
             max_seq_len=source.max_seq_len,
             target=convert.state_name(action.target),
             keep_host_copy=action.keep_host_copy,
         )
-        if action.source is Tier.DISK:
-            request.source = common_pb2.TIER_DISK
-            request.snapshot_id = await self.snapshots.manifest_for(action.model)
-        else:
-            request.source = common_pb2.TIER_SOURCE
-            request.model_dir = str(source.source)
-            request.model_roots.extend(str(root) for root in self.defaults.model_roots)
-        done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
+        async with self._restoring(action) as manifest_hash:  # the store's read lock
+            if manifest_hash is not None:
+                request.source = common_pb2.TIER_DISK
+                request.snapshot_id = manifest_hash
+            else:
+                request.source = common_pb2.TIER_SOURCE
+                request.model_dir = str(source.source)
+                request.model_roots.extend(str(root) for root in self.defaults.model_roots)
+            done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
-            kind = "snapshot" if action.source is Tier.DISK else "cold"
-            self.metrics.observe_load(kind, self.restores[action.runtime_id])
+            self.metrics.observe_load(LOAD_LABELS[action.source], self.restores[action.runtime_id])
         return TransitionCompleted(
             action.runtime_id, action.seq, action.target, self._footprint(status, source)
         )
@@ -298,17 +293,28 @@ class Executor:
             target=convert.state_name(action.target),
             keep_host_copy=action.keep_host_copy,
         )
-        done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
+        async with self._restoring(action):  # the store's read lock, for a resume from DISK
+            done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
         moved = 0 if done is None else done.bytes
         seconds = time.perf_counter() - start
         self.restores[action.runtime_id] = seconds
         if self.metrics is not None:
-            self.metrics.observe_resume(_tier_name(action.source), seconds)
+            self.metrics.observe_resume(TIER_LABELS[action.source], seconds)
         if done is not None and not done.streamed:
             # A streamed resume returns while its copy still runs: its seconds are not the
             # copy's, and would make host restores look many times faster than they are.
             await self.snapshots.bandwidth(action.source, moved, seconds)
         return TransitionCompleted(action.runtime_id, action.seq, action.target)
+
+    @contextlib.asynccontextmanager
+    async def _restoring(self, action: Load | Resume) -> AsyncIterator[str | None]:
+        """A restore from DISK runs under the store's read lock on its snapshot (the manifest
+        hash is yielded); any other restore needs none (None)."""
+        if action.source is not Tier.DISK:
+            yield None
+            return
+        async with self.snapshots.restoring(action.model) as manifest_hash:
+            yield manifest_hash
 
     async def _transfer(
         self, worker: WorkerProcess, method: Any, request: Any, action: Load | Resume, loading: bool
@@ -316,7 +322,7 @@ class Executor:
         """Follow a Load or Resume stream: pass its progress on to the waiting clients and
         return its final `done` message (None if it sent none)."""
         done = None
-        what = f"{'load' if loading else 'resume'} from {_tier_name(action.source)}"
+        what = f"{'load' if loading else 'resume'} from {TIER_LABELS[action.source]}"
         async for event in self._stream(worker, method, request, what):
             if event.HasField("progress"):
                 p = event.progress
@@ -328,41 +334,48 @@ class Executor:
     async def _suspend(self, action: Suspend) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        if action.write_snapshot:
-            await self._write_snapshot(action, worker)
+        written = await self._write_snapshot(action, worker) if action.write_snapshot else None
         # The core only suspends a runtime with no calls left, or after AbortRequests (ABORT
         # mode): calls it cancelled may still be unwinding in the worker, so they are ended.
-        suspend = worker_pb2.WorkerSuspendRequest(level=_LEVELS[action.level], abort=True)
-        what = f"suspend to {_tier_name(action.level)}"
+        level = convert.tier_name(action.level)
+        suspend = worker_pb2.WorkerSuspendRequest(level=level, abort=True)
+        what = f"suspend to {TIER_LABELS[action.level]}"
         reply = await self._call(worker, worker.stub.Suspend, suspend, what)
         if self.metrics is not None:
-            self.metrics.observe_suspend(_tier_name(action.level), time.perf_counter() - start)
-        return TransitionCompleted(action.runtime_id, action.seq, _STATES.get(reply.state))
+            self.metrics.observe_suspend(TIER_LABELS[action.level], time.perf_counter() - start)
+        state = convert.runtime_state(reply.state)  # checked against the plan by the core
+        return TransitionCompleted(action.runtime_id, action.seq, state, snapshot_bytes=written)
 
-    async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> None:
-        """The worker writes the chunks, torpord records them. Nothing is unmapped yet, so a
-        store or disk without room (RESOURCE_EXHAUSTED: the worker aborted its write), or a
-        record the store refuses, leaves the runtime as it was: RuntimeUnchanged."""
-        written = False
+    async def _write_snapshot(self, action: Suspend, worker: WorkerProcess) -> int:
+        """torpord reserves the room the core counted, the worker writes the chunks within
+        it, torpord commits what the worker reports; returns the bytes the store holds for
+        the snapshot. Nothing is unmapped yet, so a store without room (STORE_FULL at the
+        reservation: no chunk is written), a disk without room (the worker aborted its
+        write), or a record the store refuses, leaves the runtime as it was:
+        RuntimeUnchanged."""
+        asked = written = False
+        reserve = action.snapshot_bytes or self.models[action.model].estimate.disk
         try:
-            async with self.snapshots.gate.writing():  # no sweep while chunks are unrecorded
-                done = None
-                request = worker_pb2.WorkerSnapshotRequest()
+            async with self.snapshots.writing(action.model, reserve) as pending:
+                asked, done = True, None
+                request = worker_pb2.WorkerSnapshotRequest(reserved_bytes=pending.reserved)
                 async for event in self._stream(worker, worker.stub.Snapshot, request, "snapshot"):
                     if event.HasField("done"):
                         done = event.done
                 if done is None:
                     raise Internal("the worker's snapshot stream ended without a result")
                 written = True
-                await self.snapshots.record(action.model, done.manifest_hash)
+                info = await pending.commit(_written_snapshot(done))
         except BaseException as exc:
-            # The worker refused for want of room, or torpord's record failed: the worker
-            # still holds its runtime as it was (unless it died meanwhile).
-            refused = isinstance(exc, ResourceExhausted) or written
+            # The reservation failed (the worker was not asked), the worker refused for want
+            # of room, or torpord's record failed: the worker still holds its runtime as it
+            # was (unless it died meanwhile).
+            refused = not asked or isinstance(exc, ResourceExhausted) or written
             if isinstance(exc, TorporError) and refused and not worker.exited.is_set():
                 raise RuntimeUnchanged(exc) from exc  # its report sweeps the leftovers
             self.snapshots.sweep_soon()  # what the write left: removed once no write runs
             raise
+        return int(info.total_bytes)
 
     async def _drop(self, action: Drop) -> TransitionCompleted:
         await self._kill(action.runtime_id)
@@ -374,12 +387,7 @@ class Executor:
         """The event for a worker that exited, or None when the exit was expected or a
         running transition will report it."""
         rid = worker.runtime_id
-        self._cancel_calls(
-            rid,
-            Unavailable(
-                f"the worker of {worker.spec.model} exited during the request", reason="WORKER_DIED"
-            ),
-        )
+        self.calls.worker_exited(rid, worker.spec.model)
         if worker.stopping or rid in self.busy:
             return None
         if self.metrics is not None:
@@ -462,10 +470,12 @@ class RuntimeUnchanged(Exception):
         self.error = error
 
 
-def _tier_name(tier: Tier) -> str:
-    return {Tier.GPU: "resident", Tier.HOST: "host", Tier.DEEP: "deep", Tier.DISK: "disk"}.get(
-        tier, "cold"
-    )
+def _written_snapshot(done: Any) -> WrittenSnapshot:
+    """What a worker's WorkerSnapshotResponse.Done says it wrote."""
+    chunks = tuple(ChunkRef(c.hash, c.size) for c in done.chunk_refs)
+    if not chunks or chunks[0].hash != done.manifest_hash or not done.fingerprint:
+        raise Internal("the worker's snapshot reply lacks its manifest, chunks or fingerprint")
+    return WrittenSnapshot(done.manifest_hash, done.fingerprint, chunks)
 
 
 def _cancelling() -> bool:

@@ -154,7 +154,22 @@ def estimate(
         graph_pool=graph_pool_bytes if cuda else 0,
         context=CUDA_CONTEXT if cuda else 0,
         residue=CUDA_RESIDUE if cuda else 0,
+        snapshot=snapshot_estimate(ckpt, weights, len(shapes)),
     )
+
+
+def snapshot_estimate(ckpt: CheckpointDir, weights: int, tensors: int) -> int:
+    """An upper bound of the chunk-store bytes of a snapshot: the weights, the small files
+    it stores (config, tokenizer) and its manifest (a line per tensor and per 64 MiB piece,
+    layouts and the config's summary). torpord reserves this before the worker writes, and
+    the worker writes no more."""
+    files = 0
+    for name in SMALL_FILES:
+        path = ckpt.resolve(name)
+        if path is not None and path.is_file():
+            files += path.stat().st_size
+    manifest = 16 * 1024 + 512 * tensors + 128 * (weights // (64 << 20) + 1)
+    return weights + files + manifest
 
 
 _CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -3,8 +3,9 @@ life (issue 12, "One daemon per host").
 
 Two torpords on one state directory would serve one catalog and one chunk store; two on one
 runtime directory would stop each other's workers and take each other's sockets. So
-`Daemon.start` takes both locks before it touches anything else, and a second daemon is
-refused with the running one's pid, which the holder writes into the lock file.
+torpord's start-up (`Daemon._start`) takes both locks before it touches anything else, and a
+second daemon is refused with the running one's pid, which the holder writes into the lock
+file.
 
 `flock` rather than a pid file: the kernel drops the lock when its holder exits, however it
 exits (kill -9 included), so a crash never leaves a stale lock behind, and nothing has to

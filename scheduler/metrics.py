@@ -7,7 +7,7 @@ is an error rather than a new series. `serve()` exposes /metrics on loopback onl
 endpoint has no authentication.
 
 Names carry the torpor_ prefix and their unit (`_bytes`, `_seconds`, `_total`); label values
-are lower case (tier "host", state "suspended_host").
+are lower case (tier "host", state "suspended_host"), the names of `labels.py`'s tables.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from prometheus_client import (
 )
 
 from torpor.errors import FailedPrecondition, Internal, InvalidArgument
+from torpor.scheduler import labels
+from torpor.scheduler.core import Tier
 from torpor.scheduler.inventory import GpuInfo
 
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -37,30 +39,20 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60
 WAIT_BUCKETS = (0.001, 0.005, *DURATION_BUCKETS)
 """Seconds in a queue: most requests for a resident model wait about nothing."""
 
-BYTE_TIERS = ("gpu", "host", "disk")
-SUSPEND_TIERS = ("host", "deep", "disk")
-RESUME_TIERS = ("host", "deep", "disk")
-LOAD_TIERS = ("cold", "snapshot")  # from the source checkpoint, or a snapshot by a new worker
-HIT_TIERS = ("resident", "host", "deep", "disk", "cold")  # a SNAPSHOT restore counts as disk
-EVICTION_TIERS = ("host", "deep", "disk", "drop")
+_T = labels.TIER_LABELS
+BYTE_TIERS = (_T[Tier.GPU], _T[Tier.HOST], _T[Tier.DISK])
+SUSPEND_TIERS = (_T[Tier.HOST], _T[Tier.DEEP], _T[Tier.DISK])
+RESUME_TIERS = SUSPEND_TIERS
+LOAD_TIERS = tuple(labels.LOAD_LABELS.values())  # from the checkpoint, or a snapshot
+HIT_TIERS = tuple(labels.HIT_LABELS.values())
+EVICTION_TIERS = (*SUSPEND_TIERS, _T[Tier.DROP])
 EVICTION_REASONS = ("pressure", "host_budget", "disk_budget", "idle", "admin", "drain", "shutdown")
 """pressure: room for another runtime on its GPU; host_budget / disk_budget: paged further
 down to keep a budget; idle: keep-alive over; admin: the Evict RPC; drain: Drain(gpu);
 shutdown: torpord stopping."""
-CATALOG_WRITES = ("bandwidth", "events")
+CATALOG_WRITES = ("bandwidth", "events", "snapshot_touch")
 """Bookkeeping writes that never fail a transition: skipped and counted (issue 12)."""
-RUNTIME_STATES = (
-    "resident",
-    "suspended_host",
-    "suspended_deep",
-    "suspended_disk",
-    "snapshot",
-    "cold",
-    "loading",
-    "suspending",
-    "resuming",
-    "failed",
-)
+RUNTIME_STATES = tuple(labels.STATE_LABELS.values())
 
 
 def _label(name: str, value: str, allowed: tuple[str, ...]) -> str:

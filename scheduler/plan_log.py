@@ -5,27 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from torpor.scheduler.core import EndLease, Grant, LeaseEnd, Plan, SchedulerState, Suspend, Tier
+from torpor.scheduler.core import EndLease, Grant, Plan, SchedulerState, Suspend
+from torpor.scheduler.labels import HIT_LABELS, LEASE_END_EVENTS, STATE_LABELS, TIER_LABELS
 from torpor.scheduler.residency import accounted_gpu_bytes
 
 if TYPE_CHECKING:
-    from torpor.scheduler.daemon import Daemon
-
-_HITS = {
-    Tier.GPU: "resident",
-    Tier.HOST: "host",
-    Tier.DEEP: "deep",
-    Tier.DISK: "disk",
-    Tier.SOURCE: "cold",
-}
-_ENDS = {LeaseEnd.EXPIRED: "lease_expired"}
+    from torpor.scheduler.events import EventLog
+    from torpor.scheduler.metrics import Metrics
 
 
-def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: Plan) -> None:
+def record_plan(
+    events: EventLog, metrics: Metrics, before: SchedulerState, state: SchedulerState, plan: Plan
+) -> None:
     """Audit events and metrics for one step (`before` knows the leases that just ended)."""
-    events = getattr(d, "events", None)
-    if events is None:
-        return
     for t in plan.transitions:
         runtime = state.runtimes.get(t.runtime_id)
         events.append(
@@ -33,8 +25,8 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
             model=t.model,
             runtime=t.runtime_id,
             gpu=runtime.gpu if runtime else None,
-            frm=t.frm.name.lower(),
-            to=t.to.name.lower(),
+            frm=STATE_LABELS[t.frm],
+            to=STATE_LABELS[t.to],
             why=t.why or None,
         )
     for action in plan.actions:
@@ -45,14 +37,14 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
                 runtime=action.runtime_id,
                 gpu=action.gpu,
                 lease=action.lease_id,
-                restored_from=action.restored_from.name.lower(),
+                restored_from=TIER_LABELS[action.restored_from],
             )
-            d.metrics.hit(_HITS.get(action.restored_from, "cold"))
+            metrics.hit(HIT_LABELS[action.restored_from])
         elif isinstance(action, EndLease):
             lease = before.leases.get(action.lease_id)
             runtime = before.runtimes.get(lease.runtime_id) if lease is not None else None
             events.append(
-                _ENDS.get(action.why, "lease_released"),
+                LEASE_END_EVENTS[action.why],
                 model=lease.model if lease else None,
                 runtime=lease.runtime_id if lease else None,
                 gpu=runtime.gpu if runtime else None,
@@ -64,17 +56,16 @@ def record_plan(d: Daemon, before: SchedulerState, state: SchedulerState, plan: 
                 "eviction",
                 model=action.model,
                 runtime=action.runtime_id,
-                to=action.level.name.lower(),
+                to=TIER_LABELS[action.level],
                 snapshot=action.write_snapshot,
             )
-            d.metrics.eviction("pressure", action.level.name.lower())
-    _metrics(d, state)
+            metrics.eviction("pressure", TIER_LABELS[action.level])
+    _metrics(metrics, state)
 
 
-def _metrics(d: Daemon, state: SchedulerState) -> None:
-    m = d.metrics
-    m.set_runtime_states(Counter(r.state.name.lower() for r in state.runtimes.values()))
-    for gpu, used in accounted_gpu_bytes(d).items():
+def _metrics(m: Metrics, state: SchedulerState) -> None:
+    m.set_runtime_states(Counter(STATE_LABELS[r.state] for r in state.runtimes.values()))
+    for gpu, used in accounted_gpu_bytes(state).items():
         m.set_tier_bytes(gpu, "gpu", used)
     m.set_leases(len(state.leases))
     for model, waiters in state.queues.items():

@@ -1,6 +1,15 @@
-"""The store's side of the daemon: snapshots recorded and found again, corrupt ones
-forgotten, transfer bandwidths measured into the catalog (the policy's restore costs), and
-the running sweep of what failed or killed snapshot writes leave behind.
+"""The store's side of the daemon: snapshots reserved, recorded and found again, restores
+read under the store's read lock, corrupt ones forgotten, transfer bandwidths measured into
+the catalog (the policy's restore costs), and the running sweep of what failed or killed
+snapshot writes leave behind.
+
+The disk budget has one owner, the policy core (docs/POLICY.md, "The disk budget"). The
+snapshots it counts are the ones this recorder tracks: each model's current snapshot
+(`latest`), which restores read. The recorder holds them in the store (`SnapshotStore.hold`),
+so the store's LRU eviction never takes one; it deletes a model's superseded snapshots when a
+new one is recorded; and it measures what the store holds beyond them (`bytes_outside`:
+snapshots nobody restores from, leftovers of failed writes) for the core's ledger
+(`on_outside`, sent as DiskOutsideMeasured).
 
 Bookkeeping writes (bandwidth samples) never fail a transition: a full catalog disk only
 costs the sample (logged and counted, issue 12).
@@ -13,33 +22,25 @@ import contextlib
 import dataclasses
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, TypeVar
 
-from torpor.errors import TorporError
+from torpor.errors import FailedPrecondition, TorporError
 from torpor.log import get_logger
+from torpor.scheduler import convert
 from torpor.scheduler import snapshots as snaps
 from torpor.scheduler.core import Costs, Tier
 from torpor.scheduler.metrics import Metrics
 from torpor.store.catalog import Catalog
 from torpor.store.records import SnapshotInfo
-from torpor.store.schema import BandwidthTier
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.writer import SnapshotWriter
 
 log = get_logger("recorder")
 
-# A deep resume's copy goes through staging buffers (its host copy was unlocked), a path of
-# its own: folding it into HOST_TO_GPU would make every host restore look slower.
-_BANDWIDTH = {
-    Tier.HOST: BandwidthTier.HOST_TO_GPU,
-    Tier.DISK: BandwidthTier.DISK_READ,
-}
+T = TypeVar("T")
+
 _HASH = re.compile(r"[0-9a-f]{32}")  # a chunk's name (store.chunks.check_hash)
-_COST_FIELD = {
-    BandwidthTier.HOST_TO_GPU: "host_to_gpu",
-    BandwidthTier.DISK_READ: "disk_read",
-    BandwidthTier.GPU_TO_HOST: "gpu_to_host",
-    BandwidthTier.DISK_WRITE: "disk_write",
-}
 
 
 class WriteGate:
@@ -92,41 +93,140 @@ class Recorder:
         self.on_costs = on_costs
         self.metrics = metrics
         self.host = socket.gethostname()
-        self.latest: dict[str, str] = {}  # model -> snapshot id
+        self.latest: dict[str, str] = {}  # model -> its current snapshot (held)
+        self.infos: dict[str, SnapshotInfo] = {}  # model -> what the store said of it
         self.refused: set[str] = set()  # snapshots that failed a restore: never offered again
         self.on_recorded: Callable[[SnapshotInfo], None] | None = None
         self.on_write_failed: Callable[[str, str, TorporError], None] | None = None
         """(model, runtime id, error): a snapshot write failed and the runtime stayed."""
+        self.on_outside: Callable[[int], object] | None = None
+        """The store's bytes beyond the tracked snapshots (DiskOutsideMeasured to the core)."""
+        self.tracked_models: Callable[[], Collection[str]] = lambda: self.latest.keys()
+        """The models whose current snapshot the policy counts (the daemon's registered)."""
         self.gate = WriteGate()
+        self._outside_sent: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def known_snapshots(self) -> dict[str, str]:
-        """At start-up (blocking): the newest complete snapshot of every model."""
+    def known_snapshots(self) -> dict[str, SnapshotInfo]:
+        """At start-up (blocking): the newest complete snapshot of every model, each held
+        from the store's eviction from now on."""
         for info in self.store.list():
-            self.latest.setdefault(info.model, info.id)
-        return dict(self.latest)
+            if info.model not in self.latest:
+                self.latest[info.model] = info.id
+                self.store.hold(info.id)
+                self.infos[info.model] = info
+        return dict(self.infos)
 
     def costs(self, base: Costs) -> Costs:
         """`base` with every bandwidth this host has measured before (blocking)."""
         measured = {
-            _COST_FIELD[b.tier]: b.bytes_per_s for b in self.catalog.list_bandwidths(self.host)
+            convert.COST_FIELDS[b.tier]: b.bytes_per_s
+            for b in self.catalog.list_bandwidths(self.host)
         }
         return dataclasses.replace(base, **measured)
 
-    async def record(self, model: str, manifest_hash: str) -> None:
-        info = await asyncio.to_thread(snaps.record_snapshot, self.store, model, manifest_hash)
+    # -- writing: reserve first, then the worker writes, then commit ------------------------
+
+    @contextlib.asynccontextmanager
+    async def writing(self, model: str, reserve_bytes: int) -> AsyncIterator[PendingSnapshot]:
+        """Reserve `reserve_bytes` in the store for a snapshot of `model` before any chunk of
+        it is written (STORE_FULL, nothing written, when they cannot fit), and hold off the
+        sweep until it is committed or given up. Leaving without `commit` aborts the record;
+        chunks the worker wrote are then swept (`write_failed`)."""
+        async with self.gate.writing():  # no sweep while chunks are unrecorded
+            writer = await _to_the_end(
+                snaps.begin, (self.store, model, reserve_bytes), undo=lambda w: w.abort()
+            )
+            pending = PendingSnapshot(self, model, writer, reserve_bytes)
+            try:
+                yield pending
+            finally:
+                if not pending.committed:
+                    await _to_the_end(writer.abort, ())
+
+    async def _recorded(self, model: str, info: SnapshotInfo) -> None:
+        """A new snapshot of `model` is its current one: held; the ones it supersedes go."""
+        old = self.latest.get(model)
         self.latest[model] = info.id
+        self.infos[model] = info
+        self.store.hold(info.id)
+        if old is not None and old != info.id:
+            self.store.release(old)
         log.info("snapshot_recorded", model=model, snapshot=info.id, bytes=info.total_bytes)
         if self.on_recorded is not None:
             self.on_recorded(info)
+        await self._delete_superseded(model, info.id)
+        await self.measure_outside()
 
-    async def manifest_for(self, model: str) -> str:
+    async def _delete_superseded(self, model: str, current: str) -> None:
+        """Delete the model's other snapshots: no restore reads them again. One being read
+        (an operator's tool) or pinned stays, outside the runtimes' count."""
+        try:
+            others = await asyncio.to_thread(self.store.list, model, include_corrupt=True)
+        except Exception as exc:
+            log.warning("superseded_not_listed", model=model, error=repr(exc))
+            return
+        for info in others:
+            if info.id == current or info.pinned:
+                continue
+            self.store.release(info.id)
+            try:
+                await asyncio.to_thread(self.store.delete, info.id)
+            except Exception as exc:  # the new snapshot is recorded: this never fails it
+                log.warning("superseded_not_deleted", snapshot=info.id, error=repr(exc))
+            else:
+                log.info("snapshot_superseded", model=model, snapshot=info.id)
+
+    # -- restoring: under the store's read lock ----------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def restoring(self, model: str) -> AsyncIterator[str]:
+        """Hold the store's read lock on the model's current snapshot for a whole restore
+        (a Load from it, or a Resume from DISK), and record the use (LRU order follows use).
+        Yields the manifest hash a worker loads it by. While held, the store's eviction skips
+        the snapshot and `delete` refuses it (SNAPSHOT_IN_USE)."""
         snapshot_id = self.latest.get(model)
         if snapshot_id is None:
-            from torpor.errors import FailedPrecondition
-
             raise FailedPrecondition(f"model {model!r} has no snapshot", reason="NO_SNAPSHOT")
-        return await asyncio.to_thread(snaps.manifest_hash_of, self.store, snapshot_id)
+        stack = contextlib.ExitStack()
+        manifest_hash = await asyncio.to_thread(self._open_for_restore, stack, snapshot_id)
+        try:
+            yield manifest_hash
+        finally:
+            await asyncio.to_thread(stack.close)
+
+    def _open_for_restore(self, stack: contextlib.ExitStack, snapshot_id: str) -> str:
+        contents = stack.enter_context(self.store.reading(snapshot_id))
+        try:
+            self.store.touch(snapshot_id)
+        except TorporError as err:  # a use not recorded never fails the restore
+            log.warning("snapshot_touch_failed", snapshot=snapshot_id, error=str(err))
+            if self.metrics is not None:
+                self.metrics.catalog_write_failed("snapshot_touch")
+        return snaps.manifest_hash(contents.manifest)
+
+    # -- what the policy counts ---------------------------------------------------------------
+
+    async def measure_outside(self) -> None:
+        """Measure the store's bytes beyond the tracked snapshots of the models the policy
+        knows (`tracked_models`), and tell it (`on_outside`). Never raises."""
+        if self.on_outside is None:
+            return
+        models = self.tracked_models()
+        tracked = [sid for model, sid in self.latest.items() if model in models]
+        try:
+            outside = await asyncio.to_thread(self.store.bytes_outside, tracked)
+        except Exception as exc:
+            log.warning("store_not_measured", error=repr(exc))
+            return
+        if outside != self._outside_sent:  # a step of the core only when it changed
+            self._outside_sent = outside
+            self.on_outside(outside)
+
+    def snapshot_bytes(self, model: str) -> int:
+        """Bytes the store holds for the model's current snapshot (0: none known)."""
+        info = self.infos.get(model)
+        return info.total_bytes if info is not None and info.id == self.latest.get(model) else 0
 
     async def forget(self, model: str, error: TorporError) -> bool:
         """A snapshot that failed to restore is not offered again: marked corrupt when its
@@ -134,7 +234,9 @@ class Recorder:
         weights writes a good copy instead of sharing the bad one). True when another
         complete snapshot of the model is left; it becomes the one restores read."""
         snapshot_id = self.latest.pop(model, None)
+        self.infos.pop(model, None)
         if snapshot_id is not None:
+            self.store.release(snapshot_id)
             self.refused.add(snapshot_id)
             if error.reason in ("CHUNK_CORRUPT", "CHUNK_MISSING"):
                 await self._mark_corrupt(snapshot_id, error)
@@ -146,7 +248,11 @@ class Recorder:
         for info in others:
             if info.id not in self.refused:
                 self.latest[model] = info.id
+                self.infos[model] = info
+                self.store.hold(info.id)
+                await self.measure_outside()
                 return True
+        await self.measure_outside()
         return False
 
     async def _mark_corrupt(self, snapshot_id: str, error: TorporError) -> None:
@@ -159,7 +265,7 @@ class Recorder:
 
     async def bandwidth(self, tier: Tier, nbytes: int, seconds: float) -> None:
         """Fold a measured restore into the catalog, and the policy's costs."""
-        which = _BANDWIDTH.get(tier)
+        which = convert.BANDWIDTH_TIERS[tier]
         if which is None or nbytes <= 0 or seconds <= 0:
             return
         try:
@@ -171,7 +277,7 @@ class Recorder:
             if self.metrics is not None:
                 self.metrics.catalog_write_failed("bandwidth")
             return
-        field = _COST_FIELD[which]
+        field = convert.COST_FIELDS[which]
         self.on_costs(dataclasses.replace(self.current_costs(), **{field: measured.bytes_per_s}))
 
     # -- failed writes and the running sweep ------------------------------------------------
@@ -209,6 +315,7 @@ class Recorder:
             return
         if self.metrics is not None:
             self.metrics.store_swept(report.temp_files_removed + report.orphan_files_removed)
+        await self.measure_outside()
 
     def start_sweeping(self, interval_s: float) -> None:
         """Sweep every `interval_s` seconds until `close` (0: never)."""
@@ -228,3 +335,54 @@ class Recorder:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+
+
+class PendingSnapshot:
+    """A snapshot whose room is reserved and whose chunks a worker is writing."""
+
+    def __init__(
+        self, recorder: Recorder, model: str, writer: SnapshotWriter, reserved: int
+    ) -> None:
+        self.recorder = recorder
+        self.model = model
+        self.writer = writer
+        self.reserved = reserved
+        """Bytes reserved: the worker writes no more new bytes than these."""
+        self.committed = False
+
+    def _committed(self, info: SnapshotInfo) -> None:
+        self.committed = True  # even when the caller was cancelled meanwhile
+
+    async def commit(self, written: snaps.WrittenSnapshot) -> SnapshotInfo:
+        """Record what the worker wrote; the snapshot becomes the model's current one."""
+        info = await _to_the_end(snaps.commit, (self.writer, written), done=self._committed)
+        self.committed = True
+        await self.recorder._recorded(self.model, info)
+        return info
+
+
+async def _to_the_end(
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    *,
+    undo: Callable[[T], object] | None = None,
+    done: Callable[[T], object] | None = None,
+) -> T:
+    """`fn(*args)` in a thread, which a cancellation of the caller never leaves running
+    behind its back: the caller waits for it to end, then `done(result)` runs (or, when the
+    caller was cancelled, `undo(result)`, in a thread) before the cancellation goes on. A
+    reservation is never left held, nor a commit raced by its abort."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            if done is not None:
+                done(task.result())
+            if undo is not None:
+                await asyncio.wait([asyncio.ensure_future(asyncio.to_thread(undo, task.result()))])
+        raise
+    if done is not None:
+        done(result)
+    return result

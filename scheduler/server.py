@@ -31,7 +31,6 @@ from torpor.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_gr
 
 if TYPE_CHECKING:
     from torpor.scheduler.config import DaemonSection
-    from torpor.scheduler.daemon import Daemon
 
 SERVICES = (
     scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
@@ -40,11 +39,15 @@ SERVICES = (
 
 
 class Server:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """The endpoints of `config` (daemon.socket, daemon.listen), serving both services."""
+
+    def __init__(
+        self, config: DaemonSection, scheduler: SchedulerService, admin: AdminService
+    ) -> None:
+        self.config = config
         self.health = health.aio.HealthServicer()
-        self._scheduler = SchedulerService(daemon)
-        self._admin = AdminService(daemon)
+        self._scheduler = scheduler
+        self._admin = admin
         self.server = self._build(())
         self.tcp: grpc.aio.Server | None = None
 
@@ -60,7 +63,7 @@ class Server:
         return server
 
     async def start(self) -> None:
-        cfg = self.daemon.config.daemon
+        cfg = self.config
         if cfg.listen:
             self.tcp = self._tcp_server(cfg)  # its files are read before the socket appears
         socket = Path(cfg.socket)
@@ -81,20 +84,28 @@ class Server:
             assert cfg.tokens_file is not None  # DaemonSection._check_tcp
             interceptors.append(TokenInterceptor(Tokens(load_tokens(cfg.tokens_file))))
         server = self._build(interceptors)
-        if cfg.tls_cert is not None and cfg.tls_key is not None:
-            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-            port = server.add_secure_port(cfg.listen, creds)
-        else:
-            port = server.add_insecure_port(cfg.listen)
+        try:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                port = server.add_secure_port(cfg.listen, creds)
+            else:
+                port = server.add_insecure_port(cfg.listen)
+        except RuntimeError:  # what grpc raises for an address in use (older ones return 0)
+            port = 0
         if port == 0:
-            raise FailedPrecondition(f"cannot listen on {cfg.listen}", reason="LISTEN_FAILED")
+            raise FailedPrecondition(
+                f"cannot listen on {cfg.listen}: the address is in use or not this host's; "
+                "choose another daemon.listen (--listen)",
+                reason="LISTEN_FAILED",
+                metadata={"field": "daemon.listen", "value": cfg.listen},
+            )
         return server
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         servers = [self.server] if self.tcp is None else [self.server, self.tcp]
         await asyncio.gather(*(server.stop(grace) for server in servers))
-        remove_stale_socket(Path(self.daemon.config.daemon.socket))
+        remove_stale_socket(Path(self.config.socket))
 
 
 def check_socket_path(socket: Path) -> None:

@@ -1,59 +1,52 @@
-"""Snapshots as torpord sees them: a worker writes the chunks and a manifest chunk; torpord
-records the snapshot in the catalog so it outlives the worker and the daemon.
+"""Snapshots as torpord sees them: torpord reserves the room, a worker writes the chunks and
+its manifest chunk, and torpord commits what the worker reports into the catalog, so that the
+snapshot outlives the worker and the daemon.
 
-The manifest is the pager's (torpor.worker.pager.manifest); torpord reads only what it needs
-from its JSON (the fingerprint and the chunk list), so it never imports the worker.
+The manifest's schema is shared (`torpor.store.snapshot_manifest`); torpord never reads the
+manifest back: the worker's reply names the fingerprint and every chunk
+(`WorkerSnapshotResponse.Done`), and the catalog keeps the manifest's hash, which is what a
+worker loads the snapshot by.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from torpor.errors import DataLoss
-from torpor.store.chunks import ChunkRef, ChunkStore
+from torpor.store.chunks import ChunkRef
 from torpor.store.records import SnapshotInfo
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.writer import SnapshotWriter
 
 
-def read_manifest(chunks: ChunkStore, manifest_hash: str) -> dict[str, Any]:
-    """The manifest JSON stored as chunk `manifest_hash` (verified)."""
-    path = chunks.path(manifest_hash)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise DataLoss(
-            f"snapshot manifest {manifest_hash} is missing", reason="CHUNK_MISSING"
-        ) from exc
-    return dict(json.loads(chunks.read(ChunkRef(manifest_hash, size))))
+@dataclass(frozen=True, slots=True)
+class WrittenSnapshot:
+    """What a worker wrote for a snapshot (from its Snapshot reply)."""
+
+    manifest_hash: str
+    fingerprint: str
+    chunks: tuple[ChunkRef, ...]
+    """Every chunk, the manifest first: all already durable in the chunk store."""
 
 
-def manifest_chunks(manifest: dict[str, Any]) -> list[ChunkRef]:
-    """Every chunk a manifest references: the model files, then the weights in order."""
-    refs = [ChunkRef(h, int(n)) for h, n in manifest["files"].values()]
-    refs += [ChunkRef(h, int(n)) for _, h, n in manifest["pieces"]]
-    return refs
+def begin(store: SnapshotStore, model: str, reserve_bytes: int) -> SnapshotWriter:
+    """Reserve room for a snapshot of `model` before any of its chunks is written (blocking:
+    run it in a thread). STORE_FULL, with nothing changed, when it cannot fit."""
+    return store.begin(model, None, reserve_bytes=reserve_bytes)
 
 
-def record_snapshot(store: SnapshotStore, model: str, manifest_hash: str) -> SnapshotInfo:
-    """Put a snapshot a worker wrote into the catalog (blocking: run it in a thread).
+def commit(writer: SnapshotWriter, written: WrittenSnapshot) -> SnapshotInfo:
+    """Reference the chunks the worker wrote and make the snapshot visible (blocking).
 
-    The manifest chunk itself is the snapshot's first chunk, so `reading()` finds it and the
-    garbage collector keeps it."""
-    manifest = read_manifest(store.chunks, manifest_hash)
-    refs = [ChunkRef(manifest_hash, store.chunks.path(manifest_hash).stat().st_size)]
-    refs += manifest_chunks(manifest)
-    # Only chunks the catalog does not know yet need room (the rest are shared).
-    reserve = store.new_bytes(refs)
-    with store.begin(model, str(manifest["fingerprint"]), reserve_bytes=reserve) as writer:
-        for ref in refs:
-            writer.add_stored(ref)
-        return writer.commit(
-            {"manifest_hash": manifest_hash, "fingerprint": manifest["fingerprint"]}
-        )
+    The manifest chunk is the snapshot's first chunk, so `reading()` finds it and the garbage
+    collector keeps it."""
+    for ref in written.chunks:
+        writer.add_stored(ref)
+    document = {"manifest_hash": written.manifest_hash, "fingerprint": written.fingerprint}
+    return writer.commit(document, fingerprint=written.fingerprint)
 
 
-def manifest_hash_of(store: SnapshotStore, snapshot_id: str) -> str:
-    """The manifest chunk of a recorded snapshot (what a worker loads it by)."""
-    with store.reading(snapshot_id) as contents:
-        return str(contents.manifest["manifest_hash"])
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """The manifest chunk named by a recorded snapshot's catalog document."""
+    return str(manifest["manifest_hash"])

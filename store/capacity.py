@@ -72,7 +72,7 @@ def reserve(store: SnapshotStore, need: int, apply: Callable[[Session], None]) -
     in the same transaction. Returns what eviction freed.
 
     Raises ResourceExhausted (reason STORE_FULL) and changes nothing if the bytes cannot
-    fit even after evicting every unpinned, unread snapshot.
+    fit even after evicting every unpinned, unheld, unread snapshot.
     """
     collect_garbage(store)  # zero-reference chunks are free space already
     with store.locks.exclusive():
@@ -115,9 +115,12 @@ def _plan(store: SnapshotStore, s: Session, need: int) -> _Plan:
     victims: list[SnapshotRow] = []
     claims: list[DeleteClaim] = []
     freed = 0
+    held = store.held()
     for row in rows.eviction_candidates(s, store.store_id):
         if need <= current.free_bytes + freed:
             break
+        if row.id in held:
+            continue  # torpord counts it and restores from it: only it may delete it
         claim = store.locks.try_claim_for_delete(row.id)
         if claim is None:
             continue  # being read by a restore: never pulled from under it
@@ -132,7 +135,7 @@ def _plan(store: SnapshotStore, s: Session, need: int) -> _Plan:
             claim.release(remove=False)
         raise ResourceExhausted(
             f"snapshot store is full: {need} bytes needed, {current.free_bytes} free of "
-            f"{current.capacity_bytes}; evicting every unpinned snapshot would free only "
+            f"{current.capacity_bytes}; evicting every unpinned, unheld snapshot would free only "
             f"{freed} more",
             reason="STORE_FULL",
             metadata={

@@ -121,3 +121,21 @@ def check_source_path(source: str | os.PathLike[str], roots: Iterable[Path]) -> 
             metadata={"source": text, "resolved": resolved, "roots": resolved_roots},
         )
     return resolved
+
+
+MAX_FINGERPRINT_LEN = 512
+
+
+def check_fingerprint(fingerprint: str) -> str:
+    """A snapshot's environment fingerprint (1-512 printable characters), or InvalidArgument."""
+    if (
+        not isinstance(fingerprint, str)
+        or not 0 < len(fingerprint) <= MAX_FINGERPRINT_LEN
+        or not fingerprint.isprintable()
+    ):
+        raise InvalidArgument(
+            f"an environment fingerprint is 1-{MAX_FINGERPRINT_LEN} printable characters, "
+            f"got {fingerprint!r:.80}",
+            reason="INVALID_FINGERPRINT",
+        )
+    return fingerprint

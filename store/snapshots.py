@@ -9,10 +9,11 @@ snapshot while it is read. A chunk that fails its hash marks its snapshot CORRUP
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from torpor.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -23,7 +24,7 @@ from torpor.store.catalog import Catalog
 from torpor.store.chunks import ChunkRef, ChunkStore, check_hash
 from torpor.store.config import SnapshotStoreConfig
 from torpor.store.locks import StoreLocks, check_snapshot_id
-from torpor.store.names import validate_model_name
+from torpor.store.names import check_fingerprint, validate_model_name
 from torpor.store.records import (
     GcReport,
     ScrubReport,
@@ -36,8 +37,6 @@ from torpor.store.schema import ChunkRow, EventRow, ModelRow, SnapshotRow, Snaps
 from torpor.store.writer import SnapshotWriter
 
 log = get_logger("store.snapshots")
-
-MAX_FINGERPRINT_LEN = 512
 
 
 class SnapshotStore:
@@ -52,6 +51,8 @@ class SnapshotStore:
         self.untracked_bytes = 0
         """Temp and orphan chunk files the last scrub or sweep found and left (they count
         against the budget: `capacity.usage`)."""
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -65,15 +66,18 @@ class SnapshotStore:
 
     # Writing ----------------------------------------------------------------------------
 
-    def begin(self, model: str, fingerprint: str, *, reserve_bytes: int) -> SnapshotWriter:
+    def begin(self, model: str, fingerprint: str | None, *, reserve_bytes: int) -> SnapshotWriter:
         """Start a snapshot of `model`, reserving room for `reserve_bytes` of new chunks.
 
         Evicts LRU snapshots if needed; raises ResourceExhausted (STORE_FULL) with the store
-        unchanged when the reservation cannot fit. Pass `new_bytes(refs)` as the
-        reservation when the chunks were hashed ahead, or the full size when not.
+        unchanged when the reservation cannot fit. The reservation is an upper bound of
+        the new bytes (the full size, unless the caller knows what dedups).
+        `fingerprint` may be None when it is known only once the bytes are written (torpord
+        reserves before its worker writes): `commit` then gives it.
         """
         validate_model_name(model)
-        _check_fingerprint(fingerprint)
+        if fingerprint is not None:
+            check_fingerprint(fingerprint)
         if not isinstance(reserve_bytes, int) or reserve_bytes < 0:
             raise InvalidArgument(
                 f"reserve_bytes must be a byte count >= 0, got {reserve_bytes!r}",
@@ -91,7 +95,7 @@ class SnapshotStore:
                     id=snapshot_id,
                     store_id=self.store_id,
                     model_name=model,
-                    fingerprint=fingerprint,
+                    fingerprint=fingerprint or "",  # readers never see WRITING rows
                     state=SnapshotState.WRITING,
                     total_bytes=0,
                     reserved_bytes=reserve_bytes,
@@ -110,18 +114,45 @@ class SnapshotStore:
         log.info("snapshot_begun", snapshot=snapshot_id, model=model, reserve_bytes=reserve_bytes)
         return SnapshotWriter(self, snapshot_id, model, reserve_bytes, lock)
 
-    def new_bytes(self, refs: Iterable[ChunkRef]) -> int:
-        """Bytes of `refs` this store does not hold yet (each distinct chunk once)."""
-        unique = {r.hash: r.size for r in refs}
-        with self.catalog.session(write=False) as s:
-            return sum(
-                size for h, size in unique.items() if not rows.chunk_exists(s, self.store_id, h)
-            )
-
     def usage(self) -> StoreUsage:
         """Bytes used and reserved against the budget."""
         with self.catalog.session(write=False) as s:
             return capacity.usage(self, s)
+
+    # The snapshots torpord's policy counts --------------------------------------------------
+
+    def hold(self, snapshot_id: str) -> None:
+        """Keep a snapshot out of the LRU eviction of `begin` (not out of `delete`): torpord
+        holds each registered model's current snapshot, whose bytes its policy counts and
+        restores from. Held in this process only; an operator's pin is `pinned`."""
+        check_snapshot_id(snapshot_id)
+        with self._held_lock:
+            self._held.add(snapshot_id)
+
+    def release(self, snapshot_id: str) -> None:
+        """Undo `hold` (idempotent)."""
+        with self._held_lock:
+            self._held.discard(snapshot_id)
+
+    def held(self) -> frozenset[str]:
+        """The snapshots held now."""
+        with self._held_lock:
+            return frozenset(self._held)
+
+    def bytes_outside(self, tracked: Iterable[str]) -> int:
+        """Bytes on disk that no snapshot in `tracked` accounts for: chunks only other
+        snapshots reference (a chunk shared with a tracked one counts there), and the temp
+        and orphan files the last sweep left. What torpord's policy adds to its own count of
+        the tracked snapshots to cover the whole store. Reservations are not in it: the only
+        writer is torpord, whose policy counts each write it starts."""
+        ids = set(tracked)
+        with self.catalog.session(write=False) as s:
+            table = rows.chunk_table(s, self.store_id)
+            covered: set[str] = set()
+            for snapshot_id in ids:
+                covered.update(ref.hash for ref in rows.snapshot_chunks(s, snapshot_id))
+        outside = sum(row.size for digest, row in table.items() if digest not in covered)
+        return outside + self.untracked_bytes
 
     # Reading ----------------------------------------------------------------------------
 
@@ -148,13 +179,6 @@ class SnapshotStore:
         with self.catalog.session(write=False) as s:
             return tuple(rows.snapshot_info(r) for r in s.scalars(query))
 
-    def latest(self, model: str, fingerprint: str) -> SnapshotInfo | None:
-        """The newest complete local snapshot of `model` taken in environment `fingerprint`."""
-        for info in self.list(model):
-            if info.fingerprint == fingerprint:
-                return info
-        return None
-
     @contextlib.contextmanager
     def reading(self, snapshot_id: str) -> Iterator[SnapshotContents]:
         """Read a complete local snapshot: its manifest and chunks, safe from eviction.
@@ -173,14 +197,6 @@ class SnapshotStore:
                 )
             yield contents
 
-    def read_chunk(self, snapshot_id: str, ref: ChunkRef) -> bytes:
-        """One verified chunk of a snapshot; a failed check marks the snapshot corrupt."""
-        try:
-            return self.chunks.read(ref)
-        except DataLoss as exc:
-            self.mark_corrupt(snapshot_id, exc.metadata.get("problem", str(exc)), ref.hash)
-            raise
-
     def read_chunk_into(self, snapshot_id: str, ref: ChunkRef, buf: memoryview) -> None:
         """`read_chunk` into a caller's buffer (exactly `ref.size` bytes)."""
         try:
@@ -189,12 +205,6 @@ class SnapshotStore:
             self.mark_corrupt(snapshot_id, exc.metadata.get("problem", str(exc)), ref.hash)
             raise
 
-    def read_all(self, snapshot_id: str) -> Iterator[bytes]:
-        """Every chunk of a snapshot in order, verified (tests, tools; the pager streams)."""
-        with self.reading(snapshot_id) as contents:
-            for ref in contents.chunks:
-                yield self.read_chunk(snapshot_id, ref)
-
     # Bookkeeping -----------------------------------------------------------------------
 
     def touch(self, snapshot_id: str) -> None:
@@ -202,15 +212,6 @@ class SnapshotStore:
         check_snapshot_id(snapshot_id)
         with self.catalog.session() as s:
             rows.touch(s, snapshot_id, self.catalog.clock())
-
-    def set_pinned(self, snapshot_id: str, pinned: bool) -> SnapshotInfo:
-        """Pin a snapshot (never evicted by the budget) or unpin it."""
-        check_snapshot_id(snapshot_id)
-        with self.catalog.session() as s:
-            s.execute(
-                update(SnapshotRow).where(SnapshotRow.id == snapshot_id).values(pinned=pinned)
-            )
-            return rows.snapshot_info(rows.get_snapshot(s, snapshot_id))
 
     def mark_corrupt(self, snapshot_id: str, problem: str, chunk_hash: str | None = None) -> bool:
         """Move a complete snapshot to CORRUPT and log an event; False if it was not complete.
@@ -233,10 +234,10 @@ class SnapshotStore:
         if changed:
             log.error("snapshot_corrupt", snapshot=snapshot_id, problem=problem, chunk=chunk_hash)
         if chunk_hash is not None:
-            self.quarantine_chunk(chunk_hash)
+            self._quarantine_chunk(chunk_hash)
         return bool(changed)
 
-    def quarantine_chunk(self, chunk_hash: str) -> bool:
+    def _quarantine_chunk(self, chunk_hash: str) -> bool:
         """Move a local chunk file away if it really fails its hash (re-read to make sure),
         so that the next snapshot of the same bytes writes a good copy; True if moved.
 
@@ -318,19 +319,6 @@ class SnapshotStore:
         written but not yet referenced look like orphans: run it only when no such write is
         in flight, or with a `min_age_s` longer than any write."""
         return scrub.sweep(self, min_age_s=min_age_s)
-
-
-def _check_fingerprint(fingerprint: str) -> None:
-    if (
-        not isinstance(fingerprint, str)
-        or not 0 < len(fingerprint) <= MAX_FINGERPRINT_LEN
-        or not fingerprint.isprintable()
-    ):
-        raise InvalidArgument(
-            f"an environment fingerprint is 1-{MAX_FINGERPRINT_LEN} printable characters, "
-            f"got {fingerprint!r:.80}",
-            reason="INVALID_FINGERPRINT",
-        )
 
 
 def _not_found(snapshot_id: str) -> NotFound:

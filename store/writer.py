@@ -27,6 +27,7 @@ from torpor.log import get_logger
 from torpor.store import capacity, rows
 from torpor.store.chunks import Buffer, ChunkRef, hash_bytes
 from torpor.store.locks import WriterLock
+from torpor.store.names import check_fingerprint
 from torpor.store.records import SnapshotInfo
 from torpor.store.schema import SnapshotChunkRow, SnapshotRow, SnapshotState
 
@@ -114,21 +115,32 @@ class SnapshotWriter:
                     return ref
             self._grow(ref.size - self._reserved_left)
 
-    def commit(self, manifest: Mapping[str, Any]) -> SnapshotInfo:
-        """Make the snapshot visible with the pager's manifest (any JSON object)."""
+    def commit(
+        self, manifest: Mapping[str, Any], *, fingerprint: str | None = None
+    ) -> SnapshotInfo:
+        """Make the snapshot visible with the pager's manifest (any JSON object), and its
+        environment's `fingerprint` if `begin` was not given one."""
         self._check_open()
         document = _json_document(manifest)
         now = self.store.catalog.clock()
+        values: dict[str, Any] = {
+            "state": SnapshotState.COMPLETE,
+            "manifest": document,
+            "reserved_bytes": 0,
+            "last_used_at": now,
+        }
+        if fingerprint is not None:
+            values["fingerprint"] = check_fingerprint(fingerprint)
         with self.store.catalog.session() as s:
+            if fingerprint is None and not rows.get_snapshot(s, self.id).fingerprint:
+                raise InvalidArgument(
+                    f"snapshot {self.id} was begun without a fingerprint: commit needs one",
+                    reason="INVALID_FINGERPRINT",
+                )
             result = s.execute(
                 update(SnapshotRow)
                 .where(SnapshotRow.id == self.id, SnapshotRow.state == SnapshotState.WRITING)
-                .values(
-                    state=SnapshotState.COMPLETE,
-                    manifest=document,
-                    reserved_bytes=0,
-                    last_used_at=now,
-                )
+                .values(**values)
             )
             if getattr(result, "rowcount", 0) != 1:
                 raise Aborted(

@@ -1,4 +1,8 @@
-"""The worker's side of the wire: torpor.v1 messages to engine and pager dataclasses, and back."""
+"""The worker's side of the wire: torpor.v1 messages to engine and pager dataclasses, and back.
+
+This is the worker's one translation table for enums (issue 13): service.py calls it, and
+tests/worker/test_enum_tables.py sends every member through it, both ways where both exist.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ LEVELS: dict[int, SuspendLevel] = {
     common_pb2.TIER_DEEP: SuspendLevel.DEEP,
     common_pb2.TIER_DISK: SuspendLevel.DISK,
 }
+# LEVELS' inverse, by SuspendLevel value (a ResumeReport's tier).
 TIERS: dict[str, common_pb2.Tier] = {
     "host": common_pb2.TIER_HOST,
     "deep": common_pb2.TIER_DEEP,

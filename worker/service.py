@@ -33,6 +33,7 @@ from torpor.worker.engine.requests import FinishReason, GenerationRequest
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
+from torpor.worker.pager.snapshot import Reservation, put_new
 from torpor.worker.pager.states import Residency, SuspendLevel
 
 log = get_logger("worker")
@@ -254,16 +255,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerSnapshotRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         runtime = self._runtime()
+        reservation = Reservation(request.reserved_bytes or None)
         report = yield from _with_progress(
-            lambda progress: runtime.snapshot(self.store, progress),
+            lambda progress: runtime.snapshot(self.store, progress, reservation),
             lambda d, t: worker_pb2.WorkerSnapshotResponse(
                 progress=common_pb2.TransferProgress(
                     tier=common_pb2.TIER_DISK, bytes_done=d, bytes_total=t
                 )
             ),
         )
-        manifest_ref = self.store.put(report.manifest.dumps().encode())
+        manifest_ref = put_new(self.store, report.manifest.dumps().encode(), reservation)
         self.snapshot_id = manifest_ref.hash
+        refs = [manifest_ref, *report.manifest.chunks]
         yield worker_pb2.WorkerSnapshotResponse(
             done=worker_pb2.WorkerSnapshotResponse.Done(
                 snapshot_id=manifest_ref.hash,
@@ -272,6 +275,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 bytes_written=report.new_bytes,
                 chunks=len(report.manifest.chunks),
                 elapsed=convert.duration(report.seconds),
+                fingerprint=report.manifest.fingerprint,
+                chunk_refs=[worker_pb2.SnapshotChunk(hash=r.hash, size=r.size) for r in refs],
             )
         )
 

@@ -41,18 +41,15 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 
 def kind_value(name: str) -> str:
-    """`state_changed` as "EVENT_KIND_STATE_CHANGED", the value's name (which protobuf takes
-    wherever it takes the value)."""
-    full = "EVENT_KIND_" + name.strip().upper()
+    """`state_changed` as "EVENT_KIND_STATE_CHANGED"."""
     try:
-        admin_pb2.EventKind.Value(full)
+        return shapes.enum_value(admin_pb2.EventKind, name)
     except ValueError:
         known = [shapes.enum_name(admin_pb2.EventKind, v) for v in admin_pb2.EventKind.values()]
         raise InvalidArgument(
             f"--kind {name!r} is not an event kind; one of {', '.join(filter(None, known))}",
             reason="BAD_EVENT_KIND",
         ) from None
-    return full
 
 
 def events(

@@ -32,7 +32,10 @@ _ENUM_PREFIXES = {
     "Backend": "BACKEND_",
     "SnapshotState": "SNAPSHOT_STATE_",
     "EventKind": "EVENT_KIND_",
+    "EvictMode": "EVICT_MODE_",
+    "LoadPhase": "LOAD_PHASE_",
 }
+"""Every torpor.v1 enum (tests/cli/test_client_enum_names.py checks that none is missing)."""
 
 
 def enum_name(enum: Any, value: int) -> str | None:
@@ -44,6 +47,14 @@ def enum_name(enum: Any, value: int) -> str | None:
         return f"unknown_{value}"
     name = name.removeprefix(_ENUM_PREFIXES[enum.DESCRIPTOR.name])
     return None if name == "UNSPECIFIED" else name.lower()
+
+
+def enum_value(enum: Any, name: str) -> str:
+    """The inverse of `enum_name`: "host" of Tier is "TIER_HOST", the value's full name
+    (which protobuf takes for the value); ValueError when the enum has no such value."""
+    full = _ENUM_PREFIXES[enum.DESCRIPTOR.name] + name.strip().upper()
+    enum.Value(full)  # ValueError if there is none
+    return full
 
 
 def timestamp(msg: Message, field: str) -> str | None:

@@ -35,8 +35,8 @@ class PrefetchTier(enum.StrEnum):
 
 
 def tier_value(name: str) -> str:
-    """`host` as "TIER_HOST", the value's name (which protobuf takes for the value)."""
-    return f"TIER_{name.upper()}"
+    """`host` as "TIER_HOST"."""
+    return shapes.enum_value(common_pb2.Tier, name)
 
 
 def duration(s: float) -> duration_pb2.Duration:

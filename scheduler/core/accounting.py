@@ -9,6 +9,13 @@ it holds a worker slot, by state.
 | SUSPENDED_DISK | context | 0 | snapshot |
 | SNAPSHOT, COLD, FAILED | 0 | 0 | snapshot |
 
+A snapshot counts `Footprint.disk`: the bytes the chunk store holds for it once it is recorded
+(`TransitionCompleted.snapshot_bytes`, or the registration of a model that has one), an upper
+estimate before. The store's other bytes (snapshots no runtime restores from, leftovers of
+failed writes) are `SchedulerState.disk_outside`, measured by the daemon
+(`DiskOutsideMeasured`): the disk ledger is their sum, and the chunk bytes on disk never
+exceed it.
+
 A runtime in a transition holds the larger of its two ends, part by part, until the
 transition completes: the daemon may start every action of a plan at once and still never
 exceed a budget. One transition holds more than either end: a load straight to
@@ -73,8 +80,9 @@ def host_bytes(res: Residency, fp: Footprint) -> int:
 
 
 def disk_bytes(res: Residency, fp: Footprint) -> int:
-    """Chunk-store bytes of its snapshot (the weights; the KV cache is never saved)."""
-    return fp.weights if res.snapshot else 0
+    """Chunk-store bytes of its snapshot (the weights and small files; the KV cache is never
+    saved)."""
+    return fp.disk if res.snapshot else 0
 
 
 def usage(res: Residency, fp: Footprint) -> Usage:

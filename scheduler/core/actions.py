@@ -62,6 +62,9 @@ class Suspend:
     level: Tier
     write_snapshot: bool
     """DISK without a snapshot: write one (its bytes were budgeted) before unmapping."""
+    snapshot_bytes: int = 0
+    """With `write_snapshot`: the disk bytes the core counts for it. torpord reserves them in
+    the chunk store before the worker writes, and the worker writes no more new bytes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ class Draft:
         self.gpus = state.gpus
         self.host_budget = state.host_budget
         self.disk_budget = state.disk_budget
+        self.disk_outside = state.disk_outside
         self.costs = state.costs
         self.config = state.config
         self.models: dict[str, Model] = dict(state.models)
@@ -137,6 +138,7 @@ class Draft:
             gpus=self.gpus,
             host_budget=self.host_budget,
             disk_budget=self.disk_budget,
+            disk_outside=self.disk_outside,
             costs=self.costs,
             config=self.config,
             models=MappingProxyType(self.models),

@@ -105,6 +105,9 @@ class TransitionCompleted:
     """The state the worker reports; checked against the plan's target when given."""
     footprint: Footprint | None = None
     """Bytes the worker measured after a load; replaces the model's estimate."""
+    snapshot_bytes: int | None = None
+    """A suspend that wrote a snapshot: the bytes the chunk store holds for it (the model's
+    `Footprint.snapshot` from now on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,11 @@ class TransitionFailed:
     snapshot_left: bool = False
     """With `snapshot_unusable`: another complete snapshot of the model is left (the next
     restore reads it). Otherwise the runtime keeps none and the next load is cold."""
+    snapshot_bytes: int | None = None
+    """With `snapshot_left`: the bytes the store holds for that other snapshot. Without
+    `snapshot_unusable`: a snapshot the failed op recorded before it failed (a DISK suspend
+    whose write committed); the runtime keeps it. Either way the model's `Footprint.snapshot`
+    from now on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +206,14 @@ class SnapshotDeleted:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskOutsideMeasured:
+    """The chunk store holds `nbytes` that no runtime's snapshot accounts for (snapshots the
+    core does not track, leftovers of failed writes): they count in the disk ledger."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class CostsUpdated:
     """New measured bandwidths and overheads (from the catalog)."""
 
@@ -223,5 +239,6 @@ Event = (
     | PinChanged
     | DrainRequested
     | SnapshotDeleted
+    | DiskOutsideMeasured
     | CostsUpdated
 )

@@ -37,7 +37,8 @@ def start_move(d: Draft, sim: Sim, rid: str, to: Residency) -> bool:
         op = d.start_op(rt, S.SUSPENDING, to, to.depth, demote_seconds(at, to, fp, d.costs))
         if to.state.has_worker:
             write = to.snapshot and not at.snapshot
-            d.emit(Suspend(rid, rt.model, op.seq, to.state.tier, write))
+            budget = fp.disk if write else 0
+            d.emit(Suspend(rid, rt.model, op.seq, to.state.tier, write, budget))
         else:
             d.emit(Drop(rid, rt.model, op.seq))
     return True

@@ -50,7 +50,18 @@ def on_completed(d: Draft, ev: TransitionCompleted) -> None:
     d.settle(rt, to, failures=0 if up else rt.failures)
     if ev.footprint is not None:
         model = d.models[rt.model]
-        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=ev.footprint))
+        measured = ev.footprint
+        old = model.spec.footprint
+        if not measured.snapshot and old.snapshot:  # a load measures arenas, not snapshots
+            # Weights measured larger than estimated make a larger snapshot too: the count
+            # stays an upper bound of what a write may reserve.
+            grown = max(0, measured.weights - old.weights)
+            measured = replace(measured, snapshot=old.snapshot + grown)
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=measured))
+    if ev.snapshot_bytes is not None:
+        model = d.models[rt.model]
+        fp = replace(model.spec.footprint, snapshot=ev.snapshot_bytes)
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=fp))
 
 
 def on_failed(d: Draft, ev: TransitionFailed) -> None:
@@ -63,8 +74,14 @@ def on_failed(d: Draft, ev: TransitionFailed) -> None:
     if rt is None:
         return
     why = f"{rt.state.name.lower()} failed: {ev.error.message}"
+    if ev.snapshot_bytes and (ev.snapshot_left or not ev.snapshot_unusable):
+        model = d.models[rt.model]
+        fp = replace(model.spec.footprint, snapshot=ev.snapshot_bytes)
+        d.models[rt.model] = replace(model, spec=replace(model.spec, footprint=fp))
     if ev.snapshot_unusable:
         _fail(d, rt, why, snapshot=ev.snapshot_left, counted=False)
+    elif ev.snapshot_bytes:  # its snapshot was recorded before the op failed: it stays
+        _fail(d, rt, why, snapshot=True)
     else:
         _fail(d, rt, why)
 

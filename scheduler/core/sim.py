@@ -72,8 +72,9 @@ class Sim:
         )
         self.proj: dict[str, Residency] = {}
         self.touched: set[str] = set()
-        self.projected = _Ledger()
-        self.current = _Ledger()
+        # Bytes on disk that no runtime accounts for fill part of the disk budget.
+        self.projected = _Ledger(disk=d.disk_outside)
+        self.current = _Ledger(disk=d.disk_outside)
         for rt in d.runtimes.values():
             self.proj[rt.id] = rt.target()
             self.projected.add(usage(rt.target(), d.fp(rt.model)))

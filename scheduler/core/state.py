@@ -171,6 +171,9 @@ class SchedulerState:
     """Source of op sequence numbers and lease/runtime ids."""
     now: float = float("-inf")
     """The time of the last step: time never goes backwards."""
+    disk_outside: int = 0
+    """Chunk-store bytes no runtime's snapshot accounts for (`DiskOutsideMeasured`): part of
+    the disk ledger."""
 
     def gpu(self, index: int) -> GpuSpec:
         """The GPU with that index."""

@@ -1,8 +1,9 @@
 """Runtime lifecycle states, memory tiers, and the one transition table.
 
 The enum values are the numbers of `torpor.v1.RuntimeState` and `torpor.v1.Tier`, so the
-gRPC adapter maps them with `RuntimeState(msg.state)` / `common_pb2.RuntimeState.Value(...)`
-without a lookup table, and the core never imports protobuf.
+gRPC adapter (scheduler/convert.py) maps them by value, `RuntimeState(msg.state)` /
+`common_pb2.RuntimeState.Name(state.value)`, without a lookup table, and the core never
+imports protobuf.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from torpor.scheduler.core.events import (
     AcquireRequested,
     ClientGone,
     CostsUpdated,
+    DiskOutsideMeasured,
     DrainRequested,
     Event,
     EvictRequested,
@@ -89,6 +90,8 @@ def _handle(d: Draft, event: Event) -> None:
             on_snapshot_deleted(d, event)
         case CostsUpdated():
             d.costs = event.costs
+        case DiskOutsideMeasured():
+            d.disk_outside = max(0, event.nbytes)
         case Tick():
             pass
         case _:

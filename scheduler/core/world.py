@@ -60,11 +60,19 @@ class Footprint:
     """CUDA context (with cuBLAS): stays on the GPU in SUSPENDED_HOST and SUSPENDED_DISK."""
     residue: int = 0
     """What else stays on the GPU in SUSPENDED_HOST (small buffers that are not in arenas)."""
+    snapshot: int = 0
+    """Chunk-store bytes of its snapshot: the store's count once one is recorded, an
+    estimate before (weights, small files, manifest); 0: the weights stand in."""
 
     def __post_init__(self) -> None:
-        for name in ("weights", "kv", "graph_pool", "context", "residue"):
+        for name in ("weights", "kv", "graph_pool", "context", "residue", "snapshot"):
             value = getattr(self, name)
             _check(value >= 0, f"footprint.{name}", value, ">= 0")
+
+    @property
+    def disk(self) -> int:
+        """Disk bytes its snapshot counts for (`snapshot`, else the weights)."""
+        return self.snapshot or self.weights
 
     @property
     def resident(self) -> int:

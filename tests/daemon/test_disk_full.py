@@ -144,9 +144,9 @@ def test_host_resume_with_a_full_catalog_disk_is_not_a_cold_reload(
 def test_snapshot_record_refused_by_a_full_catalog_leaves_the_runtime_resident(
     tmp_path: Path, model_root: Path
 ) -> None:
-    """The chunk store has room but the catalog's disk is full: the worker writes the
-    chunks, torpord cannot record them; the eviction fails cleanly, the worker lives, and
-    the unrecorded chunks are swept."""
+    """The chunk store has room but the catalog's disk is full: torpord cannot reserve the
+    room (it does so before the worker writes), or record the chunks; the eviction fails
+    cleanly, the worker lives, and no chunk is left."""
     store = tmp_path / "snapshots"
     with small_tmpfs(tmp_path / "state", 64 << 20):
         daemon = _start(tmp_path, model_root, ("alpha",), TORPOR_STORE_SNAPSHOT_DIR=str(store))

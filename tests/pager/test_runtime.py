@@ -257,7 +257,7 @@ def test_stream_never_copies_an_unverified_chunk(runtime: PagedRuntime, tmp_path
     data[0] ^= 0xFF
     path.chmod(0o644)
     path.write_bytes(bytes(data))
-    dst = torch.full((manifest.weights.nbytes,), 0xAA, dtype=torch.uint8)
+    dst = torch.full((manifest.weights["nbytes"],), 0xAA, dtype=torch.uint8)
     ring = StagingRing(3, 64 * MiB, None)
     try:
         with pytest.raises(DataLoss):

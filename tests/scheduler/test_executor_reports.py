@@ -6,6 +6,7 @@ worker that never answers, a snapshot that fails its checks. The worker here is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,16 +80,25 @@ class Snapshots:
     def write_failed(self, model: str, runtime_id: str, error: Any) -> None:
         pass
 
+    def snapshot_bytes(self, model: str) -> int:
+        return 4096
+
     async def forget(self, model: str, error: Any) -> bool:
         self.forgotten.append(error.reason)
         self.others -= 1
         return self.others >= 0
 
-    async def manifest_for(self, model: str) -> str:
-        return "0" * 32
+    @contextlib.asynccontextmanager
+    async def restoring(self, model: str) -> AsyncIterator[str]:
+        yield "0" * 32
 
-    async def record(self, model: str, manifest_hash: str) -> None:
-        pass
+    @contextlib.asynccontextmanager
+    async def writing(self, model: str, reserve_bytes: int) -> AsyncIterator[Any]:
+        async with self.gate.writing():
+            yield SimpleNamespace(reserved=reserve_bytes, commit=self._commit)
+
+    async def _commit(self, written: Any) -> Any:
+        return SimpleNamespace(total_bytes=sum(c.size for c in written.chunks))
 
     async def bandwidth(self, tier: Tier, nbytes: int, seconds: float) -> None:
         pass

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from tests.scheduler.test_supervisor import spec
 from torpor.keeper import hello
 from torpor.scheduler.config import load_config
-from torpor.scheduler.daemon import Daemon
+from torpor.scheduler.daemon import keepers_enabled, policy_state
 from torpor.scheduler.keepers import Keepers
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.v1 import worker_pb2
@@ -186,9 +186,7 @@ def test_the_daemon_runs_keepers_per_config(
     cuda: bool, keeper: bool, deep_suspend: bool, enabled: bool
 ) -> None:
     config = load_config(None, {}, {"worker.keeper": keeper, "worker.deep_suspend": deep_suspend})
-    daemon = Daemon(config)
-    daemon.cuda = cuda
-    assert daemon._keepers_enabled() is enabled
+    assert keepers_enabled(config, cuda) is enabled
     assert load_config(None, {"TORPOR_WORKER_KEEPER": "off"}, {}).worker.keeper is False
 
 
@@ -214,16 +212,12 @@ def test_with_keepers_the_policy_prices_deep_resumes_at_dma_speed_and_reserves_t
 
     overrides = {"backend.kind": "cpu", "backend.cpu_devices": 1, "worker.keeper": keeper}
     config = load_config(None, {}, {**overrides, "backend.cpu_device_memory": "8GiB"})
-    daemon = Daemon(config)
-    daemon.inventory = from_config(config.backend)
-    daemon.cuda = True  # as on a GPU host; the inventory is only read for sizes
 
-    class Measured:  # the recorder: a host-to-GPU rate measured on this host before
-        def costs(self, base: Costs) -> Costs:
-            return dataclasses.replace(base, host_to_gpu=50e9)
+    def measured(base: Costs) -> Costs:  # the recorder: a host-to-GPU rate measured before
+        return dataclasses.replace(base, host_to_gpu=50e9)
 
-    daemon.recorder = Measured()  # type: ignore[assignment]
-    state = daemon._initial_state()
+    # cuda=True as on a GPU host; the (cpu) inventory is only read for sizes.
+    state = policy_state(config, from_config(config.backend), measured, cuda=True)
     if keeper:
         assert state.costs.deep_refill == 50e9
         assert state.gpus[0].reserved_bytes == config.budgets.gpu_reserve + KEEPER_CONTEXT

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.store.helpers import FINGERPRINT, MODEL, FakeClock, StoreFactory, blob
+from tests.store.helpers import FINGERPRINT, MODEL, FakeClock, StoreFactory, blob, read_all
 from torpor.errors import ResourceExhausted
 from torpor.store import chunks
 from torpor.store.chunks import ChunkRef, hash_bytes
@@ -15,9 +15,10 @@ from torpor.store.snapshots import SnapshotStore
 
 
 def write(store: SnapshotStore, *tensors: bytes, reserve: int | None = None) -> str:
-    """Write a snapshot, reserving what a pager that hashed ahead would: the new bytes."""
+    """Write a snapshot, reserving what a writer that hashed ahead would: the new bytes."""
     if reserve is None:
-        reserve = store.new_bytes(ChunkRef(hash_bytes(t), len(t)) for t in tensors)
+        refs = {ChunkRef(hash_bytes(t), len(t)) for t in tensors}
+        reserve = sum(ref.size for ref in refs if not store.chunks.has(ref))
     with store.begin(MODEL, FINGERPRINT, reserve_bytes=reserve) as w:
         for t in tensors:
             w.add_tensor(t)
@@ -29,7 +30,7 @@ def ids(store: SnapshotStore) -> set[str]:
 
 
 def intact(store: SnapshotStore, snapshot_id: str, *tensors: bytes) -> bool:
-    return b"".join(store.read_all(snapshot_id)) == b"".join(tensors)
+    return b"".join(read_all(store, snapshot_id)) == b"".join(tensors)
 
 
 def test_least_recently_used_goes_first(make_store: StoreFactory, clock: FakeClock) -> None:
@@ -97,19 +98,24 @@ def test_too_big_fails_and_changes_nothing(make_store: StoreFactory, clock: Fake
     assert list(store.locks.writers_dir.iterdir()) == []
 
 
-def test_pinned_snapshots_are_never_evicted(make_store: StoreFactory, clock: FakeClock) -> None:
+def test_held_snapshots_are_never_evicted(make_store: StoreFactory, clock: FakeClock) -> None:
+    """A snapshot torpord holds (its policy counts it and restores from it) is never an
+    LRU victim; a release makes it one again."""
     store = make_store(capacity=2000)
     old = write(store, blob("old", 1000))
-    store.set_pinned(old, True)
+    store.hold(old)
     clock.advance(10)
     newer = write(store, blob("newer", 1000))
     clock.advance(10)
     newest = write(store, blob("newest", 1000))
     assert ids(store) == {old, newest}  # newer went, although old is older
-    store.set_pinned(newest, True)
+    store.hold(newest)
     with pytest.raises(ResourceExhausted):
         write(store, blob("more", 1000))
     assert ids(store) == {old, newest}
+    store.release(old)
+    more = write(store, blob("more", 1000))
+    assert ids(store) == {newest, more}
     del newer
 
 

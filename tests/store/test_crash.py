@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.store.helpers import MODEL, LineReader, crash_snapshot_tensors
+from tests.store.helpers import MODEL, LineReader, crash_snapshot_tensors, read_all
 from torpor.store.catalog import Catalog
 from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.schema import ChunkRow, SnapshotChunkRow, SnapshotRow, SnapshotState
@@ -91,7 +91,7 @@ def check_consistent(store: SnapshotStore, must_exist: set[str]) -> None:
         with store.reading(snapshot_id) as contents:
             trial, k = contents.manifest["trial"], contents.manifest["k"]
         actual = hashlib.sha256()
-        for data in store.read_all(snapshot_id):
+        for data in read_all(store, snapshot_id):
             actual.update(data)
         assert actual.digest() == expected_digest(trial, k), (trial, k)
 

@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine, insert, inspect
 
-from tests.store.helpers import MODEL, blob
+from tests.store.helpers import MODEL, blob, read_all
 from torpor.store import migrate
 from torpor.store.catalog import Catalog
 from torpor.store.chunks import ChunkStore
@@ -115,7 +115,7 @@ def test_upgrade_from_the_oldest_revision_keeps_the_data(
         assert info.state is SnapshotState.COMPLETE and info.total_bytes == 3010
         with store.reading(info.id) as contents:
             assert contents.manifest == {"layout": [1, 2]}
-        assert list(store.read_all(info.id)) == tensors
+        assert list(read_all(store, info.id)) == tensors
         indexes = {ix["name"] for ix in inspect(catalog.engine).get_indexes("snapshots")}
         assert {"ix_snapshots_lru", "ix_snapshots_model"} <= indexes
 

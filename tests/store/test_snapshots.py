@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.store.helpers import FINGERPRINT, MODEL, FakeClock, StoreFactory, blob
+from tests.store.helpers import FINGERPRINT, MODEL, FakeClock, StoreFactory, blob, read_all
 from torpor.errors import (
     DataLoss,
     FailedPrecondition,
@@ -15,7 +15,7 @@ from torpor.errors import (
     NotFound,
 )
 from torpor.store.catalog import Catalog
-from torpor.store.chunks import ChunkRef, hash_bytes
+from torpor.store.chunks import hash_bytes
 from torpor.store.schema import SnapshotState
 from torpor.store.snapshots import SnapshotStore
 
@@ -33,7 +33,7 @@ def write(store: SnapshotStore, tensors: list[bytes], manifest: dict | None = No
 
 
 def read_back(store: SnapshotStore, snapshot_id: str) -> bytes:
-    return b"".join(store.read_all(snapshot_id))
+    return b"".join(read_all(store, snapshot_id))
 
 
 def test_a_snapshot_reads_back_bit_identical(store: SnapshotStore) -> None:
@@ -45,8 +45,6 @@ def test_a_snapshot_reads_back_bit_identical(store: SnapshotStore) -> None:
         assert contents.info.state is SnapshotState.COMPLETE
         assert contents.info.total_bytes == sum(map(len, tensors))
     assert [s.id for s in store.list(MODEL)] == [snapshot_id]
-    assert store.latest(MODEL, FINGERPRINT) == store.get(snapshot_id)
-    assert store.latest(MODEL, "another-gpu") is None
 
 
 def test_a_snapshot_is_invisible_until_committed(store: SnapshotStore) -> None:
@@ -90,7 +88,6 @@ def test_a_changed_tensor_adds_only_its_bytes(store: SnapshotStore) -> None:
     used = store.usage().used_bytes
     tuned = list(tensors)
     tuned[2] = blob("fine-tuned", len(tensors[2]))
-    assert store.new_bytes(ChunkRef(hash_bytes(t), len(t)) for t in tuned) == len(tuned[2])
     tuned_id = write(store, tuned)
     assert store.usage().used_bytes == used + len(tuned[2])
     assert read_back(store, tuned_id) == b"".join(tuned)
@@ -227,12 +224,11 @@ def test_a_snapshot_being_written_cannot_be_deleted(store: SnapshotStore) -> Non
         w.commit({})
 
 
-def test_touch_and_pin(store: SnapshotStore, clock: FakeClock) -> None:
+def test_touch(store: SnapshotStore, clock: FakeClock) -> None:
     snapshot_id = write(store, weights())
     clock.advance(100)
     store.touch(snapshot_id)
     assert store.get(snapshot_id).last_used_at == clock.now
-    assert store.set_pinned(snapshot_id, True).pinned
 
 
 def test_concurrent_writers_keep_refcounts_exact(store: SnapshotStore, catalog: Catalog) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.fullfs import fill, small_tmpfs
-from tests.store.helpers import FINGERPRINT, MODEL, StoreFactory, blob
+from tests.store.helpers import FINGERPRINT, MODEL, StoreFactory, blob, read_all
 from torpor.errors import ResourceExhausted
 from torpor.store.scrub import _writer_alive
 from torpor.store.snapshots import SnapshotStore
@@ -39,7 +39,7 @@ def test_sweep_removes_temp_and_orphan_files_while_running(make_store: StoreFact
     assert (report.orphan_files_removed, report.temp_files_removed) == (1, 1)
     assert report.bytes_removed == 4000 and report.untracked_bytes == 0
     assert not orphan.exists() and not temp.exists()
-    assert b"".join(store.read_all(kept.id)) == blob("kept", 2000)  # referenced: untouched
+    assert b"".join(read_all(store, kept.id)) == blob("kept", 2000)  # referenced: untouched
     assert store.sweep().orphan_files_removed == 0
 
 

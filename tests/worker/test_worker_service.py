@@ -13,8 +13,10 @@ import grpc
 import pytest
 
 from tests.helpers import assert_eventually
-from torpor.errors import FailedPrecondition, InvalidArgument
+from torpor.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from torpor.rpc_status import from_rpc_error
+from torpor.store.chunks import ChunkRef, ChunkStore
+from torpor.store.snapshot_manifest import SnapshotManifest
 from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from torpor.worker.engine.demo import DemoSpec, make_demo
 from torpor.worker.engine.engine import Engine
@@ -212,6 +214,48 @@ def test_snapshot_then_restore_in_a_new_worker(tmp_path: Path, model_dir: Path) 
         )
     finally:
         second.close()
+
+
+def test_snapshot_reply_carries_what_torpord_records(tmp_path: Path, model_dir: Path) -> None:
+    """Done names the fingerprint and every chunk (manifest first) with its size, exactly as
+    the manifest (parsed with the one shared schema) references them: torpord records the
+    snapshot from the reply, never reading the manifest back (issue 13)."""
+    worker = Worker(tmp_path / "a", tmp_path / "store")
+    try:
+        load(worker, model_dir)
+        done = worker.call("Snapshot", worker_pb2.WorkerSnapshotRequest())[-1].done
+    finally:
+        worker.close()
+    chunks = ChunkStore(tmp_path / "store")
+    refs = [ChunkRef(c.hash, c.size) for c in done.chunk_refs]
+    assert refs[0].hash == done.manifest_hash
+    manifest = SnapshotManifest.loads(chunks.read(refs[0]).decode())
+    assert done.fingerprint == manifest.fingerprint
+    assert refs[1:] == manifest.chunks
+    assert all(chunks.has(ref) for ref in refs)
+
+
+def test_snapshot_stays_within_the_reservation(tmp_path: Path, model_dir: Path) -> None:
+    """A reservation smaller than the snapshot's new bytes: RESOURCE_EXHAUSTED before the
+    chunk that would pass it, at most the reserved bytes on disk, the runtime still
+    serving; with enough reserved, the same snapshot completes."""
+    store = tmp_path / "store"
+    worker = Worker(tmp_path / "a", store)
+    try:
+        load(worker, model_dir)
+        limit = 4096
+        with pytest.raises(ResourceExhausted) as err:
+            worker.call("Snapshot", worker_pb2.WorkerSnapshotRequest(reserved_bytes=limit))
+        assert err.value.reason == "SNAPSHOT_OVER_RESERVATION"
+        written = sum(p.stat().st_size for p in (store / "chunks").rglob("*") if p.is_file())
+        assert written <= limit
+        status = worker.call("Status", worker_pb2.WorkerStatusRequest())
+        assert status.state == common_pb2.RUNTIME_STATE_RESIDENT and not status.snapshot_id
+        assert tokens(generate(worker, [5, 6, 7]))
+        enough = worker_pb2.WorkerSnapshotRequest(reserved_bytes=1 << 30)
+        assert worker.call("Snapshot", enough)[-1].done.chunk_refs
+    finally:
+        worker.close()
 
 
 def test_client_disconnect_aborts_the_request(worker: Worker, model_dir: Path) -> None:

@@ -13,7 +13,7 @@ from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.pager.host import HostPinner
-from torpor.worker.pager.manifest import Environment, SnapshotManifest
+from torpor.worker.pager.manifest import SnapshotManifest, environment_here
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import MAX_CHUNK, SnapshotFiller, materialize_files
 from torpor.worker.pager.stream import StagingRing
@@ -67,7 +67,7 @@ def restore_engine(
         lambda: placement.regions["weights"],
         ring,
         options,
-        Environment.current(placement.backend.device),
+        environment_here(placement.backend.device),
     )
     engine_options = EngineOptions(
         max_batch=manifest.max_batch, max_seq_len=manifest.max_seq_len, dtype=manifest.dtype

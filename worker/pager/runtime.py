@@ -40,9 +40,10 @@ from torpor.worker.pager import build, checkpoint, refill
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.keeper_client import KeeperClient
-from torpor.worker.pager.manifest import Environment, SnapshotManifest
+from torpor.worker.pager.manifest import SnapshotManifest, environment_here
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
+    Reservation,
     SnapshotReport,
     read_model_files,
     store_model_files,
@@ -89,7 +90,7 @@ class PagedRuntime:
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
         self.refill = refill.Refill(engine, placement, options, self.host_copy)
-        self.environment = Environment.current(engine.device)
+        self.environment = environment_here(engine.device)
         # The most arena bytes mapped at once during the last load, suspend or resume.
         self.peak_mapped_bytes = placement.mapped_bytes()
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
@@ -156,8 +157,15 @@ class PagedRuntime:
 
     # -- snapshot ----------------------------------------------------------------------------
 
-    def snapshot(self, store: ChunkStore, progress: Progress | None = None) -> SnapshotReport:
-        """Write the weights (once) and the model files to the chunk store."""
+    def snapshot(
+        self,
+        store: ChunkStore,
+        progress: Progress | None = None,
+        reservation: Reservation | None = None,
+    ) -> SnapshotReport:
+        """Write the weights (once) and the model files to the chunk store, within
+        `reservation` (torpord's, made before any chunk is written)."""
+        reservation = reservation or Reservation()
         with self._lock:
             self._require(
                 Residency.RESIDENT,
@@ -180,6 +188,7 @@ class PagedRuntime:
                 store,
                 self._pinner(),
                 None if progress is None else lambda d: progress(d, total),
+                reservation,
             )
             options = self.engine.options
             self.manifest = SnapshotManifest(
@@ -187,10 +196,10 @@ class PagedRuntime:
                 dtype=self.engine.memory.dtype,
                 max_batch=options.max_batch,
                 max_seq_len=options.max_seq_len,
-                weights=layout,
-                kv=self.engine.memory.kv,
+                weights=layout.to_json(),
+                kv=self.engine.memory.kv.to_json(),
                 addresses=self.placement.arena_addresses(),
-                files=store_model_files(self.model_files, store),
+                files=store_model_files(self.model_files, store, reservation),
                 pieces=pieces,
                 model=self.engine.cfg.to_json(),
             )

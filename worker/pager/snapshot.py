@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
-from torpor.errors import DataLoss
+from torpor.errors import DataLoss, ResourceExhausted
 from torpor.store import private
 from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes
 from torpor.worker.engine.layout import Layout
@@ -28,6 +28,37 @@ from torpor.worker.pager.manifest import MODEL_FILES, Environment, Piece, Snapsh
 from torpor.worker.pager.stream import StagingRing, StreamStats, stream_pieces
 
 MAX_CHUNK = 64 << 20
+
+
+class Reservation:
+    """The bytes torpord reserved in the store for a snapshot's new chunks (reserve first,
+    issue 13): no chunk is written that would take the new bytes past them. None: no limit
+    (a snapshot taken outside torpord, or a disk suspend reusing one already written)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        """Count `size` new bytes, before they are written; ResourceExhausted if over."""
+        if self.limit is not None and self.used + size > self.limit:
+            raise ResourceExhausted(
+                f"the snapshot needs more than the {self.limit} bytes torpord reserved for it "
+                f"({self.used} written, {size} more)",
+                reason="SNAPSHOT_OVER_RESERVATION",
+                metadata={"reserved_bytes": self.limit, "used_bytes": self.used, "more": size},
+            )
+        self.used += size
+
+
+def put_new(store: ChunkStore, data: Any, reservation: Reservation) -> ChunkRef:
+    """Store one chunk unless the store has it (dedup); a new one is counted first."""
+    view = memoryview(data).cast("B")
+    ref = ChunkRef(hash_bytes(view), view.nbytes)
+    if not store.has(ref):
+        reservation.take(ref.size)
+        store.put(view)
+    return ref
 
 
 @dataclass(frozen=True)
@@ -52,9 +83,11 @@ def write_pieces(
     store: ChunkStore,
     pinner: HostPinner | None,
     progress: Callable[[int], None] | None = None,
+    reservation: Reservation | None = None,
 ) -> tuple[tuple[Piece, ...], int]:
     """Store every chunk of `source` (the region's flat uint8 view, on the host or a GPU);
     return the pieces and the bytes that were not in the store before."""
+    reservation = reservation or Reservation()
     staging = HostBuffer(MAX_CHUNK, pinner=pinner) if source.device.type != "cpu" else None
     pieces, new, done = [], 0, 0
     try:
@@ -66,6 +99,7 @@ def write_pieces(
             data = chunk.numpy().data
             ref = ChunkRef(hash_bytes(data), size)
             if not store.has(ref):  # dedup: a chunk already stored is not written again
+                reservation.take(size)
                 ref = store.put(data)
                 new += size
             pieces.append(Piece(offset, ref))
@@ -89,9 +123,12 @@ def read_model_files(model_dir: Path | CheckpointDir) -> dict[str, bytes]:
     return {name: ckpt.read_bytes(name) for name in MODEL_FILES if ckpt.exists(name)}
 
 
-def store_model_files(files: Mapping[str, bytes], store: ChunkStore) -> dict[str, ChunkRef]:
+def store_model_files(
+    files: Mapping[str, bytes], store: ChunkStore, reservation: Reservation | None = None
+) -> dict[str, ChunkRef]:
     """Put the small files into the store, so a restore needs no source checkpoint."""
-    return {name: store.put(data) for name, data in files.items()}
+    reservation = reservation or Reservation()
+    return {name: put_new(store, data, reservation) for name, data in files.items()}
 
 
 def materialize_files(manifest: SnapshotManifest, store: ChunkStore, out_dir: Path) -> Path:
@@ -131,7 +168,7 @@ class SnapshotFiller(WeightFiller):
         self.stats: StreamStats | None = None
 
     def check(self, plan: list[WeightSource], layout: Layout) -> None:
-        self.manifest.check_restorable(self.here, layout)
+        self.manifest.check_restorable(self.here, layout.to_json())
 
     def fill(
         self,

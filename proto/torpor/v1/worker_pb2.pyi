@@ -164,26 +164,40 @@ class WorkerResumeResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[_common_pb2.TransferProgress, _Mapping]] = ..., done: _Optional[_Union[WorkerResumeResponse.Done, _Mapping]] = ...) -> None: ...
 
 class WorkerSnapshotRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("reserved_bytes",)
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    reserved_bytes: int
+    def __init__(self, reserved_bytes: _Optional[int] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("hash", "size")
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    hash: str
+    size: int
+    def __init__(self, hash: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class WorkerSnapshotResponse(_message.Message):
     __slots__ = ("progress", "done")
     class Done(_message.Message):
-        __slots__ = ("snapshot_id", "manifest_hash", "bytes", "bytes_written", "chunks", "elapsed")
+        __slots__ = ("snapshot_id", "manifest_hash", "bytes", "bytes_written", "chunks", "elapsed", "fingerprint", "chunk_refs")
         SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
         MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
         BYTES_FIELD_NUMBER: _ClassVar[int]
         BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
         CHUNKS_FIELD_NUMBER: _ClassVar[int]
         ELAPSED_FIELD_NUMBER: _ClassVar[int]
+        FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+        CHUNK_REFS_FIELD_NUMBER: _ClassVar[int]
         snapshot_id: str
         manifest_hash: str
         bytes: int
         bytes_written: int
         chunks: int
         elapsed: _duration_pb2.Duration
-        def __init__(self, snapshot_id: _Optional[str] = ..., manifest_hash: _Optional[str] = ..., bytes: _Optional[int] = ..., bytes_written: _Optional[int] = ..., chunks: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+        fingerprint: str
+        chunk_refs: _containers.RepeatedCompositeFieldContainer[SnapshotChunk]
+        def __init__(self, snapshot_id: _Optional[str] = ..., manifest_hash: _Optional[str] = ..., bytes: _Optional[int] = ..., bytes_written: _Optional[int] = ..., chunks: _Optional[int] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., fingerprint: _Optional[str] = ..., chunk_refs: _Optional[_Iterable[_Union[SnapshotChunk, _Mapping]]] = ...) -> None: ...
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     progress: _common_pb2.TransferProgress
