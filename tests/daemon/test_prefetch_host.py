@@ -76,7 +76,7 @@ def test_prefetch_to_host_of_a_disk_suspended_model(daemon: Torpord) -> None:
     info = daemon.runtime("b")
     assert info.state == common_pb2.RUNTIME_STATE_SUSPENDED_HOST
     assert info.gpu_bytes == 0  # context + residue: none on the CPU backend
-    assert info.host_bytes == info.disk_bytes > 0
+    assert info.host_bytes > 0  # the weights' copy, counted
     worker = worker_status(daemon, "b")
     assert worker.state == common_pb2.RUNTIME_STATE_SUSPENDED_HOST
     assert 0 < worker.host_bytes <= info.host_bytes  # really held, within what the ledger counts
