@@ -42,7 +42,6 @@ from torpor.scheduler.core import (
     Footprint,
     Load,
     Resume,
-    RuntimeState,
     Suspend,
     Tier,
     TransitionCompleted,
@@ -257,18 +256,22 @@ class Executor:
         self.incarnations[action.runtime_id] = action.incarnation
         start = time.perf_counter()  # the worker's start is part of a cold restore
         worker = await self.supervisor.spawn(self._spec(action))
+        # The core's decision, every part a typed field: where from, where to (a host
+        # prefetch ends SUSPENDED_HOST inside this one call) and whether to keep a host copy.
         request = worker_pb2.WorkerLoadRequest(
             model=action.model,
             dtype=convert.dtype_message(DType(source.dtype)),
             max_batch=source.max_batch,
             max_seq_len=source.max_seq_len,
-            device=self._device(action.gpu),
-            options={"host_copy": "true" if action.keep_host_copy else "false"},
+            target=convert.state_name(action.target),
+            keep_host_copy=action.keep_host_copy,
         )
         async with self._restoring(action) as manifest_hash:  # the store's read lock
             if manifest_hash is not None:
+                request.source = common_pb2.TIER_DISK
                 request.snapshot_id = manifest_hash
             else:
+                request.source = common_pb2.TIER_SOURCE
                 request.model_dir = str(source.source)
                 request.model_roots.extend(str(root) for root in self.defaults.model_roots)
             done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
@@ -276,8 +279,6 @@ class Executor:
         self.restores[action.runtime_id] = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.observe_load(LOAD_LABELS[action.source], self.restores[action.runtime_id])
-        if action.target is RuntimeState.SUSPENDED_HOST:
-            await self._suspend_to_host(worker)
         return TransitionCompleted(
             action.runtime_id, action.seq, action.target, self._footprint(status, source)
         )
@@ -285,7 +286,13 @@ class Executor:
     async def _resume(self, action: Resume) -> TransitionCompleted:
         worker = self._require_worker(action.runtime_id)
         start = time.perf_counter()
-        request = worker_pb2.WorkerResumeRequest()
+        # RESIDENT, or SUSPENDED_HOST from DISK (a host prefetch: the worker reads the
+        # snapshot into its host copy and maps nothing), in this one call.
+        request = worker_pb2.WorkerResumeRequest(
+            source=convert.tier_name(action.source),
+            target=convert.state_name(action.target),
+            keep_host_copy=action.keep_host_copy,
+        )
         async with self._restoring(action):  # the store's read lock, for a resume from DISK
             done = await self._transfer(worker, worker.stub.Resume, request, action, loading=False)
         moved = 0 if done is None else done.bytes
@@ -297,8 +304,6 @@ class Executor:
             # A streamed resume returns while its copy still runs: its seconds are not the
             # copy's, and would make host restores look many times faster than they are.
             await self.snapshots.bandwidth(action.source, moved, seconds)
-        if action.target is RuntimeState.SUSPENDED_HOST:  # pulled up to host only (prefetch)
-            await self._suspend_to_host(worker)
         return TransitionCompleted(action.runtime_id, action.seq, action.target)
 
     @contextlib.asynccontextmanager
@@ -310,10 +315,6 @@ class Executor:
             return
         async with self.snapshots.restoring(action.model) as manifest_hash:
             yield manifest_hash
-
-    async def _suspend_to_host(self, worker: WorkerProcess) -> None:
-        request = worker_pb2.WorkerSuspendRequest(level=common_pb2.TIER_HOST)
-        await self._call(worker, worker.stub.Suspend, request, "suspend to host")
 
     async def _transfer(
         self, worker: WorkerProcess, method: Any, request: Any, action: Load | Resume, loading: bool

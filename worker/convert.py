@@ -6,13 +6,15 @@ tests/worker/test_enum_tables.py sends every member through it, both ways where 
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.duration_pb2 import Duration
 
 from torpor.errors import InvalidArgument
 from torpor.v1 import common_pb2
 from torpor.worker.engine.requests import FinishReason
 from torpor.worker.engine.sampling import SamplingParams
-from torpor.worker.pager.states import Residency, SuspendLevel
+from torpor.worker.pager.states import SUSPENDED, Residency, SuspendLevel
 
 DTYPES: dict[int, str] = {
     common_pb2.DTYPE_UNSPECIFIED: "auto",
@@ -62,6 +64,46 @@ def level(tier: int) -> SuspendLevel:
             metadata={"level": name},
         )
     return LEVELS[tier]
+
+
+TARGETS: dict[int, Residency] = {
+    common_pb2.RUNTIME_STATE_RESIDENT: Residency.RESIDENT,
+    common_pb2.RUNTIME_STATE_SUSPENDED_HOST: Residency.SUSPENDED_HOST,
+}
+"""Where a Load or a Resume may end (worker.proto: `target`)."""
+
+
+def target(value: int, verb: str) -> Residency:
+    """The residency a Load or Resume ends in; InvalidArgument for any other state."""
+    if value not in TARGETS:
+        raise InvalidArgument(
+            f"a {verb} ends RUNTIME_STATE_RESIDENT or RUNTIME_STATE_SUSPENDED_HOST, not "
+            f"{_name(common_pb2.RuntimeState, value)}: the target is required",
+            reason="BAD_TARGET",
+            metadata={"target": _name(common_pb2.RuntimeState, value)},
+        )
+    return TARGETS[value]
+
+
+def resume_source(tier: int) -> Residency:
+    """The suspended residency a Resume's `source` names; InvalidArgument for any other tier."""
+    if tier not in LEVELS:
+        raise InvalidArgument(
+            f"a resume starts from TIER_HOST, TIER_DEEP or TIER_DISK, not "
+            f"{_name(common_pb2.Tier, tier)}: the source is required",
+            reason="BAD_RESUME_SOURCE",
+            metadata={"source": _name(common_pb2.Tier, tier)},
+        )
+    return SUSPENDED[LEVELS[tier]]
+
+
+def tier_name(value: int) -> str:
+    """A Tier's name for a message, or its number when it has none."""
+    return _name(common_pb2.Tier, value)
+
+
+def _name(enum: Any, value: int) -> str:
+    return str(enum.Name(value)) if value in enum.values() else str(value)
 
 
 def sampling(msg: common_pb2.SamplingParams, prompt_len: int, max_seq_len: int) -> SamplingParams:

@@ -1,8 +1,10 @@
 """The `torpor.v1.Worker` service: torpord's handle on one runtime in this process.
 
 A worker holds at most one runtime. It obeys: Load (cold, or from a snapshot by its manifest
-hash), Generate, Suspend, Resume, Snapshot, Status, Shutdown. It decides nothing; every
-error is a typed status (torpor.rpc_status). Long operations stream their progress.
+hash), Generate, Suspend, Resume, Snapshot, Status, Shutdown. It decides nothing: what
+torpord decided (the source, the target, whether to keep a host copy) comes as typed fields
+and is checked, never inferred. Every error is a typed status (torpor.rpc_status). Long
+operations stream their progress.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
 from torpor.worker.pager.snapshot import Reservation, put_new
-from torpor.worker.pager.states import Residency
+from torpor.worker.pager.states import Residency, SuspendLevel
 
 log = get_logger("worker")
 
 T = TypeVar("T")
-Progress = Callable[[int, int], None]
+Emit = Callable[..., None]  # the arguments of one progress message
 
 _DONE = object()
 
@@ -73,11 +75,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             with bind(model=request.model):
                 start = time.perf_counter()
+                target = convert.target(request.target, "load")
                 yield from _with_progress(
-                    lambda progress: self._load(request, progress),
-                    lambda done, total: worker_pb2.WorkerLoadResponse(
+                    lambda emit: self._load(request, target, emit),
+                    lambda phase, done, total: worker_pb2.WorkerLoadResponse(
                         progress=worker_pb2.WorkerLoadResponse.Progress(
-                            phase=worker_pb2.LOAD_PHASE_WEIGHTS, bytes_done=done, bytes_total=total
+                            phase=phase, bytes_done=done, bytes_total=total
                         )
                     ),
                 )
@@ -96,28 +99,36 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             self._loading.release()
 
-    def _load(self, request: worker_pb2.WorkerLoadRequest, progress: Progress) -> None:
-        host_copy = request.options.get("host_copy", "true") != "false"
-        pager = dataclasses.replace(self.config.pager, host_copy=host_copy)
-        if request.snapshot_id:
+    def _load(self, request: worker_pb2.WorkerLoadRequest, target: Residency, emit: Emit) -> None:
+        _check_load(request, target)
+        pager = dataclasses.replace(self.config.pager, host_copy=request.keep_host_copy)
+
+        def weights(done: int, total: int) -> None:
+            emit(worker_pb2.LOAD_PHASE_WEIGHTS, done, total)
+
+        if request.source == common_pb2.TIER_DISK:
             manifest = self._manifest(request.snapshot_id)
-            self.runtime = PagedRuntime.restore(
-                manifest, self.store, self.config.workdir, pager, progress
+            runtime = PagedRuntime.restore(
+                manifest, self.store, self.config.workdir, pager, weights
             )
             self.snapshot_id = request.snapshot_id
         else:
-            if not request.model_dir:
-                raise InvalidArgument(
-                    "Load needs model_dir or snapshot_id", reason="NOTHING_TO_LOAD"
-                )
             options = EngineOptions(
                 max_batch=request.max_batch or 8,
                 max_seq_len=request.max_seq_len,
                 dtype=convert.dtype(request.dtype),
             )
             model_dir = CheckpointDir.confined(request.model_dir, request.model_roots)
-            self.runtime = PagedRuntime.load(model_dir, options, pager, progress)
+            runtime = PagedRuntime.load(model_dir, options, pager, weights)
+        self.runtime = runtime
         self.model = request.model
+        if target is Residency.SUSPENDED_HOST:
+            # A host prefetch: built on the device (graphs are captured there), then its
+            # weights copied out and every arena unmapped, before this call answers.
+            nbytes = runtime.engine.memory.weights.nbytes
+            emit(worker_pb2.LOAD_PHASE_HOST_COPY, 0, nbytes)
+            runtime.suspend(SuspendLevel.HOST)
+            emit(worker_pb2.LOAD_PHASE_HOST_COPY, nbytes, nbytes)
 
     def _manifest(self, snapshot_id: str) -> SnapshotManifest:
         path = self.store.path(snapshot_id)
@@ -207,13 +218,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerResumeRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         runtime = self._runtime()
-        tier = convert.TIERS.get(
-            runtime.residency.value.removeprefix("suspended_"), common_pb2.TIER_UNSPECIFIED
-        )
+        source = convert.resume_source(request.source)
+        target = convert.target(request.target, "resume")
         report = yield from _with_progress(
-            lambda progress: runtime.resume(self.store, progress),
+            lambda emit: runtime.resume(
+                self.store,
+                emit,
+                source=source,
+                target=target,
+                keep_host_copy=request.keep_host_copy,
+            ),
             lambda d, t: worker_pb2.WorkerResumeResponse(
-                progress=common_pb2.TransferProgress(tier=tier, bytes_done=d, bytes_total=t)
+                progress=common_pb2.TransferProgress(
+                    tier=request.source, bytes_done=d, bytes_total=t
+                )
             ),
         )
         yield worker_pb2.WorkerResumeResponse(
@@ -291,6 +309,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             usage.disk_bytes,
         )
         status.active_requests = runtime.engine.num_running + runtime.engine.num_waiting
+        status.peak_mapped_bytes = runtime.peak_mapped_bytes
         for name, arena in runtime.placement.arenas.items():
             status.arenas.add(
                 name=name,
@@ -329,18 +348,45 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return runtime
 
 
+def _check_load(request: worker_pb2.WorkerLoadRequest, target: Residency) -> None:
+    """InvalidArgument unless the request names a source with its field, and a target that
+    keeps the host copy it needs."""
+    if request.source == common_pb2.TIER_DISK:
+        if not request.snapshot_id:
+            raise InvalidArgument(
+                "a Load from TIER_DISK needs snapshot_id", reason="NOTHING_TO_LOAD"
+            )
+    elif request.source == common_pb2.TIER_SOURCE:
+        if not request.model_dir:
+            raise InvalidArgument(
+                "a Load from TIER_SOURCE needs model_dir", reason="NOTHING_TO_LOAD"
+            )
+    else:
+        name = convert.tier_name(request.source)
+        raise InvalidArgument(
+            f"a Load's source is TIER_SOURCE (model_dir) or TIER_DISK (snapshot_id), not {name}",
+            reason="BAD_LOAD_SOURCE",
+            metadata={"source": name},
+        )
+    if target is Residency.SUSPENDED_HOST and not request.keep_host_copy:
+        raise InvalidArgument(
+            "a Load to RUNTIME_STATE_SUSPENDED_HOST keeps its host copy: that is where the "
+            "weights go",
+            reason="BAD_TARGET",
+        )
+
+
 def _with_progress(
-    work: Callable[[Progress], T], message: Callable[[int, int], Any]
+    work: Callable[[Emit], T], message: Callable[..., Any]
 ) -> Generator[Any, None, T]:
-    """Run `work(progress)` on a thread (it may take seconds; the RPC streams meanwhile),
-    yield `message(done, total)` for every progress report, and return its result (or raise
-    its error)."""
+    """Run `work(emit)` on a thread (it may take seconds; the RPC streams meanwhile), yield
+    `message(*args)` for every `emit(*args)`, and return its result (or raise its error)."""
     events: queue.Queue[Any] = queue.Queue()
     result: list[T] = []
 
     def run() -> None:
         try:
-            result.append(work(lambda done, total: events.put((done, total))))
+            result.append(work(lambda *args: events.put(args)))
             events.put(_DONE)
         except BaseException as exc:
             events.put(exc)

@@ -18,7 +18,12 @@ exceed it.
 
 A runtime in a transition holds the larger of its two ends, part by part, until the
 transition completes: the daemon may start every action of a plan at once and still never
-exceed a budget.
+exceed a budget. One transition holds more than either end: a load straight to
+SUSPENDED_HOST (Prefetch(HOST) from COLD or SNAPSHOT). The worker builds the engine on the GPU,
+because its graphs are captured there, and then suspends it to host inside the same call. So
+until the load ends, the runtime holds its full resident footprint on the GPU as well as the
+host copy. A resume from SUSPENDED_DISK to SUSPENDED_HOST reads the snapshot straight into the
+host copy and maps no arena, so it holds only the peak of its two ends.
 """
 
 from __future__ import annotations
@@ -92,5 +97,9 @@ def usage(res: Residency, fp: Footprint) -> Usage:
 
 
 def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
-    """What a runtime holds while it moves from `frm` to `to`: the larger of both ends."""
+    """What a runtime holds while it moves from `frm` to `to`: the larger of both ends, or
+    for a load to SUSPENDED_HOST, the resident runtime it passes through (module docstring)."""
+    if not frm.state.has_worker and to.state is S.SUSPENDED_HOST:
+        built = Residency(S.RESIDENT, to.gpu, host_copy=True, snapshot=to.snapshot)
+        return usage(frm, fp).peak(usage(built, fp)).peak(usage(to, fp))
     return usage(frm, fp).peak(usage(to, fp))

@@ -22,7 +22,9 @@ from torpor.scheduler.core.states import RuntimeState, Tier
 @dataclass(frozen=True, slots=True)
 class Load:
     """Start a new worker on `gpu` and load the model from `source` (DISK: its snapshot;
-    SOURCE: the checkpoint). It ends RESIDENT, or SUSPENDED_HOST for Prefetch(HOST)."""
+    SOURCE: the checkpoint). It ends RESIDENT, or SUSPENDED_HOST for Prefetch(HOST): the
+    worker builds on the GPU and suspends to host within the one call, holding the full
+    footprint there until it ends (accounting.transition_usage)."""
 
     runtime_id: str
     model: str
@@ -37,7 +39,9 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """Bring a suspended worker's weights back up from `source` (HOST, DEEP or DISK)."""
+    """Bring a suspended worker's weights back up from `source` (HOST, DEEP or DISK). A
+    resume from DISK to SUSPENDED_HOST maps nothing on the GPU: the worker reads the snapshot
+    into its host copy."""
 
     runtime_id: str
     model: str

@@ -37,13 +37,17 @@ def restore_seconds(res: Residency, fp: Footprint, costs: Costs) -> float:
 
 
 def prefetch_host_seconds(res: Residency, fp: Footprint, costs: Costs) -> float:
-    """Estimated time to get a runtime from `res` to SUSPENDED_HOST (Prefetch(HOST))."""
+    """Estimated time to get a runtime from `res` to SUSPENDED_HOST (Prefetch(HOST)): from
+    SUSPENDED_DISK the snapshot is read into a freshly pinned host copy; from no worker the
+    engine is built on the GPU (graphs captured), then its weights are copied out to a pinned
+    host copy and the arenas unmapped."""
     w = fp.weights
     pin = w / costs.pin
     if res.state is S.SUSPENDED_DISK:
         return pin + w / costs.disk_read
     read = w / costs.disk_read if res.snapshot else w / costs.cold_load
-    return costs.worker_start_s + pin + read
+    copy_out = pin + w / costs.gpu_to_host + costs.map_s
+    return costs.worker_start_s + read + costs.graph_capture_s + copy_out
 
 
 def demote_seconds(frm: Residency, to: Residency, fp: Footprint, costs: Costs) -> float:

@@ -180,7 +180,12 @@ def _blocked(d: Draft, sim: Sim, rt: Runtime, gpus: list[int], base: Decision) -
 def place_host(d: Draft, sim: Sim, model: str, bar: float) -> Placement | None:
     """Plan a Prefetch(HOST): the weights into pinned host RAM, the worker's context on a
     GPU with free room. Only host runtimes worth less than `bar` are paged out for it; no
-    GPU runtime is evicted. None when there is no such room."""
+    GPU runtime is evicted. None when there is no such room.
+
+    From SUSPENDED_DISK the snapshot is read straight into the host copy (the context is
+    already on its GPU). From COLD or SNAPSHOT the worker builds the engine on the GPU and
+    suspends it to host in the same call, so the GPU needs free room for the whole resident
+    footprint while it loads (accounting.transition_usage)."""
     rt, fp = d.runtime_of(model), d.fp(model)
     at = rt.at
     trial = sim.fork()
@@ -191,7 +196,11 @@ def place_host(d: Draft, sim: Sim, model: str, bar: float) -> Placement | None:
     else:
         if trial.free_workers() < 1:
             return None  # a prefetch takes only a free worker slot
-        gpus = [g.index for g in d.gpus if g.index not in d.draining]
+        gpus = [
+            g.index
+            for g in d.gpus
+            if g.index not in d.draining and trial.free_gpu(g.index) >= fp.resident
+        ]
     gpus = sorted(gpus, key=lambda g: (-trial.free_gpu(g), g))
     if not gpus:
         return None

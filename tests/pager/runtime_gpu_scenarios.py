@@ -26,7 +26,7 @@ from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
-from torpor.worker.pager.states import SuspendLevel
+from torpor.worker.pager.states import Residency, SuspendLevel
 
 MiB = 1 << 20
 SCENARIOS: dict[str, Callable[[Path], None]] = {}
@@ -162,6 +162,34 @@ def hundred_cycles_leak_nothing(tmp: Path) -> None:
         rt.resume()
     assert abs(free_bytes() - base) <= 64 * MiB
     generate(rt)
+    rt.close()
+
+
+@scenario
+def disk_to_host_maps_nothing_on_the_device(tmp: Path) -> None:
+    """A prefetch to host from disk (issue 13): the snapshot goes into a pinned host copy,
+    the device's free bytes do not move, and the host resume after it streams the same
+    tokens. Then without a host copy: a suspend to HOST pins and copies on its own path."""
+    rt = PagedRuntime.load(model(tmp), OPTIONS, PAGER)
+    store = ChunkStore(tmp / "store")
+    before, where = generate(rt), pointers(rt)
+    rt.suspend(SuspendLevel.DISK, store=store)
+    free = free_bytes()
+    report = rt.resume(target=Residency.SUSPENDED_HOST)
+    assert rt.residency is Residency.SUSPENDED_HOST and rt.peak_mapped_bytes == 0
+    assert abs(free_bytes() - free) <= 8 * MiB, free_bytes() - free
+    host = rt.wait_host_copy()
+    assert host is not None and host.pinned and report.bytes == host.nbytes
+    assert rt.resume().streamed
+    assert pointers(rt) == where and generate(rt) == before
+    rt.suspend(SuspendLevel.DISK, store=store)
+    rt.resume(keep_host_copy=False)
+    assert rt.wait_host_copy() is None and rt.memory().host_bytes == 0
+    assert generate(rt) == before
+    rt.suspend(SuspendLevel.HOST)  # no copy: made now, then unmapped
+    assert rt.memory().host_bytes == rt.engine.memory.weights.nbytes
+    rt.resume()
+    assert generate(rt) == before
     rt.close()
 
 

@@ -272,6 +272,28 @@ def test_a_disk_suspend_and_close_make_the_keeper_let_go(
     assert _wait_until(lambda: _held_bytes(keeper.path) == 0)
 
 
+def test_a_disk_resume_to_host_hands_its_new_copy_to_the_keeper(
+    kept_runtime: PagedRuntime, keeper: KeeperProcess, tmp_path: Path
+) -> None:
+    """A prefetch to host from disk reads the snapshot into a shared, locked copy that the
+    keeper then holds, so the deep resume after it is filled by the keeper (issue 13)."""
+    from torpor.store.chunks import ChunkStore
+    from torpor.worker.pager.states import Residency
+
+    rt = kept_runtime
+    before = generate(rt, GREEDY)
+    rt.suspend(SuspendLevel.DISK, store=ChunkStore(tmp_path / "store"))
+    assert _wait_until(lambda: _held_bytes(keeper.path) == 0)
+    rt.resume(target=Residency.SUSPENDED_HOST)
+    host = rt.wait_host_copy()
+    assert host is not None and host.shared and host.pinned
+    assert _wait_until(lambda: rt.host_copy.kept)
+    assert _held_bytes(keeper.path) == host.nbytes
+    rt.suspend(SuspendLevel.DEEP)
+    assert rt.resume().via == "keeper"
+    assert generate(rt, GREEDY).token_ids == before.token_ids
+
+
 def test_without_a_reachable_keeper_a_deep_resume_stages(model_dir: Path, tmp_path: Path) -> None:
     options = dataclasses.replace(PAGER, keeper_socket=str(tmp_path / "nobody.sock"))
     rt = PagedRuntime.load(model_dir, OPTIONS, options)

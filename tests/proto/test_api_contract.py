@@ -214,12 +214,14 @@ FIELDS: dict[str, dict[str, str]] = {
         "uptime": DUR,
     },
     "WorkerLoadRequest": {
+        "source": "Tier",
         "model_dir": "string",
+        "snapshot_id": "string",
         "dtype": "Dtype",
         "max_batch": "uint32",
         "max_seq_len": "uint32",
-        "device": "string",
-        "options": "map<string, string>",
+        "target": "RuntimeState",
+        "keep_host_copy": "bool",
     },
     "WorkerLoadResponse": {
         "progress": "WorkerLoadResponse.Progress in event",
@@ -236,6 +238,8 @@ FIELDS: dict[str, dict[str, str]] = {
         "sampling": "SamplingParams",
     },
     "WorkerSuspendRequest": {"level": "Tier"},
+    # Issue 13: what torpord decided crosses the wire as typed fields.
+    "WorkerResumeRequest": {"source": "Tier", "target": "RuntimeState", "keep_host_copy": "bool"},
     "WorkerSuspendResponse": {"gpu_bytes_released": "uint64", "total": DUR},
     "WorkerResumeResponse.Done": {"tier": "Tier", "bytes": "uint64", "total": DUR},
     "WorkerSnapshotResponse.Done": {

@@ -87,11 +87,21 @@ def load(worker: Worker, model_dir: Path) -> list[worker_pb2.WorkerLoadResponse]
         "Load",
         worker_pb2.WorkerLoadRequest(
             model="demo",
+            source=common_pb2.TIER_SOURCE,
             model_dir=str(model_dir),
             model_roots=[str(model_dir)],
             max_batch=4,
             max_seq_len=256,
+            target=common_pb2.RUNTIME_STATE_RESIDENT,
+            keep_host_copy=True,
         ),
+    )
+
+
+def resume_request(tier: int) -> worker_pb2.WorkerResumeRequest:
+    """Resume from `tier` to the GPU, keeping the host copy (what torpord asks by default)."""
+    return worker_pb2.WorkerResumeRequest(
+        source=tier, target=common_pb2.RUNTIME_STATE_RESIDENT, keep_host_copy=True
     )
 
 
@@ -137,7 +147,7 @@ def test_load_generate_suspend_resume(worker: Worker, model_dir: Path) -> None:
         assert all(a.mapped_bytes == 0 for a in status.arenas)
         with pytest.raises(FailedPrecondition, match="resume it first"):
             generate(worker, [1, 2, 3])
-        resumed = worker.call("Resume", worker_pb2.WorkerResumeRequest())
+        resumed = worker.call("Resume", resume_request(tier))
         done = resumed[-1].done
         assert done.tier == tier and done.bytes > 0
         assert not done.streamed  # streamed resumes need a locked host copy on a GPU
@@ -155,7 +165,11 @@ def test_errors_have_their_codes(worker: Worker, model_dir: Path, tmp_path: Path
         worker.call(
             "Load",
             worker_pb2.WorkerLoadRequest(
-                model="x", model_dir=str(tmp_path), model_roots=[str(tmp_path)]
+                model="x",
+                source=common_pb2.TIER_SOURCE,
+                model_dir=str(tmp_path),
+                model_roots=[str(tmp_path)],
+                target=common_pb2.RUNTIME_STATE_RESIDENT,
             ),
         )
     load(worker, model_dir)
@@ -184,7 +198,14 @@ def test_snapshot_then_restore_in_a_new_worker(tmp_path: Path, model_dir: Path) 
     second = Worker(tmp_path / "b", store)
     try:
         events = second.call(
-            "Load", worker_pb2.WorkerLoadRequest(model="demo", snapshot_id=done.snapshot_id)
+            "Load",
+            worker_pb2.WorkerLoadRequest(
+                model="demo",
+                source=common_pb2.TIER_DISK,
+                snapshot_id=done.snapshot_id,
+                target=common_pb2.RUNTIME_STATE_RESIDENT,
+                keep_host_copy=True,
+            ),
         )
         assert events[-1].done.status.snapshot_id == done.snapshot_id
         assert (
@@ -270,7 +291,7 @@ def test_a_suspend_with_abort_fails_the_running_generate(worker: Worker, model_d
     error = from_rpc_error(info.value)
     assert error.reason == "REQUEST_ABORTED"
     assert all(not c.HasField("usage") for c in streamed)  # no chunk said it had finished
-    worker.call("Resume", worker_pb2.WorkerResumeRequest())
+    worker.call("Resume", resume_request(common_pb2.TIER_HOST))
 
 
 def test_sigterm_stops_the_worker(worker: Worker) -> None:

@@ -1,6 +1,11 @@
 """The weights' retained host copy, made in the background after a load or a disk resume so
 that a host-level suspend only unmaps (never copies on the eviction path).
 
+torpord decides whether a runtime keeps one (`keep_host_copy` of Load and Resume: the copy
+counts against its host budget). A runtime without one that is suspended to HOST has it made
+then, on the eviction path (`make`), and a prefetch from disk fills a new one straight from
+the snapshot (`adopt`).
+
 Making it pins as many bytes as the weights (16 GB for an 8B model; seconds of work), and
 pinning takes a driver lock that a request's kernel launches would queue behind. So the copy
 gives way: before each pinned piece, and before the copy itself, it waits while the runtime
@@ -42,13 +47,11 @@ class _Cancelled(Exception):
 
 
 class HostCopy:
-    """One runtime's host copy: start it, wait for it, cancel it, release it. Thread-safe
-    for one owner (the runtime, under its lock) and the background thread it starts."""
+    """One runtime's host copy: start it, make it now, adopt one, wait for it, cancel it,
+    release it. Thread-safe for one owner (the runtime, under its lock) and the background
+    thread it starts."""
 
-    def __init__(
-        self, enabled: bool, busy: Callable[[], bool], keeper: KeeperClient | None = None
-    ) -> None:
-        self.enabled = enabled
+    def __init__(self, busy: Callable[[], bool], keeper: KeeperClient | None = None) -> None:
         self.keeper = keeper
         self._names = itertools.count()
         self._kept: tuple[HostBuffer, str] | None = None  # the copy the keeper holds, by name
@@ -56,28 +59,46 @@ class HostCopy:
         self._keeping: threading.Thread | None = None
         self.buffer: HostBuffer | None = None
         self._busy = busy
-        self._done = threading.Event()
+        self._asked = False  # a copy was started, made or adopted, and not released since
+        self._done = threading.Event()  # set: no copy under way
+        self._done.set()
         self._cancel = threading.Event()
         self._error: BaseException | None = None
         self._repin_thread: threading.Thread | None = None
         self._repin_stop = threading.Event()
-        if not enabled:
-            self._done.set()
 
     @property
     def nbytes(self) -> int:
         return self.buffer.nbytes if self.buffer is not None else 0
 
     def start(self, arena: Arena, nbytes: int) -> None:
-        """Pin and fill the first `nbytes` of `arena` in the background (no-op if disabled)."""
-        if not self.enabled:
-            return
-        self._done.clear()
-        self._cancel.clear()
-        self._error = None
+        """Pin and fill the first `nbytes` of `arena` in the background."""
+        self._begin()
         threading.Thread(
             target=self._make, args=(arena, nbytes), name="host-copy", daemon=True
         ).start()
+
+    def make(self, arena: Arena, nbytes: int) -> HostBuffer | None:
+        """Pin and fill the copy now, on this thread (a suspend to HOST of a runtime that
+        kept none: the slow pin on the eviction path that torpord prices). The runtime is
+        parked, so nothing waits for it to give way."""
+        self._begin()
+        self._make(arena, nbytes)
+        return self.wait()
+
+    def adopt(self, buffer: HostBuffer) -> None:
+        """Take `buffer`, already filled, as the copy (a prefetch from disk read the snapshot
+        into it); with a keeper, hand it over in the background."""
+        self.release()
+        self._asked = True
+        self.buffer = buffer
+        self.keep()
+
+    def _begin(self) -> None:
+        self._asked = True
+        self._done.clear()
+        self._cancel.clear()
+        self._error = None
 
     def _make(self, arena: Arena, nbytes: int) -> None:
         buffer: HostBuffer | None = None
@@ -111,9 +132,9 @@ class HostCopy:
             raise _Cancelled
 
     def wait(self) -> HostBuffer | None:
-        """The copy, once made (None when host copies are disabled); FailedPrecondition
-        HOST_COPY_FAILED if it could not be made."""
-        if not self.enabled:
+        """The copy, once made (None when none was asked for since the last `release`);
+        FailedPrecondition HOST_COPY_FAILED if it could not be made."""
+        if not self._asked:
             return None
         self._done.wait()
         if self._error is not None:
@@ -235,6 +256,8 @@ class HostCopy:
         with self._keep_lock:
             kept, self._kept = self._kept, None
             buffer, self.buffer = self.buffer, None
+        self._asked = False
+        self._error = None
         if kept is not None:
             threading.Thread(target=self._drop, args=(kept[1],), name="host-drop").start()
         if buffer is not None:

@@ -1,8 +1,9 @@
 """The weights' way back into a mapped arena, for `PagedRuntime.resume` (`Refill`): streamed
 from the locked host copy (serving begins at once, see gate.py), copied from it (locked here,
-by the keeper, or through staging buffers), or from the snapshot on disk; and the small
-pieces a suspend or resume shares (the stopwatch of its phases, giving back torch's cached
-device memory)."""
+by the keeper, or through staging buffers), or from the snapshot on disk; the snapshot's way
+into a new host copy without touching the device (`snapshot_to_host`, a prefetch to host);
+and the small pieces a suspend or resume shares (the stopwatch of its phases, giving back
+torch's cached device memory)."""
 
 from __future__ import annotations
 
@@ -188,6 +189,31 @@ def from_disk(
     finally:
         ring.close()
     return stats.bytes
+
+
+def snapshot_to_host(
+    manifest: SnapshotManifest | None,
+    store: ChunkStore | None,
+    arena: Arena,
+    nbytes: int,
+    options: PagerOptions,
+    shared: bool,
+    progress: Progress | None,
+) -> HostBuffer:
+    """A new host copy of the weights arena's first `nbytes`, filled with the snapshot's
+    chunks, each verified as a disk resume verifies it (a Prefetch(HOST) from disk). The arena
+    is never mapped: the bytes go from disk to host RAM only. Pinned on CUDA, like every host
+    copy, so that the next resume from it streams; `shared` for a keeper."""
+    if store is None or manifest is None:
+        raise FailedPrecondition("resuming from disk needs the chunk store", reason="NO_SNAPSHOT")
+    buffer = HostBuffer.for_arena(arena, nbytes, shared=shared)
+    try:
+        # The destination is host memory: the staging ring needs no page locks.
+        from_disk(manifest, store, buffer.tensor, options, None, progress)
+    except BaseException:
+        buffer.close()  # never keep a copy with an unverified or missing chunk
+        raise
+    return buffer
 
 
 def release_cached_device_memory() -> None:

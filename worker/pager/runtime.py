@@ -9,7 +9,12 @@ Levels of suspend (docs/ARCHITECTURE.md, "Tiers"):
 - DISK: the weights are in the chunk store (written once; reused), the host copy is released
   too. Resuming streams the chunks back, verified, through a ring of staging buffers.
 Resuming maps every arena again, refills the weights, and zeroes the KV cache so nothing of
-an earlier tenant can leak.
+an earlier tenant can leak. A resume from DISK may stop at HOST instead (a prefetch): the
+snapshot is read into a new host copy and no arena is mapped.
+
+Whether the runtime keeps its host copy is torpord's decision (it counts the copy against its
+host budget): a load or a resume is told, and a suspend to HOST of a runtime without one
+makes it then, on the eviction path.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from torpor.worker.pager.states import (
     ResumeReport,
     SuspendLevel,
     SuspendReport,
+    check_resume,
 )
 
 log = get_logger("pager.runtime")
@@ -79,12 +85,14 @@ class PagedRuntime:
         self.residency = Residency.RESIDENT
         self.manifest: SnapshotManifest | None = None
         keeper = KeeperClient(Path(options.keeper_socket)) if options.keeper_socket else None
-        self.host_copy = HostCopy(options.host_copy, lambda: self.loop.busy(), keeper)
+        self.host_copy = HostCopy(lambda: self.loop.busy(), keeper)
         self._lock = threading.RLock()
         self._pause: contextlib.ExitStack | None = None
         self._store: ChunkStore | None = None  # where the snapshot lives, for disk resumes
         self.refill = refill.Refill(engine, placement, options, self.host_copy)
         self.environment = environment_here(engine.device)
+        # The most arena bytes mapped at once during the last load, suspend or resume.
+        self.peak_mapped_bytes = placement.mapped_bytes()
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
         # the eviction path.
         self._controller = (
@@ -104,10 +112,11 @@ class PagedRuntime:
     ) -> PagedRuntime:
         """Cold load from a Hugging Face checkpoint into arenas (`filler`: another source of
         the weight bytes, e.g. random ones for a benchmark; the directory's safetensors by
-        default)."""
+        default). With `options.host_copy`, the host copy is then made in the background."""
         engine, placement = build.load_engine(model_dir, engine_options, options, progress, filler)
         runtime = cls(engine, placement, options, as_checkpoint(model_dir))
-        runtime._start_host_copy()
+        if options.host_copy:
+            runtime._start_host_copy()
         return runtime
 
     @classmethod
@@ -128,7 +137,8 @@ class PagedRuntime:
         runtime = cls(engine, placement, options, as_checkpoint(model_dir))
         runtime.manifest = manifest
         runtime._store = store
-        runtime._start_host_copy()
+        if options.host_copy:
+            runtime._start_host_copy()
         return runtime
 
     # -- the host copy -----------------------------------------------------------------------
@@ -142,7 +152,7 @@ class PagedRuntime:
         self.host_copy.start(self.placement.arenas["weights"], self.engine.memory.weights.nbytes)
 
     def wait_host_copy(self) -> HostBuffer | None:
-        """The host copy, once it is made (None when host copies are disabled)."""
+        """The host copy, once it is made (None when the runtime keeps none)."""
         return self.host_copy.wait()
 
     # -- snapshot ----------------------------------------------------------------------------
@@ -214,6 +224,7 @@ class PagedRuntime:
             if self.residency in DEEPER and level in DEEPER[self.residency]:
                 return self._deepen(level, store)
             self._require(Residency.RESIDENT, verb="suspend")
+            self.peak_mapped_bytes = self.placement.mapped_bytes()
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
@@ -256,6 +267,7 @@ class PagedRuntime:
 
     def _deepen(self, level: SuspendLevel, store: ChunkStore | None) -> SuspendReport:
         """Move an already suspended runtime further down; its arenas stay unmapped."""
+        self.peak_mapped_bytes = 0
         start = time.perf_counter()
         if self.residency is Residency.SUSPENDED_DEEP:
             self._checkpoint("resume")  # DISK keeps the context
@@ -292,10 +304,9 @@ class PagedRuntime:
         if level is SuspendLevel.DISK:
             self._ensure_snapshot(store)
         elif self.wait_host_copy() is None:
-            raise FailedPrecondition(
-                "a host-level suspend needs the host copy of the weights (host_copy is off)",
-                reason="NO_HOST_COPY",
-            )
+            # It kept no copy (torpord asked for none): pin and copy now, on the eviction
+            # path, before anything is unmapped. torpord prices this time (POLICY.md).
+            self.host_copy.make(self.placement.arenas["weights"], self.engine.memory.weights.nbytes)
 
     def _unmap_all(self, clock: refill.Stopwatch | None = None) -> int:
         # The background host copy reads the weights arena: never unmap under it (a disk
@@ -316,9 +327,19 @@ class PagedRuntime:
         return released if self._cuda else 0
 
     def resume(
-        self, store: ChunkStore | None = None, progress: Progress | None = None
+        self,
+        store: ChunkStore | None = None,
+        progress: Progress | None = None,
+        *,
+        source: Residency | None = None,
+        target: Residency = Residency.RESIDENT,
+        keep_host_copy: bool = True,
     ) -> ResumeReport:
-        """Bring the runtime back: same addresses, weights refilled, KV zeroed."""
+        """Bring the runtime back: same addresses, weights refilled, KV zeroed. `source`, when
+        given, must be where it is (FailedPrecondition otherwise: the caller's view is
+        stale). `target` SUSPENDED_HOST (from disk only) reads the snapshot into a new host
+        copy and maps nothing. Without `keep_host_copy`, no host copy is left afterwards:
+        none is made after a disk resume, and one it resumed from is released."""
         with self._lock:
             self._require(
                 Residency.SUSPENDED_HOST,
@@ -326,6 +347,10 @@ class PagedRuntime:
                 Residency.SUSPENDED_DISK,
                 verb="resume",
             )
+            check_resume(self.residency, source, target, keep_host_copy)
+            if target is Residency.SUSPENDED_HOST:
+                return self._disk_to_host(store, progress)
+            self.peak_mapped_bytes = self.placement.mapped_bytes()
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
@@ -336,16 +361,19 @@ class PagedRuntime:
                 # The context is back: if what follows fails, the runtime stays suspended
                 # at the host level, not checkpointed.
                 self.residency = Residency.SUSPENDED_HOST
-            streamed = self.refill.can_stream(self.residency is Residency.SUSPENDED_DISK)
+            came_from_disk = self.residency is Residency.SUSPENDED_DISK
+            # A copy about to be released is not streamed from: it must be done with first.
+            streamed = keep_host_copy and self.refill.can_stream(came_from_disk)
             try:
                 moved = self._bring_back(streamed, store, progress, clock)
             except BaseException:
                 self._unmap_mapped()  # never serve from a half-filled or unverified arena
                 raise
-            came_from_disk = self.residency is Residency.SUSPENDED_DISK
             self.residency = Residency.RESIDENT
             self._unpark()
-            if came_from_disk:
+            if not keep_host_copy:
+                self.host_copy.release()  # torpord counts no copy from now on
+            elif came_from_disk:
                 self._start_host_copy()
             else:
                 self.host_copy.repin()  # after a deep suspend: lock it again, giving way
@@ -366,6 +394,43 @@ class PagedRuntime:
             )
             return report
 
+    def _disk_to_host(self, store: ChunkStore | None, progress: Progress | None) -> ResumeReport:
+        """From SUSPENDED_DISK to SUSPENDED_HOST: the snapshot's chunks, verified, straight
+        into a new host copy. No arena is mapped, so the device holds what it held on disk
+        (the context); a later host resume streams from the copy."""
+        self.peak_mapped_bytes = self.placement.mapped_bytes()  # 0: suspended
+        start = time.perf_counter()
+        clock = refill.Stopwatch()
+        buffer = refill.snapshot_to_host(
+            self.manifest,
+            store or self._store,
+            self.placement.arenas["weights"],
+            self.engine.memory.weights.nbytes,
+            self.options,
+            self.host_copy.keeper is not None,
+            progress,
+        )
+        clock.lap("refill")
+        self.host_copy.adopt(buffer)
+        self.residency = Residency.SUSPENDED_HOST
+        report = ResumeReport(
+            SuspendLevel.DISK.value,
+            time.perf_counter() - start,
+            buffer.nbytes,
+            clock.laps,
+            via="disk",
+        )
+        log.info(
+            "resumed_to_host",
+            tier=report.tier,
+            seconds=round(report.seconds, 4),
+            gbps=round(report.gbps, 2),
+        )
+        return report
+
+    def _note_mapped(self) -> None:
+        self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.placement.mapped_bytes())
+
     def _bring_back(
         self,
         streamed: bool,
@@ -376,6 +441,7 @@ class PagedRuntime:
         """Map every arena and refill the weights; the bytes moved."""
         weights = self.placement.arenas["weights"]
         weights.map()
+        self._note_mapped()
         clock.lap("map")
         if streamed:  # serve at once; each layer waits for its own bytes
             self._map_scratch()
@@ -413,6 +479,7 @@ class PagedRuntime:
         arenas["kv"].map(zero=True)
         if "graphs" in arenas:
             arenas["graphs"].map()
+        self._note_mapped()
         if self._cuda:
             torch.cuda.synchronize(self.engine.device)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from torpor.errors import FailedPrecondition, InvalidArgument
+
 
 class SuspendLevel(enum.Enum):
     """How far a suspend goes; later members free more and restore slower."""
@@ -81,3 +83,32 @@ class MemoryUsage:
     arena_bytes: int  # mapped arena bytes, whatever the backend
     host_bytes: int  # retained host copy of the weights
     disk_bytes: int  # the weights' snapshot on disk
+
+
+def check_resume(
+    residency: Residency, source: Residency | None, target: Residency, keep_host_copy: bool
+) -> None:
+    """Refuse a resume the runtime at `residency` cannot do: FailedPrecondition for a
+    `source` that is not where it is (the caller's view is stale), InvalidArgument for a
+    `target` other than RESIDENT, or SUSPENDED_HOST from disk with its host copy kept."""
+    if source is not None and source is not residency:
+        raise FailedPrecondition(
+            f"cannot resume from {source.value}: the runtime is {residency.value}",
+            reason="WRONG_RESUME_SOURCE",
+            metadata={"state": residency.value, "source": source.value},
+        )
+    if target is Residency.RESIDENT:
+        return
+    if target is not Residency.SUSPENDED_HOST or residency is not Residency.SUSPENDED_DISK:
+        raise InvalidArgument(
+            f"a resume from {residency.value} ends resident, not {target.value} "
+            "(only a disk resume may stop at host)",
+            reason="BAD_TARGET",
+            metadata={"state": residency.value, "target": target.value},
+        )
+    if not keep_host_copy:
+        raise InvalidArgument(
+            "a resume to host keeps its host copy: that is where the weights go",
+            reason="BAD_TARGET",
+            metadata={"target": target.value},
+        )

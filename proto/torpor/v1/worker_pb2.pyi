@@ -14,15 +14,11 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
-    LOAD_PHASE_CONTEXT: _ClassVar[LoadPhase]
     LOAD_PHASE_WEIGHTS: _ClassVar[LoadPhase]
-    LOAD_PHASE_GRAPHS: _ClassVar[LoadPhase]
-    LOAD_PHASE_WARMUP: _ClassVar[LoadPhase]
+    LOAD_PHASE_HOST_COPY: _ClassVar[LoadPhase]
 LOAD_PHASE_UNSPECIFIED: LoadPhase
-LOAD_PHASE_CONTEXT: LoadPhase
 LOAD_PHASE_WEIGHTS: LoadPhase
-LOAD_PHASE_GRAPHS: LoadPhase
-LOAD_PHASE_WARMUP: LoadPhase
+LOAD_PHASE_HOST_COPY: LoadPhase
 
 class Arena(_message.Message):
     __slots__ = ("name", "base_address", "reserved_bytes", "mapped_bytes")
@@ -37,47 +33,38 @@ class Arena(_message.Message):
     def __init__(self, name: _Optional[str] = ..., base_address: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerLoadRequest(_message.Message):
-    __slots__ = ("model", "model_dir", "dtype", "max_batch", "max_seq_len", "device", "snapshot_id", "options", "model_roots")
-    class OptionsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("model", "source", "model_dir", "dtype", "max_batch", "max_seq_len", "snapshot_id", "model_roots", "target", "keep_host_copy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
-    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ROOTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    KEEP_HOST_COPY_FIELD_NUMBER: _ClassVar[int]
     model: str
+    source: _common_pb2.Tier
     model_dir: str
     dtype: _common_pb2.Dtype
     max_batch: int
     max_seq_len: int
-    device: str
     snapshot_id: str
-    options: _containers.ScalarMap[str, str]
     model_roots: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., device: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., model_roots: _Optional[_Iterable[str]] = ...) -> None: ...
+    target: _common_pb2.RuntimeState
+    keep_host_copy: bool
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.Tier, str]] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., model_roots: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., keep_host_copy: _Optional[bool] = ...) -> None: ...
 
 class LoadTimings(_message.Message):
-    __slots__ = ("context", "weights", "graphs", "warmup", "total")
-    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("weights", "graphs", "total")
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_FIELD_NUMBER: _ClassVar[int]
-    WARMUP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
-    context: _duration_pb2.Duration
     weights: _duration_pb2.Duration
     graphs: _duration_pb2.Duration
-    warmup: _duration_pb2.Duration
     total: _duration_pb2.Duration
-    def __init__(self, context: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., weights: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., graphs: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., warmup: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, weights: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., graphs: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WorkerLoadResponse(_message.Message):
     __slots__ = ("progress", "done")
@@ -142,8 +129,14 @@ class WorkerSuspendResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., gpu_bytes_released: _Optional[int] = ..., host_bytes_released: _Optional[int] = ..., gpu_bytes_remaining: _Optional[int] = ..., unmap: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., checkpoint: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WorkerResumeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("source", "target", "keep_host_copy")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    KEEP_HOST_COPY_FIELD_NUMBER: _ClassVar[int]
+    source: _common_pb2.Tier
+    target: _common_pb2.RuntimeState
+    keep_host_copy: bool
+    def __init__(self, source: _Optional[_Union[_common_pb2.Tier, str]] = ..., target: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., keep_host_copy: _Optional[bool] = ...) -> None: ...
 
 class WorkerResumeResponse(_message.Message):
     __slots__ = ("progress", "done")
@@ -216,7 +209,7 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatusResponse(_message.Message):
-    __slots__ = ("state", "model", "device", "gpu_bytes", "host_bytes", "disk_bytes", "pid", "arenas", "active_requests", "snapshot_id")
+    __slots__ = ("state", "model", "device", "gpu_bytes", "host_bytes", "disk_bytes", "pid", "arenas", "active_requests", "snapshot_id", "peak_mapped_bytes")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +220,7 @@ class WorkerStatusResponse(_message.Message):
     ARENAS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.RuntimeState
     model: str
     device: str
@@ -237,7 +231,8 @@ class WorkerStatusResponse(_message.Message):
     arenas: _containers.RepeatedCompositeFieldContainer[Arena]
     active_requests: int
     snapshot_id: str
-    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., active_requests: _Optional[int] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
+    peak_mapped_bytes: int
+    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., active_requests: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., peak_mapped_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerShutdownRequest(_message.Message):
     __slots__ = ()

@@ -82,7 +82,8 @@ class WorkerServicer:
     """
 
     def Load(self, request, context):
-        """Load the runtime (from the checkpoint or a snapshot). Streams progress, then `done`.
+        """Load the runtime (from the checkpoint or a snapshot) and leave it RESIDENT, or
+        SUSPENDED_HOST (a host prefetch). Streams progress, then `done`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,8 +105,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Resume(self, request, context):
-        """Bring a suspended runtime back to the GPU at the same addresses. Streams progress, then
-        `done`.
+        """Bring a suspended runtime back to the GPU at the same addresses, or (from DISK) only up
+        to host RAM. Streams progress, then `done`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

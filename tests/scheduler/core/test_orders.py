@@ -22,6 +22,7 @@ from torpor.scheduler.core import (
     PrefetchRequested,
     Reason,
     RequestStarted,
+    Resume,
     RuntimeState,
     SnapshotDeleted,
     Suspend,
@@ -29,7 +30,7 @@ from torpor.scheduler.core import (
     snapshot_in_use,
 )
 
-from .harness import Harness, world
+from .harness import GiB, Harness, world
 
 S = RuntimeState
 
@@ -176,6 +177,62 @@ def test_prefetch_to_host_loads_into_host_ram() -> None:
     assert (load.target, load.keep_host_copy) == (S.SUSPENDED_HOST, True)
     h.complete(load)
     assert _of(h, PrefetchDone) == [PrefetchDone("p1", "a", S.SUSPENDED_HOST)]
+
+
+def test_a_host_prefetch_from_cold_needs_room_for_the_whole_runtime_on_a_gpu() -> None:
+    """The worker builds the engine on the GPU (graphs are captured there) before it moves
+    the weights to host RAM: the load holds the full footprint until it ends (issue 13)."""
+    h = Harness(world(gpus=(24,)))
+    h.register("a", 10)
+    h.register("b", 10)
+    h.acquire("a", client="holder")  # leased: no GPU runtime is evicted for a prefetch anyway
+    h.settle()
+    fp = h.state.models["b"].spec.footprint
+    assert 24 * GiB - fp.resident < fp.resident  # b's context and residue fit, b does not
+    h.send(PrefetchRequested("p1", "b", Tier.HOST))
+    assert not _of(h, Load)
+    assert h.rejects["p1"].reason == "NO_ROOM"
+    assert h.rt("b").state is S.COLD
+
+
+def test_a_host_prefetch_from_cold_counts_the_full_footprint_while_it_loads() -> None:
+    h = Harness(world(gpus=(40,)))
+    h.register("a", 10)
+    h.send(PrefetchRequested("p1", "a", Tier.HOST))
+    [load] = _of(h, Load)
+    fp = h.state.models["a"].spec.footprint
+    held = h.state.held(h.rt("a"))
+    assert (held.gpu, held.gpu_bytes, held.host) == (load.gpu, fp.resident, fp.weights)
+    h.complete(load)
+    settled = h.state.held(h.rt("a"))
+    assert (settled.gpu_bytes, settled.host) == (fp.context + fp.residue, fp.weights)
+
+
+def test_a_host_prefetch_from_disk_needs_only_the_context_and_residue() -> None:
+    """From SUSPENDED_DISK the worker reads the snapshot straight into its host copy and maps
+    no arena: the resume holds the context and residue on the GPU, never the weights."""
+    h = Harness(world(gpus=(24,)))
+    h.register("a", 10)
+    h.register("b", 10)
+    h.acquire("b", client="b")
+    h.settle()
+    h.send(ClientGone("b"))
+    h.send(EvictRequested("e1", "b", Tier.DISK))
+    h.settle()
+    h.acquire("a", client="holder")
+    h.settle()
+    fp = h.state.models["b"].spec.footprint
+    h.send(PrefetchRequested("p1", "b", Tier.HOST))
+    [resume] = _of(h, Resume)
+    assert (resume.source, resume.target, resume.keep_host_copy) == (
+        Tier.DISK,
+        S.SUSPENDED_HOST,
+        True,
+    )
+    held = h.state.held(h.rt("b"))
+    assert (held.gpu_bytes, held.host) == (fp.context + fp.residue, fp.weights)
+    h.complete(resume)
+    assert _of(h, PrefetchDone) == [PrefetchDone("p1", "b", S.SUSPENDED_HOST)]
 
 
 def test_a_snapshot_in_use_cannot_be_deleted() -> None:
