@@ -1,0 +1,292 @@
+"""The ledger tour: one torpord driven through prefetch, eviction to each tier, resume from
+each tier, snapshot GC under a running resume and a full store, with its books compared
+during and after every step (books.py). The CPU test and the `gpu` test run the same tour.
+
+Models: three small demos (alpha, beta, gamma, about 8 MiB of float32 weights each) and
+`big` (about 50 MiB), whose disk resume is long enough to run GC and DeleteSnapshot against.
+The store's capacity is the weights of all four: every snapshot the core counts fits, but
+gamma's, written last on top of the others with their manifests and small files, cannot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.daemon.conftest import MAX_SEQ_LEN, Torpord, call
+from tests.ledger.books import Books, Probe, sampling
+from torpor.errors import FailedPrecondition, ResourceExhausted, TorporError
+from torpor.scheduler.footprint import estimate
+from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2
+from torpor.worker.engine.demo import DemoSpec, make_demo
+
+SMALL = ("alpha", "beta", "gamma")
+BIG = "big"
+PROMPT = [5, 4, 3, 2]
+SETTLE_S = 0.3
+"""How long the books are still read after a step's call returns: background work it
+started (a host copy made after a load or a disk resume) shows up within it."""
+
+S = common_pb2.RuntimeState
+T = common_pb2.Tier
+
+
+def make_models(root: Path) -> Path:
+    for seed, name in enumerate(SMALL):
+        make_demo(
+            root / name, DemoSpec(layers=2, hidden=256, heads=4, kv_heads=2, vocab=1024, seed=seed)
+        )
+    make_demo(root / BIG, DemoSpec(layers=4, hidden=512, heads=8, kv_heads=4, vocab=4096, seed=9))
+    return root
+
+
+def weights(root: Path, name: str, cuda: bool) -> int:
+    return estimate(root / name, "float32", 4, MAX_SEQ_LEN, cuda=cuda).weights
+
+
+def resident(root: Path, name: str, cuda: bool) -> int:
+    return estimate(root / name, "float32", 4, MAX_SEQ_LEN, cuda=cuda).resident
+
+
+def store_capacity(root: Path, cuda: bool) -> int:
+    """Room for the weights of every model: the core's count of four snapshots, not the
+    bytes the store writes for them (manifests and small files too)."""
+    return sum(weights(root, name, cuda) for name in (*SMALL, BIG))
+
+
+def tokens(chunks: list[common_pb2.GenerateChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+@dataclass
+class Tour:
+    daemon: Torpord
+    probe: Probe
+    settle_s: float = SETTLE_S
+    reference: dict[str, list[int]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    # -- verbs -------------------------------------------------------------------------------
+
+    def state(self, model: str) -> int:
+        return self.daemon.runtime(model).state
+
+    def prefetch(self, model: str, tier: int) -> None:
+        call(
+            self.daemon.scheduler.Prefetch,
+            scheduler_pb2.PrefetchRequest(model=model, tier=tier, wait=True),
+            timeout=120,
+        )
+
+    def evict(self, model: str, tier: int) -> None:
+        call(self.daemon.admin.Evict, admin_pb2.EvictRequest(model=model, to_tier=tier), 120)
+
+    def serve(self, model: str, restored_from: int | None = None) -> None:
+        """Generate; the same greedy tokens every time, restored from where it was."""
+        chunks = self.daemon.generate(model, PROMPT)
+        got = tokens(chunks)
+        assert got == self.reference.setdefault(model, got), (model, got)
+        if restored_from is not None:
+            assert chunks[-1].usage.restored_from == restored_from, chunks[-1].usage
+
+    # -- the check ---------------------------------------------------------------------------
+
+    def step(self, name: str, action: Callable[[], None]) -> None:
+        """Run one step with the books read all along, then for `settle_s` after it; record
+        the first reading (during, then after) where reality exceeds the ledger. The step's
+        own error is raised after its books are recorded."""
+        after: Books | None = None
+        start = time.monotonic()
+        with sampling(self.probe) as during:
+            try:
+                action()
+            finally:
+                deadline = time.monotonic() + self.settle_s
+                while time.monotonic() < deadline or after is None:
+                    after = self.probe.consistent() or after
+                self.log.append(
+                    f"{name}: {time.monotonic() - start:.2f} s, {during.samples} readings"
+                )
+                found = dict(during.first)
+                for budget in after.excess() if after is not None else {}:
+                    found.setdefault(budget, after)
+                for budget, books in found.items():
+                    when = "during the step" if budget in during.first else "after the step"
+                    self.failures.append(books.report(name, when, budget))
+        if during.error is not None:
+            raise during.error
+
+    def finish(self) -> None:
+        assert not self.failures, "\n\n".join([*self.failures, "tour:", *self.log])
+
+
+def gc_under_resume(tour: Tour) -> None:
+    """Resume `big` from disk by a generate and, while it reads its chunks, ask for
+    CollectGarbage and DeleteSnapshot of the very snapshot it reads: GC takes nothing it
+    uses, the delete is refused, the resume serves the same tokens."""
+    d = tour.daemon
+    [snap] = [
+        s
+        for s in call(d.admin.ListSnapshots, admin_pb2.ListSnapshotsRequest()).snapshots
+        if s.model == BIG
+    ]
+    outcome: list[BaseException | None] = []
+
+    def resume() -> None:
+        try:
+            tour.serve(BIG, T.TIER_DISK)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=resume, name="resume-big")
+    worker.start()
+    overlapped, deleted = 0, []
+    while worker.is_alive():
+        before = tour.state(BIG)
+        call(d.admin.CollectGarbage, admin_pb2.CollectGarbageRequest())
+        if not deleted and before == S.RUNTIME_STATE_RESUMING:
+            request = admin_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id)
+            try:
+                call(d.admin.DeleteSnapshot, request)
+                deleted.append(f"deleted: {S.Name(before)} before, {S.Name(tour.state(BIG))} after")
+            except FailedPrecondition:  # SNAPSHOT_IN_USE: what it must say
+                pass
+        if before == S.RUNTIME_STATE_RESUMING and tour.state(BIG) == S.RUNTIME_STATE_RESUMING:
+            overlapped += 1
+    worker.join()
+    tour.log.append(f"gc under resume: {overlapped} GC+delete rounds inside the resume")
+    assert outcome == [None], f"the resume under GC failed: {outcome[0]!r} ({deleted})"
+    assert not deleted or "RESUMING after" not in deleted[0], deleted[0]
+    assert overlapped > 0, "the resume ended before any GC call ran inside it"
+
+
+def full_store(tour: Tour) -> None:
+    """Evict gamma to disk when its snapshot cannot fit the store: a clear
+    RESOURCE_EXHAUSTED and gamma stays as it was, or, if it fits after all, SUSPENDED_DISK;
+    either way no snapshot that the ledger counts is gone."""
+    d = tour.daemon
+    pid = d.runtime("gamma").worker_pid
+    try:
+        tour.evict("gamma", T.TIER_DISK)
+    except ResourceExhausted:
+        after = d.runtime("gamma")
+        assert (after.state, after.worker_pid) == (S.RUNTIME_STATE_RESIDENT, pid), after
+        tour.serve("gamma", T.TIER_GPU)
+    else:
+        assert tour.state("gamma") == S.RUNTIME_STATE_SUSPENDED_DISK
+    complete = {
+        s.model
+        for s in call(d.admin.ListSnapshots, admin_pb2.ListSnapshotsRequest()).snapshots
+        if s.state == admin_pb2.SNAPSHOT_STATE_COMPLETE
+    }
+    counted = {r.model for r in d.residency().runtimes if r.disk_bytes > 0}
+    assert counted <= complete, f"snapshots the ledger counts were deleted: {counted - complete}"
+
+
+def steps(tour: Tour) -> list[tuple[str, Callable[[], None]]]:
+    """The tour, in order; each step asserts its own outcome."""
+
+    def expect(model: str, state: int) -> Callable[[], None]:
+        def check() -> None:
+            assert tour.state(model) == state, (model, S.Name(tour.state(model)))
+
+        return check
+
+    def then(*fns: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            for fn in fns:
+                fn()
+
+        return run
+
+    return [
+        ("registered", lambda: None),
+        (
+            "prefetch alpha to GPU",
+            then(
+                lambda: tour.prefetch("alpha", T.TIER_GPU),
+                expect("alpha", S.RUNTIME_STATE_RESIDENT),
+            ),
+        ),
+        ("serve alpha", lambda: tour.serve("alpha", T.TIER_GPU)),
+        (
+            "prefetch beta to HOST from cold",
+            then(
+                lambda: tour.prefetch("beta", T.TIER_HOST),
+                expect("beta", S.RUNTIME_STATE_SUSPENDED_HOST),
+            ),
+        ),
+        (
+            "evict alpha to HOST",
+            then(
+                lambda: tour.evict("alpha", T.TIER_HOST),
+                expect("alpha", S.RUNTIME_STATE_SUSPENDED_HOST),
+            ),
+        ),
+        ("resume alpha from HOST", lambda: tour.serve("alpha", T.TIER_HOST)),
+        (
+            "evict alpha to DEEP",
+            then(
+                lambda: tour.evict("alpha", T.TIER_DEEP),
+                expect("alpha", S.RUNTIME_STATE_SUSPENDED_DEEP),
+            ),
+        ),
+        ("resume alpha from DEEP", lambda: tour.serve("alpha", T.TIER_DEEP)),
+        (
+            "evict alpha to DISK",
+            then(
+                lambda: tour.evict("alpha", T.TIER_DISK),
+                expect("alpha", S.RUNTIME_STATE_SUSPENDED_DISK),
+            ),
+        ),
+        ("resume alpha from DISK", lambda: tour.serve("alpha", T.TIER_DISK)),
+        (
+            "evict alpha to DROP",
+            then(
+                lambda: tour.evict("alpha", T.TIER_DROP), expect("alpha", S.RUNTIME_STATE_SNAPSHOT)
+            ),
+        ),
+        ("load alpha from its snapshot", lambda: tour.serve("alpha")),
+        (
+            "evict beta to DISK",
+            then(
+                lambda: tour.evict("beta", T.TIER_DISK),
+                expect("beta", S.RUNTIME_STATE_SUSPENDED_DISK),
+            ),
+        ),
+        (
+            "prefetch beta to HOST from DISK",
+            then(
+                lambda: tour.prefetch("beta", T.TIER_HOST),
+                expect("beta", S.RUNTIME_STATE_SUSPENDED_HOST),
+            ),
+        ),
+        ("resume beta from HOST", lambda: tour.serve("beta", T.TIER_HOST)),
+        ("load big", lambda: tour.serve(BIG, T.TIER_SOURCE)),
+        (
+            "evict big to DISK",
+            then(lambda: tour.evict(BIG, T.TIER_DISK), expect(BIG, S.RUNTIME_STATE_SUSPENDED_DISK)),
+        ),
+        ("load gamma", lambda: tour.serve("gamma", T.TIER_SOURCE)),
+        ("full store: evict gamma to DISK", lambda: full_store(tour)),
+        ("GC and DeleteSnapshot under a resume of big from DISK", lambda: gc_under_resume(tour)),
+    ]
+
+
+def run(tour: Tour) -> None:
+    for name, action in steps(tour):
+        try:
+            tour.step(name, action)
+        except AssertionError as exc:  # the step's own outcome; the books are checked too
+            tour.failures.append(f"step {name!r}: {exc}")
+        except TorporError as exc:
+            tour.failures.append(f"step {name!r}: {type(exc).__name__} {exc.reason}: {exc}")
+    tour.finish()
+
+
+__all__ = ["BIG", "SMALL", "Tour", "make_models", "resident", "run", "store_capacity"]
