@@ -91,6 +91,15 @@ class Books:
             if real > counted
         }
 
+    def over(self, budget: str) -> int:
+        """Bytes by which reality exceeds the ledger in `budget` (negative: within it)."""
+        if budget.startswith("gpu "):
+            g = int(budget[4:])
+            return self.reality.gpu.get(g, 0) - self.ledger.gpu.get(g, 0)
+        if budget == "host":
+            return self.reality.host - self.ledger.host
+        return self.reality.disk - self.ledger.disk
+
     def report(self, step: str, when: str, budget: str) -> str:
         lines = [f"step {step!r} ({when}): {self.excess()[budget]}"]
         lines.append("ledger (ListResidency):")
@@ -161,7 +170,7 @@ class Probe:
             pids += _pids_with_socket(sock)
         return pids
 
-    def reality(self, ledger: Ledger, gpu_of: dict[int, int]) -> Reality:
+    def reality(self, ledger: Ledger, gpu_of: dict[int | str, int]) -> Reality:
         parts = []
         gpu: dict[int, int] = {}
         host = 0
@@ -176,7 +185,7 @@ class Probe:
             # still loading (no runtime yet, so no arenas in its Status) holds too.
             mapped = max(sum(a.mapped_bytes for a in s.arenas), _memfd_mapped(s.pid))
             on_gpu = mapped if device_bytes is None else device_bytes.get(s.pid, 0)
-            index = gpu_of.get(s.pid, -1)  # -1: a worker the ledger does not know
+            index = gpu_of.get(s.pid, gpu_of.get(s.model, -1))  # -1: one it does not know
             gpu[index] = gpu.get(index, 0) + on_gpu
             host += s.host_bytes + s.staging_bytes
             parts.append(
@@ -215,12 +224,13 @@ class Probe:
             channel.close()
 
 
-def _gpu_of(daemon: Torpord) -> dict[int, int]:
-    """Worker pid -> the GPU its runtime is bound to, as the ledger says."""
+def _gpu_of(daemon: Torpord) -> dict[int | str, int]:
+    """Worker pid, and model name, -> the GPU its runtime is bound to, as the ledger says
+    (by name for a worker whose pid torpord has not published yet)."""
+    rows = [r for r in daemon.residency().runtimes if r.HasField("gpu")]
     return {
-        r.worker_pid: r.gpu
-        for r in daemon.residency().runtimes
-        if r.HasField("gpu") and r.worker_pid
+        **{r.model: r.gpu for r in rows},
+        **{r.worker_pid: r.gpu for r in rows if r.worker_pid},
     }
 
 
@@ -331,13 +341,13 @@ def nvml_device_bytes(pids: list[int]) -> dict[int, int]:
 
 
 class Sampler:
-    """Readings taken continuously in a thread while a step runs; the first whose reality
-    exceeds its ledger is kept."""
+    """Readings taken continuously in a thread while a step runs; for each budget, the one
+    whose reality exceeds its ledger most is kept."""
 
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
         self.stop = threading.Event()
-        self.first: dict[str, Books] = {}  # by budget
+        self.worst: dict[str, Books] = {}  # by budget: the reading that exceeded it most
         self.samples = 0
         self.error: BaseException | None = None
 
@@ -349,7 +359,9 @@ class Sampler:
                     continue
                 self.samples += 1
                 for budget in books.excess():
-                    self.first.setdefault(budget, books)
+                    worst = self.worst.get(budget)
+                    if worst is None or books.over(budget) > worst.over(budget):
+                        self.worst[budget] = books
                 self.stop.wait(0.02)
         except BaseException as exc:  # reported by the step, not lost in the thread
             self.error = exc
