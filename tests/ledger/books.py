@@ -164,19 +164,22 @@ class Probe:
             out.append((sock.stem, status))
         return out
 
-    def keeper_pids(self) -> list[int]:
-        pids = []
+    def keepers(self) -> list[tuple[int, int]]:
+        """(GPU index, pid) of each keeper: `<runtime_dir>/keepers/cuda-N.sock`."""
+        out = []
         for sock in (self.runtime_dir / "keepers").glob("*.sock"):
-            pids += _pids_with_socket(sock)
-        return pids
+            index = int(sock.stem.rpartition("-")[2]) if sock.stem[-1:].isdigit() else -1
+            out += [(index, pid) for pid in _pids_with_socket(sock)]
+        return out
 
     def reality(self, ledger: Ledger, gpu_of: dict[int | str, int]) -> Reality:
         parts = []
         gpu: dict[int, int] = {}
         host = 0
         workers = self.workers()
+        keepers = self.keepers() if self.gpu_probe is not None else []
         device_bytes = (
-            self.gpu_probe([s.pid for _, s in workers] + self.keeper_pids())
+            self.gpu_probe([s.pid for _, s in workers] + [pid for _, pid in keepers])
             if self.gpu_probe is not None
             else None
         )
@@ -196,14 +199,23 @@ class Probe:
                 f" host_copy={s.host_bytes} staging={s.staging_bytes}"
             )
         if device_bytes is not None:
-            for pid in self.keeper_pids():
-                held = device_bytes.get(pid, 0)
-                locked = _proc_status(pid, "RssShmem")
-                # One keeper per GPU; its device bytes are its context.
-                for index in ledger.gpu:
-                    gpu[index] = gpu.get(index, 0) + held
-                parts.append(f"keeper pid={pid} gpu={held} shmem(host copies it maps)={locked}")
-        disk, files = _files(self.snapshot_dir)
+            # A keeper maps the workers' host copies (memfds) and keeps them locked: the same
+            # pages as the workers' host_bytes, but a copy that no live worker maps any more
+            # is held by the keeper alone.
+            in_workers: set[str] = set()
+            for _, s in workers:
+                in_workers |= memfds(s.pid, "torpor-host-copy").keys()
+            for index, pid in keepers:
+                held = device_bytes.get(pid, 0)  # its CUDA context
+                gpu[index] = gpu.get(index, 0) + held
+                copies = memfds(pid, "torpor-host-copy")
+                alone = sum(n for inode, n in copies.items() if inode not in in_workers)
+                host += alone
+                parts.append(
+                    f"keeper gpu{index} pid={pid} gpu={held} host copies mapped"
+                    f" {sum(copies.values())}, of them no worker's {alone}"
+                )
+        disk, files = store_files(self.snapshot_dir)
         parts.append(f"store {self.snapshot_dir}: {disk} B in {len(files)} files")
         temps = [f for f in files if f[0].name.startswith(".tmp")]
         if temps:
@@ -234,6 +246,20 @@ def _gpu_of(daemon: Torpord) -> dict[int | str, int]:
     }
 
 
+def memfds(pid: int, name: str) -> dict[str, int]:
+    """Inode -> bytes mapped, of the memfds called `name` in /proc/PID/maps."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == f"/memfd:{name}":
+                start, _, end = fields[0].partition("-")
+                out[fields[4]] = out.get(fields[4], 0) + int(end, 16) - int(start, 16)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return out
+
+
 def _memfd_mapped(pid: int) -> int:
     """Bytes of /proc/PID/maps mapped from the CPU backend's arena memfds (physical memory
     backing an arena; an unmapped arena is anonymous PROT_NONE memory instead)."""
@@ -252,7 +278,7 @@ STORE_METADATA = ("store-id", "locks")
 """Files of the store that hold no snapshot bytes: its id (33 B) and its lock files."""
 
 
-def _files(root: Path) -> tuple[int, list[tuple[Path, int]]]:
+def store_files(root: Path) -> tuple[int, list[tuple[Path, int]]]:
     """Every file under root and its size (chunks, manifests, temp files, orphans), but the
     store's metadata."""
     files = []
@@ -267,17 +293,6 @@ def _files(root: Path) -> tuple[int, list[tuple[Path, int]]]:
             except FileNotFoundError:  # renamed or removed while we walked
                 continue
     return sum(n for _, n in files), files
-
-
-def _proc_status(pid: int, key: str) -> int:
-    """A `kB` line of /proc/PID/status, in bytes (0 when the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
 
 
 def _pids_with_socket(sock: Path) -> list[int]:
@@ -332,10 +347,16 @@ def nvml_device_bytes(pids: list[int]) -> dict[int, int]:
         timeout=30,
         check=True,
     ).stdout
-    held = {}
+    return parse_compute_apps(out, wanted)
+
+
+def parse_compute_apps(out: str, wanted: set[int]) -> dict[int, int]:
+    """`nvidia-smi --query-compute-apps=pid,used_memory` (csv, MiB) -> bytes per wanted pid,
+    summed over GPUs."""
+    held: dict[int, int] = {}
     for line in out.splitlines():
-        pid_s, _, mib = line.partition(",")
-        if pid_s.strip().isdigit() and int(pid_s) in wanted and mib.strip().isdigit():
+        pid_s, _, mib = (x.strip() for x in line.partition(","))
+        if pid_s.isdigit() and int(pid_s) in wanted and mib.isdigit():
             held[int(pid_s)] = held.get(int(pid_s), 0) + int(mib) * (1 << 20)
     return held
 

@@ -75,17 +75,17 @@ class Tour:
     def state(self, model: str) -> int:
         return self.daemon.runtime(model).state
 
-    def prefetch(self, model: str, tier: int) -> None:
+    def prefetch(self, model: str, tier: common_pb2.Tier) -> None:
         call(
             self.daemon.scheduler.Prefetch,
             scheduler_pb2.PrefetchRequest(model=model, tier=tier, wait=True),
             timeout=120,
         )
 
-    def evict(self, model: str, tier: int) -> None:
+    def evict(self, model: str, tier: common_pb2.Tier) -> None:
         call(self.daemon.admin.Evict, admin_pb2.EvictRequest(model=model, to_tier=tier), 120)
 
-    def serve(self, model: str, restored_from: int | None = None) -> None:
+    def serve(self, model: str, restored_from: common_pb2.Tier | None = None) -> None:
         """Generate; the same greedy tokens every time, restored from where it was."""
         chunks = self.daemon.generate(model, PROMPT)
         got = tokens(chunks)
@@ -147,7 +147,7 @@ def gc_under_resume(tour: Tour) -> None:
 
     worker = threading.Thread(target=resume, name="resume-big")
     worker.start()
-    overlapped, refused, deleted = 0, 0, []
+    overlapped, refused, deleted = 0, 0, list[str]()
     while worker.is_alive():
         before = tour.state(BIG)
         call(d.admin.CollectGarbage, admin_pb2.CollectGarbageRequest())
@@ -210,21 +210,21 @@ def delete_snapshot(tour: Tour, model: str) -> None:
 def steps(tour: Tour) -> list[tuple[str, Callable[[], None]]]:
     """The tour, in order; each step asserts its own outcome."""
 
-    def evict(model: str, tier: int, state: int) -> Callable[[], None]:
+    def evict(model: str, tier: common_pb2.Tier, state: int) -> Callable[[], None]:
         def run() -> None:
             tour.evict(model, tier)
             assert tour.state(model) == state, (model, S.Name(tour.state(model)))
 
         return run
 
-    def prefetch(model: str, tier: int, state: int) -> Callable[[], None]:
+    def prefetch(model: str, tier: common_pb2.Tier, state: int) -> Callable[[], None]:
         def run() -> None:
             tour.prefetch(model, tier)
             assert tour.state(model) == state, (model, S.Name(tour.state(model)))
 
         return run
 
-    def serve(model: str, restored_from: int | None) -> Callable[[], None]:
+    def serve(model: str, restored_from: common_pb2.Tier | None) -> Callable[[], None]:
         return lambda: tour.serve(model, restored_from)
 
     return [
