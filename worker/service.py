@@ -35,6 +35,7 @@ from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
 from torpor.worker.pager.snapshot import Reservation, put_new
 from torpor.worker.pager.states import Residency, SuspendLevel
+from torpor.worker.pager.stream import staging_bytes
 
 log = get_logger("worker")
 
@@ -292,6 +293,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             device=self.config.device,
             pid=os.getpid(),
             snapshot_id=self.snapshot_id,
+            staging_bytes=staging_bytes(),  # read-only observability (tests/ledger)
         )
         runtime = self.runtime
         if runtime is None:

@@ -17,6 +17,7 @@ import errno
 import functools
 import itertools
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -47,16 +48,42 @@ class StreamStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+_staging_lock = threading.Lock()
+_staging_bytes = 0
+
+
+def staging_bytes() -> int:
+    """Host bytes of the staging rings alive in this process now (pinned on CUDA): read-only
+    observability for Worker.Status, which the ledger test (tests/ledger) compares with
+    torpord's host budget."""
+    return _staging_bytes
+
+
+def _count_staging(delta: int) -> None:
+    global _staging_bytes
+    with _staging_lock:
+        _staging_bytes += delta
+
+
 class StagingRing:
     """A fixed set of host buffers for the disk path, pinned when the target is a GPU."""
 
     def __init__(self, count: int, nbytes: int, pinner: HostPinner | None) -> None:
         self.nbytes = round_up(max(nbytes, _ALIGN), _ALIGN)
-        self.buffers = [HostBuffer(self.nbytes, pinner=pinner) for _ in range(count)]
+        self.buffers: list[HostBuffer] = []
+        try:
+            for _ in range(count):
+                self.buffers.append(HostBuffer(self.nbytes, pinner=pinner))
+                _count_staging(self.nbytes)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        for buf in self.buffers:
+        buffers, self.buffers = self.buffers, []
+        for buf in buffers:
             buf.close()
+            _count_staging(-self.nbytes)
 
 
 def stream_pieces(

@@ -209,7 +209,7 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatusResponse(_message.Message):
-    __slots__ = ("state", "model", "device", "gpu_bytes", "host_bytes", "disk_bytes", "pid", "arenas", "active_requests", "snapshot_id", "peak_mapped_bytes")
+    __slots__ = ("state", "model", "device", "gpu_bytes", "host_bytes", "disk_bytes", "pid", "arenas", "active_requests", "snapshot_id", "peak_mapped_bytes", "staging_bytes")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,7 @@ class WorkerStatusResponse(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     PEAK_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.RuntimeState
     model: str
     device: str
@@ -232,7 +233,8 @@ class WorkerStatusResponse(_message.Message):
     active_requests: int
     snapshot_id: str
     peak_mapped_bytes: int
-    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., active_requests: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., peak_mapped_bytes: _Optional[int] = ...) -> None: ...
+    staging_bytes: int
+    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., active_requests: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., peak_mapped_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerShutdownRequest(_message.Message):
     __slots__ = ()
