@@ -201,9 +201,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     f"snapshot {info.id} holds {info.model}'s only copy of its weights",
                     reason="SNAPSHOT_IN_USE",
                 )
+            # In one step of the loop, with no await between: the core stops counting it as
+            # the runtime's, and its bytes count as outside until the store has removed them
+            # (the disk ledger never drops below what is on disk, docs/POLICY.md).
             self.controller.submit(SnapshotDeleted(info.model))
-            self.recorder.latest.pop(info.model, None)
-        report = await asyncio.to_thread(self.snapshots.delete, request.snapshot_id)
+            self.recorder.untrack(info.model, info.total_bytes)
+        try:
+            report = await asyncio.to_thread(self.snapshots.delete, request.snapshot_id)
+        finally:
+            await self.recorder.measure_outside()
         self.events.append("snapshot_deleted", model=info.model, snapshot=info.id)
         return admin_pb2.DeleteSnapshotResponse(bytes_freed=report.bytes_freed)
 

@@ -223,6 +223,22 @@ class Recorder:
             self._outside_sent = outside
             self.on_outside(outside)
 
+    def untrack(self, model: str, nbytes: int = 0) -> None:
+        """Stop holding the model's current snapshot as the policy's (it is being deleted, or
+        its model unregistered). Its bytes are on disk until the store has removed them, so
+        they count as outside at once (an upper bound: `nbytes`, or what the store said),
+        and `measure_outside` after the deletion makes the count exact again."""
+        snapshot_id = self.latest.pop(model, None)
+        info = self.infos.pop(model, None)
+        if snapshot_id is None:
+            return
+        self.store.release(snapshot_id)
+        if self.on_outside is not None:
+            self._outside_sent = (self._outside_sent or 0) + (
+                info.total_bytes if info is not None else nbytes
+            )
+            self.on_outside(self._outside_sent)
+
     def snapshot_bytes(self, model: str) -> int:
         """Bytes the store holds for the model's current snapshot (0: none known)."""
         info = self.infos.get(model)

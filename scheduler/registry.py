@@ -45,6 +45,12 @@ class LatestSnapshots(Protocol):
 
     latest: dict[str, str]
 
+    def untrack(self, model: str, nbytes: int = 0) -> None:
+        """Stop holding the model's snapshot as the policy's; its bytes count as outside."""
+
+    async def measure_outside(self) -> None:
+        """Measure the store's bytes outside the tracked snapshots again."""
+
 
 class ModelRegistry:
     """Registers, unregisters and pins models, and describes them."""
@@ -176,8 +182,11 @@ class ModelRegistry:
         self.sources.pop(name, None)
         self.limits.pop(name, None)
         self.registered.pop(name, None)
-        self.recorder.latest.pop(name, None)
-        await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
+        self.recorder.untrack(name)
+        try:
+            await asyncio.to_thread(self.snapshots.delete_model_snapshots, name)
+        finally:
+            await self.recorder.measure_outside()
         await asyncio.to_thread(self.catalog.delete_model, name)
         self.events.append("model_unregistered", model=name)
         await self._forgotten(name)
