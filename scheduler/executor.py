@@ -1,15 +1,15 @@
 """Carries out the core's transitions on worker processes, and reports how they ended.
 
 Every Load, Resume, Suspend and Drop runs as its own task and ends with exactly one
-TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller,
-however it ends: an error, a worker that exits or hangs (every worker call is bounded, see
-worker_calls.py), or the task's own cancellation (STYLE.md rule 15). A failed transition
-kills its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is
-never left half-suspended. The one exception is a suspend whose snapshot found no room (or
-whose record the store refused) before anything was unmapped: its worker keeps the runtime
-as it was, and TransitionRolledBack says so (issue 12). A restore that fails on an unusable
-snapshot says so in its report, and the core plans it again from the next source. Progress
-of loads and restores is forwarded as it streams.
+TransitionCompleted, TransitionFailed or TransitionRolledBack back into the controller, however it
+ends: an error, a worker that exits or hangs (every worker call is bounded, see worker_calls.py), or
+the task's own cancellation (docs/RELIABILITY.md, "Hangs and wedged models"). A failed transition
+kills its worker first (the core's rule: a FAILED runtime holds no bytes), so a worker is never left
+half-suspended. The one exception is a suspend whose snapshot found no room (or whose record the
+store refused) before anything was unmapped: its worker keeps the runtime as it was, and
+TransitionRolledBack says so (issue 12). A restore that fails on an unusable snapshot says so in its
+report, and the core plans it again from the next source. Progress of loads and restores is
+forwarded as it streams.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class Executor:
             except RuntimeUnchanged as unchanged:  # issue 12: not a failure of the worker
                 self._rolled_back(action, unchanged.error)
                 return
-            except BaseException as exc:  # every way out is reported: STYLE.md rule 15
+            except BaseException as exc:  # every way out is reported (RELIABILITY.md)
                 cancelled = _cancelling()
                 await self._fail(action, kind, exc, cancelled)
                 if cancelled or not isinstance(exc, Exception | asyncio.CancelledError):

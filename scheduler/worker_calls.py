@@ -1,8 +1,8 @@
 """torpord's calls to a worker during a transition, each bounded: by the worker's exit and
 by a time limit.
 
-A transition must end in a report whatever its worker does (STYLE.md rule 15; issue 12,
-"a worker killed mid-transition wedges its model"). So:
+A transition must end in a report whatever its worker does (docs/RELIABILITY.md, "Hangs and
+wedged models"; issue 12, "a worker killed mid-transition wedges its model"). So:
 - a worker that exits mid-call ends the call at once (Unavailable, WORKER_DIED), whatever
   grpc makes of its closed channel: a status, or a CancelledError raised in the caller;
 - a worker that stops answering (stuck in a driver call, stopped, deadlocked) fails the call

@@ -1,6 +1,6 @@
-"""Every transition the executor starts ends in exactly one report (STYLE.md rule 15),
-whatever its worker does: a call that grpc cancels because the worker's channel closed, a
-worker that never answers, a snapshot that fails its checks. The worker here is a stand-in
+"""Every transition the executor starts ends in exactly one report (docs/RELIABILITY.md, "Hangs and
+wedged models"), whatever its worker does: a call that grpc cancels because the worker's channel
+closed, a worker that never answers, a snapshot that fails its checks. The worker here is a stand-in
 (a fake stub and a fake process); tests/daemon/test_faults_hangs.py kills real ones."""
 
 from __future__ import annotations
