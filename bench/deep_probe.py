@@ -80,9 +80,9 @@ def runtime_deep(timeout_s: float) -> dict[str, object]:
     from torpor.worker.engine.demo import DemoSpec, make_demo
     from torpor.worker.engine.options import EngineOptions
     from torpor.worker.pager import checkpoint
+    from torpor.worker.pager.paged_state import SuspendLevel
     from torpor.worker.pager.placement import PagerOptions
     from torpor.worker.pager.runtime import PagedRuntime
-    from torpor.worker.pager.states import SuspendLevel
 
     checkpoint.DEFAULT_TIMEOUT_S = timeout_s
     spec = DemoSpec(layers=4, hidden=1024, heads=8, kv_heads=2, vocab=4096, seed=1)

@@ -55,7 +55,7 @@ def write_ckpt(out_dir: Path, config: dict, shard_bytes: int = 4 << 30) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from torpor.worker.engine.config import ModelConfig
+    from torpor.worker.engine.model_config import ModelConfig
     from torpor.worker.engine.weights import weight_plan
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -233,9 +233,9 @@ def runtime(args: argparse.Namespace) -> None:
     from torpor.store.chunks import ChunkStore
     from torpor.worker.engine.demo import RandomFiller
     from torpor.worker.engine.options import EngineOptions
+    from torpor.worker.pager.paged_state import SuspendLevel
     from torpor.worker.pager.placement import PagerOptions
     from torpor.worker.pager.runtime import PagedRuntime
-    from torpor.worker.pager.states import SuspendLevel
 
     out, shape, device = args.out, args.shape, args.device
     cuda = device.startswith("cuda")
@@ -328,7 +328,7 @@ def graph_bytes(rt: Any) -> dict[str, Any]:
     kernel parameters; their memory pool is in an arena and already released)."""
     import gc
 
-    from torpor.worker.pager.states import SuspendLevel
+    from torpor.worker.pager.paged_state import SuspendLevel
 
     rt.suspend(SuspendLevel.HOST)
     torch.cuda.synchronize()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from torpor.log import configure
 from torpor.store.catalog import Catalog
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
-from torpor.store.records import ModelSpec
+from torpor.store.records import ModelRegistration
 from torpor.store.schema import DType
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
 CHUNK = 64 * 1024**2
 
@@ -30,7 +30,9 @@ CHUNK = 64 * 1024**2
 def open_store(work: Path) -> SnapshotStore:
     (work / "models" / "m").mkdir(parents=True)
     catalog = Catalog.open(CatalogConfig.in_state_dir(work, model_roots=(work / "models",)))
-    catalog.register_model(ModelSpec("bench", str(work / "models" / "m"), DType.BFLOAT16, 1, 16))
+    catalog.register_model(
+        ModelRegistration("bench", str(work / "models" / "m"), DType.BFLOAT16, 1, 16)
+    )
     config = SnapshotStoreConfig(root=work / "chunks", capacity_bytes=1 << 50)
     return SnapshotStore.open(catalog, config)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torpor import __version__
 from torpor.errors import FailedPrecondition, NotFound, Unavailable
 from torpor.rpc_status import aio_servicer_errors as aio_errors
-from torpor.scheduler import convert, events, labels, validate
+from torpor.scheduler import convert, event_log, labels, validate
 from torpor.scheduler.core import (
     DrainRequested,
     DrainStarted,
@@ -29,7 +29,7 @@ from torpor.v1 import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
     from torpor.scheduler.controller import Controller
-    from torpor.scheduler.events import EventLog
+    from torpor.scheduler.event_log import EventLog
     from torpor.scheduler.inflight import InflightCalls
     from torpor.scheduler.registry import LatestSnapshots, ModelRegistry
     from torpor.store.snapshots import SnapshotStore
@@ -170,7 +170,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             for k in request.kinds
             if k != admin_pb2.EVENT_KIND_UNSPECIFIED  # ignored in a filter, as documented
         )
-        flt = events.Filter(kinds, request.model, request.gpu if request.HasField("gpu") else None)
+        flt = event_log.Filter(
+            kinds, request.model, request.gpu if request.HasField("gpu") else None
+        )
         after = validate.event_id(request.after_id)
         if request.WhichOneof("start") == "since":
             since = validate.timestamp(request.since, "since")
@@ -178,7 +180,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         elif request.WhichOneof("start") is None and request.follow:
             after = await asyncio.to_thread(self.events.last_id)  # live only
         async for event in self.events.watch(flt, after, request.follow):
-            yield events.message(event)
+            yield event_log.message(event)
 
     @aio_errors
     async def ListSnapshots(self, request: Any, context: Any) -> Any:

@@ -12,7 +12,7 @@ from torpor.errors import NotFound, TorporError, Unavailable
 from torpor.log import bind
 from torpor.rpc_status import aio_servicer_errors as aio_errors
 from torpor.scheduler import convert, validate
-from torpor.scheduler.controller import Evicting, Progress, Queued, Ticket
+from torpor.scheduler.controller import Evicting, Queued, RestoreProgress, Ticket
 from torpor.scheduler.core import (
     AcquireRequested,
     ClientGone,
@@ -167,7 +167,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         victims=[convert.victim(v) for v in update.victims]
                     )
                 )
-            elif isinstance(update, Progress):
+            elif isinstance(update, RestoreProgress):
                 progress = common_pb2.TransferProgress(
                     tier=convert.tier_name(update.tier),
                     bytes_done=update.done,

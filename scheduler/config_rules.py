@@ -1,6 +1,6 @@
 """How one config key is parsed and bounded (`Rule`), and the small parsers behind it.
 
-Split from `torpor.scheduler.config`, which declares the keys.
+Split from `torpor.scheduler.daemon_config`, which declares the keys.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.errors import InvalidArgument
-from torpor.store.config import CatalogConfig
+from torpor.store.store_config import CatalogConfig
 from torpor.units import parse_size
 
 MiB, GiB, TiB = 1024**2, 1024**3, 1024**4

@@ -58,7 +58,7 @@ class Evicting:
 
 
 @dataclass(frozen=True)
-class Progress:
+class RestoreProgress:
     """Bytes of a load (`loading`) or a restore of the model's runtime moved so far."""
 
     model: str
@@ -143,7 +143,7 @@ class Controller:
 
     def progress(self, model: str, tier: Tier, done: int, total: int, loading: bool) -> None:
         """A load or restore of `model`'s runtime moved bytes: tell whoever waits for it."""
-        note = Progress(model, tier, done, total, loading)
+        note = RestoreProgress(model, tier, done, total, loading)
         for ticket in self.tickets.values():
             if ticket.model == model and ticket.progress and ticket.lease_id is None:
                 ticket.updates.put_nowait(note)

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from torpor.errors import InvalidArgument
 from torpor.scheduler.core import Decision, EvictMode, RuntimeState, Tier, VictimChoice
-from torpor.store.records import ModelSpec
+from torpor.store.records import ModelRegistration
 from torpor.store.schema import BandwidthTier, DType, SnapshotState
 from torpor.v1 import admin_pb2, common_pb2
 
@@ -102,10 +102,10 @@ class Clocks:
 
 def model_spec(
     msg: common_pb2.ModelSpec, source: str, default_dtype: DType, default_max_seq_len: int
-) -> ModelSpec:
+) -> ModelRegistration:
     """A registration as the catalog stores it (validated there: name, bounds), with the
     checkpoint's dtype and max_seq_len where the message leaves them unset."""
-    return ModelSpec(
+    return ModelRegistration(
         name=msg.name,
         source_path=source,
         dtype=dtype(msg.dtype) or default_dtype,
@@ -117,7 +117,7 @@ def model_spec(
     )
 
 
-def spec_message(spec: ModelSpec) -> common_pb2.ModelSpec:
+def spec_message(spec: ModelRegistration) -> common_pb2.ModelSpec:
     return common_pb2.ModelSpec(
         name=spec.name,
         source=spec.source_path,

@@ -36,12 +36,6 @@ from torpor.errors import TorporError
 from torpor.scheduler import convert, notify
 from torpor.scheduler.admin import AdminService, DaemonInfo
 from torpor.scheduler.api import SchedulerService
-from torpor.scheduler.config import (
-    DaemonConfig,
-    default_config_path,
-    load_config,
-    overrides_from_args,
-)
 from torpor.scheduler.controller import Controller
 from torpor.scheduler.core import (
     Costs,
@@ -54,7 +48,13 @@ from torpor.scheduler.core import (
     SchedulerState,
     initial_state,
 )
-from torpor.scheduler.events import EventLog
+from torpor.scheduler.daemon_config import (
+    DaemonConfig,
+    default_config_path,
+    load_config,
+    overrides_from_args,
+)
+from torpor.scheduler.event_log import EventLog
 from torpor.scheduler.executor import (
     Executor,
     ModelSource,

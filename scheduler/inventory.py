@@ -37,7 +37,7 @@ from torpor.log import get_logger
 from torpor.units import format_size
 
 if TYPE_CHECKING:
-    from torpor.scheduler.config import BackendSection
+    from torpor.scheduler.daemon_config import BackendSection
 
 log = get_logger("inventory")
 

@@ -10,7 +10,7 @@ from torpor.scheduler.labels import HIT_LABELS, LEASE_END_EVENTS, STATE_LABELS, 
 from torpor.scheduler.residency import accounted_gpu_bytes
 
 if TYPE_CHECKING:
-    from torpor.scheduler.events import EventLog
+    from torpor.scheduler.event_log import EventLog
     from torpor.scheduler.metrics import Metrics
 
 

@@ -28,7 +28,7 @@ from torpor.scheduler.checkpoints import CheckpointReader
 from torpor.scheduler.controller import Controller
 from torpor.scheduler.core import ModelRegistered, ModelUnregistered, PinChanged, SchedulerState
 from torpor.scheduler.core import ModelSpec as CoreSpec
-from torpor.scheduler.events import EventLog
+from torpor.scheduler.event_log import EventLog
 from torpor.scheduler.executor import ModelSource
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name

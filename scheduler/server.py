@@ -30,7 +30,7 @@ from torpor.scheduler.decoding import DecodeGuard
 from torpor.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 if TYPE_CHECKING:
-    from torpor.scheduler.config import DaemonSection
+    from torpor.scheduler.daemon_config import DaemonSection
 
 SERVICES = (
     scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,

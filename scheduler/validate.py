@@ -21,7 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from torpor.errors import InvalidArgument, NotFound
-from torpor.scheduler.core.state import Model
+from torpor.scheduler.core.scheduler_state import Model
 from torpor.store.names import check_source_length, validate_model_name
 from torpor.v1 import common_pb2, scheduler_pb2
 

@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from torpor.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from torpor.log import get_logger
 from torpor.store import migrate, private
-from torpor.store.config import CatalogConfig
 from torpor.store.names import check_source_path, validate_model_name
-from torpor.store.records import Bandwidth, Event, ModelSpec, NewEvent, RegisteredModel
+from torpor.store.records import Bandwidth, Event, ModelRegistration, NewEvent, RegisteredModel
 from torpor.store.schema import BandwidthRow, BandwidthTier, EventRow, ModelRow, SnapshotRow
+from torpor.store.store_config import CatalogConfig
 
 Clock = Callable[[], datetime]
 """Returns the current time, UTC-aware; injected so tests control time."""
@@ -98,7 +98,7 @@ class Catalog:
 
     # Models ---------------------------------------------------------------------------
 
-    def register_model(self, spec: ModelSpec, *, replace: bool = False) -> RegisteredModel:
+    def register_model(self, spec: ModelRegistration, *, replace: bool = False) -> RegisteredModel:
         """Add a model; its source must lie under a model root (the resolved path is kept).
 
         An existing name raises AlreadyExists unless `replace`, which updates it in place.
@@ -332,7 +332,7 @@ def _check_host(host: str) -> None:
         raise InvalidArgument(f"invalid host name {host!r}", reason="INVALID_HOST")
 
 
-def _fill_model_row(row: ModelRow, spec: ModelSpec, source: str, now: datetime) -> None:
+def _fill_model_row(row: ModelRow, spec: ModelRegistration, source: str, now: datetime) -> None:
     row.source_path = source
     row.dtype = spec.dtype
     row.max_batch = spec.max_batch
@@ -344,7 +344,7 @@ def _fill_model_row(row: ModelRow, spec: ModelSpec, source: str, now: datetime) 
 
 
 def _model(row: ModelRow) -> RegisteredModel:
-    spec = ModelSpec(
+    spec = ModelRegistration(
         name=row.name,
         source_path=row.source_path,
         dtype=row.dtype,

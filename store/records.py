@@ -28,7 +28,7 @@ def _bounded(name: str, value: float, low: float, high: float) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelSpec:
+class ModelRegistration:
     """A model as registered through the API (`RegisterModel`); validated on creation."""
 
     name: str
@@ -65,7 +65,7 @@ class ModelSpec:
 class RegisteredModel:
     """A model in the catalog: its spec (with the resolved source path) and when it changed."""
 
-    spec: ModelSpec
+    spec: ModelRegistration
     created_at: datetime
     updated_at: datetime
 

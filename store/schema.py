@@ -123,7 +123,7 @@ class Base(DeclarativeBase):
 
 
 class ModelRow(Base):
-    """A registered model: the ModelSpec of the API plus bookkeeping times."""
+    """A registered model: the ModelRegistration of the API plus bookkeeping times."""
 
     __tablename__ = "models"
 

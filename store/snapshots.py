@@ -22,7 +22,6 @@ from torpor.store import capacity, rows, scrub
 from torpor.store.capacity import StoreUsage
 from torpor.store.catalog import Catalog
 from torpor.store.chunks import ChunkRef, ChunkStore, check_hash
-from torpor.store.config import SnapshotStoreConfig
 from torpor.store.locks import StoreLocks, check_snapshot_id
 from torpor.store.names import check_fingerprint, validate_model_name
 from torpor.store.records import (
@@ -34,6 +33,7 @@ from torpor.store.records import (
     SweepReport,
 )
 from torpor.store.schema import ChunkRow, EventRow, ModelRow, SnapshotRow, SnapshotState
+from torpor.store.store_config import SnapshotStoreConfig
 from torpor.store.writer import SnapshotWriter
 
 log = get_logger("store.snapshots")

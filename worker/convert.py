@@ -14,7 +14,7 @@ from torpor.errors import InvalidArgument
 from torpor.v1 import common_pb2
 from torpor.worker.engine.requests import FinishReason
 from torpor.worker.engine.sampling import SamplingParams
-from torpor.worker.pager.states import SUSPENDED, Residency, SuspendLevel
+from torpor.worker.pager.paged_state import SUSPENDED, PagedState, SuspendLevel
 
 DTYPES: dict[int, str] = {
     common_pb2.DTYPE_UNSPECIFIED: "auto",
@@ -34,12 +34,12 @@ TIERS: dict[str, common_pb2.Tier] = {
     "deep": common_pb2.TIER_DEEP,
     "disk": common_pb2.TIER_DISK,
 }
-STATES: dict[Residency, common_pb2.RuntimeState] = {
-    Residency.RESIDENT: common_pb2.RUNTIME_STATE_RESIDENT,
-    Residency.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
-    Residency.SUSPENDED_DEEP: common_pb2.RUNTIME_STATE_SUSPENDED_DEEP,
-    Residency.SUSPENDED_DISK: common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
-    Residency.CLOSED: common_pb2.RUNTIME_STATE_COLD,
+STATES: dict[PagedState, common_pb2.RuntimeState] = {
+    PagedState.RESIDENT: common_pb2.RUNTIME_STATE_RESIDENT,
+    PagedState.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
+    PagedState.SUSPENDED_DEEP: common_pb2.RUNTIME_STATE_SUSPENDED_DEEP,
+    PagedState.SUSPENDED_DISK: common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
+    PagedState.CLOSED: common_pb2.RUNTIME_STATE_COLD,
 }
 FINISH: dict[FinishReason, common_pb2.FinishReason] = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -66,14 +66,14 @@ def level(tier: int) -> SuspendLevel:
     return LEVELS[tier]
 
 
-TARGETS: dict[int, Residency] = {
-    common_pb2.RUNTIME_STATE_RESIDENT: Residency.RESIDENT,
-    common_pb2.RUNTIME_STATE_SUSPENDED_HOST: Residency.SUSPENDED_HOST,
+TARGETS: dict[int, PagedState] = {
+    common_pb2.RUNTIME_STATE_RESIDENT: PagedState.RESIDENT,
+    common_pb2.RUNTIME_STATE_SUSPENDED_HOST: PagedState.SUSPENDED_HOST,
 }
 """Where a Load or a Resume may end (worker.proto: `target`)."""
 
 
-def target(value: int, verb: str) -> Residency:
+def target(value: int, verb: str) -> PagedState:
     """The residency a Load or Resume ends in; InvalidArgument for any other state."""
     if value not in TARGETS:
         raise InvalidArgument(
@@ -85,7 +85,7 @@ def target(value: int, verb: str) -> Residency:
     return TARGETS[value]
 
 
-def resume_source(tier: int) -> Residency:
+def resume_source(tier: int) -> PagedState:
     """The suspended residency a Resume's `source` names; InvalidArgument for any other tier."""
     if tier not in LEVELS:
         raise InvalidArgument(

@@ -31,10 +31,10 @@ from torpor.worker import convert
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import FinishReason, GenerationRequest
 from torpor.worker.pager.manifest import SnapshotManifest
+from torpor.worker.pager.paged_state import PagedState, SuspendLevel
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
 from torpor.worker.pager.snapshot import Reservation, put_new
-from torpor.worker.pager.states import Residency, SuspendLevel
 from torpor.worker.pager.stream import staging_bytes
 
 log = get_logger("worker")
@@ -100,7 +100,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             self._loading.release()
 
-    def _load(self, request: worker_pb2.WorkerLoadRequest, target: Residency, emit: Emit) -> None:
+    def _load(self, request: worker_pb2.WorkerLoadRequest, target: PagedState, emit: Emit) -> None:
         _check_load(request, target)
         pager = dataclasses.replace(self.config.pager, host_copy=request.keep_host_copy)
 
@@ -123,7 +123,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             runtime = PagedRuntime.load(model_dir, options, pager, weights)
         self.runtime = runtime
         self.model = request.model
-        if target is Residency.SUSPENDED_HOST:
+        if target is PagedState.SUSPENDED_HOST:
             # A host prefetch: built on the device (graphs are captured there), then its
             # weights copied out and every arena unmapped, before this call answers.
             nbytes = runtime.engine.memory.weights.nbytes
@@ -341,7 +341,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _resident(self, verb: str) -> PagedRuntime:
         runtime = self._runtime()
-        if runtime.residency is not Residency.RESIDENT:
+        if runtime.residency is not PagedState.RESIDENT:
             raise FailedPrecondition(
                 f"cannot {verb}: the runtime is {runtime.residency.value}; resume it first",
                 reason="NOT_RESIDENT",
@@ -350,7 +350,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return runtime
 
 
-def _check_load(request: worker_pb2.WorkerLoadRequest, target: Residency) -> None:
+def _check_load(request: worker_pb2.WorkerLoadRequest, target: PagedState) -> None:
     """InvalidArgument unless the request names a source with its field, and a target that
     keeps the host copy it needs."""
     if request.source == common_pb2.TIER_DISK:
@@ -370,7 +370,7 @@ def _check_load(request: worker_pb2.WorkerLoadRequest, target: Residency) -> Non
             reason="BAD_LOAD_SOURCE",
             metadata={"source": name},
         )
-    if target is Residency.SUSPENDED_HOST and not request.keep_host_copy:
+    if target is PagedState.SUSPENDED_HOST and not request.keep_host_copy:
         raise InvalidArgument(
             "a Load to RUNTIME_STATE_SUSPENDED_HOST keeps its host copy: that is where the "
             "weights go",

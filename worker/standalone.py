@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import InvalidArgument
-from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.engine import Engine
+from torpor.worker.engine.model_config import ModelConfig
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult, RequestDelta
 from torpor.worker.engine.sampling import SamplingParams

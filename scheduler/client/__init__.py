@@ -23,7 +23,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the global options and the client commands to the `torpor` app."""
-    from torpor.scheduler.client import commands, events, generation, streams, tokens
+    from torpor.scheduler.client import commands, event_watch, generation, streams, tokens
 
     app.callback()(commands.global_options)
     for function in (
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         commands.unpin,
         streams.prefetch,
         commands.explain,
-        events.events,
+        event_watch.events,
     ):
         app.command(function.__name__)(function)
     app.add_typer(commands.snapshots_app)

@@ -121,7 +121,7 @@ def _ssl(creds: TcpCredentials) -> grpc.ChannelCredentials:
 
 def _loopback(address: str) -> bool:
     # The daemon's own test of a listen address (scheduler/config_rules.py imports no
-    # SQLAlchemy, unlike scheduler/config.py).
+    # SQLAlchemy, unlike scheduler/daemon_config.py).
     from torpor.scheduler.config_rules import is_loopback
 
     return is_loopback(address)

@@ -1,7 +1,7 @@
 """Where the CLI finds torpord: `--address HOST:PORT`, `--socket PATH`, `$TORPOR_SOCKET`, or
 the socket the daemon itself would use by default.
 
-`default_socket` mirrors how scheduler/config.py derives `daemon.socket` (the config file,
+`default_socket` mirrors how scheduler/daemon_config.py derives `daemon.socket` (the config file,
 then `TORPOR_DAEMON_*` variables, then `<runtime_dir>/torpord.sock` with systemd's
 `$RUNTIME_DIRECTORY`), without importing it: the full config pulls in SQLAlchemy and checks
 every key, and `torpor ps` must start fast and must not fail over an unrelated bad key.
@@ -56,7 +56,7 @@ def resolve_target(
 
 
 def default_socket(env: Mapping[str, str]) -> Path:
-    """The socket torpord listens on by default, as scheduler/config.py derives it.
+    """The socket torpord listens on by default, as scheduler/daemon_config.py derives it.
 
     Later wins: the default (`/run/torpor` for root; torpor.paths) < `$RUNTIME_DIRECTORY` <
     the config file's `[daemon]` keys <

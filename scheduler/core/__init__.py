@@ -50,14 +50,21 @@ from torpor.scheduler.core.events import (
     TransitionRolledBack,
     WorkerDied,
 )
-from torpor.scheduler.core.state import Lease, Model, Runtime, SchedulerState, Waiter, initial_state
-from torpor.scheduler.core.states import (
+from torpor.scheduler.core.lifecycle import (
     TRANSITIONS,
     EvictMode,
     Residency,
     RuntimeState,
     Tier,
     check_transition,
+)
+from torpor.scheduler.core.scheduler_state import (
+    Lease,
+    Model,
+    Runtime,
+    SchedulerState,
+    Waiter,
+    initial_state,
 )
 from torpor.scheduler.core.step import explain, snapshot_in_use, step
 from torpor.scheduler.core.world import Costs, Footprint, GpuSpec, ModelSpec, PolicyConfig

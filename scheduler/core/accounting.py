@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torpor.errors import Internal
-from torpor.scheduler.core.states import Residency, RuntimeState
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState
 from torpor.scheduler.core.world import Footprint
 
 S = RuntimeState

@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass
 
 from torpor.errors import TorporError
-from torpor.scheduler.core.states import RuntimeState, Tier
+from torpor.scheduler.core.lifecycle import RuntimeState, Tier
 
 
 @dataclass(frozen=True, slots=True)

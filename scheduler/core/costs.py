@@ -13,7 +13,7 @@ already ages a model that is no longer used.
 
 from __future__ import annotations
 
-from torpor.scheduler.core.states import Residency, RuntimeState
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState
 from torpor.scheduler.core.world import Costs, Footprint, GiB, PolicyConfig
 
 S = RuntimeState

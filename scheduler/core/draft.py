@@ -22,8 +22,8 @@ from torpor.scheduler.core.actions import (
     Reject,
     Transition,
 )
-from torpor.scheduler.core.state import Lease, Model, Op, Runtime, SchedulerState, Waiter
-from torpor.scheduler.core.states import Residency, RuntimeState, Tier, check_transition
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState, Tier, check_transition
+from torpor.scheduler.core.scheduler_state import Lease, Model, Op, Runtime, SchedulerState, Waiter
 from torpor.scheduler.core.world import Footprint
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torpor.errors import TorporError
-from torpor.scheduler.core.states import EvictMode, RuntimeState, Tier
+from torpor.scheduler.core.lifecycle import EvictMode, RuntimeState, Tier
 from torpor.scheduler.core.world import Costs, Footprint, ModelSpec
 
 

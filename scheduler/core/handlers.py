@@ -39,8 +39,8 @@ from torpor.scheduler.core.events import (
     RequestStarted,
     SnapshotDeleted,
 )
-from torpor.scheduler.core.state import EvictIntent, Model, Runtime, Waiter, new_runtime
-from torpor.scheduler.core.states import EvictMode, RuntimeState, Tier
+from torpor.scheduler.core.lifecycle import EvictMode, RuntimeState, Tier
+from torpor.scheduler.core.scheduler_state import EvictIntent, Model, Runtime, Waiter, new_runtime
 
 S = RuntimeState
 

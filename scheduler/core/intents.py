@@ -17,11 +17,11 @@ from torpor.scheduler.core.actions import (
 )
 from torpor.scheduler.core.costs import restore_seconds, score
 from torpor.scheduler.core.draft import Draft
+from torpor.scheduler.core.lifecycle import EvictMode, Residency, RuntimeState, Tier, dropped
 from torpor.scheduler.core.ops import start_move
 from torpor.scheduler.core.placement import Placement, place, place_host
+from torpor.scheduler.core.scheduler_state import EvictIntent, Runtime
 from torpor.scheduler.core.sim import Sim
-from torpor.scheduler.core.state import EvictIntent, Runtime
-from torpor.scheduler.core.states import EvictMode, Residency, RuntimeState, Tier, dropped
 
 S = RuntimeState
 _CHAIN = (Tier.HOST, Tier.DEEP, Tier.DISK, Tier.DROP)

@@ -7,8 +7,8 @@ from dataclasses import replace
 from torpor.scheduler.core.actions import Drop, Load, Resume, Suspend
 from torpor.scheduler.core.costs import demote_seconds, prefetch_host_seconds, restore_seconds
 from torpor.scheduler.core.draft import Draft
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState
 from torpor.scheduler.core.sim import Sim
-from torpor.scheduler.core.states import Residency, RuntimeState
 
 S = RuntimeState
 

@@ -8,8 +8,8 @@ from torpor.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from torpor.scheduler.core.actions import DrainStarted, Reject
 from torpor.scheduler.core.draft import Draft
 from torpor.scheduler.core.events import DrainRequested, EvictRequested, PrefetchRequested
-from torpor.scheduler.core.state import EvictIntent, PrefetchIntent
-from torpor.scheduler.core.states import Tier
+from torpor.scheduler.core.lifecycle import Tier
+from torpor.scheduler.core.scheduler_state import EvictIntent, PrefetchIntent
 
 _EVICT_TIERS = (Tier.HOST, Tier.DEEP, Tier.DISK, Tier.DROP)
 

@@ -21,9 +21,9 @@ from torpor.scheduler.core.accounting import gpu_bytes, host_bytes
 from torpor.scheduler.core.actions import Decision, Reason, VictimChoice
 from torpor.scheduler.core.costs import prefetch_host_seconds, restore_seconds
 from torpor.scheduler.core.draft import Draft
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState
+from torpor.scheduler.core.scheduler_state import Runtime
 from torpor.scheduler.core.sim import Sim
-from torpor.scheduler.core.state import Runtime
-from torpor.scheduler.core.states import Residency, RuntimeState
 from torpor.scheduler.core.victims import (
     BUSY,
     free_worker_slot,

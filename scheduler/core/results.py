@@ -17,8 +17,8 @@ from torpor.scheduler.core.events import (
     TransitionRolledBack,
     WorkerDied,
 )
-from torpor.scheduler.core.state import Runtime
-from torpor.scheduler.core.states import Residency, RuntimeState
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState
+from torpor.scheduler.core.scheduler_state import Runtime
 
 S = RuntimeState
 

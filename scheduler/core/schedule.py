@@ -20,11 +20,11 @@ from torpor.errors import DeadlineExceeded
 from torpor.scheduler.core.actions import Decision, Grant, LeaseEnd, Reason, Reject
 from torpor.scheduler.core.draft import Draft
 from torpor.scheduler.core.intents import drive_evictions, drive_prefetches
+from torpor.scheduler.core.lifecycle import EvictMode, RuntimeState, dropped
 from torpor.scheduler.core.ops import start_move
 from torpor.scheduler.core.placement import FATAL, fatal_error, place
+from torpor.scheduler.core.scheduler_state import Lease, Runtime, Waiter
 from torpor.scheduler.core.sim import Sim
-from torpor.scheduler.core.state import Lease, Runtime, Waiter
-from torpor.scheduler.core.states import EvictMode, RuntimeState, dropped
 
 S = RuntimeState
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torpor.scheduler.core.accounting import Usage, transition_usage, usage
 from torpor.scheduler.core.draft import Draft
-from torpor.scheduler.core.states import Residency
+from torpor.scheduler.core.lifecycle import Residency
 
 
 @dataclass(slots=True)

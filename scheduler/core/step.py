@@ -48,7 +48,7 @@ from torpor.scheduler.core.results import (
     on_worker_died,
 )
 from torpor.scheduler.core.schedule import run_pass
-from torpor.scheduler.core.state import SchedulerState
+from torpor.scheduler.core.scheduler_state import SchedulerState
 
 EXPLAIN = "explain"
 """Request id and client of the hypothetical Acquire that `explain` plans."""

@@ -19,9 +19,9 @@ from torpor.scheduler.core.accounting import gpu_bytes, host_bytes, usage
 from torpor.scheduler.core.actions import VictimChoice
 from torpor.scheduler.core.costs import demote_seconds, restore_seconds, score
 from torpor.scheduler.core.draft import Draft
+from torpor.scheduler.core.lifecycle import Residency, RuntimeState, dropped
+from torpor.scheduler.core.scheduler_state import Runtime
 from torpor.scheduler.core.sim import Sim
-from torpor.scheduler.core.state import Runtime
-from torpor.scheduler.core.states import Residency, RuntimeState, dropped
 
 S = RuntimeState
 

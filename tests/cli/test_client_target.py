@@ -9,7 +9,7 @@ import pytest
 
 from torpor.errors import InvalidArgument
 from torpor.scheduler.client.target import Target, default_socket, resolve_target
-from torpor.scheduler.config import load_config
+from torpor.scheduler.daemon_config import load_config
 
 ENVS = [
     {},

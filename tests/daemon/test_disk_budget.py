@@ -15,8 +15,8 @@ import pytest
 
 from torpor.errors import FailedPrecondition, ResourceExhausted
 from torpor.store.catalog import Catalog
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 from torpor.v1 import admin_pb2, common_pb2
 
 from ..helpers import assert_eventually

@@ -8,7 +8,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from torpor.scheduler.config import DaemonConfig, load_config
+from torpor.scheduler.daemon_config import DaemonConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

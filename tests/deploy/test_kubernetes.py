@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.deploy.deployfiles import DAEMONSET_PATH, KUBERNETES_DIR
-from torpor.scheduler.config import DaemonConfig, config_keys, load_config
+from torpor.scheduler.daemon_config import DaemonConfig, config_keys, load_config
 from torpor.units import parse_size
 
 IMAGE = "registry.example.com/torpor/torpord"

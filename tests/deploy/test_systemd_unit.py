@@ -21,7 +21,7 @@ from tests.deploy.deployfiles import (
     seconds,
     unit_paths,
 )
-from torpor.scheduler.config import DEFAULT_CONFIG_PATH, load_config
+from torpor.scheduler.daemon_config import DEFAULT_CONFIG_PATH, load_config
 
 HARDENING_ON = {
     "NoNewPrivileges": "yes",

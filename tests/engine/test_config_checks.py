@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from torpor.errors import InvalidArgument
-from torpor.worker.engine.config import ModelConfig
+from torpor.worker.engine.model_config import ModelConfig
 
 
 def _raw(demo_dir: Path, **changes: Any) -> dict[str, Any]:

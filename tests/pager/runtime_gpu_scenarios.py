@@ -24,9 +24,9 @@ from torpor.worker.engine.demo import DemoSpec, make_demo
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
+from torpor.worker.pager.paged_state import PagedState, SuspendLevel
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
-from torpor.worker.pager.states import Residency, SuspendLevel
 
 MiB = 1 << 20
 SCENARIOS: dict[str, Callable[[Path], None]] = {}
@@ -175,8 +175,8 @@ def disk_to_host_maps_nothing_on_the_device(tmp: Path) -> None:
     before, where = generate(rt), pointers(rt)
     rt.suspend(SuspendLevel.DISK, store=store)
     free = free_bytes()
-    report = rt.resume(target=Residency.SUSPENDED_HOST)
-    assert rt.residency is Residency.SUSPENDED_HOST and rt.peak_mapped_bytes == 0
+    report = rt.resume(target=PagedState.SUSPENDED_HOST)
+    assert rt.residency is PagedState.SUSPENDED_HOST and rt.peak_mapped_bytes == 0
     assert abs(free_bytes() - free) <= 8 * MiB, free_bytes() - free
     host = rt.wait_host_copy()
     assert host is not None and host.pinned and report.bytes == host.nbytes

@@ -78,10 +78,10 @@ for line in sys.stdin:
 """
 
 
-def fake_controller(tmp_path: Path) -> checkpoint.Controller:
+def fake_controller(tmp_path: Path) -> checkpoint.CheckpointController:
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
-    return checkpoint.Controller(1234, command=[sys.executable, str(script)]).start()
+    return checkpoint.CheckpointController(1234, command=[sys.executable, str(script)]).start()
 
 
 def test_a_persistent_controller_answers_each_action(tmp_path: Path) -> None:

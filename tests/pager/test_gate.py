@@ -14,9 +14,9 @@ from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import GenerationRequest, GenerationResult
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.gate import WeightsGate, stage_ends
+from torpor.worker.pager.paged_state import SuspendLevel
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
-from torpor.worker.pager.states import SuspendLevel
 
 
 def _layout(layers: int) -> Layout:

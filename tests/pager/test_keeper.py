@@ -20,8 +20,8 @@ from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.cpu import CpuBackend
 from torpor.worker.pager.host import HostBuffer
 from torpor.worker.pager.keeper_client import KeeperClient
+from torpor.worker.pager.paged_state import SuspendLevel
 from torpor.worker.pager.runtime import PagedRuntime
-from torpor.worker.pager.states import SuspendLevel
 
 __all__ = ["model_dir"]  # a fixture, used by the runtime tests below
 
@@ -278,13 +278,13 @@ def test_a_disk_resume_to_host_hands_its_new_copy_to_the_keeper(
     """A prefetch to host from disk reads the snapshot into a shared, locked copy that the
     keeper then holds, so the deep resume after it is filled by the keeper (issue 13)."""
     from torpor.store.chunks import ChunkStore
-    from torpor.worker.pager.states import Residency
+    from torpor.worker.pager.paged_state import PagedState
 
     rt = kept_runtime
     before = generate(rt, GREEDY)
     rt.suspend(SuspendLevel.DISK, store=ChunkStore(tmp_path / "store"))
     assert _wait_until(lambda: _held_bytes(keeper.path) == 0)
-    rt.resume(target=Residency.SUSPENDED_HOST)
+    rt.resume(target=PagedState.SUSPENDED_HOST)
     host = rt.wait_host_copy()
     assert host is not None and host.shared and host.pinned
     assert _wait_until(lambda: rt.host_copy.kept)

@@ -21,9 +21,9 @@ from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.arena import Arena
 from torpor.worker.pager.cpu import CpuBackend
 from torpor.worker.pager.host import HostBuffer
+from torpor.worker.pager.paged_state import PagedState, SuspendLevel
 from torpor.worker.pager.placement import PagerOptions
 from torpor.worker.pager.runtime import PagedRuntime
-from torpor.worker.pager.states import Residency, SuspendLevel
 
 MiB = 1 << 20
 OPTIONS = EngineOptions(max_batch=4, max_seq_len=512)
@@ -109,7 +109,7 @@ def test_busy_runtime_is_not_suspended_unless_aborted(runtime: PagedRuntime) -> 
     with pytest.raises(FailedPrecondition, match="serving 1 requests") as info:
         runtime.suspend(SuspendLevel.HOST)
     assert info.value.reason == "RUNTIME_BUSY"
-    assert runtime.residency is Residency.RESIDENT
+    assert runtime.residency is PagedState.RESIDENT
     report = runtime.suspend(SuspendLevel.HOST, abort=True)
     assert report.requests_aborted == 1
     rest = list(stream)
@@ -242,7 +242,7 @@ def test_flipped_byte_never_reaches_the_runtime(runtime: PagedRuntime, tmp_path:
     with pytest.raises(DataLoss) as info:
         runtime.resume()
     assert info.value.reason == "CHUNK_CORRUPT"
-    assert runtime.residency is Residency.SUSPENDED_DISK  # not serving from bad bytes
+    assert runtime.residency is PagedState.SUSPENDED_DISK  # not serving from bad bytes
     assert not runtime.placement.arenas["weights"].is_mapped
 
 
@@ -445,7 +445,7 @@ def test_a_resume_that_fails_half_way_leaves_nothing_mapped(
     monkeypatch.setattr(Arena, "map", failing_map)
     with pytest.raises(FailedPrecondition, match="KV cache"):
         runtime.resume()
-    assert runtime.residency is Residency.SUSPENDED_HOST
+    assert runtime.residency is PagedState.SUSPENDED_HOST
     assert not any(a.is_mapped for a in runtime.placement.arenas.values())
     monkeypatch.undo()
     assert runtime.resume().tier == "host"

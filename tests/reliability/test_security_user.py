@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import MODELS, call, footprint_bytes, start_torpord
-from torpor.scheduler.config import DaemonSection
+from torpor.scheduler.daemon_config import DaemonSection
 from torpor.v1 import admin_pb2, common_pb2
 
 pytestmark = pytest.mark.reliability

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from torpor.errors import InvalidArgument, NotFound
-from torpor.scheduler import config as cfg
-from torpor.scheduler.config import (
+from torpor.scheduler import daemon_config as cfg
+from torpor.scheduler.daemon_config import (
     SECTIONS,
     DaemonConfig,
     PolicySection,

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from torpor.errors import FailedPrecondition
-from torpor.scheduler.config import DaemonConfig, load_config
 from torpor.scheduler.daemon import Daemon
-from torpor.scheduler.events import EventLog
+from torpor.scheduler.daemon_config import DaemonConfig, load_config
+from torpor.scheduler.event_log import EventLog
 from torpor.scheduler.executor import Executor
 from torpor.scheduler.instance import LOCK_NAME, holder_pid
 from torpor.scheduler.recorder import Recorder

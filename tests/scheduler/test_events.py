@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from torpor.scheduler.events import EventLog, Filter
+from torpor.scheduler.event_log import EventLog, Filter
 from torpor.store.catalog import Catalog
 
 

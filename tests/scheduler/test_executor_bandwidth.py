@@ -12,7 +12,7 @@ import pytest
 
 from torpor.scheduler.core import Tier
 from torpor.scheduler.core.actions import Resume
-from torpor.scheduler.core.states import RuntimeState
+from torpor.scheduler.core.lifecycle import RuntimeState
 from torpor.scheduler.executor import Executor
 from torpor.v1 import common_pb2, worker_pb2
 

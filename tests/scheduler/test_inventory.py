@@ -17,7 +17,7 @@ from torpor.errors import (
     Unavailable,
     Unimplemented,
 )
-from torpor.scheduler.config import load_config
+from torpor.scheduler.daemon_config import load_config
 from torpor.scheduler.inventory import (
     NVML_UNAVAILABLE,
     CpuInventory,
@@ -284,7 +284,7 @@ def test_from_config(nvml: FakeNvml) -> None:
 
 def test_scheduler_modules_import_neither_pynvml_nor_torch() -> None:
     code = (
-        "import sys; import torpor.scheduler.config, torpor.scheduler.inventory, "
+        "import sys; import torpor.scheduler.daemon_config, torpor.scheduler.inventory, "
         "torpor.scheduler.metrics; "
         "print(sorted(m for m in ('pynvml', 'torch') if m in sys.modules))"
     )

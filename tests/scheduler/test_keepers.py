@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 
 from tests.scheduler.test_supervisor import spec
 from torpor.keeper import hello
-from torpor.scheduler.config import load_config
 from torpor.scheduler.daemon import keepers_enabled, policy_state
+from torpor.scheduler.daemon_config import load_config
 from torpor.scheduler.keepers import Keepers
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess
 from torpor.v1 import worker_pb2

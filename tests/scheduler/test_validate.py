@@ -20,7 +20,7 @@ from torpor import rpc_status
 from torpor.errors import InvalidArgument, NotFound
 from torpor.scheduler import validate
 from torpor.scheduler.core import ModelSpec
-from torpor.scheduler.core.state import Model
+from torpor.scheduler.core.scheduler_state import Model
 from torpor.scheduler.decoding import DecodeGuard, Undecodable
 from torpor.v1 import admin_pb2, common_pb2, scheduler_pb2
 

@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 
 from tests.store.helpers import MODEL, FakeClock, StoreFactory, make_spec
 from torpor.store.catalog import Catalog
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
 POSTGRES_ENV = "TORPOR_TEST_POSTGRES_URL"
 NO_POSTGRES_ENV = "TORPOR_TEST_NO_POSTGRES"

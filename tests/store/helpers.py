@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from torpor.store.records import ModelSpec
+from torpor.store.records import ModelRegistration
 from torpor.store.schema import DType
 from torpor.store.snapshots import SnapshotStore
 
@@ -23,7 +23,7 @@ StoreFactory = Callable[..., SnapshotStore]
 """`make_store(capacity=..., max_chunk=..., root=...)` of conftest."""
 
 
-def make_spec(model_root: Path, **overrides: object) -> ModelSpec:
+def make_spec(model_root: Path, **overrides: object) -> ModelRegistration:
     """A valid spec of the test model (checkpoint `ckpt` under the root), with overrides."""
     fields: dict[str, object] = {
         "name": MODEL,
@@ -33,7 +33,7 @@ def make_spec(model_root: Path, **overrides: object) -> ModelSpec:
         "max_seq_len": 4096,
     }
     fields.update(overrides)
-    return ModelSpec(**fields)  # type: ignore[arg-type]
+    return ModelRegistration(**fields)  # type: ignore[arg-type]
 
 
 class FakeClock:

@@ -17,10 +17,10 @@ from torpor.errors import (
     Unavailable,
 )
 from torpor.store.catalog import Catalog
-from torpor.store.config import CatalogConfig
 from torpor.store.records import NewEvent
 from torpor.store.schema import BandwidthTier, DType
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig
 
 
 def test_register_get_list_models(catalog: Catalog, model_root: Path, clock: FakeClock) -> None:

@@ -23,9 +23,9 @@ from sqlalchemy import func, select
 
 from tests.store.helpers import MODEL, LineReader, crash_snapshot_tensors, read_all
 from torpor.store.catalog import Catalog
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.schema import ChunkRow, SnapshotChunkRow, SnapshotRow, SnapshotState
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD_MODULE = "tests.store.writer_child"

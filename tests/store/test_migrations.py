@@ -15,9 +15,9 @@ from tests.store.helpers import MODEL, blob, read_all
 from torpor.store import migrate
 from torpor.store.catalog import Catalog
 from torpor.store.chunks import ChunkStore
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.schema import BandwidthTier, Base, DType, SnapshotState
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

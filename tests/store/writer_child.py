@@ -18,8 +18,8 @@ from pathlib import Path
 from tests.store.helpers import FINGERPRINT, MODEL, crash_snapshot_tensors
 from torpor.log import configure
 from torpor.store.catalog import Catalog
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
 from torpor.store.snapshots import SnapshotStore
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
 CHUNK_BYTES = 256 * 1024
 CAPACITY = 1 << 30

@@ -12,9 +12,9 @@ import pytest
 from torpor.errors import InvalidArgument
 from torpor.v1 import common_pb2
 from torpor.worker import convert
-from torpor.worker.engine.config import canonical_dtype
+from torpor.worker.engine.model_config import canonical_dtype
 from torpor.worker.engine.requests import FinishReason
-from torpor.worker.pager.states import LEVEL_OF, SUSPENDED, Residency, SuspendLevel
+from torpor.worker.pager.paged_state import LEVEL_OF, SUSPENDED, PagedState, SuspendLevel
 
 UNDEFINED = 99
 
@@ -45,8 +45,10 @@ def test_suspend_levels_both_ways() -> None:
 
 
 def test_every_residency_has_a_state_and_suspended_ones_a_tier() -> None:
-    states = [convert.STATES[r] for r in Residency]
-    assert len(set(states)) == len(Residency) and common_pb2.RUNTIME_STATE_UNSPECIFIED not in states
+    states = [convert.STATES[r] for r in PagedState]
+    assert (
+        len(set(states)) == len(PagedState) and common_pb2.RUNTIME_STATE_UNSPECIFIED not in states
+    )
     for level, residency in SUSPENDED.items():  # the tier a resume from it reports
         assert LEVEL_OF[residency] is level
         assert convert.level(convert.TIERS[LEVEL_OF[residency].value]) is level

@@ -25,10 +25,10 @@ import torch
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
 from torpor.log import get_logger
-from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.decoder import Decoder, EagerDecoder
 from torpor.worker.engine.layout import Placement
 from torpor.worker.engine.model import Transformer
+from torpor.worker.engine.model_config import ModelConfig
 from torpor.worker.engine.options import EngineOptions, resolve_device, resolve_dtype
 from torpor.worker.engine.requests import (
     FinishReason,

@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.fp8 import Fp8Linear
 from torpor.worker.engine.kernels import Ops, rms_norm_ref
 from torpor.worker.engine.layout import TensorSpec
+from torpor.worker.engine.model_config import ModelConfig
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 

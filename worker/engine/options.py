@@ -9,7 +9,7 @@ import torch
 
 from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.worker.engine import fp8
-from torpor.worker.engine.config import DTYPES, ModelConfig, canonical_dtype
+from torpor.worker.engine.model_config import DTYPES, ModelConfig, canonical_dtype
 
 MAX_BATCH_LIMIT = 1024
 MAX_SEQ_LEN_LIMIT = 1 << 20

@@ -12,9 +12,9 @@ import torch
 
 from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import InvalidArgument
-from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.layout import DevicePlacement, Layout, Placement
 from torpor.worker.engine.model import Transformer, kv_spec
+from torpor.worker.engine.model_config import ModelConfig
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.weights import (
     Checkpoint,

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from torpor.checkpoint_files import INDEX, CheckpointDir, as_checkpoint, fd_path
 from torpor.errors import InvalidArgument
 from torpor.worker.engine import fp8
-from torpor.worker.engine.config import ModelConfig
 from torpor.worker.engine.layout import TensorSpec
+from torpor.worker.engine.model_config import ModelConfig
 
 # Checkpoint tensors that carry no weights (buffers some exporters save), and the output
 # projection that checkpoints with tied embeddings sometimes store anyway.

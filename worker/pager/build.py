@@ -4,7 +4,6 @@ from a snapshot in a new process (`PagedRuntime.load` and `PagedRuntime.restore`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 from torpor.checkpoint_files import CheckpointDir
@@ -17,15 +16,14 @@ from torpor.worker.pager.manifest import SnapshotManifest, environment_here
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import MAX_CHUNK, SnapshotFiller, materialize_files
 from torpor.worker.pager.stream import StagingRing
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+from torpor.worker.progress import ByteProgress
 
 
 def load_engine(
     model_dir: Path | CheckpointDir,
     engine_options: EngineOptions,
     options: PagerOptions,
-    progress: Progress | None,
+    progress: ByteProgress | None,
     filler: WeightFiller | None,
 ) -> tuple[Engine, ArenaPlacement]:
     """Cold load into arenas (`filler`: another source of the weight bytes; the directory's
@@ -45,7 +43,7 @@ def restore_engine(
     store: ChunkStore,
     workdir: Path,
     options: PagerOptions,
-    progress: Progress | None,
+    progress: ByteProgress | None,
 ) -> tuple[Engine, ArenaPlacement, Path]:
     """The engine of a snapshot, in this process: the model's small files written under
     `workdir`, arenas at the recorded addresses when they are free, weights streamed from the

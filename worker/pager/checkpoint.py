@@ -116,7 +116,7 @@ def run_controller(
     action: str,
     pid: int,
     timeout_s: float | None = None,
-    controller: Controller | None = None,
+    controller: CheckpointController | None = None,
 ) -> float:
     """Run `action` on `pid` in a controller process (`controller`, a running one, or a
     fresh one for this action alone); return its seconds. When a suspend fails or hangs, a
@@ -192,7 +192,7 @@ def _steps(trace: str, spawned: float) -> dict[str, Any]:
     return {"startup_s": startup, "steps": steps}
 
 
-class Controller:
+class CheckpointController:
     """A controller process started ahead of time and kept for the runtime's life.
 
     Starting one takes seconds (an interpreter, imports, `cuInit`: 3.5 to 5.5 s measured on
@@ -210,7 +210,7 @@ class Controller:
         self._buffer = b""
         self._ready = False
 
-    def start(self) -> Controller:
+    def start(self) -> CheckpointController:
         """Spawn the process (returns at once; it gets ready in the background)."""
         with self._lock:
             if self._proc is None:

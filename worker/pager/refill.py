@@ -26,11 +26,11 @@ from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import MAX_CHUNK
 from torpor.worker.pager.stream import HostStager, StagingRing, stream_pieces
+from torpor.worker.progress import ByteProgress
 
 log = get_logger("pager.runtime")
 
 Marks = list[tuple[int, Any]]  # (bytes copied from the start, CUDA event)
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 STAGE_BYTES = 16 << 20
 """Bytes per staging buffer for bringing back an unlocked host copy (deep resume)."""
@@ -101,7 +101,7 @@ class Refill:
         self.engine.model.gate = None
         self._streamed = None
 
-    def from_host(self, progress: Progress | None) -> int:
+    def from_host(self, progress: ByteProgress | None) -> int:
         """Copy the weights from the host copy: "copy" (locked here), "keeper" (locked in the
         keeper's process, after a deep suspend unlocked it here) or "staging"."""
         host = self.host_copy.buffer
@@ -128,7 +128,7 @@ class Refill:
         manifest: SnapshotManifest | None,
         store: ChunkStore | None,
         pinner: HostPinner | None,
-        progress: Progress | None,
+        progress: ByteProgress | None,
     ) -> int:
         """Stream the snapshot's verified chunks into the weights arena; the bytes moved."""
         if store is None or manifest is None:
@@ -198,7 +198,7 @@ def snapshot_to_host(
     nbytes: int,
     options: PagerOptions,
     shared: bool,
-    progress: Progress | None,
+    progress: ByteProgress | None,
 ) -> HostBuffer:
     """A new host copy of the weights arena's first `nbytes`, filled with the snapshot's
     chunks, each verified as a disk resume verifies it (a Prefetch(HOST) from disk). The arena

@@ -23,7 +23,6 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +40,17 @@ from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.keeper_client import KeeperClient
 from torpor.worker.pager.manifest import SnapshotManifest, environment_here
+from torpor.worker.pager.paged_state import (
+    DEEPER,
+    LEVEL_OF,
+    SUSPENDED,
+    MemoryUsage,
+    PagedState,
+    ResumeReport,
+    SuspendLevel,
+    SuspendReport,
+    check_resume,
+)
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
 from torpor.worker.pager.snapshot import (
     Reservation,
@@ -49,21 +59,9 @@ from torpor.worker.pager.snapshot import (
     store_model_files,
     write_pieces,
 )
-from torpor.worker.pager.states import (
-    DEEPER,
-    LEVEL_OF,
-    SUSPENDED,
-    MemoryUsage,
-    Residency,
-    ResumeReport,
-    SuspendLevel,
-    SuspendReport,
-    check_resume,
-)
+from torpor.worker.progress import ByteProgress
 
 log = get_logger("pager.runtime")
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 class PagedRuntime:
@@ -82,7 +80,7 @@ class PagedRuntime:
         self.model_dir = model_dir
         self.model_files = read_model_files(model_dir)  # what a snapshot will store
         self.loop = EngineLoop(engine).start()
-        self.residency = Residency.RESIDENT
+        self.residency = PagedState.RESIDENT
         self.manifest: SnapshotManifest | None = None
         keeper = KeeperClient(Path(options.keeper_socket)) if options.keeper_socket else None
         self.host_copy = HostCopy(lambda: self.loop.busy(), keeper)
@@ -96,7 +94,9 @@ class PagedRuntime:
         # Deep suspend's controller, started now so its start-up (seconds) is never paid on
         # the eviction path.
         self._controller = (
-            checkpoint.Controller(os.getpid()).start() if engine.device.type == "cuda" else None
+            checkpoint.CheckpointController(os.getpid()).start()
+            if engine.device.type == "cuda"
+            else None
         )
 
     # -- construction ------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class PagedRuntime:
         model_dir: Path | CheckpointDir,
         engine_options: EngineOptions,
         options: PagerOptions,
-        progress: Progress | None = None,
+        progress: ByteProgress | None = None,
         filler: WeightFiller | None = None,
     ) -> PagedRuntime:
         """Cold load from a Hugging Face checkpoint into arenas (`filler`: another source of
@@ -126,7 +126,7 @@ class PagedRuntime:
         store: ChunkStore,
         workdir: Path,
         options: PagerOptions,
-        progress: Progress | None = None,
+        progress: ByteProgress | None = None,
     ) -> PagedRuntime:
         """Build the runtime in this (new) process from a snapshot: arenas at the recorded
         addresses when they are free, weights streamed from disk and verified, graphs
@@ -160,7 +160,7 @@ class PagedRuntime:
     def snapshot(
         self,
         store: ChunkStore,
-        progress: Progress | None = None,
+        progress: ByteProgress | None = None,
         reservation: Reservation | None = None,
     ) -> SnapshotReport:
         """Write the weights (once) and the model files to the chunk store, within
@@ -168,16 +168,16 @@ class PagedRuntime:
         reservation = reservation or Reservation()
         with self._lock:
             self._require(
-                Residency.RESIDENT,
-                Residency.SUSPENDED_HOST,
-                Residency.SUSPENDED_DEEP,
+                PagedState.RESIDENT,
+                PagedState.SUSPENDED_HOST,
+                PagedState.SUSPENDED_DEEP,
                 verb="snapshot",
             )
             start = time.perf_counter()
             layout = self.engine.memory.weights
             host = self.wait_host_copy()
             source = host.tensor if host is not None else self.placement.regions["weights"]
-            if host is None and self.residency is not Residency.RESIDENT:
+            if host is None and self.residency is not PagedState.RESIDENT:
                 raise FailedPrecondition(
                     "no weight bytes to snapshot", reason="NOTHING_TO_SNAPSHOT"
                 )
@@ -223,7 +223,7 @@ class PagedRuntime:
         with self._lock:
             if self.residency in DEEPER and level in DEEPER[self.residency]:
                 return self._deepen(level, store)
-            self._require(Residency.RESIDENT, verb="suspend")
+            self._require(PagedState.RESIDENT, verb="suspend")
             self.peak_mapped_bytes = self.placement.mapped_bytes()
             start = time.perf_counter()
             clock = refill.Stopwatch()
@@ -269,7 +269,7 @@ class PagedRuntime:
         """Move an already suspended runtime further down; its arenas stay unmapped."""
         self.peak_mapped_bytes = 0
         start = time.perf_counter()
-        if self.residency is Residency.SUSPENDED_DEEP:
+        if self.residency is PagedState.SUSPENDED_DEEP:
             self._checkpoint("resume")  # DISK keeps the context
         if level is SuspendLevel.DISK:
             self._ensure_snapshot(store)
@@ -329,10 +329,10 @@ class PagedRuntime:
     def resume(
         self,
         store: ChunkStore | None = None,
-        progress: Progress | None = None,
+        progress: ByteProgress | None = None,
         *,
-        source: Residency | None = None,
-        target: Residency = Residency.RESIDENT,
+        source: PagedState | None = None,
+        target: PagedState = PagedState.RESIDENT,
         keep_host_copy: bool = True,
     ) -> ResumeReport:
         """Bring the runtime back: same addresses, weights refilled, KV zeroed. `source`, when
@@ -342,26 +342,26 @@ class PagedRuntime:
         none is made after a disk resume, and one it resumed from is released."""
         with self._lock:
             self._require(
-                Residency.SUSPENDED_HOST,
-                Residency.SUSPENDED_DEEP,
-                Residency.SUSPENDED_DISK,
+                PagedState.SUSPENDED_HOST,
+                PagedState.SUSPENDED_DEEP,
+                PagedState.SUSPENDED_DISK,
                 verb="resume",
             )
             check_resume(self.residency, source, target, keep_host_copy)
-            if target is Residency.SUSPENDED_HOST:
+            if target is PagedState.SUSPENDED_HOST:
                 return self._disk_to_host(store, progress)
             self.peak_mapped_bytes = self.placement.mapped_bytes()
             start = time.perf_counter()
             clock = refill.Stopwatch()
             self.host_copy.stop_repin()
             tier = LEVEL_OF[self.residency].value
-            if self.residency is Residency.SUSPENDED_DEEP:
+            if self.residency is PagedState.SUSPENDED_DEEP:
                 self._checkpoint("resume")
                 clock.lap("restore")
                 # The context is back: if what follows fails, the runtime stays suspended
                 # at the host level, not checkpointed.
-                self.residency = Residency.SUSPENDED_HOST
-            came_from_disk = self.residency is Residency.SUSPENDED_DISK
+                self.residency = PagedState.SUSPENDED_HOST
+            came_from_disk = self.residency is PagedState.SUSPENDED_DISK
             # A copy about to be released is not streamed from: it must be done with first.
             streamed = keep_host_copy and self.refill.can_stream(came_from_disk)
             try:
@@ -369,7 +369,7 @@ class PagedRuntime:
             except BaseException:
                 self._unmap_mapped()  # never serve from a half-filled or unverified arena
                 raise
-            self.residency = Residency.RESIDENT
+            self.residency = PagedState.RESIDENT
             self._unpark()
             if not keep_host_copy:
                 self.host_copy.release()  # torpord counts no copy from now on
@@ -394,7 +394,9 @@ class PagedRuntime:
             )
             return report
 
-    def _disk_to_host(self, store: ChunkStore | None, progress: Progress | None) -> ResumeReport:
+    def _disk_to_host(
+        self, store: ChunkStore | None, progress: ByteProgress | None
+    ) -> ResumeReport:
         """From SUSPENDED_DISK to SUSPENDED_HOST: the snapshot's chunks, verified, straight
         into a new host copy. No arena is mapped, so the device holds what it held on disk
         (the context); a later host resume streams from the copy."""
@@ -412,7 +414,7 @@ class PagedRuntime:
         )
         clock.lap("refill")
         self.host_copy.adopt(buffer)
-        self.residency = Residency.SUSPENDED_HOST
+        self.residency = PagedState.SUSPENDED_HOST
         report = ResumeReport(
             SuspendLevel.DISK.value,
             time.perf_counter() - start,
@@ -435,7 +437,7 @@ class PagedRuntime:
         self,
         streamed: bool,
         store: ChunkStore | None,
-        progress: Progress | None,
+        progress: ByteProgress | None,
         clock: refill.Stopwatch,
     ) -> int:
         """Map every arena and refill the weights; the bytes moved."""
@@ -449,7 +451,7 @@ class PagedRuntime:
             moved = self.refill.stream()
             clock.lap("refill_enqueued")
             return moved
-        if self.residency is Residency.SUSPENDED_DISK:
+        if self.residency is PagedState.SUSPENDED_DISK:
             moved = self.refill.from_snapshot(
                 self.manifest, store or self._store, self._pinner(), progress
             )
@@ -499,9 +501,9 @@ class PagedRuntime:
     def close(self) -> None:
         """Stop the engine and release every arena and the host copy. Idempotent."""
         with self._lock:
-            if self.residency is Residency.CLOSED:
+            if self.residency is PagedState.CLOSED:
                 return
-            if self.residency is Residency.SUSPENDED_DEEP:
+            if self.residency is PagedState.SUSPENDED_DEEP:
                 self._checkpoint("resume")  # a checkpointed process's CUDA calls would block
             if self._controller is not None:
                 self._controller.close()
@@ -516,7 +518,7 @@ class PagedRuntime:
                 self.host_copy.keeper.close()  # the keeper lets go of all it held for us
             self.refill.close()
             self.placement.close()
-            self.residency = Residency.CLOSED
+            self.residency = PagedState.CLOSED
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -534,7 +536,7 @@ class PagedRuntime:
         backend = self.placement.backend
         return backend if isinstance(backend, HostPinner) else None
 
-    def _require(self, *states: Residency, verb: str) -> None:
+    def _require(self, *states: PagedState, verb: str) -> None:
         if self.residency not in states:
             raise FailedPrecondition(
                 f"cannot {verb} a runtime that is {self.residency.value}",

@@ -241,7 +241,7 @@ def test_deep_costs_follow_the_unlocked_host_copy() -> None:
     """A deep suspend unlocks the host copy (the driver's checkpoint costs ~25 ms per locked
     GB) and the resume copies it back through staging buffers: both are in the estimates."""
     from torpor.scheduler.core.costs import demote_seconds, restore_seconds
-    from torpor.scheduler.core.states import Residency, RuntimeState
+    from torpor.scheduler.core.lifecycle import Residency, RuntimeState
     from torpor.scheduler.core.world import Footprint
 
     costs = Costs(deep_refill=30e9, unpin=40e9, restore_context_s=0.3, map_s=0.01)

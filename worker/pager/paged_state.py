@@ -16,7 +16,7 @@ class SuspendLevel(enum.Enum):
     DISK = "disk"
 
 
-class Residency(enum.Enum):
+class PagedState(enum.Enum):
     """Where the runtime's weights are."""
 
     RESIDENT = "resident"
@@ -27,9 +27,9 @@ class Residency(enum.Enum):
 
 
 SUSPENDED = {
-    SuspendLevel.HOST: Residency.SUSPENDED_HOST,
-    SuspendLevel.DEEP: Residency.SUSPENDED_DEEP,
-    SuspendLevel.DISK: Residency.SUSPENDED_DISK,
+    SuspendLevel.HOST: PagedState.SUSPENDED_HOST,
+    SuspendLevel.DEEP: PagedState.SUSPENDED_DEEP,
+    SuspendLevel.DISK: PagedState.SUSPENDED_DISK,
 }
 
 
@@ -38,8 +38,8 @@ LEVEL_OF = {residency: level for level, residency in SUSPENDED.items()}
 
 # Suspended states and the levels a runtime in them may still move down to.
 DEEPER = {
-    Residency.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
-    Residency.SUSPENDED_DEEP: (SuspendLevel.DISK,),
+    PagedState.SUSPENDED_HOST: (SuspendLevel.DEEP, SuspendLevel.DISK),
+    PagedState.SUSPENDED_DEEP: (SuspendLevel.DISK,),
 }
 
 
@@ -86,7 +86,7 @@ class MemoryUsage:
 
 
 def check_resume(
-    residency: Residency, source: Residency | None, target: Residency, keep_host_copy: bool
+    residency: PagedState, source: PagedState | None, target: PagedState, keep_host_copy: bool
 ) -> None:
     """Refuse a resume the runtime at `residency` cannot do: FailedPrecondition for a
     `source` that is not where it is (the caller's view is stale), InvalidArgument for a
@@ -97,9 +97,9 @@ def check_resume(
             reason="WRONG_RESUME_SOURCE",
             metadata={"state": residency.value, "source": source.value},
         )
-    if target is Residency.RESIDENT:
+    if target is PagedState.RESIDENT:
         return
-    if target is not Residency.SUSPENDED_HOST or residency is not Residency.SUSPENDED_DISK:
+    if target is not PagedState.SUSPENDED_HOST or residency is not PagedState.SUSPENDED_DISK:
         raise InvalidArgument(
             f"a resume from {residency.value} ends resident, not {target.value} "
             "(only a disk resume may stop at host)",

@@ -36,7 +36,7 @@ from torpor.scheduler.config_rules import (
     _key,
     is_loopback,
 )
-from torpor.store.config import CatalogConfig, SnapshotStoreConfig
+from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/torpor/torpord.toml")
 """Read when torpord gets no --config and the file exists."""

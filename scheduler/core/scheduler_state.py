@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torpor.errors import InvalidArgument
 from torpor.scheduler.core.accounting import Usage, transition_usage, usage
-from torpor.scheduler.core.states import EvictMode, Residency, RuntimeState, Tier, dropped
+from torpor.scheduler.core.lifecycle import EvictMode, Residency, RuntimeState, Tier, dropped
 from torpor.scheduler.core.world import Costs, GpuSpec, ModelSpec, PolicyConfig, RequestRate
 
 
