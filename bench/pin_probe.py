@@ -146,7 +146,7 @@ def stage_sweep(nbytes: int) -> dict[str, object]:
         sys_mmap,
     )
     from torpor.worker.pager.cuda import CudaBackend
-    from torpor.worker.pager.stream import HostStager
+    from torpor.worker.pager.stream import HostStager, StagingRing
 
     backend = CudaBackend(0)
     address = sys_mmap(0, nbytes, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
@@ -157,7 +157,7 @@ def stage_sweep(nbytes: int) -> dict[str, object]:
     record: dict[str, object] = {"mode": "stage", "bytes": nbytes}
     for threads in (2, 4, 8, 12):
         for mib in (16, 32, 64):
-            stager = HostStager(threads, mib << 20, backend)
+            stager = HostStager(threads, StagingRing(threads + 2, mib << 20, backend))
             stager(src, dst, [(0, 1 << 30)])  # warm: threads, first touch of the ring
             torch.cuda.synchronize()
             t = time.perf_counter()

@@ -265,6 +265,7 @@ class Executor:
             max_seq_len=source.max_seq_len,
             target=convert.state_name(action.target),
             keep_host_copy=action.keep_host_copy,
+            staging_bytes=source.estimate.staging,  # the most its staging buffers may hold
         )
         async with self._restoring(action) as manifest_hash:  # the store's read lock
             if manifest_hash is not None:
@@ -428,6 +429,7 @@ class Executor:
             graph_pool=arenas.get("graphs", est.graph_pool),
             context=est.context,
             residue=est.residue,
+            staging=est.staging,  # the limit its worker was sent at load
         )
 
     async def _kill(self, runtime_id: str, now: bool = False) -> None:

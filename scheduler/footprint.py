@@ -27,6 +27,15 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 CUDA_CONTEXT = 700 * MiB
 CUDA_RESIDUE = 64 * MiB
 _ALIGN = 256
+# The worker's staging buffers (worker/pager: PagerOptions.staging_buffers, snapshot.MAX_CHUNK,
+# refill.STAGE_BYTES, PagerOptions.stage_threads + 2). scheduler/ never imports the worker, so
+# they are repeated here; the worker sizes its rings to the limit torpord sends
+# (WorkerLoadRequest.staging_bytes), so a drift makes it stage slower, never hold more.
+STAGING_BUFFERS = 4
+STAGING_CHUNK = 64 * MiB
+DEEP_STAGE_BUFFERS = 14
+DEEP_STAGE_BYTES = 16 * MiB
+_STAGING_ALIGN = 2 * MiB
 
 
 # Bounds of config.json values: a checkpoint past them is a mistake or an attack, and the
@@ -155,7 +164,20 @@ def estimate(
         context=CUDA_CONTEXT if cuda else 0,
         residue=CUDA_RESIDUE if cuda else 0,
         snapshot=snapshot_estimate(ckpt, weights, len(shapes)),
+        staging=staging_bytes(weights, cuda),
     )
+
+
+def staging_bytes(weights: int, cuda: bool) -> int:
+    """Host bytes a runtime's worker may hold in staging buffers, an upper bound: the ring of
+    a disk read (a load from a snapshot, a resume from disk) is `STAGING_BUFFERS` chunks, each
+    no larger than the weights (rounded up: a small model needs no 64 MiB buffers); on CUDA
+    also the deep resume's stager (and a snapshot write's one chunk). The larger of them:
+    the worker holds one at a time, and the deep stager only while SUSPENDED_DEEP."""
+    piece = -(-max(weights, 1) // _STAGING_ALIGN) * _STAGING_ALIGN
+    disk = STAGING_BUFFERS * min(STAGING_CHUNK, piece)
+    deep = DEEP_STAGE_BUFFERS * min(DEEP_STAGE_BYTES, piece) if cuda else 0
+    return max(disk, deep)
 
 
 def snapshot_estimate(ckpt: CheckpointDir, weights: int, tensors: int) -> int:

@@ -88,6 +88,11 @@ class SnapshotManifest:
         return sum(p.ref.size for p in self.pieces)
 
     @property
+    def largest_piece(self) -> int:
+        """The size of its largest weight chunk: what one staging buffer must hold."""
+        return max((p.ref.size for p in self.pieces), default=0)
+
+    @property
     def chunks(self) -> list[ChunkRef]:
         """Every chunk the snapshot references (files first, then weights in order)."""
         return [*self.files.values(), *(p.ref for p in self.pieces)]

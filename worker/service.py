@@ -102,7 +102,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _load(self, request: worker_pb2.WorkerLoadRequest, target: PagedState, emit: Emit) -> None:
         _check_load(request, target)
-        pager = dataclasses.replace(self.config.pager, host_copy=request.keep_host_copy)
+        pager = dataclasses.replace(
+            self.config.pager,
+            host_copy=request.keep_host_copy,
+            staging_limit=request.staging_bytes,  # torpord counts it in its host budget
+        )
 
         def weights(done: int, total: int) -> None:
             emit(worker_pb2.LOAD_PHASE_WEIGHTS, done, total)

@@ -5,7 +5,7 @@ it holds a worker slot, by state.
 | --- | --- | --- | --- |
 | RESIDENT | footprint (all parts) | weights if it keeps its host copy | snapshot |
 | SUSPENDED_HOST | context + residue | weights | snapshot |
-| SUSPENDED_DEEP | 0 | weights + context (the checkpointed context) | snapshot |
+| SUSPENDED_DEEP | 0 | weights + context (the checkpointed context) + staging | snapshot |
 | SUSPENDED_DISK | context | 0 | snapshot |
 | SNAPSHOT, COLD, FAILED | 0 | 0 | snapshot |
 
@@ -24,11 +24,18 @@ because its graphs are captured there, and then suspends it to host inside the s
 until the load ends, the runtime holds its full resident footprint on the GPU as well as the
 host copy. A resume from SUSPENDED_DISK to SUSPENDED_HOST reads the snapshot straight into the
 host copy and maps no arena, so it holds only the peak of its two ends.
+
+Staging (`Footprint.staging`, the worker's staging buffers, pinned on CUDA) is host bytes
+too. A transition that stages holds them on top of the peak of its ends: a load from a
+snapshot, a resume from SUSPENDED_DISK (to RESIDENT or to SUSPENDED_HOST), and a move that
+writes a snapshot (its chunks leave the GPU through a staging buffer). The deep resume's
+stager is made before a deep suspend unlocks the host copy and released when the deep resume
+ends, so SUSPENDED_DEEP holds it (and every transition to or from it, as a peak).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torpor.errors import Internal
 from torpor.scheduler.core.lifecycle import Residency, RuntimeState
@@ -76,7 +83,7 @@ def gpu_bytes(res: Residency, fp: Footprint) -> int:
 def host_bytes(res: Residency, fp: Footprint) -> int:
     """Pinned host bytes: the weights' retained copy, plus the context of a deep suspend."""
     copy = fp.weights if res.host_copy else 0
-    return copy + (fp.context if res.state is S.SUSPENDED_DEEP else 0)
+    return copy + (fp.context + fp.staging if res.state is S.SUSPENDED_DEEP else 0)
 
 
 def disk_bytes(res: Residency, fp: Footprint) -> int:
@@ -96,10 +103,30 @@ def usage(res: Residency, fp: Footprint) -> Usage:
     )
 
 
+def stages(frm: Residency, to: Residency) -> bool:
+    """Whether the move from `frm` to `to` goes through the worker's staging buffers: a
+    load from a snapshot, a resume from disk, a snapshot write (module docstring)."""
+    if frm.state.has_worker and to.snapshot and not frm.snapshot:
+        return True  # it writes the snapshot (before its worker stops, if it does)
+    if not to.state.has_worker:
+        return False  # otherwise, the end of a worker (a drop, a stop) stages nothing
+    return frm.state is S.SUSPENDED_DISK or (not frm.state.has_worker and frm.snapshot)
+
+
 def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
     """What a runtime holds while it moves from `frm` to `to`: the larger of both ends, or
-    for a load to SUSPENDED_HOST, the resident runtime it passes through (module docstring)."""
+    for a load to SUSPENDED_HOST, the resident runtime it passes through, plus the staging
+    buffers of a move that stages (module docstring)."""
+    held = usage(frm, fp).peak(usage(to, fp))
     if not frm.state.has_worker and to.state is S.SUSPENDED_HOST:
         built = Residency(S.RESIDENT, to.gpu, host_copy=True, snapshot=to.snapshot)
-        return usage(frm, fp).peak(usage(built, fp)).peak(usage(to, fp))
-    return usage(frm, fp).peak(usage(to, fp))
+        held = held.peak(usage(built, fp))
+    if stages(frm, to):
+        held = replace(held, host=held.host + fp.staging)
+    return held
+
+
+def host_need(frm: Residency, to: Residency, fp: Footprint) -> int:
+    """Host bytes the move from `frm` to `to` needs beyond what `frm` holds: the room that
+    admission must find (or page host-RAM runtimes down for) before it starts."""
+    return transition_usage(frm, to, fp).host - host_bytes(frm, fp)

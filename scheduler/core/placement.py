@@ -5,7 +5,8 @@ GPU that is not draining. Every admissible GPU is tried on a fork of the pass's 
 cheapest option wins (estimated seconds, then total victim score, then GPU index).
 
 Never-fits, decided at once and never queued (FAILED_PRECONDITION):
-- NEVER_FITS: the footprint exceeds every GPU's capacity (total minus reserve);
+- NEVER_FITS: the footprint exceeds every GPU's capacity (total minus reserve), or a
+  restore from disk stages more than the whole host budget (docs/POLICY.md "Staging buffers");
 - BLOCKED_BY_PINNED: on every GPU that is not draining, pinned runtimes leave too little
   room even with every unpinned runtime evicted, or they hold every worker slot. Pins are
   operator decisions that no amount of waiting undoes: queueing would mean waiting forever.
@@ -14,10 +15,11 @@ Every GPU that could hold it draining is UNAVAILABLE (NO_GPU): drains are tempor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from torpor.errors import FailedPrecondition, TorporError, Unavailable
-from torpor.scheduler.core.accounting import gpu_bytes, host_bytes
+from torpor.scheduler.core.accounting import gpu_bytes, host_need, stages
 from torpor.scheduler.core.actions import Decision, Reason, VictimChoice
 from torpor.scheduler.core.costs import prefetch_host_seconds, restore_seconds
 from torpor.scheduler.core.draft import Draft
@@ -95,6 +97,13 @@ def place(d: Draft, sim: Sim, model: str, bar: float | None = None) -> Placement
             f"largest GPU gives {_size(largest)}"
         )
         return Placement(replace(base, reason=Reason.NEVER_FITS, detail=detail))
+    restored = Residency(S.RESIDENT, 0, snapshot=rt.at.snapshot)
+    if stages(rt.at, restored) and fp.staging > sim.caps.host:
+        detail = (
+            f"{model} can never be restored from its snapshot: the read stages "
+            f"{_size(fp.staging)} in host RAM and the host budget is {_size(sim.caps.host)}"
+        )
+        return Placement(replace(base, reason=Reason.NEVER_FITS, detail=detail))
     usable = [g.index for g in d.gpus if g.index not in d.draining]
     open_ = [g for g in usable if not _pinned_blocked(d, sim, rt, g)]
     bound = rt.at.gpu if rt.at.state.has_worker else None
@@ -138,6 +147,12 @@ def _option(
         if victims is None:
             return None
         moves += victims
+    staging = host_need(at, target, fp)  # a restore's staging buffers (accounting.py)
+    if trial.free_host() < staging:
+        paged = page_host(d, trial, staging, math.inf if bar is None else bar, rt.model)
+        if paged is None:
+            return None
+        moves += paged
     if not at.state.has_worker and trial.fits(rt.id, replace(target, host_copy=True)):
         target = replace(target, host_copy=True)  # a host copy makes its next suspend cheap
     if not trial.fits(rt.id, target):
@@ -205,7 +220,7 @@ def place_host(d: Draft, sim: Sim, model: str, bar: float) -> Placement | None:
     if not gpus:
         return None
     target = Residency(S.SUSPENDED_HOST, gpus[0], host_copy=True, snapshot=at.snapshot)
-    need = host_bytes(target, fp) - host_bytes(at, fp)
+    need = host_need(at, target, fp)  # the host copy, and the staging of a disk read
     if trial.free_host() < need:
         paged = page_host(d, trial, need, bar, model)
         if paged is None:

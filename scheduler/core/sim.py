@@ -103,9 +103,11 @@ class Sim:
     # Projected -------------------------------------------------------------------------
 
     def fits(self, rid: str, to: Residency) -> bool:
-        """Can runtime `rid` be planned at `to` within every budget?"""
-        price = self._usage(rid)
-        return _allows(self.projected, self.caps, price(self.proj[rid]), price(to))
+        """Can runtime `rid` be planned at `to` within every budget, the move there included
+        (a move holds the peak of its ends and its staging buffers: accounting.py)? A plan
+        whose end fits but whose move never could would wait forever."""
+        frm, fp = self.proj[rid], self.d.fp(self.d.runtimes[rid].model)
+        return _allows(self.projected, self.caps, usage(frm, fp), transition_usage(frm, to, fp))
 
     def move(self, rid: str, to: Residency) -> None:
         """Plan runtime `rid` at `to`."""

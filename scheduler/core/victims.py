@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 
-from torpor.scheduler.core.accounting import gpu_bytes, host_bytes, usage
+from torpor.scheduler.core.accounting import gpu_bytes, host_bytes, host_need, usage
 from torpor.scheduler.core.actions import VictimChoice
 from torpor.scheduler.core.costs import demote_seconds, restore_seconds, score
 from torpor.scheduler.core.draft import Draft
@@ -139,7 +139,7 @@ def _demote(d: Draft, sim: Sim, rid: str, exclude: str) -> list[VictimChoice] | 
             continue
         moves: list[VictimChoice] = []
         if not sim.fits(rid, to):
-            need = host_bytes(to, fp) - host_bytes(at, fp)
+            need = host_need(at, to, fp)  # with the staging of a snapshot write
             if need <= 0:
                 continue
             # What it loses if it cannot have host RAM: a disk-tier restore.

@@ -63,9 +63,22 @@ class Footprint:
     snapshot: int = 0
     """Chunk-store bytes of its snapshot: the store's count once one is recorded, an
     estimate before (weights, small files, manifest); 0: the weights stand in."""
+    staging: int = 0
+    """Host bytes of the worker's staging buffers (pinned on CUDA), an upper bound: the
+    disk-restore ring of a load from a snapshot or a resume from disk, the buffer of a
+    snapshot write, and the deep-resume stager held while SUSPENDED_DEEP. torpord sends it
+    to the worker (WorkerLoadRequest.staging_bytes), which never holds more."""
 
     def __post_init__(self) -> None:
-        for name in ("weights", "kv", "graph_pool", "context", "residue", "snapshot"):
+        for name in (
+            "weights",
+            "kv",
+            "graph_pool",
+            "context",
+            "residue",
+            "snapshot",
+            "staging",
+        ):
             value = getattr(self, name)
             _check(value >= 0, f"footprint.{name}", value, ">= 0")
 

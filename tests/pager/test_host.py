@@ -231,10 +231,10 @@ def test_unlocked_pieces_come_back_through_the_stage(arena: Arena) -> None:
 
 
 def test_the_host_stager_copies_spans_through_a_small_ring(arena: Arena) -> None:
-    from torpor.worker.pager.stream import HostStager
+    from torpor.worker.pager.stream import HostStager, StagingRing
 
     host, data, expected = _half_locked(arena)
-    stager = HostStager(threads=3, nbytes=3 * MiB + 4096, pinner=RecordingPinner())
+    stager = HostStager(3, StagingRing(5, 3 * MiB + 4096, RecordingPinner()))
     try:
         host.copy_to(arena, stage=stager)  # 8 MiB spans in 3 MiB steps: uneven tails
         assert torch.equal(data, expected)

@@ -172,3 +172,45 @@ def test_a_bad_load_request_is_an_invalid_argument(worker: Worker, model_dir: Pa
         assert status(worker).state == common_pb2.RUNTIME_STATE_COLD, change
     load(worker, model_dir)
     assert status(worker).state == RESIDENT
+
+
+def test_the_staging_limit_bounds_a_restore_from_disk(tmp_path: Path, model_dir: Path) -> None:
+    """WorkerLoadRequest.staging_bytes, the host bytes torpord counted for this runtime's
+    staging buffers: a limit smaller than one piece is refused before the read starts, and
+    one that holds a piece is enough (the ring has fewer buffers, never larger ones)."""
+    store = tmp_path / "store"
+    first = Worker(tmp_path / "a", store)
+    try:
+        load(first, model_dir)
+        expected = expected_tokens(first)
+        done = first.call("Snapshot", worker_pb2.WorkerSnapshotRequest())[-1].done
+        weights = status(first).disk_bytes
+    finally:
+        first.close()
+    enough = -(-weights // 4096) * 4096  # no piece is larger than the weights
+
+    def load_disk(worker: Worker, limit: int) -> None:
+        request = worker_pb2.WorkerLoadRequest(
+            model="demo",
+            source=common_pb2.TIER_DISK,
+            snapshot_id=done.snapshot_id,
+            target=RESIDENT,
+            keep_host_copy=False,
+            staging_bytes=limit,
+        )
+        worker.call("Load", request)
+
+    second = Worker(tmp_path / "b", store)
+    try:
+        with pytest.raises(InvalidArgument) as info:
+            load_disk(second, 4096)  # smaller than its largest piece
+        assert info.value.reason == "STAGING_TOO_SMALL"
+        assert status(second).state == common_pb2.RUNTIME_STATE_COLD
+        load_disk(second, enough)
+        assert expected_tokens(second) == expected
+        suspend(second, common_pb2.TIER_DISK)  # a resume from disk stages within it too
+        resume(second, common_pb2.TIER_DISK, keep_host_copy=False)
+        assert expected_tokens(second) == expected
+        assert status(second).staging_bytes == 0  # the ring is gone once the read ends
+    finally:
+        second.close()

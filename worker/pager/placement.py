@@ -43,6 +43,10 @@ class PagerOptions:
     """Threads reading snapshot chunks from disk during a disk restore."""
     staging_buffers: int = 4
     """Pinned staging buffers in the disk-restore ring (each holds one chunk)."""
+    staging_limit: int = 0
+    """The most bytes this runtime's staging buffers hold at once (a disk-restore ring, a
+    snapshot write's buffer, the deep resume's stager), pinned on CUDA: torpord's
+    WorkerLoadRequest.staging_bytes, which it counts in its host budget. 0: no limit."""
     direct_io: bool = True
     """Read chunks with O_DIRECT where the filesystem allows it."""
     stream_resume: bool = True
@@ -65,6 +69,7 @@ class PagerOptions:
         _bound("reader_threads", self.reader_threads, 1, 64)
         _bound("staging_buffers", self.staging_buffers, 2, 64)
         _bound("stage_threads", self.stage_threads, 1, 64)
+        _bound("staging_limit", self.staging_limit, 0, 1 << 40)
 
 
 class ArenaPlacement:

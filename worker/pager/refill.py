@@ -8,7 +8,7 @@ torch's cached device memory)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,6 @@ from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
-from torpor.worker.pager.snapshot import MAX_CHUNK
 from torpor.worker.pager.stream import HostStager, StagingRing, stream_pieces
 from torpor.worker.progress import ByteProgress
 
@@ -68,7 +67,10 @@ class Refill:
         """Before a deep suspend unlocks the host copy: the staging buffers that bring it
         back when the keeper cannot (made once, and kept)."""
         if pinner is not None and self.stager is None:
-            self.stager = HostStager(self.options.stage_threads, STAGE_BYTES, pinner)
+            threads = self.options.stage_threads
+            piece = min(STAGE_BYTES, self._nbytes)
+            ring = StagingRing.within(self.options.staging_limit, threads + 2, piece, pinner)
+            self.stager = HostStager(threads, ring)
 
     def can_stream(self, from_disk: bool) -> bool:
         """Whether this resume can serve while the weights are still being copied: from a
@@ -116,8 +118,9 @@ class Refill:
             except TorporError as exc:  # every byte is copied again below
                 log.warning("keeper_fill_failed", error=str(exc), reason=exc.reason)
         if via is None:
-            host.copy_to(self._weights, nbytes, stage=self.stager)
+            host.copy_to(self._weights, nbytes, stage=self.stager or pageable_copy)
             via = "copy" if host.pinned or not host.lockable else "staging"
+        self.release_stager()  # torpord counts it only while the runtime is deep-suspended
         self.via = via
         if progress is not None:
             progress(nbytes, nbytes)
@@ -139,10 +142,22 @@ class Refill:
         region = self.placement.regions["weights"]
         return from_disk(manifest, store, region, self.options, pinner, progress)
 
-    def close(self) -> None:
+    def release_stager(self) -> None:
+        """Free the deep resume's staging buffers (made again by the next deep suspend)."""
         if self.stager is not None:
             self.stager.close()
             self.stager = None
+
+    def close(self) -> None:
+        self.release_stager()
+
+
+def pageable_copy(src: torch.Tensor, dst: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
+    """Unlocked host pieces straight to the device, without pinned staging buffers: slower,
+    and only for a copy still unlocked when no stager is held (a suspend to HOST stopped the
+    relock that follows a deep resume; torpord counts a stager only while deep-suspended)."""
+    for offset, size in spans:
+        dst[offset : offset + size].copy_(src[offset : offset + size])
 
 
 def stream_in(host: HostBuffer, arena: Arena, layout: Layout, engine: Engine) -> Marks:
@@ -175,7 +190,9 @@ def from_disk(
 ) -> int:
     """Stream the snapshot's chunks into `region`, verified; the bytes moved."""
     nbytes = manifest.weight_bytes
-    ring = StagingRing(options.staging_buffers, MAX_CHUNK, pinner)
+    ring = StagingRing.within(
+        options.staging_limit, options.staging_buffers, manifest.largest_piece, pinner
+    )
     try:
         stats = stream_pieces(
             manifest.pieces,

@@ -189,6 +189,7 @@ class PagedRuntime:
                 self._pinner(),
                 None if progress is None else lambda d: progress(d, total),
                 reservation,
+                self.options.staging_limit,
             )
             options = self.engine.options
             self.manifest = SnapshotManifest(

@@ -23,7 +23,7 @@ from torpor.store.chunks import ChunkRef, ChunkStore, hash_bytes
 from torpor.worker.engine.layout import Layout
 from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.engine.weights import WeightSource
-from torpor.worker.pager.host import HostBuffer, HostPinner
+from torpor.worker.pager.host import HostPinner
 from torpor.worker.pager.manifest import MODEL_FILES, Environment, Piece, SnapshotManifest
 from torpor.worker.pager.stream import StagingRing, StreamStats, stream_pieces
 
@@ -84,11 +84,17 @@ def write_pieces(
     pinner: HostPinner | None,
     progress: Callable[[int], None] | None = None,
     reservation: Reservation | None = None,
+    staging_limit: int = 0,
 ) -> tuple[tuple[Piece, ...], int]:
     """Store every chunk of `source` (the region's flat uint8 view, on the host or a GPU);
-    return the pieces and the bytes that were not in the store before."""
+    return the pieces and the bytes that were not in the store before. Device bytes go
+    through one staging buffer, the size of the largest chunk, within `staging_limit`."""
     reservation = reservation or Reservation()
-    staging = HostBuffer(MAX_CHUNK, pinner=pinner) if source.device.type != "cpu" else None
+    ring = None
+    if source.device.type != "cpu":
+        largest = max((size for _, size in pieces_of(layout)), default=0)
+        ring = StagingRing.within(staging_limit, 1, largest, pinner)
+    staging = ring.buffers[0] if ring is not None else None
     pieces, new, done = [], 0, 0
     try:
         for offset, size in pieces_of(layout):
@@ -107,8 +113,8 @@ def write_pieces(
             if progress is not None:
                 progress(done)
     finally:
-        if staging is not None:
-            staging.close()
+        if ring is not None:
+            ring.close()
     return tuple(pieces), new
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torpor.errors import DataLoss, Unavailable
+from torpor.errors import DataLoss, InvalidArgument, Unavailable
 from torpor.store.chunks import ChunkStore, verify
 from torpor.worker.pager.backend import round_up
 from torpor.worker.pager.host import HostBuffer, HostPinner
@@ -67,6 +67,23 @@ def _count_staging(delta: int) -> None:
 
 class StagingRing:
     """A fixed set of host buffers for the disk path, pinned when the target is a GPU."""
+
+    @classmethod
+    def within(cls, limit: int, count: int, piece: int, pinner: HostPinner | None) -> StagingRing:
+        """A ring of up to `count` buffers, each the size of the largest piece it stages
+        (`piece`), no more of them than `limit` bytes hold (0: no limit). torpord sends the
+        limit (WorkerLoadRequest.staging_bytes) and counts it in its host budget; a limit
+        smaller than one piece is INVALID_ARGUMENT (STAGING_TOO_SMALL)."""
+        nbytes = round_up(max(piece, _ALIGN), _ALIGN)
+        if limit > 0:
+            count = min(count, limit // nbytes)
+            if count < 1:
+                raise InvalidArgument(
+                    f"staging limit {limit} B is smaller than one {nbytes} B piece",
+                    reason="STAGING_TOO_SMALL",
+                    metadata={"staging_bytes": limit, "piece_bytes": nbytes},
+                )
+        return cls(count, nbytes, pinner)
 
     def __init__(self, count: int, nbytes: int, pinner: HostPinner | None) -> None:
         self.nbytes = round_up(max(nbytes, _ALIGN), _ALIGN)
@@ -121,9 +138,9 @@ class HostStager:
     without the GIL.
     """
 
-    def __init__(self, threads: int, nbytes: int, pinner: HostPinner | None) -> None:
+    def __init__(self, threads: int, ring: StagingRing) -> None:
         self.threads = threads
-        self.ring = StagingRing(threads + 2, nbytes, pinner)
+        self.ring = ring  # threads + 2 buffers are enough to keep every thread busy
 
     def __call__(
         self, src: torch.Tensor, dst: torch.Tensor, spans: Sequence[tuple[int, int]]

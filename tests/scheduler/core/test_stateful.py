@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
+from dataclasses import replace
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -67,6 +68,8 @@ from torpor.scheduler.core import (
 
 from .harness import GiB, Harness, footprint
 
+STAGING = 256 * 1024**2  # the worker's staging buffers of every model
+
 S = RuntimeState
 ANSWER_CODES = {
     Code.RESOURCE_EXHAUSTED,
@@ -86,6 +89,9 @@ ACQUIRE = dict(
 )
 
 
+WORKER = (S.RESIDENT, S.SUSPENDED_HOST, S.SUSPENDED_DEEP, S.SUSPENDED_DISK)
+
+
 def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
     """GPU bytes per GPU, host bytes, disk bytes and workers, from the state table of
     docs/POLICY.md (written again here so that the core's own accounting is checked)."""
@@ -99,10 +105,17 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
             S.SUSPENDED_DISK: fp.context,
         }.get(res.state, 0)
         h = (fp.weights if res.host_copy else 0) + (
-            fp.context if res.state is S.SUSPENDED_DEEP else 0
+            fp.context + fp.staging if res.state is S.SUSPENDED_DEEP else 0
         )
-        has_worker = res.state in (S.RESIDENT, S.SUSPENDED_HOST, S.SUSPENDED_DEEP, S.SUSPENDED_DISK)
-        return gpu, h, fp.weights if res.snapshot else 0, int(has_worker)
+        return gpu, h, fp.weights if res.snapshot else 0, int(res.state in WORKER)
+
+    def staged(frm, to) -> bool:
+        """A disk read into a worker (a load from a snapshot, a resume from disk), or a
+        snapshot write (docs/POLICY.md "Staging buffers")."""
+        reads = to.state in WORKER and (
+            frm.state is S.SUSPENDED_DISK or (frm.state not in WORKER and frm.snapshot)
+        )
+        return reads or (frm.state in WORKER and to.snapshot and not frm.snapshot)
 
     for rt in state.runtimes.values():
         fp = state.models[rt.model].spec.footprint
@@ -110,6 +123,8 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
         priced = [parts(res, fp) for res in ends]
         gpu = next((res.gpu for res in ends if res.gpu is not None), None)
         peak = [max(p[i] for p in priced) for i in range(4)]
+        if rt.op is not None and staged(rt.at, rt.op.to):
+            peak[1] += fp.staging
         if gpu is not None:
             gpus[gpu] += peak[0]
         host, disk, workers = host + peak[1], disk + peak[2], workers + peak[3]
@@ -162,7 +177,8 @@ class CoreMachine(RuleBasedStateMachine):
             snap = snapshots[i] and stored + w <= disk  # a snapshot in the store fits its budget
             stored += w if snap else 0
             pin = pinned[i] and i == 0  # at most one pinned model, so others can still run
-            self.specs[name] = ModelSpec(name, footprint(w), pinned=pin)
+            fp = replace(footprint(w), staging=STAGING)  # docs/POLICY.md "Staging buffers"
+            self.specs[name] = ModelSpec(name, fp, pinned=pin)
             self._send(ModelRegistered(self.specs[name], snap))
 
     # Sending and checking ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -113,6 +114,59 @@ def test_a_transition_holds_the_peak_of_both_ends() -> None:
     load = transition_usage(Residency(S.COLD), Residency(S.RESIDENT, 0, host_copy=True), fp)
     assert (load.gpu, load.gpu_bytes, load.host, load.workers) == (0, fp.resident, fp.weights, 1)
     assert fp.resident == int(12 * GiB) + fp.residue
+
+
+STAGES = [  # (from, to, stages): docs/POLICY.md "Staging buffers"
+    (Residency(S.SNAPSHOT, snapshot=True), Residency(S.RESIDENT, 0, snapshot=True), True),
+    (Residency(S.COLD), Residency(S.RESIDENT, 0, host_copy=True), False),
+    (
+        Residency(S.SUSPENDED_DISK, 0, snapshot=True),
+        Residency(S.RESIDENT, 0, snapshot=True),
+        True,
+    ),
+    (
+        Residency(S.SUSPENDED_DISK, 0, snapshot=True),
+        Residency(S.SUSPENDED_HOST, 0, host_copy=True, snapshot=True),
+        True,
+    ),
+    (
+        Residency(S.RESIDENT, 0, host_copy=True),
+        Residency(S.SUSPENDED_DISK, 0, snapshot=True),
+        True,  # it writes the snapshot
+    ),
+    (
+        Residency(S.RESIDENT, 0, host_copy=True, snapshot=True),
+        Residency(S.SUSPENDED_DISK, 0, snapshot=True),
+        False,  # the snapshot is written already
+    ),
+    (
+        Residency(S.SUSPENDED_HOST, 0, host_copy=True),
+        Residency(S.RESIDENT, 0, host_copy=True),
+        False,
+    ),
+    (Residency(S.RESIDENT, 0, host_copy=True), Residency(S.COLD), False),
+]
+
+
+@pytest.mark.parametrize(("frm", "to", "stages"), STAGES)
+def test_a_move_that_stages_holds_the_staging_buffers_in_host_ram(
+    frm: Residency, to: Residency, stages: bool
+) -> None:
+    plain = footprint(10)
+    fp = replace(plain, staging=256 * 1024**2)
+    with_staging = transition_usage(frm, to, fp)
+    without = transition_usage(frm, to, plain)
+    assert with_staging.host - without.host == (fp.staging if stages else 0)
+    assert (with_staging.gpu_bytes, with_staging.disk) == (without.gpu_bytes, without.disk)
+
+
+def test_a_deep_suspended_runtime_holds_its_stager_and_a_resident_one_does_not() -> None:
+    fp = replace(footprint(10), staging=224 * 1024**2)
+    deep = Residency(S.SUSPENDED_DEEP, 0, host_copy=True)
+    resident = Residency(S.RESIDENT, 0, host_copy=True)
+    assert usage(deep, fp).host == fp.weights + fp.context + fp.staging
+    assert usage(resident, fp).host == fp.weights
+    assert transition_usage(deep, resident, fp).host == usage(deep, fp).host
 
 
 def test_core_imports_no_protobuf_grpc_or_torch() -> None:
