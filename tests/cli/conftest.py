@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,13 +84,25 @@ def cli(daemon: FakeTorpord) -> Cli:
     return Cli(daemon.socket)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default disposition. A suite started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt, so the CLI could not be stopped the way a user stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Running:
     """A CLI subprocess whose stdout lines arrive on a queue, read by a thread, so that a
     test waits for a line with a deadline instead of blocking forever."""
 
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=client_env(),
+            preexec_fn=_default_sigint,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -120,11 +133,12 @@ class Running:
         return "".join(self.seen)
 
     def stop(self, signum: int) -> tuple[int, str]:
-        """Send `signum`; the exit status and stderr."""
+        """Send `signum`; the exit status and stderr (a process that does not end within
+        30 s fails the test instead of hanging it)."""
         self.proc.send_signal(signum)
+        code = self.proc.wait(timeout=30)
         assert self.proc.stderr is not None
-        err = self.proc.stderr.read()
-        return self.proc.wait(timeout=30), err
+        return code, self.proc.stderr.read()
 
 
 @pytest.fixture
