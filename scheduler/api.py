@@ -35,6 +35,7 @@ from torpor.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 if TYPE_CHECKING:
     from torpor.scheduler.controller import Controller
     from torpor.scheduler.inflight import InflightCalls
+    from torpor.scheduler.metrics import Metrics
     from torpor.scheduler.registry import ModelRegistry
     from torpor.scheduler.supervisor import WorkerProcess
 
@@ -60,12 +61,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         workers: Workers,
         calls: InflightCalls,
         clocks: convert.Clocks,
+        metrics: Metrics | None = None,
     ) -> None:
         self.controller = controller
         self.models = models
         self.workers = workers
         self.calls = calls
         self.clocks = clocks
+        self.metrics = metrics
 
     # -- models ---------------------------------------------------------------------------
 
@@ -213,6 +216,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     @aio_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for chunk in self.generate(request, self._deadline(context)):
+            yield chunk
+
+    async def generate(self, request: Any, deadline: float | None) -> AsyncIterator[Any]:
+        """One generation, as `Generate` and the HTTP API (torpor.scheduler.http_api) both
+        run it: validated, queued behind an implicit acquire (or on a lease), proxied to the
+        worker, the usage filled with torpord's timings. `deadline` is on the controller's
+        clock (None: none). Closing the iterator cancels the request and frees its slot."""
         start = self.controller.clock()
         target = validate.generate_request(request)  # before it queues, evicts or loads
         model = self._lease(request.lease_id).model if target == "lease_id" else request.model
@@ -222,9 +233,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if target == "lease_id":
             grant, ticket = self._lease(request.lease_id), None
         else:
-            grant, ticket = await self._implicit_acquire(request, context)
+            grant, ticket = await self._implicit_acquire(request, deadline)
         granted = self.controller.clock()
         first: float | None = None
+        code, usage = "CANCELLED", None
         try:
             async for chunk in self._proxy(grant, request):
                 if first is None and chunk.token_ids:
@@ -232,13 +244,24 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 if chunk.HasField("usage"):
                     times = _Times(start, granted, first or granted, self.controller.clock())
                     self._fill_usage(chunk.usage, grant, times)
+                    code, usage = "OK", chunk.usage
                 yield chunk
+        except TorporError as err:
+            code = err.code.value
+            raise
         finally:
             if ticket is not None:
                 self.controller.close(ticket)
                 self._client_gone(ticket.request_id)
+            if self.metrics is not None:
+                self.metrics.request_done(
+                    model,
+                    code,
+                    prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+                    generated_tokens=usage.completion_tokens if usage is not None else 0,
+                )
 
-    async def _implicit_acquire(self, request: Any, context: Any) -> tuple[Grant, Ticket]:
+    async def _implicit_acquire(self, request: Any, deadline: float | None) -> tuple[Grant, Ticket]:
         ctl = self.controller
         request_id = ctl.new_id("gen")
         ticket = ctl.open(request_id, request.model, progress=False)
@@ -249,7 +272,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     request.model,
                     client=request_id,
                     priority=request.priority,
-                    deadline=self._deadline(context),
+                    deadline=deadline,
                 )
             )
             return await ticket.next(Grant), ticket

@@ -1,15 +1,16 @@
 """torpord: start, serve, shut down.
 
     torpord [--config FILE] [--state-dir DIR] [--socket PATH] [--listen HOST:PORT]
-            [--metrics-port N] [--backend auto|cuda|cpu] [--cpu-devices N]
-            [--cpu-device-memory SIZE] [--demo]
+            [--http-listen HOST:PORT] [--metrics-port N] [--backend auto|cuda|cpu]
+            [--cpu-devices N] [--cpu-device-memory SIZE] [--demo]
 
 Start-up: an exclusive lock on the state and the runtime directory (scheduler/instance.py: a
 second torpord on either is refused, naming the running one's pid, before it touches
 anything), config, catalog (SQLite by default) and snapshot store (scrubbed), GPU inventory,
 metrics, the event log, policy state with the registered models (a model with a snapshot
 restores from it), workers and keepers left by an earlier torpord stopped, then the gRPC
-services on the Unix socket (and TCP if asked), and READY=1 to systemd. Each GPU's keeper
+services on the Unix socket (and TCP if asked), the OpenAI-compatible HTTP API
+(daemon.http_listen), and READY=1 to systemd. Each GPU's keeper
 starts with its first worker (scheduler/keepers.py). SIGTERM: stop accepting, drain in-flight
 calls up to the drain timeout, stop the workers, then the keepers, release the locks, exit 0.
 Shutdown is start-up in reverse (one exit stack), and so is a start-up that fails: it stops
@@ -175,11 +176,18 @@ class Daemon:
         server = self._server(core, inventory, events, snapshots)
         stack.push_async_callback(server.stop, cfg.daemon.drain_timeout_s)
         await server.start()
+        if cfg.daemon.http_listen:  # after gRPC: the same services, one more door
+            from torpor.scheduler.http_api.server import HttpApi  # aiohttp only when served
+
+            http = HttpApi.from_config(cfg.daemon, server.scheduler, core.controller, metrics)
+            stack.push_async_callback(http.stop)
+            await http.start()
         notify.notify("READY=1\nSTATUS=serving")
         _log.info(
             "torpord_ready",
             socket=str(cfg.daemon.socket),
             listen=cfg.daemon.listen or None,
+            http_listen=cfg.daemon.http_listen or None,
             backend=inventory.backend,
             gpus=len(core.controller.state.gpus),
             models=len(core.models.sources),
@@ -279,7 +287,7 @@ class Daemon:
             cuda=cuda,
             forget_timeout_s=cfg.worker.stop_timeout_s + 30,
         )
-        return _Core(recorder, keepers, supervisor, executor, controller, models, calls)
+        return _Core(recorder, keepers, supervisor, executor, controller, models, calls, metrics)
 
     def _server(
         self, core: _Core, inventory: Inventory, events: EventLog, snapshots: SnapshotStore
@@ -292,6 +300,7 @@ class Daemon:
             workers=core.executor,
             calls=core.calls,
             clocks=clocks,
+            metrics=core.metrics,
         )
         admin = AdminService(
             controller=core.controller,
@@ -317,6 +326,7 @@ class _Core:
     controller: Controller
     models: ModelRegistry
     calls: InflightCalls
+    metrics: Metrics
 
 
 async def _own_directories(stack: AsyncExitStack, cfg: DaemonConfig) -> None:
@@ -418,6 +428,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--state-dir", help="catalog, snapshots and model roots live here")
     parser.add_argument("--socket", help="Unix socket to serve on")
     parser.add_argument("--listen", help="also serve on TCP HOST:PORT")
+    parser.add_argument(
+        "--http-listen", help='the OpenAI-compatible HTTP API on HOST:PORT ("": off)'
+    )
     parser.add_argument(
         "--metrics-port", type=int, help="Prometheus metrics on 127.0.0.1:PORT (0: off)"
     )

@@ -103,6 +103,20 @@ class DaemonSection(_Section):
     tls_client_ca: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
     """PEM CA bundle: when set, TCP clients must also present a certificate it signed
     (mutual TLS), besides their token."""
+    http_listen: str = _key("127.0.0.1:8080", kind="hostport")
+    """The OpenAI-compatible HTTP API at HOST:PORT (`/v1/models`, `/v1/completions`,
+    `/v1/chat/completions`); "" serves none. An address that is not loopback needs
+    api_keys_file, unless http_insecure says otherwise."""
+    api_keys_file: Path | None = _key("", kind="optpath")  # noqa: RUF009 (a frozen Rule)
+    """Hashed API keys of the HTTP API, one `SCOPE sha256:HEX [NAME]` per line, as
+    tokens_file (`torpor token new client` prints one). When set, every HTTP request needs
+    `Authorization: Bearer <key>`. Read once at start."""
+    http_insecure: bool = _key(False, kind="bool")
+    """Serve the HTTP API on an address that is not loopback without API keys: INSECURE,
+    anyone who reaches the port may generate on every model."""
+    http_timeout_s: float = _key(600.0, kind="float", lo=1, hi=86400)
+    """The most seconds an HTTP request may take, queueing and restore included; past it the
+    request fails with 504 (DEADLINE_EXCEEDED)."""
     metrics_port: int = _key(9464, kind="int", lo=0, hi=65535)
     """Prometheus /metrics on 127.0.0.1 at this port; 0 disables the endpoint."""
     log_level: str = _key("info", kind="choice", choices=("debug", "info", "warning", "error"))
@@ -125,6 +139,17 @@ class DaemonSection(_Section):
         if len(os.fsencode(self.socket)) > _SUN_PATH_MAX:
             raise _invalid("daemon.socket", str(self.socket), "a path of at most 107 bytes")
         self._check_tcp()
+        self._check_http()
+
+    def _check_http(self) -> None:
+        """The HTTP API off loopback only with keys, or with http_insecure said out loud."""
+        remote = bool(self.http_listen) and not is_loopback(self.http_listen)
+        if remote and self.api_keys_file is None and not self.http_insecure:
+            rule = (
+                f"a keys file when daemon.http_listen ({self.http_listen}) is not "
+                "loopback (or daemon.http_insecure = true, which serves it to anyone)"
+            )
+            raise _invalid("daemon.api_keys_file", "", rule)
 
     def _check_tcp(self) -> None:
         """TCP has no file mode to guard it, so it is served only with what authenticates a
@@ -360,6 +385,7 @@ CLI_OPTIONS: dict[str, str] = {
     "--socket": "daemon.socket",
     "--listen": "daemon.listen",
     "--metrics-port": "daemon.metrics_port",
+    "--http-listen": "daemon.http_listen",
     "--backend": "backend.kind",
     "--cpu-devices": "backend.cpu_devices",
     "--cpu-device-memory": "backend.cpu_device_memory",

@@ -119,6 +119,19 @@ class Metrics:
             ["model", "code"],
             registry=r,
         )
+        self._http_requests = Counter(
+            "torpor_http_requests_total",
+            "Requests to the OpenAI-compatible HTTP API, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self._http_seconds = Histogram(
+            "torpor_http_request_duration_seconds",
+            "Time from an HTTP request's arrival to its last byte, by endpoint.",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600),
+            registry=r,
+        )
         self._prompt_tokens = self._per_model("torpor_prompt_tokens_total", "Prompt tokens.")
         self._generated = self._per_model("torpor_generated_tokens_total", "Tokens generated.")
         self._crashes = self._per_model(
@@ -231,6 +244,11 @@ class Metrics:
         self._requests.labels(model=model, code=code).inc()
         self._prompt_tokens.labels(model=model).inc(prompt_tokens)
         self._generated.labels(model=model).inc(generated_tokens)
+
+    def http_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """An HTTP API request answered (`endpoint` is its route, or "other")."""
+        self._http_requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self._http_seconds.labels(endpoint=endpoint).observe(seconds)
 
     def count_keepers(self, running: Callable[[], int]) -> None:
         """Read the number of running keepers from `running` at each scrape."""

@@ -46,7 +46,7 @@ class Server:
     ) -> None:
         self.config = config
         self.health = health.aio.HealthServicer()
-        self._scheduler = scheduler
+        self.scheduler = scheduler
         self._admin = admin
         self.server = self._build(())
         self.tcp: grpc.aio.Server | None = None
@@ -54,7 +54,7 @@ class Server:
     def _build(self, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
         # The token check first: a refused call's body is never decoded.
         server = grpc.aio.server(interceptors=[*interceptors, DecodeGuard()])
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self._scheduler, server)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.scheduler, server)
         admin_pb2_grpc.add_AdminServicer_to_server(self._admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Every torpord a test starts inherits this: the HTTP API's default port (8080) is the
+# host's, and another torpord may hold it. Tests of the HTTP API give their daemon a port.
+os.environ.setdefault("TORPOR_DAEMON_HTTP_LISTEN", "")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not any(item.get_closest_marker("gpu") for item in items):
         return
-    import os
-
     import torch
 
     # TORPOR_TEST_INTERPRET=1 (with TRITON_INTERPRET=1) runs the Triton kernel tests on the CPU.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 
@@ -29,6 +30,36 @@ class Code(enum.Enum):
     INTERNAL = "INTERNAL"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How a code crosses each of torpord's APIs: the gRPC status (by name) and, for the
+    OpenAI-compatible HTTP API, the HTTP status and OpenAI's error `type`."""
+
+    grpc: str
+    http: int
+    openai_type: str
+
+
+WIRE: Mapping[Code, Wire] = {
+    Code.INVALID_ARGUMENT: Wire("INVALID_ARGUMENT", 400, "invalid_request_error"),
+    Code.NOT_FOUND: Wire("NOT_FOUND", 404, "not_found_error"),
+    Code.ALREADY_EXISTS: Wire("ALREADY_EXISTS", 409, "conflict_error"),
+    Code.FAILED_PRECONDITION: Wire("FAILED_PRECONDITION", 400, "invalid_request_error"),
+    Code.RESOURCE_EXHAUSTED: Wire("RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
+    Code.DEADLINE_EXCEEDED: Wire("DEADLINE_EXCEEDED", 504, "timeout_error"),
+    Code.UNAVAILABLE: Wire("UNAVAILABLE", 503, "service_unavailable_error"),
+    Code.ABORTED: Wire("ABORTED", 409, "aborted_error"),
+    Code.CANCELLED: Wire("CANCELLED", 499, "cancelled_error"),
+    Code.UNIMPLEMENTED: Wire("UNIMPLEMENTED", 501, "not_implemented_error"),
+    Code.DATA_LOSS: Wire("DATA_LOSS", 500, "server_error"),
+    Code.INTERNAL: Wire("INTERNAL", 500, "server_error"),
+    Code.UNAUTHENTICATED: Wire("UNAUTHENTICATED", 401, "authentication_error"),
+    Code.PERMISSION_DENIED: Wire("PERMISSION_DENIED", 403, "permission_error"),
+}
+"""The one table from a torpor error's code to the gRPC status and the HTTP status that
+carry it (docs/API.md "Errors"); `torpor.rpc_status` and the HTTP API both read it."""
 
 
 class TorporError(Exception):

@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from torpor.errors import Code, DeadlineExceeded, Internal, TorporError, error_for
+from torpor.errors import WIRE, Code, DeadlineExceeded, Internal, TorporError, error_for
 from torpor.log import get_logger
 
 DOMAIN = "torpor"
@@ -33,7 +33,7 @@ MAX_MESSAGE_BYTES = 1024
 MAX_METADATA_BYTES = 1024
 """Most bytes of metadata keys and values sent; values past it are clipped or left out."""
 
-_TO_GRPC: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.value] for code in Code}
+_TO_GRPC: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[WIRE[code].grpc] for code in Code}
 _FROM_GRPC: dict[grpc.StatusCode, Code] = {v: k for k, v in _TO_GRPC.items()}
 
 
