@@ -39,6 +39,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	@echo "[run] socket $(abspath $(RUN_DIR))/torpord.sock; in another terminal: export TORPOR_SOCKET=$(abspath $(RUN_DIR))/torpord.sock"
+	@echo "[run] the OpenAI HTTP API: http://127.0.0.1:8080/v1 (daemon.http_listen)"
 	TORPOR_DAEMON_RUNTIME_DIR=$(RUN_DIR) $(VENV)/bin/torpord --state-dir $(STATE_DIR) --socket $(RUN_DIR)/torpord.sock --demo
 
 # The store's tests run against SQLite and a throwaway PostgreSQL server, which this script
