@@ -130,6 +130,7 @@ class Daemon:
         channels: int,
         profile: Path | None = None,
         worker_threads: int = 0,
+        backend: str = "cpu",
     ) -> None:
         self.state = work / "state"
         self.socket = self.state / "torpord.sock"
@@ -156,11 +157,12 @@ class Daemon:
             "--metrics-port",
             "0",
             "--backend",
-            "cpu",
-            "--cpu-devices",
-            "1",
-            "--cpu-device-memory",
-            str(device_memory),
+            backend,
+            *(
+                ["--cpu-devices", "1", "--cpu-device-memory", str(device_memory)]
+                if backend == "cpu"
+                else []
+            ),
         ]
         self.proc = subprocess.Popen(self.argv, env=env)
         # Each channel its own connection: without a local subchannel pool, channels to the
