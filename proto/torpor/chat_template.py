@@ -22,7 +22,7 @@ import functools
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -260,7 +260,7 @@ class _Generation(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers marks the assistant's tokens
     with it): renders its body unchanged."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it a plain attribute)
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
