@@ -75,7 +75,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @aio_errors
     async def RegisterModel(self, request: Any, context: Any) -> Any:
         validate.model_spec(request.spec)
-        model = await self.models.register(request.spec)
+        model = await self.models.register(request.spec, request.chat_template)
         return scheduler_pb2.RegisterModelResponse(model=model)
 
     @aio_errors
@@ -300,8 +300,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         forward = worker_pb2.WorkerGenerateRequest(sampling=sampling)
-        if request.WhichOneof("prompt") == "prompt_text":
+        prompt = request.WhichOneof("prompt")
+        if prompt == "prompt_text":
             forward.prompt_text = request.prompt_text
+        elif prompt == "prompt_chat":  # rendered by the worker, with the model's template
+            forward.prompt_chat.CopyFrom(request.prompt_chat)
         else:
             forward.prompt_token_ids.CopyFrom(request.prompt_token_ids)
         self.controller.submit(RequestStarted(grant.model))

@@ -101,10 +101,15 @@ class Clocks:
 
 
 def model_spec(
-    msg: common_pb2.ModelSpec, source: str, default_dtype: DType, default_max_seq_len: int
+    msg: common_pb2.ModelSpec,
+    source: str,
+    default_dtype: DType,
+    default_max_seq_len: int,
+    chat_template: str = "",
 ) -> ModelRegistration:
     """A registration as the catalog stores it (validated there: name, bounds), with the
-    checkpoint's dtype and max_seq_len where the message leaves them unset."""
+    checkpoint's dtype and max_seq_len where the message leaves them unset, and the
+    registration's chat template."""
     return ModelRegistration(
         name=msg.name,
         source_path=source,
@@ -114,6 +119,7 @@ def model_spec(
         priority=msg.priority,
         pinned=msg.pinned,
         keep_alive_s=float(msg.keep_alive_s),
+        chat_template=chat_template,
     )
 
 

@@ -113,6 +113,7 @@ class ModelSource:
     max_batch: int
     max_seq_len: int
     estimate: Footprint
+    chat_template: str = ""  # the registration's override of the checkpoint's; "": none
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,7 @@ class Executor:
             target=convert.state_name(action.target),
             keep_host_copy=action.keep_host_copy,
             staging_bytes=source.estimate.staging,  # the most its staging buffers may hold
+            chat_template=source.chat_template,
         )
         async with self._restoring(action) as manifest_hash:  # the store's read lock
             if manifest_hash is not None:

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Protocol
 
+from torpor import chat_template
 from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import (
     DeadlineExceeded,
@@ -97,17 +98,21 @@ class ModelRegistry:
             except TorporError as err:
                 _log.error("model_not_loaded", model=registered.spec.name, error=str(err))
 
-    async def register(self, msg: common_pb2.ModelSpec) -> common_pb2.Model:
+    async def register(self, msg: common_pb2.ModelSpec, template: str = "") -> common_pb2.Model:
+        """Register `msg`, with `template` (Jinja source) replacing its checkpoint's chat
+        template when not empty."""
         validate_model_name(msg.name)  # before anything else: a name never becomes a path
         if not msg.source:
             raise InvalidArgument(
                 "spec.source (the checkpoint directory) is required", reason="NO_SOURCE"
             )
         source = check_source_path(msg.source, self.model_roots)
+        if template:
+            chat_template.check_source(template)  # a template that cannot compile: now
         ckpt = CheckpointDir.confined(source, self.model_roots)
         limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
         dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
-        spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096))
+        spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096), template)
         if spec.max_seq_len > limit:
             raise InvalidArgument(
                 f"max_seq_len={spec.max_seq_len} exceeds the model's "
@@ -148,10 +153,16 @@ class ModelRegistry:
         if snapshot_bytes:  # what the store holds for it, not the estimate
             estimate = dataclasses.replace(estimate, snapshot=snapshot_bytes)
         vocab = await self.checkpoints.run(spec.name, footprint.vocab_size, ckpt)
+        chat = await self.checkpoints.run(spec.name, _has_chat_template, ckpt, spec.chat_template)
         self.sources[spec.name] = ModelSource(
-            Path(spec.source_path), spec.dtype.value, spec.max_batch, spec.max_seq_len, estimate
+            Path(spec.source_path),
+            spec.dtype.value,
+            spec.max_batch,
+            spec.max_seq_len,
+            estimate,
+            spec.chat_template,
         )
-        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len)
+        self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len, chat)
         core_spec = CoreSpec(
             spec.name,
             estimate,
@@ -233,4 +244,13 @@ class ModelRegistry:
             state=convert.state_name(state.runtimes[model.runtime_id].state),
             footprint_bytes=model.spec.footprint.resident,
             snapshot_id=self.recorder.latest.get(name, ""),
+            has_chat_template=self.limits[name].chat if name in self.limits else False,
         )
+
+
+def _has_chat_template(ckpt: CheckpointDir, override: str) -> bool:
+    """Whether a worker of this checkpoint can render chat prompts: it has a tokenizer, and a
+    registered template or one of its own (chat_template.jinja, tokenizer_config.json)."""
+    if not ckpt.exists("tokenizer.json"):
+        return False
+    return bool(override) or chat_template.checkpoint_template(ckpt) is not None

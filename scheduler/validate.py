@@ -20,7 +20,8 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from torpor.errors import InvalidArgument, NotFound
+from torpor import chat_template
+from torpor.errors import FailedPrecondition, InvalidArgument, NotFound
 from torpor.scheduler.core.scheduler_state import Model
 from torpor.store.names import check_source_length, validate_model_name
 from torpor.v1 import common_pb2, scheduler_pb2
@@ -163,6 +164,8 @@ def generate_request(msg: scheduler_pb2.GenerateRequest) -> str:
         raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
     if prompt == "prompt_token_ids":
         prompt_token_ids(msg.prompt_token_ids)
+    if prompt == "prompt_chat":
+        chat_template.messages(msg.prompt_chat)  # roles, count, size
     sampling(msg.sampling)
     priority(msg.priority)  # ignored with a lease, but one rule for all
     return str(target)
@@ -174,12 +177,19 @@ class ModelLimits:
 
     vocab_size: int  # 0: unknown, the worker checks token ids alone
     max_seq_len: int
+    chat: bool = False  # it has a chat template (the registration's or the checkpoint's)
 
 
 def for_model(msg: scheduler_pb2.GenerateRequest, limits: ModelLimits) -> None:
     """The checks of a GenerateRequest that depend on its model, made before it queues (the
     worker makes them again, with the same reasons)."""
     vocab, limit = limits.vocab_size, limits.max_seq_len
+    if msg.WhichOneof("prompt") == "prompt_chat" and not limits.chat:
+        raise FailedPrecondition(
+            "this model has no chat template (none in its checkpoint, none registered): send "
+            "prompt_text or prompt_token_ids, or register it with a chat template",
+            reason="NO_CHAT_TEMPLATE",
+        )
     ids = msg.prompt_token_ids.ids if msg.WhichOneof("prompt") == "prompt_token_ids" else ()
     if vocab:
         bad_ids = [t for t in ids if t >= vocab]

@@ -340,6 +340,7 @@ def _fill_model_row(row: ModelRow, spec: ModelRegistration, source: str, now: da
     row.priority = spec.priority
     row.pinned = spec.pinned
     row.keep_alive_s = spec.keep_alive_s
+    row.chat_template = spec.chat_template
     row.updated_at = now
 
 
@@ -353,6 +354,7 @@ def _model(row: ModelRow) -> RegisteredModel:
         priority=row.priority,
         pinned=row.pinned,
         keep_alive_s=row.keep_alive_s,
+        chat_template=row.chat_template or "",
     )
     return RegisteredModel(spec=spec, created_at=row.created_at, updated_at=row.updated_at)
 

@@ -47,6 +47,8 @@ class ModelRegistration:
     """A pinned model's runtime is never chosen as an eviction victim."""
     keep_alive_s: float = 0.0
     """Seconds after the last use during which the runtime is never a victim."""
+    chat_template: str = ""
+    """A chat template (Jinja source) that replaces the checkpoint's own; empty: none."""
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)

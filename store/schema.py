@@ -135,6 +135,7 @@ class ModelRow(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     keep_alive_s: Mapped[float] = mapped_column(Float, default=0.0)
+    chat_template: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from torpor import chat_template
 from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import Aborted, FailedPrecondition, InvalidArgument
 from torpor.log import bind, get_logger
@@ -125,6 +126,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             model_dir = CheckpointDir.confined(request.model_dir, request.model_roots)
             runtime = PagedRuntime.load(model_dir, options, pager, weights)
+        if request.chat_template and runtime.engine.tokenizer is not None:
+            runtime.engine.tokenizer.use_chat_template(request.chat_template)
         self.runtime = runtime
         self.model = request.model
         if target is PagedState.SUSPENDED_HOST:
@@ -159,6 +162,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             prompt = tuple(engine.encode(request.prompt_text))
         elif which == "prompt_token_ids":
             prompt = tuple(request.prompt_token_ids.ids)
+        elif which == "prompt_chat":
+            prompt = tuple(engine.encode_chat(request.prompt_chat))
         else:
             raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
         params = convert.sampling(request.sampling, len(prompt), engine.options.max_seq_len)
@@ -380,6 +385,8 @@ def _check_load(request: worker_pb2.WorkerLoadRequest, target: PagedState) -> No
             "weights go",
             reason="BAD_TARGET",
         )
+    if request.chat_template:
+        chat_template.check_source(request.chat_template)
 
 
 def _with_progress(

@@ -37,7 +37,13 @@ from torpor.errors import InvalidArgument
 MAX_JSON_BYTES = 64 << 20
 """Largest JSON file of a checkpoint read whole (config, index, tokenizer), in bytes."""
 
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 """The small files of a checkpoint that torpor reads (and copies into a snapshot)."""
 
 INDEX = "model.safetensors.index.json"

@@ -182,11 +182,19 @@ def register(
     keep_alive: Annotated[
         int, typer.Option(min=0, help="Seconds after last use it is not evicted.")
     ] = 0,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="A Jinja chat template that replaces the checkpoint's own (for chat prompts).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Register a model with torpord."""
     if dtype.strip().lower() not in DTYPES:
         fail(InvalidArgument(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}"))
+    template = "" if chat_template is None else _read_template(chat_template)
     spec = common_pb2.ModelSpec(
         name=name,
         source=str(source_dir.expanduser().absolute()),  # the daemon needs an absolute path
@@ -199,9 +207,22 @@ def register(
     )
     with session(ctx) as conn:
         reply = conn.unary(
-            conn.scheduler.RegisterModel, scheduler_pb2.RegisterModelRequest(spec=spec)
+            conn.scheduler.RegisterModel,
+            scheduler_pb2.RegisterModelRequest(spec=spec, chat_template=template),
         )
     _print_model(ctx, as_json, "registered", reply.model)
+
+
+def _read_template(path: Path) -> str:
+    """The chat template in `path` (read here, by the user who runs the CLI: torpord never
+    opens it)."""
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(InvalidArgument(f"--chat-template {str(path)!r} cannot be read: {exc}"))
+    if not text:
+        fail(InvalidArgument(f"--chat-template {str(path)!r} is empty"))
+    return text
 
 
 def unregister(

@@ -140,6 +140,7 @@ def model(m: common_pb2.Model) -> Json:
         "state": enum_name(common_pb2.RuntimeState, m.state),
         "footprint_bytes": m.footprint_bytes,
         "snapshot_id": m.snapshot_id or None,
+        "has_chat_template": m.has_chat_template,
         "registered_at": timestamp(m, "registered_at"),
     }
 

@@ -115,6 +115,20 @@ def test_register_sends_the_spec(cli: Cli, daemon: FakeTorpord, given: str, dtyp
     assert "new-model" in cli.ok("models")
 
 
+def test_register_sends_a_chat_template_file(cli: Cli, daemon: FakeTorpord, tmp_path: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    cli.ok("register", "chatty", "/models/chatty", "--chat-template", str(template))
+    assert daemon.requests("RegisterModel")[-1].chat_template == template.read_text()
+    cli.ok("register", "plain", "/models/plain")
+    assert daemon.requests("RegisterModel")[-1].chat_template == ""
+
+
+def test_register_refuses_an_unreadable_chat_template(cli: Cli, tmp_path: Path) -> None:
+    err = cli.fails(2, "register", "m2", "/models/m2", "--chat-template", str(tmp_path / "nope"))
+    assert "--chat-template" in err
+
+
 def test_register_says_what_it_did(cli: Cli) -> None:
     assert cli.ok("register", "m1", "/models/m1").startswith("registered m1: cold")
 

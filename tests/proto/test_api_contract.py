@@ -84,8 +84,13 @@ FIELDS: dict[str, dict[str, str]] = {
         "pinned": "bool",
         "keep_alive_s": "uint32",
     },
-    "RegisterModelRequest": {"spec": "ModelSpec"},
-    "Model": {"spec": "ModelSpec", "state": "RuntimeState", "registered_at": TS},
+    "RegisterModelRequest": {"spec": "ModelSpec", "chat_template": "string"},
+    "Model": {
+        "spec": "ModelSpec",
+        "state": "RuntimeState",
+        "registered_at": TS,
+        "has_chat_template": "bool",
+    },
     "ListModelsResponse": {"models": "repeated Model"},
     "AcquireRequest": {"model": "string", "deadline": TS, "priority": "int32"},
     "AcquireEvent": {
@@ -118,9 +123,13 @@ FIELDS: dict[str, dict[str, str]] = {
         "lease_id": "string in target",
         "prompt_text": "string in prompt",
         "prompt_token_ids": "TokenIds in prompt",
+        "prompt_chat": "ChatPrompt in prompt",
         "sampling": "SamplingParams",
     },
     "TokenIds": {"ids": "repeated uint32"},
+    # Issue 14: chat messages, rendered by the model's chat template.
+    "ChatPrompt": {"messages": "repeated ChatMessage", "add_generation_prompt": "bool"},
+    "ChatMessage": {"role": "string", "content": "string"},
     "SamplingParams": {
         "max_tokens": "uint32",
         "temperature": "float",
@@ -222,6 +231,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "max_seq_len": "uint32",
         "target": "RuntimeState",
         "keep_host_copy": "bool",
+        "chat_template": "string",
     },
     "WorkerLoadResponse": {
         "progress": "WorkerLoadResponse.Progress in event",
@@ -235,6 +245,7 @@ FIELDS: dict[str, dict[str, str]] = {
     "WorkerGenerateRequest": {
         "prompt_text": "string in prompt",
         "prompt_token_ids": "TokenIds in prompt",
+        "prompt_chat": "ChatPrompt in prompt",
         "sampling": "SamplingParams",
     },
     "WorkerSuspendRequest": {"level": "Tier"},

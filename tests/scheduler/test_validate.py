@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from torpor import rpc_status
-from torpor.errors import InvalidArgument, NotFound
+from torpor.errors import FailedPrecondition, InvalidArgument, NotFound
 from torpor.scheduler import validate
 from torpor.scheduler.core import ModelSpec
 from torpor.scheduler.core.scheduler_state import Model
@@ -302,3 +302,28 @@ def test_every_evict_mode_converts_and_no_other_number() -> None:
     assert convert.evict_mode(admin_pb2.EVICT_MODE_DRAIN) is EvictMode.DRAIN
     assert convert.evict_mode(admin_pb2.EVICT_MODE_ABORT) is EvictMode.ABORT
     assert reason_of(convert.evict_mode, 99).reason == "BAD_ENUM"
+
+
+def chat_request(*roles: str) -> scheduler_pb2.GenerateRequest:
+    messages = [common_pb2.ChatMessage(role=r, content="hi") for r in roles]
+    return scheduler_pb2.GenerateRequest(
+        model="m", prompt_chat=common_pb2.ChatPrompt(messages=messages)
+    )
+
+
+def test_a_chat_prompt_is_checked_before_it_queues() -> None:
+    assert validate.generate_request(chat_request("system", "user", "assistant")) == "model"
+    err = reason_of(validate.generate_request, chat_request("user", "tool"))
+    assert err.reason == "INVALID_CHAT_ROLE"
+    assert err.metadata["field"] == "prompt_chat.messages[1].role"
+    assert reason_of(validate.generate_request, chat_request()).reason == "EMPTY_PROMPT"
+    too_many = chat_request(*["user"] * 4097)
+    assert reason_of(validate.generate_request, too_many).reason == "TOO_MANY_MESSAGES"
+
+
+def test_a_chat_prompt_needs_a_model_with_a_template() -> None:
+    msg = chat_request("user")
+    validate.for_model(msg, validate.ModelLimits(vocab_size=100, max_seq_len=64, chat=True))
+    with pytest.raises(FailedPrecondition) as err:
+        validate.for_model(msg, validate.ModelLimits(vocab_size=100, max_seq_len=64))
+    assert err.value.reason == "NO_CHAT_TEMPLATE"

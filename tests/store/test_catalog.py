@@ -34,6 +34,14 @@ def test_register_get_list_models(catalog: Catalog, model_root: Path, clock: Fak
     assert [m.spec.name for m in catalog.list_models()] == ["another", MODEL]
 
 
+def test_a_models_chat_template_is_kept(catalog: Catalog, model_root: Path) -> None:
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    catalog.register_model(make_spec(model_root, chat_template=template))
+    assert catalog.get_model(MODEL).spec.chat_template == template
+    catalog.register_model(make_spec(model_root, name="plain"))
+    assert catalog.get_model("plain").spec.chat_template == ""
+
+
 def test_register_twice_is_already_exists_unless_replace(
     catalog: Catalog, model_root: Path, clock: FakeClock
 ) -> None:

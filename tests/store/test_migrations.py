@@ -23,8 +23,8 @@ WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_revisions_are_a_line_from_0001() -> None:
-    assert migrate.revisions_oldest_first() == ["0001", "0002"]
-    assert migrate.head_revision() == "0002"
+    assert migrate.revisions_oldest_first() == ["0001", "0002", "0003"]
+    assert migrate.head_revision() == "0003"
 
 
 def _fill_oldest_schema(url: str, chunk_store: ChunkStore, source: Path) -> list[bytes]:
@@ -106,6 +106,7 @@ def test_upgrade_from_the_oldest_revision_keeps_the_data(
         model = catalog.get_model(MODEL)
         assert (model.spec.dtype, model.spec.priority, model.spec.pinned) == (DType.FP8, 3, True)
         assert model.created_at == WHEN
+        assert model.spec.chat_template == ""  # 0003: none for a model registered before
         bandwidth = catalog.get_bandwidth("h", BandwidthTier.DISK_READ)
         assert bandwidth is not None and (bandwidth.bytes_per_s, bandwidth.samples) == (1.5e9, 7)
         (event,) = catalog.events_after(0)
@@ -129,13 +130,13 @@ def test_models_match_the_head_migration(catalog: Catalog) -> None:
 def test_open_is_idempotent_and_downgrade_works(db_url: str) -> None:
     Catalog.open(db_url).close()
     with Catalog.open(db_url) as catalog:
-        assert migrate.current_revision(catalog.engine) == "0002"
+        assert migrate.current_revision(catalog.engine) == migrate.head_revision()
         with catalog.engine.begin() as conn:
             command.downgrade(migrate.alembic_config(conn), "base")
         assert migrate.current_revision(catalog.engine) is None
         assert "models" not in inspect(catalog.engine).get_table_names()
         migrate.upgrade(catalog.engine)
-        assert migrate.current_revision(catalog.engine) == "0002"
+        assert migrate.current_revision(catalog.engine) == migrate.head_revision()
 
 
 def test_migrations_are_found_from_any_working_directory(
@@ -145,5 +146,5 @@ def test_migrations_are_found_from_any_working_directory(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     with Catalog.open(f"sqlite:///{tmp_path / 'c.db'}") as catalog:
-        assert migrate.current_revision(catalog.engine) == "0002"
+        assert migrate.current_revision(catalog.engine) == migrate.head_revision()
     assert list(elsewhere.iterdir()) == []

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
-from torpor.errors import InvalidArgument
+from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.log import get_logger
+from torpor.v1 import common_pb2
 from torpor.worker.engine.decoder import Decoder, EagerDecoder
 from torpor.worker.engine.layout import Placement
 from torpor.worker.engine.model import Transformer
@@ -432,6 +433,15 @@ class Engine:
                 "this checkpoint has no tokenizer.json; send token ids", reason="NO_TOKENIZER"
             )
         return self.tokenizer.encode(text)
+
+    def encode_chat(self, prompt: common_pb2.ChatPrompt) -> list[int]:
+        if self.tokenizer is None:
+            raise FailedPrecondition(
+                "this checkpoint has no tokenizer.json, so chat messages cannot be tokenized; "
+                "send token ids",
+                reason="NO_TOKENIZER",
+            )
+        return self.tokenizer.encode_chat(prompt)
 
 
 def _eos_ids(ckpt: CheckpointDir, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:

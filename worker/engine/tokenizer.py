@@ -1,5 +1,5 @@
 """The checkpoint's tokenizer: `tokenizer.json` through `tokenizers`, with the special tokens
-and chat template of `tokenizer_config.json` where present."""
+of `tokenizer_config.json` where present, and its chat template (`torpor.chat_template`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from torpor import chat_template
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
-from torpor.errors import InvalidArgument
+from torpor.errors import FailedPrecondition, InvalidArgument
+from torpor.v1 import common_pb2
 
 
 class Tokenizer:
@@ -40,7 +42,14 @@ class Tokenizer:
         self.bos_token_id = self._special_id(config.get("bos_token"))
         self.eos_token_id = self._special_id(config.get("eos_token"))
         self.add_bos: bool | None = config.get("add_bos_token")
-        self.chat_template: str | None = config.get("chat_template")
+        self.special_tokens = chat_template.special_tokens(config)
+        self.chat_template: str | None = chat_template.checkpoint_template(ckpt)
+
+    def use_chat_template(self, source: str) -> None:
+        """Replace the checkpoint's chat template with `source` (a registration's override);
+        InvalidArgument when it does not compile."""
+        chat_template.check_source(source)
+        self.chat_template = source
 
     def _special_id(self, token: Any) -> int | None:
         if isinstance(token, dict):  # the older AddedToken serialization
@@ -65,23 +74,27 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the checkpoint's template (jinja2, sandboxed)."""
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> str:
+        """The conversation rendered by the chat template, as transformers renders it."""
         if not self.chat_template:
-            raise InvalidArgument("this checkpoint has no chat template", reason="NO_CHAT_TEMPLATE")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self._token(self.bos_token_id),
-            eos_token=self._token(self.eos_token_id),
+            raise FailedPrecondition(
+                "this model has no chat template (none in the checkpoint, none registered): "
+                "send prompt_text or prompt_token_ids, or register it with a chat template",
+                reason="NO_CHAT_TEMPLATE",
+            )
+        return chat_template.render(
+            self.chat_template, messages, add_generation_prompt, self.special_tokens
         )
 
-    def _token(self, token_id: int | None) -> str:
-        return "" if token_id is None else str(self._tok.id_to_token(token_id))
+    def encode_chat(self, prompt: common_pb2.ChatPrompt) -> list[int]:
+        """Token ids of a chat prompt: the rendered text tokenized without special tokens
+        added (the template writes its own BOS), as transformers' tokenize=True does."""
+        text = self.apply_chat_template(
+            chat_template.messages(prompt), prompt.add_generation_prompt
+        )
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
 
 
 class Detokenizer:

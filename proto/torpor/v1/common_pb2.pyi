@@ -83,6 +83,22 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChatPrompt(_message.Message):
+    __slots__ = ("messages", "add_generation_prompt")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    add_generation_prompt: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -178,18 +194,20 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., keep_alive_s: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("spec", "registered_at", "state", "footprint_bytes", "snapshot_id")
+    __slots__ = ("spec", "registered_at", "state", "footprint_bytes", "snapshot_id", "has_chat_template")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     registered_at: _timestamp_pb2.Timestamp
     state: RuntimeState
     footprint_bytes: int
     snapshot_id: str
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[RuntimeState, str]] = ..., footprint_bytes: _Optional[int] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
+    has_chat_template: bool
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[RuntimeState, str]] = ..., footprint_bytes: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class Victim(_message.Message):
     __slots__ = ("model", "runtime_id", "gpu", "to_tier", "bytes_freed", "score")

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19torpor/v1/scheduler.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16torpor/v1/common.proto\":\n\x14RegisterModelRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.torpor.v1.ModelSpec\"8\n\x15RegisterModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"@\n\x16UnregisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65lete_snapshots\x18\x02 \x01(\x08\"\x19\n\x17UnregisterModelResponse\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"\x8d\x01\n\x0e\x41\x63quireRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12,\n\tlease_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf8\x03\n\x0c\x41\x63quireEvent\x12\x30\n\x06queued\x18\x01 \x01(\x0b\x32\x1e.torpor.v1.AcquireEvent.QueuedH\x00\x12\x34\n\x08\x65victing\x18\x02 \x01(\x0b\x32 .torpor.v1.AcquireEvent.EvictingH\x00\x12.\n\x07loading\x18\x03 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12\x30\n\trestoring\x18\x04 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12.\n\x05ready\x18\x05 \x01(\x0b\x32\x1d.torpor.v1.AcquireEvent.ReadyH\x00\x1a/\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x1a.\n\x08\x45victing\x12\"\n\x07victims\x18\x01 \x03(\x0b\x32\x11.torpor.v1.Victim\x1a\x83\x01\n\x05Ready\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12\x17\n\x0fworker_endpoint\x18\x04 \x01(\t\x12\x12\n\nruntime_id\x18\x05 \x01(\tB\x07\n\x05\x65vent\"H\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\rRenewResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\xd1\x01\n\x0fGenerateRequest\x12\x0f\n\x05model\x18\x01 \x01(\tH\x00\x12\x12\n\x08lease_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bprompt_text\x18\x03 \x01(\tH\x01\x12/\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x13.torpor.v1.TokenIdsH\x01\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.torpor.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x08\n\x06targetB\x08\n\x06prompt\"M\n\x0fPrefetchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"Y\n\x10PrefetchResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.torpor.v1.Tier2\x91\x05\n\tScheduler\x12R\n\rRegisterModel\x12\x1f.torpor.v1.RegisterModelRequest\x1a .torpor.v1.RegisterModelResponse\x12X\n\x0fUnregisterModel\x12!.torpor.v1.UnregisterModelRequest\x1a\".torpor.v1.UnregisterModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12?\n\x07\x41\x63quire\x12\x19.torpor.v1.AcquireRequest\x1a\x17.torpor.v1.AcquireEvent0\x01\x12:\n\x05Renew\x12\x17.torpor.v1.RenewRequest\x1a\x18.torpor.v1.RenewResponse\x12@\n\x07Release\x12\x19.torpor.v1.ReleaseRequest\x1a\x1a.torpor.v1.ReleaseResponse\x12\x42\n\x08Generate\x12\x1a.torpor.v1.GenerateRequest\x1a\x18.torpor.v1.GenerateChunk0\x01\x12\x43\n\x08Prefetch\x12\x1a.torpor.v1.PrefetchRequest\x1a\x1b.torpor.v1.PrefetchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19torpor/v1/scheduler.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16torpor/v1/common.proto\"Q\n\x14RegisterModelRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.torpor.v1.ModelSpec\x12\x15\n\rchat_template\x18\x02 \x01(\t\"8\n\x15RegisterModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"@\n\x16UnregisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65lete_snapshots\x18\x02 \x01(\x08\"\x19\n\x17UnregisterModelResponse\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"\x8d\x01\n\x0e\x41\x63quireRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12,\n\tlease_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf8\x03\n\x0c\x41\x63quireEvent\x12\x30\n\x06queued\x18\x01 \x01(\x0b\x32\x1e.torpor.v1.AcquireEvent.QueuedH\x00\x12\x34\n\x08\x65victing\x18\x02 \x01(\x0b\x32 .torpor.v1.AcquireEvent.EvictingH\x00\x12.\n\x07loading\x18\x03 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12\x30\n\trestoring\x18\x04 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12.\n\x05ready\x18\x05 \x01(\x0b\x32\x1d.torpor.v1.AcquireEvent.ReadyH\x00\x1a/\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x1a.\n\x08\x45victing\x12\"\n\x07victims\x18\x01 \x03(\x0b\x32\x11.torpor.v1.Victim\x1a\x83\x01\n\x05Ready\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12\x17\n\x0fworker_endpoint\x18\x04 \x01(\t\x12\x12\n\nruntime_id\x18\x05 \x01(\tB\x07\n\x05\x65vent\"H\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\rRenewResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\xff\x01\n\x0fGenerateRequest\x12\x0f\n\x05model\x18\x01 \x01(\tH\x00\x12\x12\n\x08lease_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bprompt_text\x18\x03 \x01(\tH\x01\x12/\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x13.torpor.v1.TokenIdsH\x01\x12,\n\x0bprompt_chat\x18\x07 \x01(\x0b\x32\x15.torpor.v1.ChatPromptH\x01\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.torpor.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x08\n\x06targetB\x08\n\x06prompt\"M\n\x0fPrefetchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"Y\n\x10PrefetchResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.torpor.v1.Tier2\x91\x05\n\tScheduler\x12R\n\rRegisterModel\x12\x1f.torpor.v1.RegisterModelRequest\x1a .torpor.v1.RegisterModelResponse\x12X\n\x0fUnregisterModel\x12!.torpor.v1.UnregisterModelRequest\x1a\".torpor.v1.UnregisterModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12?\n\x07\x41\x63quire\x12\x19.torpor.v1.AcquireRequest\x1a\x17.torpor.v1.AcquireEvent0\x01\x12:\n\x05Renew\x12\x17.torpor.v1.RenewRequest\x1a\x18.torpor.v1.RenewResponse\x12@\n\x07Release\x12\x19.torpor.v1.ReleaseRequest\x1a\x1a.torpor.v1.ReleaseResponse\x12\x42\n\x08Generate\x12\x1a.torpor.v1.GenerateRequest\x1a\x18.torpor.v1.GenerateChunk0\x01\x12\x43\n\x08Prefetch\x12\x1a.torpor.v1.PrefetchRequest\x1a\x1b.torpor.v1.PrefetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,45 +35,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.scheduler_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERMODELREQUEST']._serialized_start=129
-  _globals['_REGISTERMODELREQUEST']._serialized_end=187
-  _globals['_REGISTERMODELRESPONSE']._serialized_start=189
-  _globals['_REGISTERMODELRESPONSE']._serialized_end=245
-  _globals['_UNREGISTERMODELREQUEST']._serialized_start=247
-  _globals['_UNREGISTERMODELREQUEST']._serialized_end=311
-  _globals['_UNREGISTERMODELRESPONSE']._serialized_start=313
-  _globals['_UNREGISTERMODELRESPONSE']._serialized_end=338
-  _globals['_GETMODELREQUEST']._serialized_start=340
-  _globals['_GETMODELREQUEST']._serialized_end=371
-  _globals['_GETMODELRESPONSE']._serialized_start=373
-  _globals['_GETMODELRESPONSE']._serialized_end=424
-  _globals['_LISTMODELSREQUEST']._serialized_start=426
-  _globals['_LISTMODELSREQUEST']._serialized_end=445
-  _globals['_LISTMODELSRESPONSE']._serialized_start=447
-  _globals['_LISTMODELSRESPONSE']._serialized_end=501
-  _globals['_ACQUIREREQUEST']._serialized_start=504
-  _globals['_ACQUIREREQUEST']._serialized_end=645
-  _globals['_ACQUIREEVENT']._serialized_start=648
-  _globals['_ACQUIREEVENT']._serialized_end=1152
-  _globals['_ACQUIREEVENT_QUEUED']._serialized_start=914
-  _globals['_ACQUIREEVENT_QUEUED']._serialized_end=961
-  _globals['_ACQUIREEVENT_EVICTING']._serialized_start=963
-  _globals['_ACQUIREEVENT_EVICTING']._serialized_end=1009
-  _globals['_ACQUIREEVENT_READY']._serialized_start=1012
-  _globals['_ACQUIREEVENT_READY']._serialized_end=1143
-  _globals['_RENEWREQUEST']._serialized_start=1154
-  _globals['_RENEWREQUEST']._serialized_end=1226
-  _globals['_RENEWRESPONSE']._serialized_start=1228
-  _globals['_RENEWRESPONSE']._serialized_end=1291
-  _globals['_RELEASEREQUEST']._serialized_start=1293
-  _globals['_RELEASEREQUEST']._serialized_end=1327
-  _globals['_RELEASERESPONSE']._serialized_start=1329
-  _globals['_RELEASERESPONSE']._serialized_end=1346
-  _globals['_GENERATEREQUEST']._serialized_start=1349
-  _globals['_GENERATEREQUEST']._serialized_end=1558
-  _globals['_PREFETCHREQUEST']._serialized_start=1560
-  _globals['_PREFETCHREQUEST']._serialized_end=1637
-  _globals['_PREFETCHRESPONSE']._serialized_start=1639
-  _globals['_PREFETCHRESPONSE']._serialized_end=1728
-  _globals['_SCHEDULER']._serialized_start=1731
-  _globals['_SCHEDULER']._serialized_end=2388
+  _globals['_REGISTERMODELREQUEST']._serialized_end=210
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=212
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=268
+  _globals['_UNREGISTERMODELREQUEST']._serialized_start=270
+  _globals['_UNREGISTERMODELREQUEST']._serialized_end=334
+  _globals['_UNREGISTERMODELRESPONSE']._serialized_start=336
+  _globals['_UNREGISTERMODELRESPONSE']._serialized_end=361
+  _globals['_GETMODELREQUEST']._serialized_start=363
+  _globals['_GETMODELREQUEST']._serialized_end=394
+  _globals['_GETMODELRESPONSE']._serialized_start=396
+  _globals['_GETMODELRESPONSE']._serialized_end=447
+  _globals['_LISTMODELSREQUEST']._serialized_start=449
+  _globals['_LISTMODELSREQUEST']._serialized_end=468
+  _globals['_LISTMODELSRESPONSE']._serialized_start=470
+  _globals['_LISTMODELSRESPONSE']._serialized_end=524
+  _globals['_ACQUIREREQUEST']._serialized_start=527
+  _globals['_ACQUIREREQUEST']._serialized_end=668
+  _globals['_ACQUIREEVENT']._serialized_start=671
+  _globals['_ACQUIREEVENT']._serialized_end=1175
+  _globals['_ACQUIREEVENT_QUEUED']._serialized_start=937
+  _globals['_ACQUIREEVENT_QUEUED']._serialized_end=984
+  _globals['_ACQUIREEVENT_EVICTING']._serialized_start=986
+  _globals['_ACQUIREEVENT_EVICTING']._serialized_end=1032
+  _globals['_ACQUIREEVENT_READY']._serialized_start=1035
+  _globals['_ACQUIREEVENT_READY']._serialized_end=1166
+  _globals['_RENEWREQUEST']._serialized_start=1177
+  _globals['_RENEWREQUEST']._serialized_end=1249
+  _globals['_RENEWRESPONSE']._serialized_start=1251
+  _globals['_RENEWRESPONSE']._serialized_end=1314
+  _globals['_RELEASEREQUEST']._serialized_start=1316
+  _globals['_RELEASEREQUEST']._serialized_end=1350
+  _globals['_RELEASERESPONSE']._serialized_start=1352
+  _globals['_RELEASERESPONSE']._serialized_end=1369
+  _globals['_GENERATEREQUEST']._serialized_start=1372
+  _globals['_GENERATEREQUEST']._serialized_end=1627
+  _globals['_PREFETCHREQUEST']._serialized_start=1629
+  _globals['_PREFETCHREQUEST']._serialized_end=1706
+  _globals['_PREFETCHRESPONSE']._serialized_start=1708
+  _globals['_PREFETCHRESPONSE']._serialized_end=1797
+  _globals['_SCHEDULER']._serialized_start=1800
+  _globals['_SCHEDULER']._serialized_end=2457
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class Arena(_message.Message):
     def __init__(self, name: _Optional[str] = ..., base_address: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerLoadRequest(_message.Message):
-    __slots__ = ("model", "source", "model_dir", "dtype", "max_batch", "max_seq_len", "snapshot_id", "model_roots", "target", "keep_host_copy", "staging_bytes")
+    __slots__ = ("model", "source", "model_dir", "dtype", "max_batch", "max_seq_len", "snapshot_id", "model_roots", "target", "keep_host_copy", "staging_bytes", "chat_template")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class WorkerLoadRequest(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     KEEP_HOST_COPY_FIELD_NUMBER: _ClassVar[int]
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     source: _common_pb2.Tier
     model_dir: str
@@ -56,7 +57,8 @@ class WorkerLoadRequest(_message.Message):
     target: _common_pb2.RuntimeState
     keep_host_copy: bool
     staging_bytes: int
-    def __init__(self, model: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.Tier, str]] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., model_roots: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., keep_host_copy: _Optional[bool] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
+    chat_template: str
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.Tier, str]] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., model_roots: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., keep_host_copy: _Optional[bool] = ..., staging_bytes: _Optional[int] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class LoadTimings(_message.Message):
     __slots__ = ("weights", "graphs", "total")
@@ -93,16 +95,18 @@ class WorkerLoadResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[WorkerLoadResponse.Progress, _Mapping]] = ..., done: _Optional[_Union[WorkerLoadResponse.Done, _Mapping]] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_text", "prompt_token_ids", "sampling")
+    __slots__ = ("request_id", "prompt_text", "prompt_token_ids", "prompt_chat", "sampling")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_text: str
     prompt_token_ids: _common_pb2.TokenIds
+    prompt_chat: _common_pb2.ChatPrompt
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., prompt_chat: _Optional[_Union[_common_pb2.ChatPrompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class WorkerSuspendRequest(_message.Message):
     __slots__ = ("level", "abort")
