@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ def test_make_run_then_torpor_ps(tmp_path: Path) -> None:
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     assert "make run" in (clone / "README.md").read_text()
     env = {
@@ -35,6 +39,8 @@ def test_make_run_then_torpor_ps(tmp_path: Path) -> None:
         # make run's own runtime directory wins over this one (and over /run/torpor).
         "TORPOR_DAEMON_RUNTIME_DIR": str(tmp_path / "elsewhere"),
         "TORPOR_DAEMON_METRICS_PORT": "0",
+        # The tour's HTTP API, on a port of its own (8080 may be another torpord's).
+        "TORPOR_DAEMON_HTTP_LISTEN": f"127.0.0.1:{http_port}",
     }
     daemon = subprocess.Popen(
         ["make", "-o", "install", "run", f"VENV={VENV}", f"STATE_DIR={tmp_path / 'state'}"],
@@ -73,6 +79,18 @@ def test_make_run_then_torpor_ps(tmp_path: Path) -> None:
         assert len(json.loads(generated.stdout)["token_ids"]) == 8
         runtimes = json.loads(torpor("ps", "--json").stdout)["runtimes"]
         assert [(r["model"], r["state"]) for r in runtimes] == [("demo-a", "resident")]
+        # The tour's OpenAI client: a chat on demo-b, loaded for it.
+        import openai
+
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0
+        )
+        assert [m.id for m in client.models.list().data] == ["demo-a", "demo-b", "demo-c"]
+        chat = client.chat.completions.create(
+            model="demo-b", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert chat.usage is not None and chat.usage.completion_tokens >= 1
+        assert chat.model_extra["torpor"]["restored_from"] == "source"  # type: ignore[index]
         assert not (tmp_path / "elsewhere").exists()
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
