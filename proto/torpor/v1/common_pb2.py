@@ -26,37 +26,41 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/common.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbf\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"c\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.torpor.v1.Usage\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.torpor.v1.FinishReason\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.torpor.v1.GenerateTimings\x12&\n\rrestored_from\x18\x05 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nruntime_id\x18\x06 \x01(\t\x12\x0b\n\x03gpu\x18\x07 \x01(\r\"\xc2\x01\n\x0fGenerateTimings\x12)\n\x06queued\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07restore\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\x10TransferProgress\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"\xaa\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.torpor.v1.Dtype\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x14\n\x0ckeep_alive_s\x18\x08 \x01(\r\"\xb4\x01\n\x05Model\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.torpor.v1.ModelSpec\x12\x31\n\rregistered_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x17\n\x0f\x66ootprint_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bsnapshot_id\x18\x05 \x01(\t\"~\n\x06Victim\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nruntime_id\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12 \n\x07to_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x13\n\x0b\x62ytes_freed\x18\x05 \x01(\x04\x12\r\n\x05score\x18\x06 \x01(\x01*g\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\r\n\tDTYPE_FP8\x10\x04*w\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DEEP\x10\x03\x12\r\n\tTIER_DISK\x10\x04\x12\r\n\tTIER_DROP\x10\x05\x12\x0f\n\x0bTIER_SOURCE\x10\x06*\xd2\x02\n\x0cRuntimeState\x12\x1d\n\x19RUNTIME_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RUNTIME_STATE_RESIDENT\x10\x01\x12 \n\x1cRUNTIME_STATE_SUSPENDED_HOST\x10\x02\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DEEP\x10\x03\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DISK\x10\x04\x12\x1a\n\x16RUNTIME_STATE_SNAPSHOT\x10\x05\x12\x16\n\x12RUNTIME_STATE_COLD\x10\x06\x12\x19\n\x15RUNTIME_STATE_LOADING\x10\x07\x12\x1c\n\x18RUNTIME_STATE_SUSPENDING\x10\x08\x12\x1a\n\x16RUNTIME_STATE_RESUMING\x10\t\x12\x18\n\x14RUNTIME_STATE_FAILED\x10\n*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/common.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd5\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x07\n\x05_seed\"\x95\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.torpor.v1.Usage\x12\x30\n\x0etoken_logprobs\x18\x05 \x03(\x0b\x32\x18.torpor.v1.TokenLogprobs\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.torpor.v1.FinishReason\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.torpor.v1.GenerateTimings\x12&\n\rrestored_from\x18\x05 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nruntime_id\x18\x06 \x01(\t\x12\x0b\n\x03gpu\x18\x07 \x01(\r\"\xc2\x01\n\x0fGenerateTimings\x12)\n\x06queued\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07restore\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\x10TransferProgress\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"\xaa\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.torpor.v1.Dtype\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x14\n\x0ckeep_alive_s\x18\x08 \x01(\r\"\xb4\x01\n\x05Model\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.torpor.v1.ModelSpec\x12\x31\n\rregistered_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x17\n\x0f\x66ootprint_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bsnapshot_id\x18\x05 \x01(\t\"~\n\x06Victim\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nruntime_id\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12 \n\x07to_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x13\n\x0b\x62ytes_freed\x18\x05 \x01(\x04\x12\r\n\x05score\x18\x06 \x01(\x01\"F\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"^\n\rTokenLogprobs\x12\'\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x17.torpor.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.torpor.v1.TokenLogprob*g\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\r\n\tDTYPE_FP8\x10\x04*w\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DEEP\x10\x03\x12\r\n\tTIER_DISK\x10\x04\x12\r\n\tTIER_DROP\x10\x05\x12\x0f\n\x0bTIER_SOURCE\x10\x06*\xd2\x02\n\x0cRuntimeState\x12\x1d\n\x19RUNTIME_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RUNTIME_STATE_RESIDENT\x10\x01\x12 \n\x1cRUNTIME_STATE_SUSPENDED_HOST\x10\x02\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DEEP\x10\x03\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DISK\x10\x04\x12\x1a\n\x16RUNTIME_STATE_SNAPSHOT\x10\x05\x12\x16\n\x12RUNTIME_STATE_COLD\x10\x06\x12\x19\n\x15RUNTIME_STATE_LOADING\x10\x07\x12\x1c\n\x18RUNTIME_STATE_SUSPENDING\x10\x08\x12\x1a\n\x16RUNTIME_STATE_RESUMING\x10\t\x12\x18\n\x14RUNTIME_STATE_FAILED\x10\n*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1421
-  _globals['_DTYPE']._serialized_end=1524
-  _globals['_TIER']._serialized_start=1526
-  _globals['_TIER']._serialized_end=1645
-  _globals['_RUNTIMESTATE']._serialized_start=1648
-  _globals['_RUNTIMESTATE']._serialized_end=1986
-  _globals['_FINISHREASON']._serialized_start=1988
-  _globals['_FINISHREASON']._serialized_end=2108
+  _globals['_DTYPE']._serialized_start=1662
+  _globals['_DTYPE']._serialized_end=1765
+  _globals['_TIER']._serialized_start=1767
+  _globals['_TIER']._serialized_end=1886
+  _globals['_RUNTIMESTATE']._serialized_start=1889
+  _globals['_RUNTIMESTATE']._serialized_end=2227
+  _globals['_FINISHREASON']._serialized_start=2229
+  _globals['_FINISHREASON']._serialized_end=2349
   _globals['_TOKENIDS']._serialized_start=102
   _globals['_TOKENIDS']._serialized_end=125
   _globals['_SAMPLINGPARAMS']._serialized_start=128
-  _globals['_SAMPLINGPARAMS']._serialized_end=319
-  _globals['_GENERATECHUNK']._serialized_start=321
-  _globals['_GENERATECHUNK']._serialized_end=420
-  _globals['_USAGE']._serialized_start=423
-  _globals['_USAGE']._serialized_end=646
-  _globals['_GENERATETIMINGS']._serialized_start=649
-  _globals['_GENERATETIMINGS']._serialized_end=843
-  _globals['_TRANSFERPROGRESS']._serialized_start=845
-  _globals['_TRANSFERPROGRESS']._serialized_end=935
-  _globals['_MODELSPEC']._serialized_start=938
-  _globals['_MODELSPEC']._serialized_end=1108
-  _globals['_MODEL']._serialized_start=1111
-  _globals['_MODEL']._serialized_end=1291
-  _globals['_VICTIM']._serialized_start=1293
-  _globals['_VICTIM']._serialized_end=1419
+  _globals['_SAMPLINGPARAMS']._serialized_end=341
+  _globals['_GENERATECHUNK']._serialized_start=344
+  _globals['_GENERATECHUNK']._serialized_end=493
+  _globals['_USAGE']._serialized_start=496
+  _globals['_USAGE']._serialized_end=719
+  _globals['_GENERATETIMINGS']._serialized_start=722
+  _globals['_GENERATETIMINGS']._serialized_end=916
+  _globals['_TRANSFERPROGRESS']._serialized_start=918
+  _globals['_TRANSFERPROGRESS']._serialized_end=1008
+  _globals['_MODELSPEC']._serialized_start=1011
+  _globals['_MODELSPEC']._serialized_end=1181
+  _globals['_MODEL']._serialized_start=1184
+  _globals['_MODEL']._serialized_end=1364
+  _globals['_VICTIM']._serialized_start=1366
+  _globals['_VICTIM']._serialized_end=1492
+  _globals['_TOKENLOGPROB']._serialized_start=1494
+  _globals['_TOKENLOGPROB']._serialized_end=1564
+  _globals['_TOKENLOGPROBS']._serialized_start=1566
+  _globals['_TOKENLOGPROBS']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)
