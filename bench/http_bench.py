@@ -8,9 +8,10 @@ through `Scheduler.Generate`, at 1 and 64 concurrent clients.
 A real torpord (a subprocess; on the CPU backend a demo model on one simulated device) with
 its HTTP API on a free loopback port. Both paths send the same greedy request (fixed prompt
 token ids, `ignore_eos`), streamed; the HTTP client is aiohttp reading the server-sent events
-itself, so the figure is the server's and the wire's, not an SDK's parsing. Rounds alternate between the paths, so drift hits both alike. TTFT is from
-sending the request to the first event that carries a token; tokens/s is a request's
-tokens after the first over the time after the first. The floor is the gRPC path measured
+itself, so the figure is the server's and the wire's, not an SDK's parsing. Rounds alternate
+between the paths, so drift hits both alike. TTFT is from sending the request to the first
+event that carries a token; tokens/s is a request's tokens after the first over the time
+after the first. The floor is the gRPC path measured
 in the same run: the report gives HTTP's p50 minus gRPC's.
 """
 
@@ -30,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import aiohttp
+import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_bench import Daemon, git_describe, summary

@@ -38,6 +38,7 @@ MAX_TOKENS = 10_000_000
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 5
 MAX_PROMPT_TOKEN_IDS = 1 << 20
 MAX_BATCH = 1024
 MAX_KEEP_ALIVE_S = 10 * 365 * 86400
@@ -145,6 +146,9 @@ def sampling(msg: common_pb2.SamplingParams) -> None:
         _sample(0 < size <= MAX_STOP_BYTES, "stop", repr(text), f"1..{MAX_STOP_BYTES} bytes each")
     count = len(msg.stop_token_ids)
     _sample(count <= MAX_STOP_TOKEN_IDS, "stop_token_ids", count, f"at most {MAX_STOP_TOKEN_IDS}")
+    top = msg.top_logprobs
+    _sample(top <= MAX_TOP_LOGPROBS, "top_logprobs", top, f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    _sample(top == 0 or msg.logprobs, "top_logprobs", top, "needs logprobs")
 
 
 def _sample(ok: bool, field: str, value: object, rule: str) -> None:

@@ -117,6 +117,8 @@ def sampling(msg: common_pb2.SamplingParams, prompt_len: int, max_seq_len: int) 
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
     )
 
 

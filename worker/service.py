@@ -30,7 +30,8 @@ from torpor.store.chunks import ChunkRef, ChunkStore
 from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from torpor.worker import convert
 from torpor.worker.engine.options import EngineOptions
-from torpor.worker.engine.requests import FinishReason, GenerationRequest
+from torpor.worker.engine.requests import FinishReason, GenerationRequest, RequestDelta
+from torpor.worker.engine.tokenizer import Tokenizer
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.paged_state import PagedState, SuspendLevel
 from torpor.worker.pager.placement import PagerOptions
@@ -176,9 +177,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             for delta in stream:
                 first = first if first is not None else time.perf_counter() - start
                 generated += len(delta.token_ids)
-                chunk = common_pb2.GenerateChunk(
-                    token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs
-                )
+                chunk = common_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
+                if params.logprobs:
+                    chunk.logprobs.extend(delta.logprobs)
+                    chunk.token_logprobs.extend(_token_logprobs(engine.tokenizer, delta))
                 if delta.finish is FinishReason.ABORT:
                     # Ended by a suspend with abort (an eviction), not by its own end: the
                     # caller must see an error, not a request that finished short.
@@ -410,3 +412,20 @@ def _with_progress(
             raise event
         yield message(*event)
     return result[0]
+
+
+def _token_logprobs(
+    tokenizer: Tokenizer | None, delta: RequestDelta
+) -> Iterator[common_pb2.TokenLogprobs]:
+    """GenerateChunk.token_logprobs of one delta: each token with its bytes, and its top
+    alternatives when the request asked for them (the engine then gives one per token)."""
+
+    def one(token_id: int, logprob: float) -> common_pb2.TokenLogprob:
+        data = tokenizer.token_bytes(token_id) if tokenizer is not None else b""
+        return common_pb2.TokenLogprob(token_id=token_id, logprob=logprob, token_bytes=data)
+
+    tops = delta.top_logprobs or ((),) * len(delta.token_ids)
+    for token_id, logprob, top in zip(delta.token_ids, delta.logprobs, tops, strict=True):
+        yield common_pb2.TokenLogprobs(
+            chosen=one(token_id, logprob), top=[one(t, lp) for t, lp in top]
+        )

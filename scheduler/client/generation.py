@@ -27,11 +27,14 @@ class Generation:
     pieces: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     usage: common_pb2.Usage | None = None
+    token_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    show_token_logprobs: bool = False  # --logprobs N: the JSON object carries them
 
     def add(self, chunk: common_pb2.GenerateChunk) -> None:
         self.token_ids += chunk.token_ids
         self.pieces.append(chunk.text)
         self.logprobs += chunk.logprobs
+        self.token_logprobs += chunk.token_logprobs
         if chunk.HasField("usage"):
             self.usage = chunk.usage
 
@@ -39,6 +42,11 @@ class Generation:
         """`torpor generate --json`."""
         u = self.usage if self.usage is not None else common_pb2.Usage()
         t = u.timings
+        extra: shapes.Json = {}
+        if self.show_token_logprobs:
+            extra["token_logprobs"] = [
+                {**_token(e.chosen), "top": [_token(t) for t in e.top]} for e in self.token_logprobs
+            ]
         return {
             "model": model,
             "token_ids": self.token_ids,
@@ -56,7 +64,14 @@ class Generation:
                 "first_token_s": shapes.seconds(t, "first_token"),
                 "total_s": shapes.seconds(t, "total"),
             },
+            **extra,
         }
+
+
+def _token(t: common_pb2.TokenLogprob) -> shapes.Json:
+    """One token of `--logprobs N`: its bytes as a list of byte values (a token may hold part
+    of a UTF-8 character), as OpenAI's API gives them."""
+    return {"token_id": t.token_id, "logprob": t.logprob, "bytes": list(t.token_bytes)}
 
 
 def generate(
@@ -72,6 +87,15 @@ def generate(
     seed: Annotated[int | None, typer.Option(min=0, help="Random seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="A stop string (repeatable).")] = None,
     priority: Annotated[int, typer.Option(help="-100..100, added to the model's.")] = 0,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=5,
+            metavar="N",
+            help="With --json: each token's bytes and its N (0..5) most likely alternatives.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Generate from a prompt on the daemon, streaming the text as it comes.
@@ -88,11 +112,12 @@ def generate(
         seed=seed,
         stop=stop or [],
         logprobs=as_json,  # the JSON object carries them; text output has no use for them
+        top_logprobs=(logprobs or 0) if as_json else 0,
     )
     request = scheduler_pb2.GenerateRequest(
         model=name, prompt_text=prompt, sampling=sampling, priority=priority
     )
-    result = Generation()
+    result = Generation(show_token_logprobs=as_json and logprobs is not None)
     with session(ctx) as conn:
         view = for_output(as_json)
         view.waiting("wait", f"waiting for {name}")

@@ -198,6 +198,7 @@ def completion(body: Mapping[str, Any]) -> Completion:
     top = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None:
         sampling.logprobs = True
+        sampling.top_logprobs = top
     prompts = _prompts(body.get("prompt"))
     requests = []
     for prompt in prompts:
@@ -260,6 +261,7 @@ def chat(body: Mapping[str, Any]) -> tuple[Completion, list[tuple[str, str]]]:
     if top and not logprobs:
         raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
     sampling.logprobs = logprobs
+    sampling.top_logprobs = top
     messages = _messages(body.get("messages"))
     request = scheduler_pb2.GenerateRequest(model=model, sampling=sampling)
     done = Completion(

@@ -265,9 +265,21 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             )
         n = min(s.max_tokens or len(WORDS), len(WORDS))
         for i in range(n):
-            yield common_pb2.GenerateChunk(
+            chunk = common_pb2.GenerateChunk(
                 token_ids=[100 + i], text=WORDS[i], logprobs=[-0.1 * (i + 1)] if s.logprobs else []
             )
+            if s.logprobs:
+                top = [
+                    common_pb2.TokenLogprob(
+                        token_id=200 + k, logprob=-0.05 * (k + 1), token_bytes=b"\xe2" * (k + 1)
+                    )
+                    for k in range(s.top_logprobs)
+                ]
+                chosen = common_pb2.TokenLogprob(
+                    token_id=100 + i, logprob=-0.1 * (i + 1), token_bytes=WORDS[i].encode()
+                )
+                chunk.token_logprobs.add(chosen=chosen, top=top)
+            yield chunk
         finish = (
             common_pb2.FINISH_REASON_LENGTH if n == s.max_tokens else common_pb2.FINISH_REASON_STOP
         )

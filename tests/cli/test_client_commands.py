@@ -269,6 +269,25 @@ def test_generate_json(cli: Cli, daemon: FakeTorpord) -> None:
     assert s.HasField("seed") and s.top_p == pytest.approx(0.9)
 
 
+def test_generate_json_with_top_logprobs(cli: Cli, daemon: FakeTorpord) -> None:
+    doc = cli.json("generate", "demo-a", "Once upon", "--max-tokens", "2", "--logprobs", "2",
+                   "--json")  # fmt: skip
+    assert daemon.requests("Generate")[-1].sampling.top_logprobs == 2
+    first = doc["token_logprobs"][0]
+    assert first["token_id"] == 100 and first["logprob"] == pytest.approx(-0.1)
+    assert bytes(first["bytes"]) == WORDS[0].encode()
+    assert [(t["token_id"], bytes(t["bytes"])) for t in first["top"]] == [
+        (200, b"\xe2"), (201, b"\xe2\xe2"),
+    ]  # fmt: skip
+    assert len(doc["token_logprobs"]) == 2
+    # Without --logprobs the object keeps its shape; without --json nothing is asked.
+    assert "token_logprobs" not in cli.json("generate", "demo-a", "Once upon", "--json")
+    cli.ok("generate", "demo-a", "Once upon", "--logprobs", "3")
+    s = daemon.requests("Generate")[-1].sampling
+    assert (s.logprobs, s.top_logprobs) == (False, 0)
+    assert cli("generate", "demo-a", "x", "--logprobs", "6").returncode != 0
+
+
 def test_events_json_lines(cli: Cli, daemon: FakeTorpord) -> None:
     lines = cli.ok("events", "--json").splitlines()
     docs = [json.loads(line) for line in lines]

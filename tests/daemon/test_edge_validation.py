@@ -151,6 +151,8 @@ def test_top_p_out_of_range(daemon: Torpord, top_p: float) -> None:
         ("temperature", 101.0),
         ("temperature", math.inf),
         ("max_tokens", 2**32 - 1),
+        ("top_logprobs", 6),
+        ("top_logprobs", 2),  # without logprobs
     ],
 )
 def test_other_sampling_fields_out_of_range(daemon: Torpord, field: str, value: Any) -> None:

@@ -48,6 +48,9 @@ def submit(engine: Engine, prompt: tuple[int, ...], **params: object) -> None:
         ((1, 2), {"stop": ("",)}, "BAD_SAMPLING_PARAMS"),
         ((1, 2), {"stop": tuple("abcdefghijklmnopq")}, "BAD_SAMPLING_PARAMS"),
         ((1, 2), {"stop_token_ids": (999,)}, "BAD_SAMPLING_PARAMS"),
+        ((1, 2), {"logprobs": True, "top_logprobs": 6}, "BAD_SAMPLING_PARAMS"),
+        ((1, 2), {"logprobs": True, "top_logprobs": -1}, "BAD_SAMPLING_PARAMS"),
+        ((1, 2), {"top_logprobs": 1}, "BAD_SAMPLING_PARAMS"),  # without logprobs
     ],
 )
 def test_bad_requests(engine: Engine, prompt: tuple[int, ...], params: dict, reason: str) -> None:

@@ -141,3 +141,27 @@ def test_64_concurrent_streams_over_three_models_that_do_not_all_fit(served: Ser
     assert len(results) == 64
     for model, text in results:
         assert text == expected[model], model
+
+
+def test_chat_logprobs_carry_bytes_and_top_alternatives(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="alpha",
+        messages=HELLO,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 5
+    assert all(entry.bytes for entry in content)  # a special token's bytes are its text
+    text = bytes(b for entry in content for b in entry.bytes or []).decode("utf-8", "replace")
+    assert text.startswith(reply.choices[0].message.content or "")  # which skips them
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob == entry.logprob  # greedy: the most likely
+        assert entry.top_logprobs[0].token == entry.token
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="alpha", messages=HELLO, top_logprobs=2)
+    assert info.value.body["param"] == "top_logprobs"  # type: ignore[index]

@@ -144,3 +144,23 @@ def test_a_token_id_prompt_is_used_as_given(client: openai.OpenAI) -> None:
         extra_body={"ignore_eos": True},
     )  # fmt: skip
     assert reply.usage is not None and reply.usage.prompt_tokens == 4
+
+
+def test_top_logprobs_name_each_token_and_its_alternatives(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="alpha",
+        prompt=PROMPT,
+        max_tokens=5,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    assert logprobs.top_logprobs is not None and len(logprobs.top_logprobs) == 5
+    for token, lp, top in zip(
+        logprobs.tokens, logprobs.token_logprobs or [], logprobs.top_logprobs, strict=True
+    ):
+        assert 1 <= len(top) <= 3
+        assert max(top.values()) == lp and top[token] == lp  # greedy: its own top choice
+    assert logprobs.text_offset == sorted(logprobs.text_offset or [])

@@ -140,13 +140,17 @@ FIELDS: dict[str, dict[str, str]] = {
         "stop_token_ids": "repeated uint32",
         "ignore_eos": "bool",
         "logprobs": "bool",
+        "top_logprobs": "uint32",
     },
     "GenerateChunk": {
         "token_ids": "repeated uint32",
         "text": "string",
         "logprobs": "repeated float",
         "usage": "Usage",
+        "token_logprobs": "repeated TokenLogprobs",
     },
+    "TokenLogprob": {"token_id": "uint32", "logprob": "float", "token_bytes": "bytes"},
+    "TokenLogprobs": {"chosen": "TokenLogprob", "top": "repeated TokenLogprob"},
     "Usage": {
         "prompt_tokens": "uint32",
         "completion_tokens": "uint32",

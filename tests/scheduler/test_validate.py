@@ -55,6 +55,8 @@ def test_priority_is_one_rule(value: int) -> None:
         ("stop", ["x"] * 17),
         ("stop", [""]),
         ("stop", ["ü" * 129]),  # 258 bytes
+        ("top_logprobs", 6),
+        ("top_logprobs", 1),  # without logprobs
     ],
 )
 def test_sampling_out_of_range(field: str, value: Any) -> None:
@@ -72,6 +74,8 @@ def test_sampling_at_the_bounds_is_fine() -> None:
             top_k=2**32 - 1,  # against the vocabulary: the worker's check
             stop=["x" * 256] * 16,
             stop_token_ids=[1] * 64,
+            logprobs=True,
+            top_logprobs=validate.MAX_TOP_LOGPROBS,
         )
     )
 

@@ -300,3 +300,41 @@ def test_sigterm_stops_the_worker(worker: Worker) -> None:
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(timeout=30) == 0
     assert not worker.socket.exists()
+
+
+def test_generate_returns_token_logprobs_only_when_asked(worker: Worker, model_dir: Path) -> None:
+    load(worker, model_dir)
+    plain = generate(worker, [1, 2, 3, 4], temperature=0, ignore_eos=True)
+    assert all(not c.logprobs and not c.token_logprobs for c in plain)
+
+    chunks = generate(
+        worker, [1, 2, 3, 4], temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3
+    )
+    assert tokens(chunks) == tokens(plain)
+    tokenizer = Engine.load(model_dir, EngineOptions(max_batch=1, max_seq_len=64)).tokenizer
+    assert tokenizer is not None
+    for chunk in chunks:
+        assert len(chunk.token_logprobs) == len(chunk.token_ids) == len(chunk.logprobs)
+        for token, logprob, entry in zip(
+            chunk.token_ids, chunk.logprobs, chunk.token_logprobs, strict=True
+        ):
+            assert entry.chosen.token_id == token and entry.chosen.logprob == logprob
+            assert entry.chosen.token_bytes == tokenizer.token_bytes(token)
+            assert len(entry.top) == 3
+            assert entry.top[0].token_id == token and entry.top[0].logprob == logprob  # greedy
+            assert [t.logprob for t in entry.top] == sorted(
+                (t.logprob for t in entry.top), reverse=True
+            )
+            assert all(t.token_bytes == tokenizer.token_bytes(t.token_id) for t in entry.top)
+    generated = b"".join(e.chosen.token_bytes for c in chunks for e in c.token_logprobs)
+    assert generated.decode(errors="replace") == "".join(c.text for c in chunks)
+
+    only_chosen = generate(worker, [1, 2, 3], temperature=0, ignore_eos=True, logprobs=True)
+    assert all(not e.top for c in only_chosen for e in c.token_logprobs)
+    assert sum(len(c.token_logprobs) for c in only_chosen) == 12
+
+    with pytest.raises(InvalidArgument, match="top_logprobs") as info:
+        generate(worker, [1, 2], top_logprobs=2)  # without logprobs
+    assert info.value.metadata["field"] == "top_logprobs"
+    with pytest.raises(InvalidArgument, match="top_logprobs"):
+        generate(worker, [1, 2], logprobs=True, top_logprobs=6)

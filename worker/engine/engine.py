@@ -32,13 +32,14 @@ from torpor.worker.engine.model import Transformer
 from torpor.worker.engine.model_config import ModelConfig
 from torpor.worker.engine.options import EngineOptions, resolve_device, resolve_dtype
 from torpor.worker.engine.requests import (
+    Alternatives,
     FinishReason,
     GenerationRequest,
     GenerationResult,
     RequestDelta,
 )
 from torpor.worker.engine.runtime import LoadTimings, RuntimeMemory, WeightFiller, load_runtime
-from torpor.worker.engine.sampling import RequestSampler, sample_on_device
+from torpor.worker.engine.sampling import RequestSampler, Sampled, sample_on_device
 from torpor.worker.engine.tokenizer import Detokenizer, Tokenizer
 
 log = get_logger("engine")
@@ -67,6 +68,8 @@ class _Pending:
     tokens: torch.Tensor  # [m] int64, host (pinned on CUDA), filled asynchronously
     logprobs: torch.Tensor  # [m] float32, host
     ready: torch.cuda.Event | None  # None on the CPU, where the copy is already done
+    top_ids: torch.Tensor | None = None  # [m, k] int64, host; None when no row asked
+    top_logprobs: torch.Tensor | None = None  # [m, k] float32, host
 
 
 @dataclass
@@ -308,11 +311,11 @@ class Engine:
             logits = self.model.prefill(prompt, seq.slot)  # [vocab]
             self.stats.prefills += 1
             seq.position = len(seq.request.prompt_ids)
-            tokens, logprobs = sample_on_device(logits[None], [seq.sampler])
-            self._decoder.tokens[seq.slot : seq.slot + 1].copy_(tokens)
+            sampled = sample_on_device(logits[None], [seq.sampler])
+            self._decoder.tokens[seq.slot : seq.slot + 1].copy_(sampled.tokens)
             self._decoder.positions[seq.slot : seq.slot + 1].fill_(seq.position)
             seq.pending += 1
-            prefilled.append(self._to_host([seq], tokens, logprobs))
+            prefilled.append(self._to_host([seq], sampled))
         return prefilled
 
     def _launch_decode(self) -> _Pending | None:
@@ -330,17 +333,15 @@ class Engine:
         self.model.wait_weights()  # a captured graph reads every layer's weights
         logits = self._decoder.launch(seqs[-1].slot + 1, max(s.position for s in seqs) + 1)
         slots = self._to_device([s.slot for s in seqs])
-        tokens, logprobs = sample_on_device(
-            logits.index_select(0, slots), [s.sampler for s in seqs]
-        )
+        sampled = sample_on_device(logits.index_select(0, slots), [s.sampler for s in seqs])
         # Feed the sampled tokens to the next step, on the device.
-        self._decoder.tokens.index_copy_(0, slots, tokens)
+        self._decoder.tokens.index_copy_(0, slots, sampled.tokens)
         self._decoder.positions.index_add_(0, slots, torch.ones_like(slots))
         for seq in seqs:
             seq.position += 1
             seq.pending += 1
         self.stats.decode_steps += 1
-        return self._to_host(seqs, tokens, logprobs)
+        return self._to_host(seqs, sampled)
 
     def _to_device(self, values: tuple[int, ...] | list[int]) -> torch.Tensor:
         host = torch.tensor(values, dtype=torch.long)
@@ -348,32 +349,51 @@ class Engine:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host
 
-    def _to_host(
-        self, seqs: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor
-    ) -> _Pending:
+    def _to_host(self, seqs: list[_Sequence], sampled: Sampled) -> _Pending:
+        """Start copying a step's picks to the host; one event covers them all, so the top
+        alternatives (copied only when a row asked) add no wait of their own."""
         if not self._pin:
-            return _Pending(seqs, tokens, logprobs, None)
-        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-        host_tokens.copy_(tokens, non_blocking=True)
-        host_logprobs.copy_(logprobs, non_blocking=True)
+            return _Pending(
+                seqs, sampled.tokens, sampled.logprobs, None, sampled.top_ids, sampled.top_logprobs
+            )
+        tokens, logprobs = self._pinned_copy(sampled.tokens), self._pinned_copy(sampled.logprobs)
+        top_ids = top_logprobs = None
+        if sampled.top_ids is not None and sampled.top_logprobs is not None:
+            top_ids = self._pinned_copy(sampled.top_ids)
+            top_logprobs = self._pinned_copy(sampled.top_logprobs)
         ready = torch.cuda.Event()
         ready.record()
-        return _Pending(seqs, host_tokens, host_logprobs, ready)
+        return _Pending(seqs, tokens, logprobs, ready, top_ids, top_logprobs)
+
+    @staticmethod
+    def _pinned_copy(device: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(device.shape, dtype=device.dtype, pin_memory=True)
+        host.copy_(device, non_blocking=True)
+        return host
 
     def _read(self, pending: _Pending) -> list[RequestDelta]:
         if pending.ready is not None:
             pending.ready.synchronize()
+        rows = len(pending.seqs)
+        tops: list[Alternatives | None] = [None] * rows
+        if pending.top_ids is not None and pending.top_logprobs is not None:
+            ids, lps = pending.top_ids.tolist(), pending.top_logprobs.tolist()
+            for i, seq in enumerate(pending.seqs):
+                n = seq.request.params.top_logprobs
+                if n:
+                    tops[i] = tuple(zip(ids[i][:n], lps[i][:n], strict=True))
         deltas = []
-        for seq, token, logprob in zip(
-            pending.seqs, pending.tokens.tolist(), pending.logprobs.tolist(), strict=True
+        for seq, token, logprob, top in zip(
+            pending.seqs, pending.tokens.tolist(), pending.logprobs.tolist(), tops, strict=True
         ):
             seq.pending -= 1
             if not seq.done:  # a speculative row of a request that already finished
-                deltas.append(self._emit(seq, token, logprob))
+                deltas.append(self._emit(seq, token, logprob, top))
         return deltas
 
-    def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestDelta:
+    def _emit(
+        self, seq: _Sequence, token: int, logprob: float, top: Alternatives | None = None
+    ) -> RequestDelta:
         seq.generated += 1
         self.stats.tokens += 1
         text = seq.detok.add(token)
@@ -382,9 +402,10 @@ class Engine:
             finish = FinishReason.STOP
         elif seq.generated >= seq.request.params.max_tokens:
             finish = FinishReason.LENGTH
+        tops = () if top is None else (top,)
         if finish is None:
-            return RequestDelta(seq.request.request_id, (token,), (logprob,), text)
-        return self._finish(seq, finish, text, token, logprob)
+            return RequestDelta(seq.request.request_id, (token,), (logprob,), text, None, tops)
+        return self._finish(seq, finish, text, token, logprob, tops)
 
     def _finish(
         self,
@@ -393,6 +414,7 @@ class Engine:
         text: str,
         token: int | None = None,
         logprob: float = 0.0,
+        tops: tuple[Alternatives, ...] = (),
     ) -> RequestDelta:
         seq.done = True
         if seq.slot >= 0:
@@ -402,7 +424,7 @@ class Engine:
         self.stats.finished[finish.value] = self.stats.finished.get(finish.value, 0) + 1
         text += seq.detok.flush() if finish is not FinishReason.ABORT else ""
         tokens, lps = ((token,), (logprob,)) if token is not None else ((), ())
-        return RequestDelta(seq.request.request_id, tokens, lps, text, finish)
+        return RequestDelta(seq.request.request_id, tokens, lps, text, finish, tops)
 
     # -- conveniences for a single caller (torpor run, tests) -------------------------------
 

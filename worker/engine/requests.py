@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from torpor.worker.engine.sampling import SamplingParams
 
+Alternatives = tuple[tuple[int, float], ...]
+"""The most likely tokens at one position, most likely first: (token id, log-probability)."""
+
 
 class FinishReason(enum.Enum):
     """Why a request ended."""
@@ -35,6 +38,8 @@ class RequestDelta:
     logprobs: tuple[float, ...] = ()
     text: str = ""
     finish: FinishReason | None = None
+    top_logprobs: tuple[Alternatives, ...] = ()
+    """One entry per token when the request asked for top_logprobs, else empty."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class GenerationResult:
     logprobs: tuple[float, ...]
     text: str
     finish: FinishReason
+    top_logprobs: tuple[Alternatives, ...] = ()
 
     @classmethod
     def collect(cls, request_id: str, deltas: list[RequestDelta]) -> GenerationResult:
@@ -58,4 +64,5 @@ class GenerationResult:
             tuple(lp for d in deltas for lp in d.logprobs),
             "".join(d.text for d in deltas),
             finish,
+            tuple(top for d in deltas for top in d.top_logprobs),
         )

@@ -1,7 +1,9 @@
 """Sampling parameters, their validation, and the sampler.
 
 Log-probabilities are those of the model's raw distribution (log-softmax of the logits, before
-temperature, top-k or top-p), so they are comparable across sampling settings.
+temperature, top-k or top-p), so they are comparable across sampling settings. The top
+alternatives a request asks for (`top_logprobs`) come from the same tensor, so the chosen
+token's value is the same number in both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**64 - 1
+MAX_TOP_LOGPROBS = 5
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ class SamplingParams:
     """Token ids that end generation, in addition to the model's end-of-sequence ids."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens (benchmarks, tests)."""
+    logprobs: bool = False
+    """The caller wants log-probabilities. The engine computes each token's own always (it
+    costs nothing extra); this is what `top_logprobs` needs."""
+    top_logprobs: int = 0
+    """Alternatives to return per generated token, most likely first; 0..5, > 0 needs
+    `logprobs`."""
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the first bad field and its value."""
@@ -71,6 +80,18 @@ class SamplingParams:
             )
         for t in self.stop_token_ids:
             _check(0 <= t < vocab_size, "stop_token_ids", t, f"must be in [0, {vocab_size})")
+        _check(
+            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
+            self.top_logprobs,
+            f"must be in [0, {MAX_TOP_LOGPROBS}]",
+        )
+        _check(
+            self.top_logprobs == 0 or self.logprobs,
+            "top_logprobs",
+            self.top_logprobs,
+            "needs logprobs",
+        )
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
@@ -117,15 +138,34 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample_on_device(
-    logits: torch.Tensor, samplers: list[RequestSampler]
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Sampled:
+    """One step's picks for n rows, all still on the device (nothing waits for it)."""
+
+    tokens: torch.Tensor
+    """Token ids [n], int64."""
+    logprobs: torch.Tensor
+    """Their log-probabilities [n], float32, under the raw distribution."""
+    top_ids: torch.Tensor | None = None
+    """The k most likely token ids per row [n, k], int64, most likely first; k is the most any
+    row asked for (rows that asked fewer use a prefix). None when no row asked."""
+    top_logprobs: torch.Tensor | None = None
+    """Their log-probabilities [n, k], float32, from the same tensor as `logprobs`."""
+
+
+def sample_on_device(logits: torch.Tensor, samplers: list[RequestSampler]) -> Sampled:
     """Pick one token per row of float32 logits [n, vocab], one sampler per row, without
     waiting for the device. Returns token ids [n] (int64) and their log-probabilities [n]
-    (float32) under the raw distribution, both still on the device."""
+    (float32) under the raw distribution, and the top alternatives when any row asks for
+    them (one top-k over the batch, none when no row asks); all still on the device."""
     tokens = logits.argmax(dim=-1)  # greedy for every row; sampled rows are replaced below
     for i, sampler in enumerate(samplers):
         if sampler.params.temperature > 0:
             tokens[i] = sampler.sample(logits[i])
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    return tokens, logprobs
+    all_logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = all_logprobs.gather(1, tokens[:, None])[:, 0]
+    k = min(max((s.params.top_logprobs for s in samplers), default=0), logits.shape[-1])
+    if k == 0:
+        return Sampled(tokens, logprobs)
+    top = torch.topk(all_logprobs, k, dim=-1, largest=True, sorted=True)
+    return Sampled(tokens, logprobs, top.indices, top.values)

@@ -3,7 +3,10 @@ of `tokenizer_config.json` where present, and its chat template (`torpor.chat_te
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,9 @@ class Tokenizer:
             if ckpt.exists("tokenizer_config.json")
             else {}
         )
+        self._byte_level = _uses_byte_level(json.loads(ckpt.read_bytes("tokenizer.json")))
+        self._added = {int(i): t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._bytes: dict[int, bytes] = {}
         self.bos_token_id = self._special_id(config.get("bos_token"))
         self.eos_token_id = self._special_id(config.get("eos_token"))
         self.add_bos: bool | None = config.get("add_bos_token")
@@ -74,6 +80,28 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the output, before any UTF-8 decoding: through the
+        GPT-2 byte table for a byte-level BPE vocabulary (so a token may hold part of a
+        character); for a sentencepiece-style one, `<0xNN>` is the byte NN and "▁" a space.
+        An added (special) token is its content in UTF-8; an id outside the vocabulary is
+        empty."""
+        cached = self._bytes.get(token_id)
+        if cached is not None:
+            return cached
+        if token_id in self._added:
+            out = self._added[token_id].encode()
+        else:
+            piece = self._tok.id_to_token(token_id)
+            if piece is None:
+                out = b""
+            elif self._byte_level:
+                out = byte_level_bytes(piece)
+            else:
+                out = sentencepiece_bytes(piece)
+        self._bytes[token_id] = out
+        return out
+
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = False
     ) -> str:
@@ -95,6 +123,55 @@ class Tokenizer:
             chat_template.messages(prompt), prompt.add_generation_prompt
         )
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+
+def _uses_byte_level(spec: dict[str, Any]) -> bool:
+    """Whether tokenizer.json decodes through the byte-level (GPT-2) byte table: its decoder,
+    or one of a Sequence decoder's, is ByteLevel."""
+    decoder = spec.get("decoder")
+    if not isinstance(decoder, dict):
+        return False
+    parts = decoder.get("decoders") if decoder.get("type") == "Sequence" else [decoder]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts or [])
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """The inverse of the GPT-2 byte table: byte-level BPE writes the printable bytes
+    ("!".."~", "¡".."¬", "®".."ÿ") as the characters of the same code point, and every other
+    byte, in increasing order, as the characters from U+0100 on."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    shown = set(printable)
+    others = (b for b in range(256) if b not in shown)
+    table.update({chr(0x100 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def byte_level_bytes(piece: str) -> bytes:
+    """A byte-level BPE token's bytes; a character outside the byte table (not a byte-level
+    piece) stands for its own UTF-8."""
+    table = _byte_of_char()
+    out = bytearray()
+    for ch in piece:
+        b = table.get(ch)
+        if b is None:
+            out += ch.encode()
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def sentencepiece_bytes(piece: str) -> bytes:
+    """A sentencepiece-style token's bytes: a byte-fallback token `<0xNN>` is that byte, and
+    "▁" (U+2581) is a space; the rest is UTF-8."""
+    m = _BYTE_FALLBACK.fullmatch(piece)
+    if m is not None:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode()
 
 
 class Detokenizer:

@@ -26,21 +26,21 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/common.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"U\n\nChatPrompt\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.torpor.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"\xbf\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"c\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.torpor.v1.Usage\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.torpor.v1.FinishReason\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.torpor.v1.GenerateTimings\x12&\n\rrestored_from\x18\x05 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nruntime_id\x18\x06 \x01(\t\x12\x0b\n\x03gpu\x18\x07 \x01(\r\"\xc2\x01\n\x0fGenerateTimings\x12)\n\x06queued\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07restore\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\x10TransferProgress\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"\xaa\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.torpor.v1.Dtype\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x14\n\x0ckeep_alive_s\x18\x08 \x01(\r\"\xcf\x01\n\x05Model\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.torpor.v1.ModelSpec\x12\x31\n\rregistered_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x17\n\x0f\x66ootprint_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bsnapshot_id\x18\x05 \x01(\t\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\"~\n\x06Victim\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nruntime_id\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12 \n\x07to_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x13\n\x0b\x62ytes_freed\x18\x05 \x01(\x04\x12\r\n\x05score\x18\x06 \x01(\x01*g\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\r\n\tDTYPE_FP8\x10\x04*w\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DEEP\x10\x03\x12\r\n\tTIER_DISK\x10\x04\x12\r\n\tTIER_DROP\x10\x05\x12\x0f\n\x0bTIER_SOURCE\x10\x06*\xd2\x02\n\x0cRuntimeState\x12\x1d\n\x19RUNTIME_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RUNTIME_STATE_RESIDENT\x10\x01\x12 \n\x1cRUNTIME_STATE_SUSPENDED_HOST\x10\x02\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DEEP\x10\x03\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DISK\x10\x04\x12\x1a\n\x16RUNTIME_STATE_SNAPSHOT\x10\x05\x12\x16\n\x12RUNTIME_STATE_COLD\x10\x06\x12\x19\n\x15RUNTIME_STATE_LOADING\x10\x07\x12\x1c\n\x18RUNTIME_STATE_SUSPENDING\x10\x08\x12\x1a\n\x16RUNTIME_STATE_RESUMING\x10\t\x12\x18\n\x14RUNTIME_STATE_FAILED\x10\n*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/common.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"U\n\nChatPrompt\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.torpor.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"\xd5\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x07\n\x05_seed\"\x95\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.torpor.v1.Usage\x12\x30\n\x0etoken_logprobs\x18\x05 \x03(\x0b\x32\x18.torpor.v1.TokenLogprobs\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.torpor.v1.FinishReason\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.torpor.v1.GenerateTimings\x12&\n\rrestored_from\x18\x05 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nruntime_id\x18\x06 \x01(\t\x12\x0b\n\x03gpu\x18\x07 \x01(\r\"\xc2\x01\n\x0fGenerateTimings\x12)\n\x06queued\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07restore\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\x10TransferProgress\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"\xaa\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.torpor.v1.Dtype\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x14\n\x0ckeep_alive_s\x18\x08 \x01(\r\"\xcf\x01\n\x05Model\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.torpor.v1.ModelSpec\x12\x31\n\rregistered_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x17\n\x0f\x66ootprint_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bsnapshot_id\x18\x05 \x01(\t\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\"~\n\x06Victim\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nruntime_id\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12 \n\x07to_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x13\n\x0b\x62ytes_freed\x18\x05 \x01(\x04\x12\r\n\x05score\x18\x06 \x01(\x01\"F\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"^\n\rTokenLogprobs\x12\'\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x17.torpor.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.torpor.v1.TokenLogprob*g\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\r\n\tDTYPE_FP8\x10\x04*w\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DEEP\x10\x03\x12\r\n\tTIER_DISK\x10\x04\x12\r\n\tTIER_DROP\x10\x05\x12\x0f\n\x0bTIER_SOURCE\x10\x06*\xd2\x02\n\x0cRuntimeState\x12\x1d\n\x19RUNTIME_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RUNTIME_STATE_RESIDENT\x10\x01\x12 \n\x1cRUNTIME_STATE_SUSPENDED_HOST\x10\x02\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DEEP\x10\x03\x12 \n\x1cRUNTIME_STATE_SUSPENDED_DISK\x10\x04\x12\x1a\n\x16RUNTIME_STATE_SNAPSHOT\x10\x05\x12\x16\n\x12RUNTIME_STATE_COLD\x10\x06\x12\x19\n\x15RUNTIME_STATE_LOADING\x10\x07\x12\x1c\n\x18RUNTIME_STATE_SUSPENDING\x10\x08\x12\x1a\n\x16RUNTIME_STATE_RESUMING\x10\t\x12\x18\n\x14RUNTIME_STATE_FAILED\x10\n*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1581
-  _globals['_DTYPE']._serialized_end=1684
-  _globals['_TIER']._serialized_start=1686
-  _globals['_TIER']._serialized_end=1805
-  _globals['_RUNTIMESTATE']._serialized_start=1808
-  _globals['_RUNTIMESTATE']._serialized_end=2146
-  _globals['_FINISHREASON']._serialized_start=2148
-  _globals['_FINISHREASON']._serialized_end=2268
+  _globals['_DTYPE']._serialized_start=1822
+  _globals['_DTYPE']._serialized_end=1925
+  _globals['_TIER']._serialized_start=1927
+  _globals['_TIER']._serialized_end=2046
+  _globals['_RUNTIMESTATE']._serialized_start=2049
+  _globals['_RUNTIMESTATE']._serialized_end=2387
+  _globals['_FINISHREASON']._serialized_start=2389
+  _globals['_FINISHREASON']._serialized_end=2509
   _globals['_TOKENIDS']._serialized_start=102
   _globals['_TOKENIDS']._serialized_end=125
   _globals['_CHATMESSAGE']._serialized_start=127
@@ -48,19 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATPROMPT']._serialized_start=173
   _globals['_CHATPROMPT']._serialized_end=258
   _globals['_SAMPLINGPARAMS']._serialized_start=261
-  _globals['_SAMPLINGPARAMS']._serialized_end=452
-  _globals['_GENERATECHUNK']._serialized_start=454
-  _globals['_GENERATECHUNK']._serialized_end=553
-  _globals['_USAGE']._serialized_start=556
-  _globals['_USAGE']._serialized_end=779
-  _globals['_GENERATETIMINGS']._serialized_start=782
-  _globals['_GENERATETIMINGS']._serialized_end=976
-  _globals['_TRANSFERPROGRESS']._serialized_start=978
-  _globals['_TRANSFERPROGRESS']._serialized_end=1068
-  _globals['_MODELSPEC']._serialized_start=1071
-  _globals['_MODELSPEC']._serialized_end=1241
-  _globals['_MODEL']._serialized_start=1244
-  _globals['_MODEL']._serialized_end=1451
-  _globals['_VICTIM']._serialized_start=1453
-  _globals['_VICTIM']._serialized_end=1579
+  _globals['_SAMPLINGPARAMS']._serialized_end=474
+  _globals['_GENERATECHUNK']._serialized_start=477
+  _globals['_GENERATECHUNK']._serialized_end=626
+  _globals['_USAGE']._serialized_start=629
+  _globals['_USAGE']._serialized_end=852
+  _globals['_GENERATETIMINGS']._serialized_start=855
+  _globals['_GENERATETIMINGS']._serialized_end=1049
+  _globals['_TRANSFERPROGRESS']._serialized_start=1051
+  _globals['_TRANSFERPROGRESS']._serialized_end=1141
+  _globals['_MODELSPEC']._serialized_start=1144
+  _globals['_MODELSPEC']._serialized_end=1314
+  _globals['_MODEL']._serialized_start=1317
+  _globals['_MODEL']._serialized_end=1524
+  _globals['_VICTIM']._serialized_start=1526
+  _globals['_VICTIM']._serialized_end=1652
+  _globals['_TOKENLOGPROB']._serialized_start=1654
+  _globals['_TOKENLOGPROB']._serialized_end=1724
+  _globals['_TOKENLOGPROBS']._serialized_start=1726
+  _globals['_TOKENLOGPROBS']._serialized_end=1820
 # @@protoc_insertion_point(module_scope)
