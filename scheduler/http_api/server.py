@@ -85,7 +85,7 @@ class HttpApi:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._errors, self._observe, self._auth], client_max_size=MAX_BODY_BYTES
+            middlewares=[self._observe, self._errors, self._auth], client_max_size=MAX_BODY_BYTES
         )
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)

@@ -44,12 +44,13 @@ class Served:
         )
 
 
-def serve(tmp: Path, model_root: Path, **env: str) -> Served:
+def serve(tmp: Path, model_root: Path, metrics_port: int = 0, **env: str) -> Served:
     port = free_port()
     daemon = start_torpord(
         tmp / "s",
         model_root,
         int(2.5 * footprint_bytes(model_root)),  # two of the three models fit
+        metrics_port=metrics_port,
         TORPOR_DAEMON_RUNTIME_DIR=str(tmp / "run"),
         TORPOR_DAEMON_HTTP_LISTEN=f"127.0.0.1:{port}",
         **env,

@@ -15,7 +15,7 @@ import pytest
 
 from tests.daemon.conftest import call
 from tests.helpers import assert_eventually
-from tests.http_api.conftest import Served, serve
+from tests.http_api.conftest import Served, free_port, serve
 from torpor.scheduler.auth import Scope, new_token
 from torpor.v1 import admin_pb2
 
@@ -132,3 +132,24 @@ def runtime_leases(served: Served, model: str) -> int:
         served.daemon.admin.ListResidency, admin_pb2.ListResidencyRequest(include_cold=True)
     )
     return next(r.leases for r in residency.runtimes if r.model == model)
+
+
+def test_metrics_count_requests_by_endpoint_and_status(model_root: Path) -> None:
+    """torpor_http_requests_total sees the status the client got, errors included."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="torpor-") as tmp:
+        s = serve(Path(tmp), model_root, metrics_port=port)
+        try:
+            client = s.client()
+            client.completions.create(model="alpha", prompt="x", max_tokens=1)
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model="nope", prompt="x", max_tokens=1)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
+            lines = text.decode().splitlines()
+            for status in ("200", "404"):
+                labels = f'endpoint="/v1/completions",status="{status}"'
+                wanted = f"torpor_http_requests_total{{{labels}}} 1.0"
+                assert wanted in lines, [x for x in lines if "http_requests" in x]
+            assert 'torpor_requests_total{code="OK",model="alpha"} 1.0' in lines
+        finally:
+            assert s.daemon.stop() == 0
