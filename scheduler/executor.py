@@ -432,6 +432,7 @@ class Executor:
             context=est.context,
             residue=est.residue,
             staging=est.staging,  # the limit its worker was sent at load
+            write_staging=est.write_staging,
         )
 
     async def _kill(self, runtime_id: str, now: bool = False) -> None:

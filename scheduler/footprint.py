@@ -165,6 +165,7 @@ def estimate(
         residue=CUDA_RESIDUE if cuda else 0,
         snapshot=snapshot_estimate(ckpt, weights, len(shapes)),
         staging=staging_bytes(weights, cuda),
+        write_staging=min(STAGING_CHUNK, _piece(weights)) if cuda else 0,
     )
 
 
@@ -174,10 +175,15 @@ def staging_bytes(weights: int, cuda: bool) -> int:
     no larger than the weights (rounded up: a small model needs no 64 MiB buffers); on CUDA
     also the deep resume's stager (and a snapshot write's one chunk). The larger of them:
     the worker holds one at a time, and the deep stager only while SUSPENDED_DEEP."""
-    piece = -(-max(weights, 1) // _STAGING_ALIGN) * _STAGING_ALIGN
+    piece = _piece(weights)
     disk = STAGING_BUFFERS * min(STAGING_CHUNK, piece)
     deep = DEEP_STAGE_BUFFERS * min(DEEP_STAGE_BYTES, piece) if cuda else 0
     return max(disk, deep)
+
+
+def _piece(weights: int) -> int:
+    """The weights rounded up to the staging alignment: no piece is larger."""
+    return -(-max(weights, 1) // _STAGING_ALIGN) * _STAGING_ALIGN
 
 
 def snapshot_estimate(ckpt: CheckpointDir, weights: int, tensors: int) -> int:

@@ -27,10 +27,12 @@ host copy and maps no arena, so it holds only the peak of its two ends.
 
 Staging (`Footprint.staging`, the worker's staging buffers, pinned on CUDA) is host bytes
 too. A transition that stages holds them on top of the peak of its ends: a load from a
-snapshot, a resume from SUSPENDED_DISK (to RESIDENT or to SUSPENDED_HOST), and a move that
-writes a snapshot (its chunks leave the GPU through a staging buffer). The deep resume's
-stager is made before a deep suspend unlocks the host copy and released when the deep resume
-ends, so SUSPENDED_DEEP holds it (and every transition to or from it, as a peak).
+snapshot and a resume from SUSPENDED_DISK to RESIDENT its read ring (`staging`; a resume to
+SUSPENDED_HOST reads each chunk straight into the new host copy, no ring), and a move that
+writes a snapshot from the device, without a host copy, one buffer (`write_staging`: 0 on
+the CPU backend, where the weights are host memory already). The deep resume's stager is
+made before a deep suspend unlocks the host copy and released when the deep resume ends, so
+SUSPENDED_DEEP holds it (and every transition to or from it, as a peak).
 """
 
 from __future__ import annotations
@@ -103,14 +105,23 @@ def usage(res: Residency, fp: Footprint) -> Usage:
     )
 
 
-def stages(frm: Residency, to: Residency) -> bool:
-    """Whether the move from `frm` to `to` goes through the worker's staging buffers: a
-    load from a snapshot, a resume from disk, a snapshot write (module docstring)."""
-    if frm.state.has_worker and to.snapshot and not frm.snapshot:
-        return True  # it writes the snapshot (before its worker stops, if it does)
-    if not to.state.has_worker:
-        return False  # otherwise, the end of a worker (a drop, a stop) stages nothing
+def reads_snapshot(frm: Residency, to: Residency) -> bool:
+    """Whether the move from `frm` to `to` reads a snapshot through the worker's staging ring:
+    a load from a snapshot, or a resume from SUSPENDED_DISK to RESIDENT (a resume to
+    SUSPENDED_HOST reads each chunk straight into the new host copy; module docstring)."""
+    if not to.state.has_worker or (frm.state is S.SUSPENDED_DISK and to.state is S.SUSPENDED_HOST):
+        return False
     return frm.state is S.SUSPENDED_DISK or (not frm.state.has_worker and frm.snapshot)
+
+
+def staging(frm: Residency, to: Residency, fp: Footprint) -> int:
+    """Staging bytes the move from `frm` to `to` holds on top of its ends: the read ring of a
+    snapshot read (`fp.staging`), or a snapshot write's buffer (`fp.write_staging`) when the
+    weights leave the device (no host copy to write from)."""
+    if reads_snapshot(frm, to):
+        return fp.staging
+    writes = frm.state.has_worker and to.snapshot and not frm.snapshot
+    return fp.write_staging if writes and not frm.host_copy else 0
 
 
 def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
@@ -121,9 +132,8 @@ def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
     if not frm.state.has_worker and to.state is S.SUSPENDED_HOST:
         built = Residency(S.RESIDENT, to.gpu, host_copy=True, snapshot=to.snapshot)
         held = held.peak(usage(built, fp))
-    if stages(frm, to):
-        held = replace(held, host=held.host + fp.staging)
-    return held
+    extra = staging(frm, to, fp)
+    return replace(held, host=held.host + extra) if extra else held
 
 
 def host_need(frm: Residency, to: Residency, fp: Footprint) -> int:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from torpor.errors import FailedPrecondition, TorporError, Unavailable
-from torpor.scheduler.core.accounting import gpu_bytes, host_need, stages
+from torpor.scheduler.core.accounting import gpu_bytes, host_bytes, host_need, reads_snapshot
 from torpor.scheduler.core.actions import Decision, Reason, VictimChoice
 from torpor.scheduler.core.costs import prefetch_host_seconds, restore_seconds
 from torpor.scheduler.core.draft import Draft
@@ -98,7 +98,7 @@ def place(d: Draft, sim: Sim, model: str, bar: float | None = None) -> Placement
         )
         return Placement(replace(base, reason=Reason.NEVER_FITS, detail=detail))
     restored = Residency(S.RESIDENT, 0, snapshot=rt.at.snapshot)
-    if stages(rt.at, restored) and fp.staging > sim.caps.host:
+    if reads_snapshot(rt.at, restored) and fp.staging > sim.caps.host:
         detail = (
             f"{model} can never be restored from its snapshot: the read stages "
             f"{_size(fp.staging)} in host RAM and the host budget is {_size(sim.caps.host)}"
@@ -142,18 +142,23 @@ def _option(
         moves += slot
     target = Residency(S.RESIDENT, gpu, host_copy=at.host_copy, snapshot=at.snapshot)
     need = gpu_bytes(target, fp) - (gpu_bytes(trial.proj[rt.id], fp) if at.gpu == gpu else 0)
+    # The restore's staging buffers (accounting.py), held while the victims are chosen, so
+    # that they go down past host RAM when it has no room for both.
+    staging = max(0, host_need(at, target, fp))
+    trial.hold_host(staging)
     if trial.free_gpu(gpu) < need:
         victims = select_gpu_victims(d, trial, gpu, need, rt.model, bar)
         if victims is None:
             return None
         moves += victims
-    staging = host_need(at, target, fp)  # a restore's staging buffers (accounting.py)
-    if trial.free_host() < staging:
-        paged = page_host(d, trial, staging, math.inf if bar is None else bar, rt.model)
+    if trial.free_host() < 0:
+        short = -trial.free_host()
+        paged = page_host(d, trial, short, math.inf if bar is None else bar, rt.model)
         if paged is None:
             return None
         moves += paged
-    if not at.state.has_worker and trial.fits(rt.id, replace(target, host_copy=True)):
+    trial.hold_host(-staging)  # the move itself counts them (Sim.fits)
+    if not at.state.has_worker and _room_for_a_copy(d, trial, rt, target):
         target = replace(target, host_copy=True)  # a host copy makes its next suspend cheap
     if not trial.fits(rt.id, target):
         return None
@@ -165,6 +170,20 @@ def _option(
         base, reason=reason, detail=detail, gpu=gpu, victims=tuple(moves), estimate_s=estimate
     )
     return Placement(decision, trial, target, moves)
+
+
+def _room_for_a_copy(d: Draft, trial: Sim, rt: Runtime, target: Residency) -> bool:
+    """Whether a loading runtime may keep a host copy: it fits, and it leaves room for the
+    largest staging of any model. A resident runtime's copy is never paged out, so copies
+    that filled the host budget would leave no room for a restore's staging buffers, and a
+    restore from disk would wait forever (docs/POLICY.md "Staging buffers")."""
+    with_copy = replace(target, host_copy=True)
+    if not trial.fits(rt.id, with_copy):
+        return False
+    fp = d.fp(rt.model)
+    kept = host_bytes(with_copy, fp) - host_bytes(rt.at, fp)
+    headroom = max((d.fp(m).staging for m in d.models), default=0)
+    return trial.free_host() - kept >= headroom
 
 
 def _blocked(d: Draft, sim: Sim, rt: Runtime, gpus: list[int], base: Decision) -> Placement:

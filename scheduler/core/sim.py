@@ -117,6 +117,11 @@ class Sim:
         self.proj[rid] = to
         self.touched.add(rid)
 
+    def hold_host(self, nbytes: int) -> None:
+        """Count `nbytes` of host RAM as taken in the projection (negative: give them back):
+        room a planned move needs while the moves that make room for it are chosen."""
+        self.projected.host += nbytes
+
     def free_gpu(self, gpu: int) -> int:
         """Projected free bytes of a GPU."""
         return self.caps.gpu[gpu] - self.projected.gpu.get(gpu, 0)

@@ -68,6 +68,9 @@ class Footprint:
     disk-restore ring of a load from a snapshot or a resume from disk, the buffer of a
     snapshot write, and the deep-resume stager held while SUSPENDED_DEEP. torpord sends it
     to the worker (WorkerLoadRequest.staging_bytes), which never holds more."""
+    write_staging: int = 0
+    """Host bytes of a snapshot write's one staging buffer, held when the weights are written
+    from the device (no host copy): a chunk on CUDA; 0 on the CPU backend."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -78,6 +81,7 @@ class Footprint:
             "residue",
             "snapshot",
             "staging",
+            "write_staging",
         ):
             value = getattr(self, name)
             _check(value >= 0, f"footprint.{name}", value, ">= 0")

@@ -14,3 +14,15 @@ def test_staging_is_four_chunks_at_most_and_no_larger_than_the_weights() -> None
     assert staging_bytes(140 << 30, cuda=False) == 4 * 64 * mib
     assert staging_bytes(3 * mib, cuda=False) == 4 * 4 * mib  # 2 MiB-aligned pieces
     assert staging_bytes(3 * mib, cuda=True) == 14 * 4 * mib  # the stager's 14 buffers
+
+
+def test_a_snapshot_write_stages_one_chunk_on_cuda_and_nothing_on_cpu(tmp_path) -> None:
+    from torpor.scheduler.footprint import estimate
+    from torpor.worker.engine.demo import DemoSpec, make_demo
+
+    model = make_demo(tmp_path / "m", DemoSpec(layers=2, hidden=128, vocab=512))
+    on_cpu = estimate(model, "float32", 4, 256, cuda=False)
+    on_cuda = estimate(model, "float32", 4, 256, cuda=True)
+    assert on_cpu.write_staging == 0
+    assert 0 < on_cuda.write_staging <= on_cuda.staging
+    assert on_cuda.write_staging >= on_cuda.weights  # one buffer holds the largest piece

@@ -24,7 +24,12 @@ from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
-from torpor.worker.pager.stream import HostStager, StagingRing, stream_pieces
+from torpor.worker.pager.stream import (
+    HostStager,
+    StagingRing,
+    read_pieces_to_host,
+    stream_pieces,
+)
 from torpor.worker.progress import ByteProgress
 
 log = get_logger("pager.runtime")
@@ -218,15 +223,24 @@ def snapshot_to_host(
     progress: ByteProgress | None,
 ) -> HostBuffer:
     """A new host copy of the weights arena's first `nbytes`, filled with the snapshot's
-    chunks, each verified as a disk resume verifies it (a Prefetch(HOST) from disk). The arena
-    is never mapped: the bytes go from disk to host RAM only. Pinned on CUDA, like every host
+    chunks, each read into its place and verified there, as a disk resume verifies it (a
+    Prefetch(HOST) from disk). The arena is never mapped and no staging buffer is used: the
+    bytes go from disk to host RAM only. Pinned on CUDA, like every host
     copy, so that the next resume from it streams; `shared` for a keeper."""
     if store is None or manifest is None:
         raise FailedPrecondition("resuming from disk needs the chunk store", reason="NO_SNAPSHOT")
     buffer = HostBuffer.for_arena(arena, nbytes, shared=shared)
+    total = manifest.weight_bytes
     try:
-        # The destination is host memory: the staging ring needs no page locks.
-        from_disk(manifest, store, buffer.tensor, options, None, progress)
+        # The destination is host memory: each chunk is read into its place, no staging.
+        read_pieces_to_host(
+            manifest.pieces,
+            store,
+            buffer.tensor,
+            threads=options.reader_threads,
+            direct_io=options.direct_io,
+            progress=None if progress is None else lambda d: progress(d, total),
+        )
     except BaseException:
         buffer.close()  # never keep a copy with an unverified or missing chunk
         raise

@@ -128,6 +128,45 @@ def stream_pieces(
     return StreamStats(done, time.perf_counter() - start, used_direct[0])
 
 
+def read_pieces_to_host(
+    pieces: Sequence[Piece],
+    store: ChunkStore,
+    dst: torch.Tensor,
+    *,
+    threads: int,
+    direct_io: bool,
+    progress: Callable[[int], None] | None = None,
+) -> StreamStats:
+    """Fill `dst` (a flat uint8 tensor in host memory) with every piece, each read straight
+    into its place and verified there: no staging buffer. O_DIRECT where a piece's place and
+    length are block-aligned. DataLoss on a bad chunk: the caller must treat `dst` as
+    garbage."""
+    start = time.perf_counter()
+    view = dst.numpy().data
+    base_aligned = dst.data_ptr() % _ALIGN == 0
+    used_direct = [direct_io]
+    done = [0]
+    lock = threading.Lock()
+
+    def read(piece: Piece) -> None:
+        size = piece.ref.size
+        place = view[piece.offset : piece.offset + size]
+        aligned = base_aligned and piece.offset % _ALIGN == 0 and size % _ALIGN == 0
+        path = store.path(piece.ref.hash)
+        direct = _read_file(path, place, direct_io and aligned)
+        verify(piece.ref, place, path=path)
+        with lock:
+            used_direct[0] &= direct
+            done[0] += size
+            if progress is not None:
+                progress(done[0])
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="read") as pool:
+        for future in [pool.submit(read, p) for p in pieces]:
+            future.result()  # the first error, in piece order
+    return StreamStats(done[0], time.perf_counter() - start, used_direct[0])
+
+
 class HostStager:
     """Host memory that is not page-locked → pinned staging buffers → the device, with
     several threads copying into the staging buffers while earlier ones are on their way.

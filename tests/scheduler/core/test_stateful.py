@@ -109,13 +109,18 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
         )
         return gpu, h, fp.weights if res.snapshot else 0, int(res.state in WORKER)
 
-    def staged(frm, to) -> bool:
-        """A disk read into a worker (a load from a snapshot, a resume from disk), or a
-        snapshot write (docs/POLICY.md "Staging buffers")."""
-        reads = to.state in WORKER and (
-            frm.state is S.SUSPENDED_DISK or (frm.state not in WORKER and frm.snapshot)
+    def staged(frm, to, fp) -> int:
+        """A disk read into a worker (a load from a snapshot, a resume from disk) holds the
+        read ring; a snapshot write without a host copy, one buffer (docs/POLICY.md
+        "Staging buffers")."""
+        to_host = frm.state is S.SUSPENDED_DISK and to.state is S.SUSPENDED_HOST
+        reads = (
+            to.state in WORKER
+            and not to_host
+            and (frm.state is S.SUSPENDED_DISK or (frm.state not in WORKER and frm.snapshot))
         )
-        return reads or (frm.state in WORKER and to.snapshot and not frm.snapshot)
+        writes = frm.state in WORKER and to.snapshot and not frm.snapshot and not frm.host_copy
+        return fp.staging if reads else fp.write_staging if writes else 0
 
     for rt in state.runtimes.values():
         fp = state.models[rt.model].spec.footprint
@@ -123,8 +128,8 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
         priced = [parts(res, fp) for res in ends]
         gpu = next((res.gpu for res in ends if res.gpu is not None), None)
         peak = [max(p[i] for p in priced) for i in range(4)]
-        if rt.op is not None and staged(rt.at, rt.op.to):
-            peak[1] += fp.staging
+        if rt.op is not None:
+            peak[1] += staged(rt.at, rt.op.to, fp)
         if gpu is not None:
             gpus[gpu] += peak[0]
         host, disk, workers = host + peak[1], disk + peak[2], workers + peak[3]
@@ -177,7 +182,7 @@ class CoreMachine(RuleBasedStateMachine):
             snap = snapshots[i] and stored + w <= disk  # a snapshot in the store fits its budget
             stored += w if snap else 0
             pin = pinned[i] and i == 0  # at most one pinned model, so others can still run
-            fp = replace(footprint(w), staging=STAGING)  # docs/POLICY.md "Staging buffers"
+            fp = replace(footprint(w), staging=STAGING, write_staging=STAGING // 4)
             self.specs[name] = ModelSpec(name, fp, pinned=pin)
             self._send(ModelRegistered(self.specs[name], snap))
 

@@ -116,47 +116,53 @@ def test_a_transition_holds_the_peak_of_both_ends() -> None:
     assert fp.resident == int(12 * GiB) + fp.residue
 
 
-STAGES = [  # (from, to, stages): docs/POLICY.md "Staging buffers"
-    (Residency(S.SNAPSHOT, snapshot=True), Residency(S.RESIDENT, 0, snapshot=True), True),
-    (Residency(S.COLD), Residency(S.RESIDENT, 0, host_copy=True), False),
+STAGES = [  # (from, to, what it stages): docs/POLICY.md "Staging buffers"
+    (Residency(S.SNAPSHOT, snapshot=True), Residency(S.RESIDENT, 0, snapshot=True), "read"),
+    (Residency(S.COLD), Residency(S.RESIDENT, 0, host_copy=True), None),
     (
         Residency(S.SUSPENDED_DISK, 0, snapshot=True),
         Residency(S.RESIDENT, 0, snapshot=True),
-        True,
+        "read",
     ),
     (
         Residency(S.SUSPENDED_DISK, 0, snapshot=True),
         Residency(S.SUSPENDED_HOST, 0, host_copy=True, snapshot=True),
-        True,
+        None,  # read straight into the new host copy
+    ),
+    (
+        Residency(S.RESIDENT, 0, host_copy=False),
+        Residency(S.SUSPENDED_DISK, 0, snapshot=True),
+        "write",  # it writes the snapshot from the device
     ),
     (
         Residency(S.RESIDENT, 0, host_copy=True),
         Residency(S.SUSPENDED_DISK, 0, snapshot=True),
-        True,  # it writes the snapshot
+        None,  # it writes the snapshot from its host copy
     ),
     (
         Residency(S.RESIDENT, 0, host_copy=True, snapshot=True),
         Residency(S.SUSPENDED_DISK, 0, snapshot=True),
-        False,  # the snapshot is written already
+        None,  # the snapshot is written already
     ),
     (
         Residency(S.SUSPENDED_HOST, 0, host_copy=True),
         Residency(S.RESIDENT, 0, host_copy=True),
-        False,
+        None,
     ),
-    (Residency(S.RESIDENT, 0, host_copy=True), Residency(S.COLD), False),
+    (Residency(S.RESIDENT, 0, host_copy=True), Residency(S.COLD), None),
 ]
 
 
-@pytest.mark.parametrize(("frm", "to", "stages"), STAGES)
+@pytest.mark.parametrize(("frm", "to", "kind"), STAGES)
 def test_a_move_that_stages_holds_the_staging_buffers_in_host_ram(
-    frm: Residency, to: Residency, stages: bool
+    frm: Residency, to: Residency, kind: str | None
 ) -> None:
     plain = footprint(10)
-    fp = replace(plain, staging=256 * 1024**2)
+    fp = replace(plain, staging=256 * 1024**2, write_staging=64 * 1024**2)
     with_staging = transition_usage(frm, to, fp)
     without = transition_usage(frm, to, plain)
-    assert with_staging.host - without.host == (fp.staging if stages else 0)
+    extra = {"read": fp.staging, "write": fp.write_staging, None: 0}[kind]
+    assert with_staging.host - without.host == extra
     assert (with_staging.gpu_bytes, with_staging.disk) == (without.gpu_bytes, without.disk)
 
 
