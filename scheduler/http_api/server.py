@@ -53,6 +53,7 @@ class HttpApi:
         *,
         keys: Tokens | None = None,
         timeout_s: float = 600.0,
+        drain_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
     ) -> None:
         self.host, self.port = host, port
@@ -60,6 +61,7 @@ class HttpApi:
         self.controller = controller
         self.keys = keys
         self.timeout_s = timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.metrics = metrics
         self._runner: web.AppRunner | None = None
 
@@ -80,6 +82,7 @@ class HttpApi:
             controller,
             keys=keys,
             timeout_s=cfg.http_timeout_s,
+            drain_timeout_s=cfg.drain_timeout_s,
             metrics=metrics,
         )
 
@@ -94,7 +97,12 @@ class HttpApi:
 
     async def start(self) -> None:
         """Bind and serve; a port in use is FAILED_PRECONDITION naming the key."""
-        runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.drain_timeout_s,  # on SIGTERM, requests in flight may end
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:
