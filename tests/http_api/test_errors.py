@@ -18,6 +18,7 @@ from tests.helpers import assert_eventually
 from tests.http_api.conftest import Served, free_port, serve
 from torpor.scheduler.auth import Scope, new_token
 from torpor.v1 import admin_pb2
+from torpor.worker.engine.demo import DemoSpec, make_demo
 
 
 def test_an_unknown_model_is_404(client: openai.OpenAI) -> None:
@@ -153,3 +154,16 @@ def test_metrics_count_requests_by_endpoint_and_status(model_root: Path) -> None
             assert 'torpor_requests_total{code="OK",model="alpha"} 1.0' in lines
         finally:
             assert s.daemon.stop() == 0
+
+
+def test_a_model_that_can_never_fit_is_400_with_the_reason(
+    served: Served, client: openai.OpenAI, model_root: Path
+) -> None:
+    big = model_root / "too-big-http"  # 33 MiB of weights: more than the whole device
+    if not big.exists():
+        make_demo(big, DemoSpec(layers=4, hidden=384, heads=6, kv_heads=2, vocab=3072))
+    served.daemon.register("too-big", big)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="too-big", prompt="x", max_tokens=1)
+    body = info.value.body
+    assert body["code"] == "NEVER_FITS" and "never fit" in body["message"]  # type: ignore[index]
