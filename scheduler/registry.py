@@ -34,7 +34,7 @@ from torpor.scheduler.executor import ModelSource
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import RegisteredModel
-from torpor.store.schema import DType
+from torpor.store.schema import DType, LoadFormat
 from torpor.store.snapshots import SnapshotStore
 from torpor.v1 import common_pb2
 
@@ -110,6 +110,16 @@ class ModelRegistry:
         if template:
             chat_template.check_source(template)  # a template that cannot compile: now
         ckpt = CheckpointDir.confined(source, self.model_roots)
+        load_format = convert.load_format(msg.load_format)
+        if load_format is LoadFormat.DUMMY and not await self.checkpoints.run(
+            msg.name, ckpt.exists, "config.json"
+        ):
+            raise InvalidArgument(
+                f"{source} has no config.json: a dummy model (load_format dummy) needs one "
+                "to shape its weights",
+                reason="NO_CONFIG",
+                metadata={"path": str(source)},
+            )
         limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
         dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
         spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096), template)
@@ -132,7 +142,11 @@ class ModelRegistry:
             await asyncio.to_thread(self.catalog.delete_model, spec.name)
             raise
         self.events.append(
-            "model_registered", model=spec.name, source=spec.source_path, dtype=spec.dtype.value
+            "model_registered",
+            model=spec.name,
+            source=spec.source_path,
+            dtype=spec.dtype.value,
+            load_format=spec.load_format.value,
         )
         return await self.model_message(spec.name)
 
@@ -149,6 +163,7 @@ class ModelRegistry:
             spec.max_batch,
             spec.max_seq_len,
             self.cuda,
+            dummy=spec.load_format is LoadFormat.DUMMY,
         )
         if snapshot_bytes:  # what the store holds for it, not the estimate
             estimate = dataclasses.replace(estimate, snapshot=snapshot_bytes)
@@ -161,6 +176,7 @@ class ModelRegistry:
             spec.max_seq_len,
             estimate,
             spec.chat_template,
+            spec.load_format.value,
         )
         self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len, chat)
         core_spec = CoreSpec(
