@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Protocol
 
@@ -157,13 +158,12 @@ class ModelRegistry:
         ckpt = CheckpointDir.confined(spec.source_path, self.model_roots)
         estimate = await self.checkpoints.run(
             spec.name,
-            footprint.estimate,
+            functools.partial(footprint.estimate, dummy=spec.load_format is LoadFormat.DUMMY),
             ckpt,
             spec.dtype.value,
             spec.max_batch,
             spec.max_seq_len,
             self.cuda,
-            dummy=spec.load_format is LoadFormat.DUMMY,
         )
         if snapshot_bytes:  # what the store holds for it, not the estimate
             estimate = dataclasses.replace(estimate, snapshot=snapshot_bytes)
