@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.conftest import Cli
 from tests.daemon.conftest import MAX_SEQ_LEN, Torpord, call, start_torpord
 from torpor.errors import FailedPrecondition, InvalidArgument
 from torpor.scheduler.footprint import estimate
@@ -123,5 +124,37 @@ def test_a_dummy_model_without_tokenizer_and_bad_directories(
         with pytest.raises(InvalidArgument) as checkpoint:
             daemon.register("nodummy", dummy_root / "dummy")
         assert checkpoint.value.reason == "CHECKPOINT_INCOMPLETE"
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_the_cli_registers_and_shows_a_dummy_model(tmp_path: Path, dummy_root: Path) -> None:
+    """`torpor register NAME DIR --load-format dummy`; `torpor models` has a WEIGHTS column
+    (and `load_format` in its JSON), `torpor ps` names its runtimes `NAME (dummy)`."""
+    daemon = _start(tmp_path, dummy_root)
+    cli = Cli(daemon.socket)
+    spec = ("--dtype", "float32", "--max-batch", "4", "--max-seq-len", str(MAX_SEQ_LEN))
+    try:
+        out = cli.ok("register", "cdz", str(dummy_root / "dummy"), *spec, "--load-format", "dummy")
+        assert out.startswith("registered cdz: cold, float32, dummy weights, ")
+        cli.ok("register", "creal", str(dummy_root / "real"), *spec)
+        docs = {m["name"]: m for m in cli.json("models", "--json")["models"]}
+        assert (docs["cdz"]["load_format"], docs["creal"]["load_format"]) == (
+            "dummy",
+            "checkpoint",
+        )
+        rows = {line.split()[0]: line.split() for line in cli.ok("models").splitlines()[1:]}
+        assert cli.ok("models").splitlines()[0].split()[:4] == ["NAME", "STATE", "DTYPE", "WEIGHTS"]
+        assert (rows["cdz"][3], rows["creal"][3]) == ("dummy", "checkpoint")
+
+        daemon.generate("cdz", IDS, max_tokens=2)
+        ps = cli.ok("ps", "--all")
+        assert "cdz (dummy)" in ps and "creal (dummy)" not in ps
+        assert [r["model"] for r in cli.json("ps", "--json")["runtimes"] if r["model"] == "cdz"]
+
+        bad = cli.fails(2, "register", "x", str(dummy_root / "dummy"), "--load-format", "random")
+        assert "--load-format must be one of checkpoint, dummy" in bad
+        empty = cli.fails(2, "register", "y", str(dummy_root / "empty"), "--load-format", "dummy")
+        assert "config.json" in empty
     finally:
         assert daemon.stop() == 0
