@@ -163,9 +163,7 @@ def load_format(value: int) -> LoadFormat:
         return LoadFormat.CHECKPOINT
     found = _LOAD_FORMAT_OF.get(value)
     if found is None:
-        raise InvalidArgument(
-            f"unknown load_format enum value {value}", reason="BAD_LOAD_FORMAT"
-        )
+        raise InvalidArgument(f"unknown load_format enum value {value}", reason="BAD_LOAD_FORMAT")
     return found
 
 

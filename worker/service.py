@@ -29,9 +29,9 @@ from torpor.rpc_status import servicer_errors
 from torpor.store.chunks import ChunkRef, ChunkStore
 from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from torpor.worker import convert
+from torpor.worker.engine.dummy import DummyFiller, seed_for
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import FinishReason, GenerationRequest, RequestDelta
-from torpor.worker.engine.dummy import DummyFiller, seed_for
 from torpor.worker.engine.tokenizer import Tokenizer
 from torpor.worker.pager.manifest import SnapshotManifest
 from torpor.worker.pager.paged_state import PagedState, SuspendLevel

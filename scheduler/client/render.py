@@ -121,7 +121,9 @@ _RUNTIME_COLUMNS = ("MODEL", "STATE", "TIER", "GPU", "GPU MEM", "HOST MEM", "DIS
                     "LEASES", "PINNED", "KEEP-ALIVE UNTIL", "RESTORE", "PID")  # fmt: skip
 
 
-def residency(doc: Json, budgets: Json | None = None, dummies: frozenset[str] = frozenset()) -> None:
+def residency(
+    doc: Json, budgets: Json | None = None, dummies: frozenset[str] = frozenset()
+) -> None:
     """`torpor ps`: one table per GPU, the runtimes bound to no GPU, then the host-RAM and
     disk budgets. A runtime of a model in `dummies` (load_format dummy) is named
     `NAME (dummy)`."""
@@ -197,9 +199,7 @@ def model_line(verb: str, m: Json) -> None:
     footprint = f", {size(m['footprint_bytes'])} on a GPU" if m["footprint_bytes"] else ""
     pinned = ", pinned" if m["pinned"] else ""
     dummy = ", dummy weights" if m["load_format"] == "dummy" else ""
-    show(
-        f"{verb} {m['name']}: {_cell(m['state'])}, {_cell(m['dtype'])}{dummy}{footprint}{pinned}"
-    )
+    show(f"{verb} {m['name']}: {_cell(m['state'])}, {_cell(m['dtype'])}{dummy}{footprint}{pinned}")
 
 
 def plan(doc: Json) -> None:
