@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from torpor.errors import InvalidArgument
 from torpor.scheduler.core import Decision, EvictMode, RuntimeState, Tier, VictimChoice
 from torpor.store.records import ModelRegistration
-from torpor.store.schema import BandwidthTier, DType, SnapshotState
+from torpor.store.schema import BandwidthTier, DType, LoadFormat, SnapshotState
 from torpor.v1 import admin_pb2, common_pb2
 
 _DTYPES: dict[DType, common_pb2.Dtype] = {
@@ -29,6 +29,11 @@ _DTYPES: dict[DType, common_pb2.Dtype] = {
     DType.FP8: common_pb2.DTYPE_FP8,
 }
 _DTYPE_OF: dict[int, DType] = {v: k for k, v in _DTYPES.items()}
+_LOAD_FORMATS: dict[LoadFormat, common_pb2.LoadFormat] = {
+    LoadFormat.CHECKPOINT: common_pb2.LOAD_FORMAT_CHECKPOINT,
+    LoadFormat.DUMMY: common_pb2.LOAD_FORMAT_DUMMY,
+}
+_LOAD_FORMAT_OF: dict[int, LoadFormat] = {v: k for k, v in _LOAD_FORMATS.items()}
 _SNAPSHOT_STATES: dict[SnapshotState, admin_pb2.SnapshotState] = {
     SnapshotState.WRITING: admin_pb2.SNAPSHOT_STATE_WRITING,
     SnapshotState.COMPLETE: admin_pb2.SNAPSHOT_STATE_COMPLETE,
@@ -120,6 +125,7 @@ def model_spec(
         pinned=msg.pinned,
         keep_alive_s=float(msg.keep_alive_s),
         chat_template=chat_template,
+        load_format=load_format(msg.load_format),
     )
 
 
@@ -133,6 +139,7 @@ def spec_message(spec: ModelRegistration) -> common_pb2.ModelSpec:
         priority=spec.priority,
         pinned=spec.pinned,
         keep_alive_s=int(spec.keep_alive_s),
+        load_format=load_format_message(spec.load_format),
     )
 
 
@@ -148,6 +155,20 @@ def dtype(value: int) -> DType | None:
 
 def dtype_message(d: DType) -> common_pb2.Dtype:
     return _DTYPES[d]
+
+
+def load_format(value: int) -> LoadFormat:
+    """The store's load format of a proto LoadFormat; UNSPECIFIED is the checkpoint's."""
+    if value == common_pb2.LOAD_FORMAT_UNSPECIFIED:
+        return LoadFormat.CHECKPOINT
+    found = _LOAD_FORMAT_OF.get(value)
+    if found is None:
+        raise InvalidArgument(f"unknown load_format enum value {value}", reason="BAD_LOAD_FORMAT")
+    return found
+
+
+def load_format_message(f: LoadFormat) -> common_pb2.LoadFormat:
+    return _LOAD_FORMATS[f]
 
 
 def tier_name(t: Tier) -> str:

@@ -55,7 +55,7 @@ from torpor.scheduler.metrics import Metrics
 from torpor.scheduler.snapshots import WrittenSnapshot
 from torpor.scheduler.supervisor import Supervisor, WorkerProcess, WorkerSpec
 from torpor.store.chunks import ChunkRef
-from torpor.store.schema import DType
+from torpor.store.schema import DType, LoadFormat
 from torpor.v1 import common_pb2, worker_pb2
 
 log = get_logger("executor")
@@ -114,6 +114,7 @@ class ModelSource:
     max_seq_len: int
     estimate: Footprint
     chat_template: str = ""  # the registration's override of the checkpoint's; "": none
+    load_format: str = "checkpoint"  # or "dummy": random weights shaped by config.json
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ class Executor:
                 request.source = common_pb2.TIER_SOURCE
                 request.model_dir = str(source.source)
                 request.model_roots.extend(str(root) for root in self.defaults.model_roots)
+                request.load_format = convert.load_format_message(LoadFormat(source.load_format))
             done = await self._transfer(worker, worker.stub.Load, request, action, loading=True)
         status = None if done is None else done.status
         self.restores[action.runtime_id] = time.perf_counter() - start

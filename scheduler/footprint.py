@@ -100,6 +100,46 @@ def _header_shapes(ckpt: CheckpointDir, name: str) -> dict[str, list[int]]:
     return shapes
 
 
+def config_shapes(config: dict[str, object]) -> dict[str, list[int]]:
+    """The tensors a checkpoint of this config.json holds, by name, as the engine's weight
+    plan (worker/engine/weights.py, `weight_plan`) expects them: what a dummy model's
+    weights are generated as, so its estimate is that of the same config with real weights."""
+    heads = _int(config, "num_attention_heads")
+    hidden = _int(config, "hidden_size")
+    head_dim = _int(config, "head_dim", 0) or hidden // heads
+    kv_heads = _int(config, "num_key_value_heads", 0) or heads
+    inter = _int(config, "intermediate_size")
+    vocab = _int(config, "vocab_size")
+    layers = _int(config, "num_hidden_layers")
+    names = config.get("architectures") or []
+    qwen2 = isinstance(names, list) and "Qwen2ForCausalLM" in names
+    attention_bias = bool(config.get("attention_bias", False))
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes: dict[str, list[int]] = {"model.embed_tokens.weight": [vocab, hidden]}
+    for n in range(layers):
+        att, mlp = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        shapes[f"model.layers.{n}.input_layernorm.weight"] = [hidden]
+        shapes[f"model.layers.{n}.post_attention_layernorm.weight"] = [hidden]
+        for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[att + proj + ".weight"] = [rows, hidden]
+            if qwen2 or attention_bias:
+                shapes[att + proj + ".bias"] = [rows]
+        shapes[att + "o_proj.weight"] = [hidden, q]
+        if attention_bias and not qwen2:
+            shapes[att + "o_proj.bias"] = [hidden]
+        for proj, dims in (("gate_proj", [inter, hidden]), ("up_proj", [inter, hidden])):
+            shapes[mlp + proj + ".weight"] = dims
+        shapes[mlp + "down_proj.weight"] = [hidden, inter]
+        if config.get("mlp_bias", False):
+            shapes[mlp + "gate_proj.bias"] = [inter]
+            shapes[mlp + "up_proj.bias"] = [inter]
+            shapes[mlp + "down_proj.bias"] = [hidden]
+    shapes["model.norm.weight"] = [hidden]
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = [vocab, hidden]
+    return shapes
+
+
 def _dim(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -118,12 +158,15 @@ def estimate(
     max_seq_len: int,
     cuda: bool,
     graph_pool_bytes: int = 512 * MiB,
+    dummy: bool = False,
 ) -> Footprint:
     """Bytes of a runtime of this checkpoint with these options (dtype: float32, bfloat16,
-    float16, fp8; an fp8 runtime keeps its embedding in bf16 and activations in bf16)."""
+    float16, fp8; an fp8 runtime keeps its embedding in bf16 and activations in bf16).
+    `dummy`: the weights are generated, not read, so their shapes come from config.json
+    (`config_shapes`), and the directory needs no safetensors."""
     ckpt = as_checkpoint(model_dir)
     config = _config(ckpt)
-    shapes = _tensor_shapes(ckpt)
+    shapes = config_shapes(config) if dummy else _tensor_shapes(ckpt)
     for name in SMALL_FILES:  # refuse a symlink out of the roots now, not at the first load
         ckpt.resolve(name)
     width = BYTES[dtype]

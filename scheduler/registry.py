@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +35,7 @@ from torpor.scheduler.executor import ModelSource
 from torpor.store.catalog import Catalog
 from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import RegisteredModel
-from torpor.store.schema import DType
+from torpor.store.schema import DType, LoadFormat
 from torpor.store.snapshots import SnapshotStore
 from torpor.v1 import common_pb2
 
@@ -110,6 +111,16 @@ class ModelRegistry:
         if template:
             chat_template.check_source(template)  # a template that cannot compile: now
         ckpt = CheckpointDir.confined(source, self.model_roots)
+        load_format = convert.load_format(msg.load_format)
+        if load_format is LoadFormat.DUMMY and not await self.checkpoints.run(
+            msg.name, ckpt.exists, "config.json"
+        ):
+            raise InvalidArgument(
+                f"{source} has no config.json: a dummy model (load_format dummy) needs one "
+                "to shape its weights",
+                reason="NO_CONFIG",
+                metadata={"path": str(source)},
+            )
         limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
         dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
         spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096), template)
@@ -132,7 +143,11 @@ class ModelRegistry:
             await asyncio.to_thread(self.catalog.delete_model, spec.name)
             raise
         self.events.append(
-            "model_registered", model=spec.name, source=spec.source_path, dtype=spec.dtype.value
+            "model_registered",
+            model=spec.name,
+            source=spec.source_path,
+            dtype=spec.dtype.value,
+            load_format=spec.load_format.value,
         )
         return await self.model_message(spec.name)
 
@@ -143,7 +158,7 @@ class ModelRegistry:
         ckpt = CheckpointDir.confined(spec.source_path, self.model_roots)
         estimate = await self.checkpoints.run(
             spec.name,
-            footprint.estimate,
+            functools.partial(footprint.estimate, dummy=spec.load_format is LoadFormat.DUMMY),
             ckpt,
             spec.dtype.value,
             spec.max_batch,
@@ -161,6 +176,7 @@ class ModelRegistry:
             spec.max_seq_len,
             estimate,
             spec.chat_template,
+            spec.load_format.value,
         )
         self.limits[spec.name] = validate.ModelLimits(vocab, spec.max_seq_len, chat)
         core_spec = CoreSpec(

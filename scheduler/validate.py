@@ -235,6 +235,7 @@ def model_spec(msg: common_pb2.ModelSpec) -> None:
         raise bad("spec.source", "", "the checkpoint directory is required", "NO_SOURCE")
     check_source_length(msg.source)
     enum(msg.dtype, common_pb2.Dtype.DESCRIPTOR, "spec.dtype")
+    enum(msg.load_format, common_pb2.LoadFormat.DESCRIPTOR, "spec.load_format")
     if msg.max_batch > MAX_BATCH:
         raise bad("spec.max_batch", msg.max_batch, f"must be in [0, {MAX_BATCH}]", "BAD_MAX_BATCH")
     priority(msg.priority, "spec.priority")

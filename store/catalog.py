@@ -26,7 +26,14 @@ from torpor.log import get_logger
 from torpor.store import migrate, private
 from torpor.store.names import check_source_path, validate_model_name
 from torpor.store.records import Bandwidth, Event, ModelRegistration, NewEvent, RegisteredModel
-from torpor.store.schema import BandwidthRow, BandwidthTier, EventRow, ModelRow, SnapshotRow
+from torpor.store.schema import (
+    BandwidthRow,
+    BandwidthTier,
+    EventRow,
+    LoadFormat,
+    ModelRow,
+    SnapshotRow,
+)
 from torpor.store.store_config import CatalogConfig
 
 Clock = Callable[[], datetime]
@@ -341,6 +348,7 @@ def _fill_model_row(row: ModelRow, spec: ModelRegistration, source: str, now: da
     row.pinned = spec.pinned
     row.keep_alive_s = spec.keep_alive_s
     row.chat_template = spec.chat_template
+    row.load_format = spec.load_format
     row.updated_at = now
 
 
@@ -355,6 +363,7 @@ def _model(row: ModelRow) -> RegisteredModel:
         pinned=row.pinned,
         keep_alive_s=row.keep_alive_s,
         chat_template=row.chat_template or "",
+        load_format=row.load_format or LoadFormat.CHECKPOINT,
     )
     return RegisteredModel(spec=spec, created_at=row.created_at, updated_at=row.updated_at)
 

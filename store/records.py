@@ -12,7 +12,7 @@ from typing import Any
 from torpor.errors import InvalidArgument
 from torpor.store.chunks import ChunkRef
 from torpor.store.names import validate_model_name
-from torpor.store.schema import BandwidthTier, DType, SnapshotState
+from torpor.store.schema import BandwidthTier, DType, LoadFormat, SnapshotState
 
 _INT32 = 2**31 - 1
 _EVENT_KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -49,6 +49,8 @@ class ModelRegistration:
     """Seconds after the last use during which the runtime is never a victim."""
     chat_template: str = ""
     """A chat template (Jinja source) that replaces the checkpoint's own; empty: none."""
+    load_format: LoadFormat = LoadFormat.CHECKPOINT
+    """Where the weights come from: the checkpoint's safetensors, or random (dummy)."""
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)

@@ -55,6 +55,13 @@ class DType(enum.Enum):
         return {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}[self.value]
 
 
+class LoadFormat(enum.Enum):
+    """Where a registered model's weights come from."""
+
+    CHECKPOINT = "checkpoint"  # the checkpoint's safetensors
+    DUMMY = "dummy"  # random, from a seed derived from the model's name, shaped by config.json
+
+
 class SnapshotState(enum.Enum):
     """Lifecycle of a snapshot, in order: WRITING, then COMPLETE; CORRUPT when a check fails.
 
@@ -136,6 +143,9 @@ class ModelRow(Base):
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     keep_alive_s: Mapped[float] = mapped_column(Float, default=0.0)
     chat_template: Mapped[str] = mapped_column(Text, default="", server_default="")
+    load_format: Mapped[LoadFormat] = mapped_column(
+        _enum(LoadFormat, 16), default=LoadFormat.CHECKPOINT, server_default="checkpoint"
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

@@ -23,6 +23,12 @@ DTYPES: dict[int, str] = {
     common_pb2.DTYPE_FLOAT16: "float16",
     common_pb2.DTYPE_FP8: "fp8",
 }
+# A Load's weights: "checkpoint" (the safetensors) or "dummy" (random, shaped by config.json).
+LOAD_FORMATS: dict[int, str] = {
+    common_pb2.LOAD_FORMAT_UNSPECIFIED: "checkpoint",
+    common_pb2.LOAD_FORMAT_CHECKPOINT: "checkpoint",
+    common_pb2.LOAD_FORMAT_DUMMY: "dummy",
+}
 LEVELS: dict[int, SuspendLevel] = {
     common_pb2.TIER_HOST: SuspendLevel.HOST,
     common_pb2.TIER_DEEP: SuspendLevel.DEEP,
@@ -53,6 +59,15 @@ def dtype(value: int) -> str:
         return DTYPES[value]
     except KeyError:
         raise InvalidArgument(f"unknown dtype enum value {value}", reason="BAD_DTYPE") from None
+
+
+def load_format(value: int) -> str:
+    try:
+        return LOAD_FORMATS[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown load_format enum value {value}", reason="BAD_LOAD_FORMAT"
+        ) from None
 
 
 def level(tier: int) -> SuspendLevel:

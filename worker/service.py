@@ -29,6 +29,7 @@ from torpor.rpc_status import servicer_errors
 from torpor.store.chunks import ChunkRef, ChunkStore
 from torpor.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from torpor.worker import convert
+from torpor.worker.engine.dummy import DummyFiller, seed_for
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.requests import FinishReason, GenerationRequest, RequestDelta
 from torpor.worker.engine.tokenizer import Tokenizer
@@ -126,7 +127,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 dtype=convert.dtype(request.dtype),
             )
             model_dir = CheckpointDir.confined(request.model_dir, request.model_roots)
-            runtime = PagedRuntime.load(model_dir, options, pager, weights)
+            # Dummy weights: random from a seed of the model's name, shaped by config.json.
+            dummy = convert.load_format(request.load_format) == "dummy"
+            filler = DummyFiller(seed_for(request.model)) if dummy else None
+            runtime = PagedRuntime.load(model_dir, options, pager, weights, filler)
         if request.chat_template and runtime.engine.tokenizer is not None:
             runtime.engine.tokenizer.use_chat_template(request.chat_template)
         self.runtime = runtime

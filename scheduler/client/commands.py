@@ -31,6 +31,8 @@ DTYPES: dict[str, str] = {
     "fp8": "DTYPE_FP8",
 }
 """--dtype spellings; auto keeps the checkpoint's own dtype."""
+LOAD_FORMATS = {"checkpoint": "LOAD_FORMAT_CHECKPOINT", "dummy": "LOAD_FORMAT_DUMMY"}
+"""--load-format spellings."""
 
 
 def global_options(
@@ -124,8 +126,21 @@ def ps(
     request = admin_pb2.ListResidencyRequest(model=model or "", include_cold=all_)
     with session(ctx) as conn:
         reply = conn.unary(conn.admin.ListResidency, request)
+        dummies: frozenset[str] = frozenset()
+        if not as_json:  # marked in the text only: the JSON shape is fixed (`torpor models`)
+            listed = conn.unary(conn.scheduler.ListModels, scheduler_pb2.ListModelsRequest())
+            dummies = frozenset(
+                m.spec.name
+                for m in listed.models
+                if m.spec.load_format == common_pb2.LOAD_FORMAT_DUMMY
+            )
     budgets = shapes.budgets(reply)  # shown in the text only: the JSON shape is fixed
-    emit(ctx, as_json, shapes.residency(reply), lambda doc: render.residency(doc, budgets))
+    emit(
+        ctx,
+        as_json,
+        shapes.residency(reply),
+        lambda doc: render.residency(doc, budgets, dummies),
+    )
 
 
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
@@ -189,11 +204,24 @@ def register(
             help="A Jinja chat template that replaces the checkpoint's own (for chat prompts).",
         ),
     ] = None,
+    load_format: Annotated[
+        str,
+        typer.Option(
+            help="checkpoint (its safetensors) or dummy (random weights shaped by config.json; "
+            "SOURCE_DIR needs only config.json, and a tokenizer for text prompts).",
+        ),
+    ] = "checkpoint",
     as_json: JsonOption = False,
 ) -> None:
     """Register a model with torpord."""
     if dtype.strip().lower() not in DTYPES:
         fail(InvalidArgument(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}"))
+    if load_format.strip().lower() not in LOAD_FORMATS:
+        fail(
+            InvalidArgument(
+                f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}"
+            )
+        )
     template = "" if chat_template is None else _read_template(chat_template)
     spec = common_pb2.ModelSpec(
         name=name,
@@ -204,6 +232,7 @@ def register(
         priority=priority,
         pinned=pin,
         keep_alive_s=keep_alive,
+        load_format=LOAD_FORMATS[load_format.strip().lower()],
     )
     with session(ctx) as conn:
         reply = conn.unary(

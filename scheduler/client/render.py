@@ -121,10 +121,20 @@ _RUNTIME_COLUMNS = ("MODEL", "STATE", "TIER", "GPU", "GPU MEM", "HOST MEM", "DIS
                     "LEASES", "PINNED", "KEEP-ALIVE UNTIL", "RESTORE", "PID")  # fmt: skip
 
 
-def residency(doc: Json, budgets: Json | None = None) -> None:
+def residency(
+    doc: Json, budgets: Json | None = None, dummies: frozenset[str] = frozenset()
+) -> None:
     """`torpor ps`: one table per GPU, the runtimes bound to no GPU, then the host-RAM and
-    disk budgets."""
+    disk budgets. A runtime of a model in `dummies` (load_format dummy) is named
+    `NAME (dummy)`."""
     now = datetime.now(UTC)
+    doc = {
+        **doc,
+        "runtimes": [
+            {**r, "model": f"{r['model']} (dummy)"} if r["model"] in dummies else r
+            for r in doc["runtimes"]
+        ],
+    }
     for g in doc["gpus"]:
         title = (
             f"GPU {g['index']} · {g['name']} · {size(g['total_bytes'])} total, "
@@ -170,12 +180,13 @@ def _runtime_table(title: str, runtimes: list[Json], now: datetime) -> Table:
 
 def models(docs: list[Json]) -> None:
     """`torpor models`."""
-    columns = ("NAME", "STATE", "DTYPE", "FOOTPRINT", "BATCH", "SEQ LEN", "PRIORITY", "PINNED",
-               "KEEP-ALIVE", "SNAPSHOT", "SOURCE")  # fmt: skip
+    columns = ("NAME", "STATE", "DTYPE", "WEIGHTS", "FOOTPRINT", "BATCH", "SEQ LEN", "PRIORITY",
+               "PINNED", "KEEP-ALIVE", "SNAPSHOT", "SOURCE")  # fmt: skip
     table = _table(None, columns)
     for m in docs:
         table.add_row(
-            m["name"], _cell(m["state"]), _cell(m["dtype"]), size(m["footprint_bytes"] or None),
+            m["name"], _cell(m["state"]), _cell(m["dtype"]), m["load_format"],
+            size(m["footprint_bytes"] or None),
             str(m["max_batch"]), str(m["max_seq_len"]), str(m["priority"]), _cell(m["pinned"]),
             f"{m['keep_alive_s']} s" if m["keep_alive_s"] else DASH, _cell(m["snapshot_id"]),
             m["source"],
@@ -187,7 +198,8 @@ def model_line(verb: str, m: Json) -> None:
     """One line about one model: `registered demo-a: cold, float32, 96.0 MiB on a GPU`."""
     footprint = f", {size(m['footprint_bytes'])} on a GPU" if m["footprint_bytes"] else ""
     pinned = ", pinned" if m["pinned"] else ""
-    show(f"{verb} {m['name']}: {_cell(m['state'])}, {_cell(m['dtype'])}{footprint}{pinned}")
+    dummy = ", dummy weights" if m["load_format"] == "dummy" else ""
+    show(f"{verb} {m['name']}: {_cell(m['state'])}, {_cell(m['dtype'])}{dummy}{footprint}{pinned}")
 
 
 def plan(doc: Json) -> None:

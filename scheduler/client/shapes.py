@@ -34,6 +34,7 @@ _ENUM_PREFIXES = {
     "EventKind": "EVENT_KIND_",
     "EvictMode": "EVICT_MODE_",
     "LoadPhase": "LOAD_PHASE_",
+    "LoadFormat": "LOAD_FORMAT_",
 }
 """Every torpor.v1 enum (tests/cli/test_client_enum_names.py checks that none is missing)."""
 
@@ -141,6 +142,7 @@ def model(m: common_pb2.Model) -> Json:
         "footprint_bytes": m.footprint_bytes,
         "snapshot_id": m.snapshot_id or None,
         "has_chat_template": m.has_chat_template,
+        "load_format": enum_name(common_pb2.LoadFormat, s.load_format) or "checkpoint",
         "registered_at": timestamp(m, "registered_at"),
     }
 

@@ -219,7 +219,7 @@ def test_register_then_unregister(cli: Cli, real: Real) -> None:
             "max_batch": 2, "max_seq_len": 128, "priority": 5, "pinned": True,
             "keep_alive_s": 30, "state": "cold", "footprint_bytes": doc["footprint_bytes"],
             "snapshot_id": None, "has_chat_template": True,  # the demo's tokenizer_config.json
-            "registered_at": doc["registered_at"],
+            "load_format": "checkpoint", "registered_at": doc["registered_at"],
         }  # fmt: skip
         assert doc["footprint_bytes"] > 0 and doc["registered_at"]
     finally:

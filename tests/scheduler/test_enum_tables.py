@@ -33,7 +33,7 @@ from torpor.scheduler.core import (
 )
 from torpor.scheduler.executor import Executor
 from torpor.scheduler.metrics import Metrics
-from torpor.store.schema import BandwidthTier, DType, SnapshotState
+from torpor.store.schema import BandwidthTier, DType, LoadFormat, SnapshotState
 from torpor.v1 import admin_pb2, common_pb2
 
 UNDEFINED = 99  # a number no torpor.v1 enum defines
@@ -48,6 +48,14 @@ def refused(fn: Any, *args: Any) -> InvalidArgument:
 def defined(enum: Any) -> list[int]:
     """The enum's numbers other than UNSPECIFIED (0)."""
     return [v for v in enum.values() if v != 0]
+
+
+def test_load_formats_both_ways() -> None:
+    for fmt in LoadFormat:
+        assert convert.load_format(convert.load_format_message(fmt)) is fmt
+    assert {convert.load_format(v) for v in defined(common_pb2.LoadFormat)} == set(LoadFormat)
+    assert convert.load_format(common_pb2.LOAD_FORMAT_UNSPECIFIED) is LoadFormat.CHECKPOINT
+    assert refused(convert.load_format, UNDEFINED).reason == "BAD_LOAD_FORMAT"
 
 
 def test_dtypes_both_ways() -> None:

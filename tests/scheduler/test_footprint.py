@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_staging_is_four_chunks_at_most_and_no_larger_than_the_weights() -> None:
     """The host bytes torpord counts for a runtime's staging buffers (and sends the worker as
@@ -26,3 +28,66 @@ def test_a_snapshot_write_stages_one_chunk_on_cuda_and_nothing_on_cpu(tmp_path) 
     assert on_cpu.write_staging == 0
     assert 0 < on_cuda.write_staging <= on_cuda.staging
     assert on_cuda.write_staging >= on_cuda.weights  # one buffer holds the largest piece
+
+
+def _dummy_copy(model, to):
+    """The same model without its weights: config.json and the tokenizer only."""
+    import shutil
+
+    shutil.copytree(model, to)
+    for shard in to.glob("*.safetensors"):
+        shard.unlink()
+    return to
+
+
+def test_a_dummy_models_estimate_equals_that_of_its_config_with_real_weights(tmp_path) -> None:
+    """A dummy model (load_format dummy) has no safetensors: its tensors' shapes come from
+    config.json, and every part of its estimate equals the checkpoint's, for every dtype."""
+    import dataclasses
+
+    from torpor.errors import InvalidArgument
+    from torpor.scheduler.footprint import estimate
+    from torpor.worker.engine.demo import DemoSpec, make_demo
+
+    model = make_demo(tmp_path / "m", DemoSpec(layers=3, hidden=128, vocab=512))
+    dummy = _dummy_copy(model, tmp_path / "d")
+    for dtype in ("float32", "bfloat16", "float16", "fp8"):
+        for cuda in (False, True):
+            real = estimate(model, dtype, 4, 256, cuda=cuda)
+            assert estimate(dummy, dtype, 4, 256, cuda=cuda, dummy=True) == real
+            assert dataclasses.asdict(real)["weights"] > 0
+    with pytest.raises(InvalidArgument) as info:  # without dummy, it needs its safetensors
+        estimate(dummy, "float32", 4, 256, cuda=False)
+    assert info.value.reason == "CHECKPOINT_INCOMPLETE"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"tie_word_embeddings": True},
+        {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+        {"attention_bias": True, "mlp_bias": True},
+        {"num_key_value_heads": 4, "head_dim": 64},
+    ],
+)
+def test_a_dummy_models_tensors_are_the_engines_weight_plan(extra) -> None:
+    """torpord (no torch) computes a dummy model's tensors from config.json; they are exactly
+    the checkpoint tensors the engine's weight plan fills, name and shape."""
+    from torpor.scheduler.footprint import config_shapes
+    from torpor.worker.engine.model_config import ModelConfig
+    from torpor.worker.engine.weights import weight_plan
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        **extra,
+    }
+    plan = weight_plan(ModelConfig.from_dict(config), fp8_weights=False)
+    expected = {p.name: list(p.shape) for src in plan for p in src.parts}
+    assert config_shapes(config) == expected

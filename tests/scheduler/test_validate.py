@@ -153,6 +153,7 @@ def test_names_are_required_and_known() -> None:
         ({"source": "/m/" + "a" * 256}, "SOURCE_PATH_TOO_LONG"),
         ({"source": "/m" * 2049}, "SOURCE_PATH_TOO_LONG"),
         ({"dtype": 42}, "BAD_ENUM"),
+        ({"load_format": 42}, "BAD_ENUM"),
         ({"max_batch": 1025}, "BAD_MAX_BATCH"),
         ({"priority": 2**31 - 1}, "BAD_PRIORITY"),
         ({"keep_alive_s": 2**32 - 1}, "BAD_KEEP_ALIVE"),

@@ -18,7 +18,7 @@ from torpor.errors import (
 )
 from torpor.store.catalog import Catalog
 from torpor.store.records import NewEvent
-from torpor.store.schema import BandwidthTier, DType
+from torpor.store.schema import BandwidthTier, DType, LoadFormat
 from torpor.store.snapshots import SnapshotStore
 from torpor.store.store_config import CatalogConfig
 
@@ -40,6 +40,13 @@ def test_a_models_chat_template_is_kept(catalog: Catalog, model_root: Path) -> N
     assert catalog.get_model(MODEL).spec.chat_template == template
     catalog.register_model(make_spec(model_root, name="plain"))
     assert catalog.get_model("plain").spec.chat_template == ""
+
+
+def test_a_models_load_format_is_kept(catalog: Catalog, model_root: Path) -> None:
+    catalog.register_model(make_spec(model_root, load_format=LoadFormat.DUMMY))
+    assert catalog.get_model(MODEL).spec.load_format is LoadFormat.DUMMY
+    catalog.register_model(make_spec(model_root, name="plain"))
+    assert catalog.get_model("plain").spec.load_format is LoadFormat.CHECKPOINT
 
 
 def test_register_twice_is_already_exists_unless_replace(

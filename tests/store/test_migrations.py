@@ -15,7 +15,7 @@ from tests.store.helpers import MODEL, blob, read_all
 from torpor.store import migrate
 from torpor.store.catalog import Catalog
 from torpor.store.chunks import ChunkStore
-from torpor.store.schema import BandwidthTier, Base, DType, SnapshotState
+from torpor.store.schema import BandwidthTier, Base, DType, LoadFormat, SnapshotState
 from torpor.store.snapshots import SnapshotStore
 from torpor.store.store_config import CatalogConfig, SnapshotStoreConfig
 
@@ -23,8 +23,8 @@ WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_revisions_are_a_line_from_0001() -> None:
-    assert migrate.revisions_oldest_first() == ["0001", "0002", "0003"]
-    assert migrate.head_revision() == "0003"
+    assert migrate.revisions_oldest_first() == ["0001", "0002", "0003", "0004"]
+    assert migrate.head_revision() == "0004"
 
 
 def _fill_oldest_schema(url: str, chunk_store: ChunkStore, source: Path) -> list[bytes]:
@@ -107,6 +107,7 @@ def test_upgrade_from_the_oldest_revision_keeps_the_data(
         assert (model.spec.dtype, model.spec.priority, model.spec.pinned) == (DType.FP8, 3, True)
         assert model.created_at == WHEN
         assert model.spec.chat_template == ""  # 0003: none for a model registered before
+        assert model.spec.load_format is LoadFormat.CHECKPOINT  # 0004: its checkpoint's
         bandwidth = catalog.get_bandwidth("h", BandwidthTier.DISK_READ)
         assert bandwidth is not None and (bandwidth.bytes_per_s, bandwidth.samples) == (1.5e9, 7)
         (event,) = catalog.events_after(0)

@@ -32,6 +32,14 @@ def test_every_dtype_is_one_the_engine_takes() -> None:
     assert refused(convert.dtype, UNDEFINED).reason == "BAD_DTYPE"
 
 
+def test_every_load_format_is_one_the_worker_takes() -> None:
+    for value in common_pb2.LoadFormat.values():
+        assert convert.load_format(value) in {"checkpoint", "dummy"}
+    assert convert.load_format(common_pb2.LOAD_FORMAT_DUMMY) == "dummy"
+    assert convert.load_format(common_pb2.LOAD_FORMAT_UNSPECIFIED) == "checkpoint"
+    assert refused(convert.load_format, UNDEFINED).reason == "BAD_LOAD_FORMAT"
+
+
 def test_suspend_levels_both_ways() -> None:
     for level in SuspendLevel:
         assert convert.level(convert.TIERS[level.value]) is level

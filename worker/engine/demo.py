@@ -184,6 +184,10 @@ def _weights(spec: DemoSpec) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in w.items()}
 
 
+# The engine's bias tensors (worker/engine/weights.py, weight_plan): filled with zeros.
+_BIASES = frozenset({"bqkv", "bo", "b13", "b2"})
+
+
 class RandomFiller:
     """Fills placed weights with random values generated where they live (on the GPU for a
     CUDA runtime), scaled like `make_demo`'s, for runtimes too big to write as a checkpoint
@@ -211,7 +215,9 @@ class RandomFiller:
             if name.endswith(".scale"):
                 fan_in = tensors[name.removesuffix(".scale")].shape[1]
                 tensor.fill_(self._std(name.removesuffix(".scale"), fan_in))
-            elif tensor.dim() == 1:  # norms (biases are not in Llama-shaped plans)
+            elif tensor.dim() == 1 and name.rsplit(".", 1)[-1] in _BIASES:
+                tensor.zero_()
+            elif tensor.dim() == 1:  # norms
                 tensor.fill_(1.0)
             else:
                 std = 1.0 if tensor.dtype.itemsize == 1 else self._std(name, tensor.shape[1])

@@ -451,8 +451,10 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise InvalidArgument(
-                "this checkpoint has no tokenizer.json; send token ids", reason="NO_TOKENIZER"
+            raise FailedPrecondition(
+                "this checkpoint has no tokenizer.json, so a text prompt cannot be tokenized; "
+                "send token ids (prompt_ids)",
+                reason="NO_TOKENIZER",
             )
         return self.tokenizer.encode(text)
 

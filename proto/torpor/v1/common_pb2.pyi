@@ -49,6 +49,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
+
+class LoadFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_FORMAT_UNSPECIFIED: _ClassVar[LoadFormat]
+    LOAD_FORMAT_CHECKPOINT: _ClassVar[LoadFormat]
+    LOAD_FORMAT_DUMMY: _ClassVar[LoadFormat]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_BFLOAT16: Dtype
@@ -76,6 +82,9 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
+LOAD_FORMAT_UNSPECIFIED: LoadFormat
+LOAD_FORMAT_CHECKPOINT: LoadFormat
+LOAD_FORMAT_DUMMY: LoadFormat
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -178,7 +187,7 @@ class TransferProgress(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "source", "dtype", "max_batch", "max_seq_len", "priority", "pinned", "keep_alive_s")
+    __slots__ = ("name", "source", "dtype", "max_batch", "max_seq_len", "priority", "pinned", "keep_alive_s", "load_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +196,7 @@ class ModelSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     dtype: Dtype
@@ -195,7 +205,8 @@ class ModelSpec(_message.Message):
     priority: int
     pinned: bool
     keep_alive_s: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., keep_alive_s: _Optional[int] = ...) -> None: ...
+    load_format: LoadFormat
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., keep_alive_s: _Optional[int] = ..., load_format: _Optional[_Union[LoadFormat, str]] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("spec", "registered_at", "state", "footprint_bytes", "snapshot_id", "has_chat_template")

@@ -26,55 +26,55 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/worker.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16torpor/v1/common.proto\"Y\n\x05\x41rena\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_address\x18\x02 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cmapped_bytes\x18\x04 \x01(\x04\"\xd5\x02\n\x11WorkerLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06source\x18\n \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.torpor.v1.Dtype\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x13\n\x0bsnapshot_id\x18\x07 \x01(\t\x12\x13\n\x0bmodel_roots\x18\t \x03(\t\x12\'\n\x06target\x18\x0b \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x16\n\x0ekeep_host_copy\x18\x0c \x01(\x08\x12\x15\n\rstaging_bytes\x18\r \x01(\x04\x12\x15\n\rchat_template\x18\x0e \x01(\tJ\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x06\x64\x65viceR\x07options\"\xab\x01\n\x0bLoadTimings\x12*\n\x07weights\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06graphs\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05R\x07\x63ontextR\x06warmup\"\xc9\x02\n\x12WorkerLoadResponse\x12:\n\x08progress\x18\x01 \x01(\x0b\x32&.torpor.v1.WorkerLoadResponse.ProgressH\x00\x12\x32\n\x04\x64one\x18\x02 \x01(\x0b\x32\".torpor.v1.WorkerLoadResponse.DoneH\x00\x1aX\n\x08Progress\x12#\n\x05phase\x18\x01 \x01(\x0e\x32\x14.torpor.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x1a`\n\x04\x44one\x12\'\n\x07timings\x18\x01 \x01(\x0b\x32\x16.torpor.v1.LoadTimings\x12/\n\x06status\x18\x02 \x01(\x0b\x32\x1f.torpor.v1.WorkerStatusResponseB\x07\n\x05\x65vent\"\xd8\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x13.torpor.v1.TokenIdsH\x00\x12,\n\x0bprompt_chat\x18\x05 \x01(\x0b\x32\x15.torpor.v1.ChatPromptH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.torpor.v1.SamplingParamsB\x08\n\x06prompt\"E\n\x14WorkerSuspendRequest\x12\x1e\n\x05level\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"\x98\x02\n\x15WorkerSuspendResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x1a\n\x12gpu_bytes_released\x18\x02 \x01(\x04\x12\x1b\n\x13host_bytes_released\x18\x03 \x01(\x04\x12\x1b\n\x13gpu_bytes_remaining\x18\x04 \x01(\x04\x12(\n\x05unmap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"w\n\x13WorkerResumeRequest\x12\x1f\n\x06source\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\'\n\x06target\x18\x02 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x16\n\x0ekeep_host_copy\x18\x03 \x01(\x08\"\x81\x03\n\x14WorkerResumeResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12\x34\n\x04\x64one\x18\x02 \x01(\x0b\x32$.torpor.v1.WorkerResumeResponse.DoneH\x00\x1a\xf8\x01\n\x04\x44one\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x35\n\x12\x63heckpoint_restore\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03map\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04\x63opy\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08streamed\x18\x07 \x01(\x08\x42\x07\n\x05\x65vent\"/\n\x15WorkerSnapshotRequest\x12\x16\n\x0ereserved_bytes\x18\x01 \x01(\x04\"+\n\rSnapshotChunk\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\xe4\x02\n\x16WorkerSnapshotResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12\x36\n\x04\x64one\x18\x02 \x01(\x0b\x32&.torpor.v1.WorkerSnapshotResponse.DoneH\x00\x1a\xd7\x01\n\x04\x44one\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x15\n\rmanifest_hash\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12*\n\x07\x65lapsed\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12,\n\nchunk_refs\x18\x08 \x03(\x0b\x32\x18.torpor.v1.SnapshotChunkB\x07\n\x05\x65vent\"\x15\n\x13WorkerStatusRequest\"\xa7\x02\n\x14WorkerStatusResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tgpu_bytes\x18\x04 \x01(\x04\x12\x12\n\nhost_bytes\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12 \n\x06\x61renas\x18\x08 \x03(\x0b\x32\x10.torpor.v1.Arena\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\r\x12\x13\n\x0bsnapshot_id\x18\n \x01(\t\x12\x19\n\x11peak_mapped_bytes\x18\x0b \x01(\x04\x12\x15\n\rstaging_bytes\x18\x0c \x01(\x04\"\x17\n\x15WorkerShutdownRequest\"\x18\n\x16WorkerShutdownResponse*\xa5\x01\n\tLoadPhase\x12\x1a\n\x16LOAD_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12LOAD_PHASE_WEIGHTS\x10\x02\x12\x18\n\x14LOAD_PHASE_HOST_COPY\x10\x05\"\x04\x08\x01\x10\x01\"\x04\x08\x03\x10\x03\"\x04\x08\x04\x10\x04*\x12LOAD_PHASE_CONTEXT*\x11LOAD_PHASE_GRAPHS*\x11LOAD_PHASE_WARMUP2\xa3\x04\n\x06Worker\x12\x45\n\x04Load\x12\x1c.torpor.v1.WorkerLoadRequest\x1a\x1d.torpor.v1.WorkerLoadResponse0\x01\x12H\n\x08Generate\x12 .torpor.v1.WorkerGenerateRequest\x1a\x18.torpor.v1.GenerateChunk0\x01\x12L\n\x07Suspend\x12\x1f.torpor.v1.WorkerSuspendRequest\x1a .torpor.v1.WorkerSuspendResponse\x12K\n\x06Resume\x12\x1e.torpor.v1.WorkerResumeRequest\x1a\x1f.torpor.v1.WorkerResumeResponse0\x01\x12Q\n\x08Snapshot\x12 .torpor.v1.WorkerSnapshotRequest\x1a!.torpor.v1.WorkerSnapshotResponse0\x01\x12I\n\x06Status\x12\x1e.torpor.v1.WorkerStatusRequest\x1a\x1f.torpor.v1.WorkerStatusResponse\x12O\n\x08Shutdown\x12 .torpor.v1.WorkerShutdownRequest\x1a!.torpor.v1.WorkerShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/worker.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16torpor/v1/common.proto\"Y\n\x05\x41rena\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_address\x18\x02 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cmapped_bytes\x18\x04 \x01(\x04\"\x81\x03\n\x11WorkerLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06source\x18\n \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.torpor.v1.Dtype\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x13\n\x0bsnapshot_id\x18\x07 \x01(\t\x12\x13\n\x0bmodel_roots\x18\t \x03(\t\x12\'\n\x06target\x18\x0b \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x16\n\x0ekeep_host_copy\x18\x0c \x01(\x08\x12\x15\n\rstaging_bytes\x18\r \x01(\x04\x12\x15\n\rchat_template\x18\x0e \x01(\t\x12*\n\x0bload_format\x18\x0f \x01(\x0e\x32\x15.torpor.v1.LoadFormatJ\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x06\x64\x65viceR\x07options\"\xab\x01\n\x0bLoadTimings\x12*\n\x07weights\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06graphs\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05R\x07\x63ontextR\x06warmup\"\xc9\x02\n\x12WorkerLoadResponse\x12:\n\x08progress\x18\x01 \x01(\x0b\x32&.torpor.v1.WorkerLoadResponse.ProgressH\x00\x12\x32\n\x04\x64one\x18\x02 \x01(\x0b\x32\".torpor.v1.WorkerLoadResponse.DoneH\x00\x1aX\n\x08Progress\x12#\n\x05phase\x18\x01 \x01(\x0e\x32\x14.torpor.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x1a`\n\x04\x44one\x12\'\n\x07timings\x18\x01 \x01(\x0b\x32\x16.torpor.v1.LoadTimings\x12/\n\x06status\x18\x02 \x01(\x0b\x32\x1f.torpor.v1.WorkerStatusResponseB\x07\n\x05\x65vent\"\xd8\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x13.torpor.v1.TokenIdsH\x00\x12,\n\x0bprompt_chat\x18\x05 \x01(\x0b\x32\x15.torpor.v1.ChatPromptH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.torpor.v1.SamplingParamsB\x08\n\x06prompt\"E\n\x14WorkerSuspendRequest\x12\x1e\n\x05level\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"\x98\x02\n\x15WorkerSuspendResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x1a\n\x12gpu_bytes_released\x18\x02 \x01(\x04\x12\x1b\n\x13host_bytes_released\x18\x03 \x01(\x04\x12\x1b\n\x13gpu_bytes_remaining\x18\x04 \x01(\x04\x12(\n\x05unmap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"w\n\x13WorkerResumeRequest\x12\x1f\n\x06source\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\'\n\x06target\x18\x02 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\x16\n\x0ekeep_host_copy\x18\x03 \x01(\x08\"\x81\x03\n\x14WorkerResumeResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12\x34\n\x04\x64one\x18\x02 \x01(\x0b\x32$.torpor.v1.WorkerResumeResponse.DoneH\x00\x1a\xf8\x01\n\x04\x44one\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x35\n\x12\x63heckpoint_restore\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03map\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04\x63opy\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08streamed\x18\x07 \x01(\x08\x42\x07\n\x05\x65vent\"/\n\x15WorkerSnapshotRequest\x12\x16\n\x0ereserved_bytes\x18\x01 \x01(\x04\"+\n\rSnapshotChunk\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\xe4\x02\n\x16WorkerSnapshotResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.torpor.v1.TransferProgressH\x00\x12\x36\n\x04\x64one\x18\x02 \x01(\x0b\x32&.torpor.v1.WorkerSnapshotResponse.DoneH\x00\x1a\xd7\x01\n\x04\x44one\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x15\n\rmanifest_hash\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12*\n\x07\x65lapsed\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12,\n\nchunk_refs\x18\x08 \x03(\x0b\x32\x18.torpor.v1.SnapshotChunkB\x07\n\x05\x65vent\"\x15\n\x13WorkerStatusRequest\"\xa7\x02\n\x14WorkerStatusResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.torpor.v1.RuntimeState\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tgpu_bytes\x18\x04 \x01(\x04\x12\x12\n\nhost_bytes\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12 \n\x06\x61renas\x18\x08 \x03(\x0b\x32\x10.torpor.v1.Arena\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\r\x12\x13\n\x0bsnapshot_id\x18\n \x01(\t\x12\x19\n\x11peak_mapped_bytes\x18\x0b \x01(\x04\x12\x15\n\rstaging_bytes\x18\x0c \x01(\x04\"\x17\n\x15WorkerShutdownRequest\"\x18\n\x16WorkerShutdownResponse*\xa5\x01\n\tLoadPhase\x12\x1a\n\x16LOAD_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12LOAD_PHASE_WEIGHTS\x10\x02\x12\x18\n\x14LOAD_PHASE_HOST_COPY\x10\x05\"\x04\x08\x01\x10\x01\"\x04\x08\x03\x10\x03\"\x04\x08\x04\x10\x04*\x12LOAD_PHASE_CONTEXT*\x11LOAD_PHASE_GRAPHS*\x11LOAD_PHASE_WARMUP2\xa3\x04\n\x06Worker\x12\x45\n\x04Load\x12\x1c.torpor.v1.WorkerLoadRequest\x1a\x1d.torpor.v1.WorkerLoadResponse0\x01\x12H\n\x08Generate\x12 .torpor.v1.WorkerGenerateRequest\x1a\x18.torpor.v1.GenerateChunk0\x01\x12L\n\x07Suspend\x12\x1f.torpor.v1.WorkerSuspendRequest\x1a .torpor.v1.WorkerSuspendResponse\x12K\n\x06Resume\x12\x1e.torpor.v1.WorkerResumeRequest\x1a\x1f.torpor.v1.WorkerResumeResponse0\x01\x12Q\n\x08Snapshot\x12 .torpor.v1.WorkerSnapshotRequest\x1a!.torpor.v1.WorkerSnapshotResponse0\x01\x12I\n\x06Status\x12\x1e.torpor.v1.WorkerStatusRequest\x1a\x1f.torpor.v1.WorkerStatusResponse\x12O\n\x08Shutdown\x12 .torpor.v1.WorkerShutdownRequest\x1a!.torpor.v1.WorkerShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADPHASE']._serialized_start=2942
-  _globals['_LOADPHASE']._serialized_end=3107
+  _globals['_LOADPHASE']._serialized_start=2986
+  _globals['_LOADPHASE']._serialized_end=3151
   _globals['_ARENA']._serialized_start=93
   _globals['_ARENA']._serialized_end=182
   _globals['_WORKERLOADREQUEST']._serialized_start=185
-  _globals['_WORKERLOADREQUEST']._serialized_end=526
-  _globals['_LOADTIMINGS']._serialized_start=529
-  _globals['_LOADTIMINGS']._serialized_end=700
-  _globals['_WORKERLOADRESPONSE']._serialized_start=703
-  _globals['_WORKERLOADRESPONSE']._serialized_end=1032
-  _globals['_WORKERLOADRESPONSE_PROGRESS']._serialized_start=837
-  _globals['_WORKERLOADRESPONSE_PROGRESS']._serialized_end=925
-  _globals['_WORKERLOADRESPONSE_DONE']._serialized_start=927
-  _globals['_WORKERLOADRESPONSE_DONE']._serialized_end=1023
-  _globals['_WORKERGENERATEREQUEST']._serialized_start=1035
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=1251
-  _globals['_WORKERSUSPENDREQUEST']._serialized_start=1253
-  _globals['_WORKERSUSPENDREQUEST']._serialized_end=1322
-  _globals['_WORKERSUSPENDRESPONSE']._serialized_start=1325
-  _globals['_WORKERSUSPENDRESPONSE']._serialized_end=1605
-  _globals['_WORKERRESUMEREQUEST']._serialized_start=1607
-  _globals['_WORKERRESUMEREQUEST']._serialized_end=1726
-  _globals['_WORKERRESUMERESPONSE']._serialized_start=1729
-  _globals['_WORKERRESUMERESPONSE']._serialized_end=2114
-  _globals['_WORKERRESUMERESPONSE_DONE']._serialized_start=1857
-  _globals['_WORKERRESUMERESPONSE_DONE']._serialized_end=2105
-  _globals['_WORKERSNAPSHOTREQUEST']._serialized_start=2116
-  _globals['_WORKERSNAPSHOTREQUEST']._serialized_end=2163
-  _globals['_SNAPSHOTCHUNK']._serialized_start=2165
-  _globals['_SNAPSHOTCHUNK']._serialized_end=2208
-  _globals['_WORKERSNAPSHOTRESPONSE']._serialized_start=2211
-  _globals['_WORKERSNAPSHOTRESPONSE']._serialized_end=2567
-  _globals['_WORKERSNAPSHOTRESPONSE_DONE']._serialized_start=2343
-  _globals['_WORKERSNAPSHOTRESPONSE_DONE']._serialized_end=2558
-  _globals['_WORKERSTATUSREQUEST']._serialized_start=2569
-  _globals['_WORKERSTATUSREQUEST']._serialized_end=2590
-  _globals['_WORKERSTATUSRESPONSE']._serialized_start=2593
-  _globals['_WORKERSTATUSRESPONSE']._serialized_end=2888
-  _globals['_WORKERSHUTDOWNREQUEST']._serialized_start=2890
-  _globals['_WORKERSHUTDOWNREQUEST']._serialized_end=2913
-  _globals['_WORKERSHUTDOWNRESPONSE']._serialized_start=2915
-  _globals['_WORKERSHUTDOWNRESPONSE']._serialized_end=2939
-  _globals['_WORKER']._serialized_start=3110
-  _globals['_WORKER']._serialized_end=3657
+  _globals['_WORKERLOADREQUEST']._serialized_end=570
+  _globals['_LOADTIMINGS']._serialized_start=573
+  _globals['_LOADTIMINGS']._serialized_end=744
+  _globals['_WORKERLOADRESPONSE']._serialized_start=747
+  _globals['_WORKERLOADRESPONSE']._serialized_end=1076
+  _globals['_WORKERLOADRESPONSE_PROGRESS']._serialized_start=881
+  _globals['_WORKERLOADRESPONSE_PROGRESS']._serialized_end=969
+  _globals['_WORKERLOADRESPONSE_DONE']._serialized_start=971
+  _globals['_WORKERLOADRESPONSE_DONE']._serialized_end=1067
+  _globals['_WORKERGENERATEREQUEST']._serialized_start=1079
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=1295
+  _globals['_WORKERSUSPENDREQUEST']._serialized_start=1297
+  _globals['_WORKERSUSPENDREQUEST']._serialized_end=1366
+  _globals['_WORKERSUSPENDRESPONSE']._serialized_start=1369
+  _globals['_WORKERSUSPENDRESPONSE']._serialized_end=1649
+  _globals['_WORKERRESUMEREQUEST']._serialized_start=1651
+  _globals['_WORKERRESUMEREQUEST']._serialized_end=1770
+  _globals['_WORKERRESUMERESPONSE']._serialized_start=1773
+  _globals['_WORKERRESUMERESPONSE']._serialized_end=2158
+  _globals['_WORKERRESUMERESPONSE_DONE']._serialized_start=1901
+  _globals['_WORKERRESUMERESPONSE_DONE']._serialized_end=2149
+  _globals['_WORKERSNAPSHOTREQUEST']._serialized_start=2160
+  _globals['_WORKERSNAPSHOTREQUEST']._serialized_end=2207
+  _globals['_SNAPSHOTCHUNK']._serialized_start=2209
+  _globals['_SNAPSHOTCHUNK']._serialized_end=2252
+  _globals['_WORKERSNAPSHOTRESPONSE']._serialized_start=2255
+  _globals['_WORKERSNAPSHOTRESPONSE']._serialized_end=2611
+  _globals['_WORKERSNAPSHOTRESPONSE_DONE']._serialized_start=2387
+  _globals['_WORKERSNAPSHOTRESPONSE_DONE']._serialized_end=2602
+  _globals['_WORKERSTATUSREQUEST']._serialized_start=2613
+  _globals['_WORKERSTATUSREQUEST']._serialized_end=2634
+  _globals['_WORKERSTATUSRESPONSE']._serialized_start=2637
+  _globals['_WORKERSTATUSRESPONSE']._serialized_end=2932
+  _globals['_WORKERSHUTDOWNREQUEST']._serialized_start=2934
+  _globals['_WORKERSHUTDOWNREQUEST']._serialized_end=2957
+  _globals['_WORKERSHUTDOWNRESPONSE']._serialized_start=2959
+  _globals['_WORKERSHUTDOWNRESPONSE']._serialized_end=2983
+  _globals['_WORKER']._serialized_start=3154
+  _globals['_WORKER']._serialized_end=3701
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class Arena(_message.Message):
     def __init__(self, name: _Optional[str] = ..., base_address: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerLoadRequest(_message.Message):
-    __slots__ = ("model", "source", "model_dir", "dtype", "max_batch", "max_seq_len", "snapshot_id", "model_roots", "target", "keep_host_copy", "staging_bytes", "chat_template")
+    __slots__ = ("model", "source", "model_dir", "dtype", "max_batch", "max_seq_len", "snapshot_id", "model_roots", "target", "keep_host_copy", "staging_bytes", "chat_template", "load_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class WorkerLoadRequest(_message.Message):
     KEEP_HOST_COPY_FIELD_NUMBER: _ClassVar[int]
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     source: _common_pb2.Tier
     model_dir: str
@@ -58,7 +59,8 @@ class WorkerLoadRequest(_message.Message):
     keep_host_copy: bool
     staging_bytes: int
     chat_template: str
-    def __init__(self, model: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.Tier, str]] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., model_roots: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., keep_host_copy: _Optional[bool] = ..., staging_bytes: _Optional[int] = ..., chat_template: _Optional[str] = ...) -> None: ...
+    load_format: _common_pb2.LoadFormat
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.Tier, str]] = ..., model_dir: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., max_batch: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., model_roots: _Optional[_Iterable[str]] = ..., target: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., keep_host_copy: _Optional[bool] = ..., staging_bytes: _Optional[int] = ..., chat_template: _Optional[str] = ..., load_format: _Optional[_Union[_common_pb2.LoadFormat, str]] = ...) -> None: ...
 
 class LoadTimings(_message.Message):
     __slots__ = ("weights", "graphs", "total")
