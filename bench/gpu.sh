@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon]...
+#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon|http]...
 #   (default: all; pager = pagertests + pager8)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
@@ -81,6 +81,13 @@ if want pager || want pager8; then
   timeout 60 python3 bench/pager_gpu.py context --out "$RES"
   timeout 240 python3 bench/pager_gpu.py runtime --shape 8b --levels "${PAGER8_LEVELS:-host,disk,deep}" \
     --cycles "${PAGER_CYCLES:-5}" --out "$RES" --store /tmp/torpor-bench/store
+fi
+if want http; then
+  echo "== HTTP API against gRPC on the 8B-shaped checkpoint (aiohttp comes from .whl/)"
+  CK=/tmp/torpor-bench/llama3-8b
+  [ -f $CK/model.safetensors.index.json ] || python3 bench/engine_gpu.py write-ckpt $CK || exit 1
+  timeout 300 python3 bench/http_bench.py --backend cuda --model $CK --dtype bfloat16 \
+    --rounds "${HTTP_ROUNDS:-20}" --out "$RES"
 fi
 if want baseline; then
   echo "== whole-process driver checkpoint of the 8B-shaped runtime (baseline)"
