@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 OWNER = "torpor"
 
 
-async def model_list(models: ModelRegistry, controller: Controller) -> dict[str, Any]:
+def model_list(models: ModelRegistry, controller: Controller) -> dict[str, Any]:
     state = controller.state
     data = []
     for name in models.names():

@@ -47,7 +47,7 @@ def token_logprobs(chunk: Any) -> list[dict[str, Any]]:
     """Each token's log-probability, as OpenAI's chat `logprobs.content` entries. The text of
     a token is its bytes decoded (a token that is part of a character shows U+FFFD, and
     `bytes` carries it exactly)."""
-    details = list(getattr(chunk, "token_logprobs", ()))
+    details = chunk.token_logprobs
     out = []
     for i, logprob in enumerate(chunk.logprobs):
         entry: dict[str, Any] = {"token": "", "logprob": logprob, "bytes": None, "top_logprobs": []}
@@ -136,14 +136,10 @@ def completion(rid: str, model: str, choices: list[Choice], logprobs: int | None
             for c in choices
         ],
         "usage": usage_of(choices),
-        "torpor": extension(choices[0].usage if len(choices) == 1 else None)
-        or _batch_extension(choices),
+        "torpor": extension(choices[0].usage)
+        if len(choices) == 1
+        else {"choices": [extension(c.usage) for c in choices]},  # a batch: one per prompt
     }
-
-
-def _batch_extension(choices: list[Choice]) -> dict[str, Any] | None:
-    parts = [extension(c.usage) for c in choices]
-    return {"choices": parts} if parts else None
 
 
 def chat(rid: str, model: str, choice: Choice, logprobs: bool) -> Any:

@@ -26,7 +26,7 @@ from torpor.errors import (
     Unauthenticated,
 )
 from torpor.log import get_logger
-from torpor.scheduler.auth import Tokens, load_tokens
+from torpor.scheduler.auth import AUTH_HEADER, Tokens, bearer_token, load_tokens
 from torpor.scheduler.http_api import replies, schema
 from torpor.scheduler.http_api.models import model_list
 
@@ -175,9 +175,8 @@ class HttpApi:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.keys is not None:
-            header = request.headers.get("Authorization", "")
-            key = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not key or self.keys.check(key) is None:
+            key = bearer_token([(AUTH_HEADER, request.headers.get(AUTH_HEADER))])
+            if key is None or self.keys.check(key) is None:
                 raise Unauthenticated(
                     "a valid API key is required: Authorization: Bearer <key>",
                     reason="BAD_API_KEY",
@@ -187,7 +186,7 @@ class HttpApi:
     # -- endpoints ---------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(await model_list(self.scheduler.models, self.controller))
+        return web.json_response(model_list(self.scheduler.models, self.controller))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         asked = schema.completion(await _body(request))
@@ -241,11 +240,39 @@ class HttpApi:
     async def _stream_completions(
         self, request: web.Request, rid: str, asked: schema.Completion, top: int | None
     ) -> web.StreamResponse:
+        def render(index: int, chunk: Any) -> Any:
+            return replies.completion_chunk(rid, asked.model, index, chunk, top)
+
+        return await self._stream(request, rid, asked, "text_completion", render, [])
+
+    async def _stream_chat(
+        self, request: web.Request, rid: str, asked: schema.Completion
+    ) -> web.StreamResponse:
+        def render(index: int, chunk: Any) -> Any:
+            return replies.chat_chunk(rid, asked.model, chunk, asked.logprobs)
+
+        role = replies.chat_chunk(rid, asked.model, None, False, first=True)
+        return await self._stream(request, rid, asked, "chat.completion.chunk", render, [role])
+
+    async def _stream(
+        self,
+        request: web.Request,
+        rid: str,
+        asked: schema.Completion,
+        kind: str,
+        render: Callable[[int, Any], Any],
+        opening: list[Any],
+    ) -> web.StreamResponse:
+        """Server-sent events of every prompt's generation: `opening`, then each chunk as
+        `render` shapes it, the usage if asked, and `[DONE]`. An error before the first token
+        gets its HTTP status; one after the headers is an error event."""
         streams = [_Started(self.scheduler.generate(r, self._deadline())) for r in asked.requests]
         pumps: list[asyncio.Task[None]] = []
         try:
-            await _first_of_each(streams)  # an error before the first token: its status
+            await _first_of_each(streams)
             response = await _open_stream(request)
+            for doc in opening:
+                await response.write(replies.event(doc))
             choices = [replies.Choice(i) for i in range(len(streams))]
             queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
             pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
@@ -255,15 +282,14 @@ class HttpApi:
                 if item is _END:
                     ended += 1
                     continue
-                if isinstance(item, TorporError):  # after the headers: an error event
+                if isinstance(item, TorporError):
                     await response.write(replies.event(replies.error(item)[1]))
                     break
                 choices[index].add(item)
-                doc = replies.completion_chunk(rid, asked.model, index, item, top)
-                await response.write(replies.event(doc))
+                await response.write(replies.event(render(index, item)))
             else:
                 if asked.include_usage:
-                    usage = replies.usage_chunk(rid, asked.model, "text_completion", choices)
+                    usage = replies.usage_chunk(rid, asked.model, kind, choices)
                     await response.write(replies.event(usage))
                 self._log_usage(request, choices[0].usage)
             await response.write(replies.DONE)
@@ -271,36 +297,11 @@ class HttpApi:
         finally:
             for pump in pumps:
                 pump.cancel()
+            # A generator a pump is still iterating cannot be closed from here: let the
+            # pumps end (their cancellation closes it), then close what is left.
+            await asyncio.gather(*pumps, return_exceptions=True)
             for s in streams:
                 await s.aclose()
-
-    async def _stream_chat(
-        self, request: web.Request, rid: str, asked: schema.Completion
-    ) -> web.StreamResponse:
-        started = _Started(self.scheduler.generate(asked.requests[0], self._deadline()))
-        try:
-            await started.first()
-            response = await _open_stream(request)
-            role = replies.chat_chunk(rid, asked.model, None, False, first=True)
-            await response.write(replies.event(role))
-            choice = replies.Choice(0)
-            try:
-                async for chunk in started:
-                    choice.add(chunk)
-                    doc = replies.chat_chunk(rid, asked.model, chunk, asked.logprobs)
-                    await response.write(replies.event(doc))
-            except TorporError as err:  # after the headers: an error event
-                await response.write(replies.event(replies.error(err)[1]))
-            else:
-                if asked.include_usage:
-                    kind = "chat.completion.chunk"
-                    usage = replies.usage_chunk(rid, asked.model, kind, [choice])
-                    await response.write(replies.event(usage))
-                self._log_usage(request, choice.usage)
-            await response.write(replies.DONE)
-            return response
-        finally:
-            await started.aclose()
 
     def _log_usage(self, request: web.Request, usage: Any) -> None:
         ext = replies.extension(usage)
