@@ -14,6 +14,7 @@ from torpor.worker.engine.runtime import WeightFiller
 from torpor.worker.pager.host import HostPinner
 from torpor.worker.pager.manifest import SnapshotManifest, environment_here
 from torpor.worker.pager.placement import ArenaPlacement, PagerOptions
+from torpor.worker.pager.refill import disk_ring
 from torpor.worker.pager.snapshot import SnapshotFiller, materialize_files
 from torpor.worker.pager.stream import StagingRing
 from torpor.worker.progress import ByteProgress
@@ -56,8 +57,7 @@ def restore_engine(
     def ring() -> StagingRing:
         backend = placement.backend
         pinner = backend if isinstance(backend, HostPinner) else None
-        limit, count = options.staging_limit, options.staging_buffers
-        rings.append(StagingRing.within(limit, count, manifest.largest_piece, pinner))
+        rings.append(disk_ring(manifest, options, pinner))
         return rings[-1]
 
     filler = SnapshotFiller(

@@ -185,6 +185,16 @@ def copy_seconds(marks: Marks) -> float:
     return float(first.elapsed_time(last)) / 1e3
 
 
+def disk_ring(
+    manifest: SnapshotManifest, options: PagerOptions, pinner: HostPinner | None
+) -> StagingRing:
+    """The staging ring of a read of `manifest`: `staging_buffers` buffers of its largest
+    piece, within the runtime's staging limit (torpord's WorkerLoadRequest.staging_bytes)."""
+    return StagingRing.within(
+        options.staging_limit, options.staging_buffers, manifest.largest_piece, pinner
+    )
+
+
 def from_disk(
     manifest: SnapshotManifest,
     store: ChunkStore,
@@ -195,9 +205,7 @@ def from_disk(
 ) -> int:
     """Stream the snapshot's chunks into `region`, verified; the bytes moved."""
     nbytes = manifest.weight_bytes
-    ring = StagingRing.within(
-        options.staging_limit, options.staging_buffers, manifest.largest_piece, pinner
-    )
+    ring = disk_ring(manifest, options, pinner)
     try:
         stats = stream_pieces(
             manifest.pieces,
