@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon|http]...
+#   bash bench/gpu.sh [all|ledger|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon|http]...
 #   (default: all; pager = pagertests + pager8)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
@@ -43,6 +43,12 @@ fi
 if want probe; then
   echo "== deep-suspend probe: which process state the driver's checkpoint handles"
   timeout 240 python3 bench/deep_probe.py ${PROBE_VARIANTS:-} --out "$RES"
+fi
+if want ledger; then
+  echo "== ledger: the executor never holds more than the plan counted (issue 13)"
+  timeout 240 python3 -m pytest -v -m gpu tests/ledger -p no:cacheprovider \
+    -W ignore::pytest.PytestConfigWarning --timeout 200 2>&1 | tee "$OUT/ledger-tests.log" \
+    | grep -E "PASSED|FAILED|ERROR|passed|failed|skipped"
 fi
 if want tests; then
   echo "== gpu tests"

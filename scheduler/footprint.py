@@ -21,11 +21,13 @@ from torpor.scheduler.core import Footprint
 GiB = 1 << 30
 MiB = 1 << 20
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
-# What stays on a GPU beside the arenas: the CUDA context with cuBLAS (0.70 GiB measured on an
-# H100, docs/BENCHMARKS.md#probes-on-an-h100-host) and small buffers outside the arenas
-# (rotary tables, static inputs).
-CUDA_CONTEXT = 700 * MiB
-CUDA_RESIDUE = 64 * MiB
+# What stays on a GPU beside the arenas: the CUDA context with cuBLAS, and small buffers outside
+# the arenas (rotary tables, static inputs, cuBLAS's workspaces). The ledger test on an H100
+# (torch 2.11+cu130, 2026-12-07, docs/RELIABILITY.md#ledger) measured a suspended worker (host
+# or disk level) at 752-754 MiB and a resident one at 818 MiB beside its arenas; the context
+# stays through a disk-level suspend with what was the residue, so `context` covers both.
+CUDA_CONTEXT = 784 * MiB
+CUDA_RESIDUE = 80 * MiB
 _ALIGN = 256
 # The worker's staging buffers (worker/pager: PagerOptions.staging_buffers, snapshot.MAX_CHUNK,
 # refill.STAGE_BYTES, PagerOptions.stage_threads + 2). scheduler/ never imports the worker, so

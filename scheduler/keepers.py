@@ -33,9 +33,10 @@ KEEPER_MODULE = "torpor.worker.pager.keeper"
 """What a keeper runs (`python -m`, torpor/keeper.py): how a leftover one is recognized."""
 KEEPER_KINDS = ("cuda",)
 """Device kinds whose workers get a keeper: only a GPU's deep suspend needs one."""
-KEEPER_CONTEXT = 576 * 1024**2
+KEEPER_CONTEXT = 640 * 1024**2
 """GPU memory a keeper holds on its GPU, outside every runtime's footprint: its CUDA context
-(543 MB measured on an H200), rounded up. torpord adds it to each GPU's reserve."""
+(543 MB measured on an H200 at start; 588 MiB on an H100 once it has filled an arena, the
+ledger test of 2026-12-07), rounded up. torpord adds it to each GPU's reserve."""
 
 
 class Keepers:
