@@ -60,6 +60,7 @@ class ArenaState(enum.Enum):
 
     UNMAPPED = "unmapped"
     MAPPED = "mapped"
+    PARTIAL = "partial"  # some handles mapped: an exchange swap moves it handle by handle
     CLOSED = "closed"
 
 
@@ -157,6 +158,16 @@ class Arena:
     def is_mapped(self) -> bool:
         return self._state is ArenaState.MAPPED
 
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of physical memory mapped now (all of `nbytes` when MAPPED)."""
+        return sum(h.allocation.nbytes for h in self._handles if h.mapped)
+
+    def handle_mapped(self, index: int) -> bool:
+        """Whether handle `index` (of `handle_extents()`) is mapped now."""
+        offset, _ = self.handle_extents()[index]
+        return any(h.offset == offset and h.mapped for h in self._handles)
+
     def handle_extents(self) -> list[tuple[int, int]]:
         """(offset, nbytes) of each physical handle, in address order."""
         return [
@@ -234,6 +245,78 @@ class Arena:
                 ms=round((time.perf_counter() - started) * 1e3, 3),
             )
 
+    def map_handle(self, index: int) -> int:
+        """Back handle `index` alone (an exchange swap fills an arena handle by handle, as
+        the other runtime gives memory back); the arena is PARTIAL until every handle is
+        mapped, then MAPPED. Returns the handle's bytes. Transactional for that handle."""
+        with self._lock:
+            if self._state not in (ArenaState.UNMAPPED, ArenaState.PARTIAL):
+                self._require(ArenaState.UNMAPPED, "map_handle")
+            offset, nbytes = self.handle_extents()[index]
+            if any(h.offset == offset for h in self._handles):
+                raise FailedPrecondition(
+                    f"arena {self._name!r}: handle {index} is mapped already",
+                    reason="HANDLE_MAPPED",
+                    metadata={"arena": self._name, "handle": index},
+                )
+            handle = _Handle(offset, self._backend.create(nbytes))
+            try:
+                self._backend.map(self.address + offset, handle.allocation)
+                handle.mapped = True
+                self._backend.set_access(self.address + offset, nbytes)
+            except BaseException:
+                with contextlib.suppress(TorporError):
+                    if handle.mapped:
+                        self._backend.unmap(self.address + offset, nbytes)
+                    self._backend.release(handle.allocation)
+                raise
+            self._handles.append(handle)
+            self._handles.sort(key=lambda h: h.offset)
+            self._settle_state()
+            return nbytes
+
+    def unmap_handle(self, index: int) -> int:
+        """Release handle `index` alone (waiting for the device first); the arena is PARTIAL
+        until none is left, then UNMAPPED. Returns the handle's bytes."""
+        with self._lock:
+            if self._state not in (ArenaState.MAPPED, ArenaState.PARTIAL):
+                self._require(ArenaState.MAPPED, "unmap_handle")
+            offset, nbytes = self.handle_extents()[index]
+            handle = next((h for h in self._handles if h.offset == offset), None)
+            if handle is None:
+                raise FailedPrecondition(
+                    f"arena {self._name!r}: handle {index} is not mapped",
+                    reason="HANDLE_UNMAPPED",
+                    metadata={"arena": self._name, "handle": index},
+                )
+            self._backend.synchronize()
+            if handle.mapped:
+                self._backend.unmap(self.address + offset, nbytes)
+                handle.mapped = False
+            self._backend.release(handle.allocation)
+            self._handles.remove(handle)
+            self._settle_state()
+            return nbytes
+
+    def handle_view(self, index: int) -> torch.Tensor:
+        """A uint8 view of handle `index` alone, which must be mapped (the arena may be
+        PARTIAL, where `tensor()` refuses)."""
+        if not self.handle_mapped(index):
+            raise FailedPrecondition(
+                f"arena {self._name!r}: handle {index} is not mapped",
+                reason="HANDLE_UNMAPPED",
+                metadata={"arena": self._name, "handle": index},
+            )
+        offset, nbytes = self.handle_extents()[index]
+        return self._backend.view(self.address + offset, nbytes)
+
+    def _settle_state(self) -> None:
+        mapped = sum(1 for h in self._handles if h.mapped)
+        if mapped == len(self.handle_extents()):
+            self._state = ArenaState.MAPPED
+        else:
+            self._state = ArenaState.PARTIAL if mapped else ArenaState.UNMAPPED
+
     def export(self, nbytes: int | None = None) -> list[tuple[int, int]]:
         """(file descriptor, bytes) for each mapped handle that holds the first `nbytes`
         (default: all), for another process to `adopt`; the caller closes them."""
@@ -258,7 +341,8 @@ class Arena:
         Waits for device work first, since kernels may still be reading the arena.
         """
         with self._lock:
-            self._require(ArenaState.MAPPED, "unmap")
+            if self._state is not ArenaState.PARTIAL:
+                self._require(ArenaState.MAPPED, "unmap")
             started = time.perf_counter()
             self._backend.synchronize()
             self._state = ArenaState.UNMAPPED
@@ -305,7 +389,7 @@ class Arena:
         with self._lock:
             if self._state is ArenaState.CLOSED:
                 return
-            if self._state is ArenaState.MAPPED:
+            if self._state in (ArenaState.MAPPED, ArenaState.PARTIAL):
                 self._backend.synchronize()
             self._state = ArenaState.UNMAPPED
             self._release_handles()

@@ -48,6 +48,8 @@ from torpor.worker.pager.cpu import (
 
 PIN_PIECE = 128 << 20
 """Bytes per page-locked registration (about 25 ms of pinning each)."""
+MADV_DONTNEED = 4
+MADV_REMOVE = 9  # frees a shared (memfd) mapping's backing pages too
 POPULATE_THREADS = 8
 POPULATE_SLICE = 256 << 20
 MADV_POPULATE_WRITE = 23  # Linux 5.14
@@ -88,6 +90,7 @@ class HostBuffer:
         before_piece: Callable[[], None] | None = None,
         shared: bool = False,
         fd: int | None = None,
+        lazy: bool = False,
     ) -> None:
         """`before_piece` is called before each piece is pinned: a background copy passes
         a wait-while-serving there, so the driver lock each registration takes never sits
@@ -95,7 +98,11 @@ class HostBuffer:
 
         `shared` puts the bytes in a memfd that `share` hands to another process (the
         keeper); `fd` maps such a descriptor, made by another process, instead of new memory
-        (the buffer owns it from here on)."""
+        (the buffer owns it from here on).
+
+        `lazy` maps the range and nothing more: no page is faulted in or locked until `hold`
+        takes a span (an exchange swap fills its new copy span by span, as host RAM is freed
+        by the other runtime)."""
         check_positive("nbytes", nbytes)
         check_positive("pin_piece", pin_piece)
         self._nbytes = nbytes
@@ -118,11 +125,15 @@ class HostBuffer:
         ]
         self._pinner = pinner
         self._pinned = [False] * len(self._pieces)  # per piece: registered now
+        # Spans (offset, end) whose pages are not held: all of a lazy buffer at first, and
+        # what `free` gave back.
+        self._absent: list[tuple[int, int]] = [(0, nbytes)] if lazy else []
         try:
             self._advise_huge_pages()
-            if fd is None and pinner is not None:  # fresh memory, about to be pinned
+            if fd is None and pinner is not None and not lazy:  # fresh memory, to be pinned
                 populate(self._address, self._mapped_bytes)
-            self.pin(before_piece)
+            if not lazy:
+                self.pin(before_piece)
         except BaseException:
             self.unpin()
             sys_munmap(self._address, self._mapped_bytes)
@@ -178,7 +189,84 @@ class HostBuffer:
     @property
     def pinned(self) -> bool:
         """Whether every piece is page-locked (never, without a pinner)."""
-        return self._pinner is not None and all(self._pinned)
+        return self._pinner is not None and all(self._pinned) and not self._absent
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes whose pages the buffer holds: `nbytes` less what is absent (lazy, or freed)."""
+        return self._nbytes - sum(end - start for start, end in self._absent)
+
+    @property
+    def whole(self) -> bool:
+        """Whether every byte is held (nothing absent)."""
+        return not self._absent
+
+    def holds(self, offset: int, nbytes: int) -> bool:
+        """Whether every byte of [offset, offset + nbytes) is held."""
+        return not any(a < offset + nbytes and offset < b for a, b in self._absent)
+
+    def hold(self, offset: int, nbytes: int) -> None:
+        """Take pages for the span [offset, offset + nbytes), which must be absent: fault
+        them in and, with a pinner, lock the pieces it covers (each piece wholly inside)."""
+        end = self._check_span(offset, nbytes)
+        if not any(a <= offset and end <= b for a, b in self._absent):
+            raise FailedPrecondition(
+                f"host buffer span [{offset}, {end}) is held already",
+                reason="HOST_SPAN_HELD",
+                metadata={"offset": offset, "nbytes": nbytes},
+            )
+        pieces = self._pieces_in(offset, end)
+        start, stop = _page_span(offset, end, self._mapped_bytes)
+        populate(self._address + start, stop - start)
+        self._absent = _carve(self._absent, offset, end)
+        if self._pinner is not None:
+            for i in pieces:
+                if not self._pinned[i]:
+                    piece_offset, size = self._pieces[i]
+                    self._pinner.pin_host(self._address + piece_offset, size)
+                    self._pinned[i] = True
+
+    def free(self, offset: int, nbytes: int) -> None:
+        """Give the pages of [offset, offset + nbytes) back to the kernel (unlocking the
+        pieces it covers first); the bytes are gone, the range stays mapped for `hold`."""
+        end = self._check_span(offset, nbytes)
+        for i in self._pieces_in(offset, end):
+            if self._pinned[i] and self._pinner is not None:
+                self._pinner.unpin_host(self._address + self._pieces[i][0])
+                self._pinned[i] = False
+        start, stop = _page_span(offset, end, self._mapped_bytes)
+        sys_madvise(self._address + start, stop - start, MADV_REMOVE if self._fd else MADV_DONTNEED)
+        self._absent = _merge([*_carve(self._absent, offset, end), (offset, end)])
+
+    def _check_span(self, offset: int, nbytes: int) -> int:
+        end = offset + nbytes
+        if self._tensor is None:
+            raise FailedPrecondition("host buffer is closed", reason="HOST_BUFFER_CLOSED")
+        if offset < 0 or nbytes <= 0 or end > self._nbytes or offset % mmap.PAGESIZE:
+            raise InvalidArgument(
+                f"span [{offset}, {end}) is not a page-aligned span of a {self._nbytes}-byte "
+                "host buffer",
+                reason="BAD_COPY_SIZE",
+                metadata={"offset": offset, "nbytes": nbytes},
+            )
+        return end
+
+    def _pieces_in(self, offset: int, end: int) -> list[int]:
+        """The pinned pieces a span covers; each must lie wholly inside it (or end where the
+        buffer ends), else a lock would cover bytes outside the span."""
+        out = []
+        for i, (p_offset, size) in enumerate(self._pieces):
+            p_end = min(p_offset + size, self._nbytes)
+            if p_end <= offset or p_offset >= end:
+                continue
+            if self._pinner is not None and (p_offset < offset or p_end > end):
+                raise InvalidArgument(
+                    f"span [{offset}, {end}) cuts the locked piece [{p_offset}, {p_end})",
+                    reason="BAD_COPY_SIZE",
+                    metadata={"offset": offset, "piece": p_offset},
+                )
+            out.append(i)
+        return out
 
     @property
     def lockable(self) -> bool:
@@ -195,8 +283,8 @@ class HostBuffer:
         if self._pinner is None:
             return
         for i, (offset, size) in enumerate(self._pieces):
-            if self._pinned[i]:
-                continue
+            if self._pinned[i] or any(a < offset + size and offset < b for a, b in self._absent):
+                continue  # locked already, or its pages were given back (`free`)
             if before_piece is not None:
                 before_piece()
             self._pinner.pin_host(self._address + offset, size)
@@ -363,6 +451,35 @@ def populate(address: int, nbytes: int, threads: int = POPULATE_THREADS) -> None
         return
     with ThreadPoolExecutor(min(threads, len(spans)), thread_name_prefix="populate") as pool:
         list(pool.map(one, spans))
+
+
+def _page_span(offset: int, end: int, limit: int) -> tuple[int, int]:
+    """[offset, end) widened to whole pages (end: at most `limit`, the mapping's size)."""
+    return offset, min(round_up(end, mmap.PAGESIZE), limit)
+
+
+def _carve(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """`spans` less [start, end)."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _memfd(nbytes: int, fd: int | None) -> int:

@@ -69,7 +69,8 @@ class HostCopy:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.nbytes if self.buffer is not None else 0
+        """Bytes the copy holds (less what an exchange gave back or has not taken yet)."""
+        return self.buffer.held_bytes if self.buffer is not None else 0
 
     def start(self, arena: Arena, nbytes: int) -> None:
         """Pin and fill the first `nbytes` of `arena` in the background."""
@@ -93,6 +94,25 @@ class HostCopy:
         self._asked = True
         self.buffer = buffer
         self.keep()
+
+    def partial(self, buffer: HostBuffer) -> None:
+        """Take `buffer` as the copy while an exchange fills it (or empties it); it is handed
+        to the keeper only once whole (`keep`)."""
+        self.release()
+        self._asked = True
+        self.buffer = buffer
+
+    def unkeep(self) -> None:
+        """Have the keeper let go of the copy now (an exchange is about to free its pages,
+        which the keeper's lock would otherwise keep in RAM)."""
+        with self._keep_lock:
+            kept, self._kept = self._kept, None
+        if self._keeping is not None:
+            self._keeping.join()  # a hand-over under way ends first (then is dropped)
+        with self._keep_lock:
+            kept, self._kept = self._kept or kept, None
+        if kept is not None:
+            self._drop(kept[1])
 
     def _begin(self) -> None:
         self._asked = True
@@ -170,7 +190,7 @@ class HostCopy:
         """Hand the copy to the keeper in the background, unless it holds it already or a
         hand-over is under way (no-op without a keeper)."""
         buffer = self.buffer
-        if self.keeper is None or buffer is None or self.kept:
+        if self.keeper is None or buffer is None or not buffer.whole or self.kept:
             return
         if self._keeping is not None and self._keeping.is_alive():
             return

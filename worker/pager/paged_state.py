@@ -23,6 +23,9 @@ class PagedState(enum.Enum):
     SUSPENDED_HOST = "suspended_host"
     SUSPENDED_DEEP = "suspended_deep"
     SUSPENDED_DISK = "suspended_disk"
+    # In an exchange swap, or stopped half way through one: some weight handles on the
+    # device, the rest in the host copy; only another exchange (or close) moves it on.
+    EXCHANGING = "exchanging"
     CLOSED = "closed"
 
 

@@ -133,7 +133,7 @@ class ArenaPlacement:
         return {name: arena.address for name, arena in self.arenas.items()}
 
     def mapped_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arenas.values() if a.is_mapped)
+        return sum(a.mapped_bytes for a in self.arenas.values())
 
     def close(self) -> None:
         """Release every arena (memory and address ranges). Idempotent."""

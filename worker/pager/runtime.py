@@ -29,13 +29,15 @@ import torch
 
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import FailedPrecondition
+from torpor.exchange_board import Board, Side, Status
 from torpor.log import get_logger
 from torpor.store.chunks import ChunkStore
 from torpor.worker.engine.engine import Engine
 from torpor.worker.engine.loop import EngineLoop
 from torpor.worker.engine.options import EngineOptions
 from torpor.worker.engine.runtime import WeightFiller
-from torpor.worker.pager import build, checkpoint, refill
+from torpor.worker.pager import build, checkpoint, exchange, refill
+from torpor.worker.pager.exchange import ExchangeReport, Inject
 from torpor.worker.pager.host import HostBuffer, HostPinner
 from torpor.worker.pager.host_copy import HostCopy
 from torpor.worker.pager.keeper_client import KeeperClient
@@ -394,6 +396,124 @@ class PagedRuntime:
                 **{f"{k}_s": round(v, 4) for k, v in report.phases.items()},
             )
             return report
+
+    # -- exchange swap -------------------------------------------------------------------------
+
+    def exchange(
+        self, side: Side, board: Board, timeout_s: float, inject: Inject | None = None
+    ) -> ExchangeReport:
+        """One side of an exchange swap (exchange.py): OUT takes a RESIDENT runtime to
+        SUSPENDED_HOST, IN a SUSPENDED_HOST one to RESIDENT, each taking only what the other
+        side of `board` gives back. A side that fails (or whose peer fails) leaves the
+        runtime EXCHANGING and raises; the same verb with the other side brings it back
+        whole. A RESIDENT runtime must be idle (RUNTIME_BUSY otherwise)."""
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                if self.residency is not PagedState.EXCHANGING:
+                    self._require(
+                        PagedState.RESIDENT if side is Side.OUT else PagedState.SUSPENDED_HOST,
+                        verb=f"exchange {side.value}",
+                    )
+                mover = exchange.Mover(
+                    self.placement.arenas["weights"],
+                    self._exchange_buffer(),
+                    self.engine.memory.weights.nbytes,
+                    board,
+                    time.monotonic() + timeout_s,
+                    inject,
+                )
+                if side is Side.OUT:
+                    self._scratch_out(board)
+                    mover.out()
+                else:
+                    mover.into()
+                    self._scratch_in(board, mover.deadline)
+            except BaseException as exc:
+                board.finish(side, Status.FAILED)
+                log.error("exchange_failed", side=side.value, error=repr(exc))
+                raise
+            board.finish(side, Status.DONE)
+            if side is Side.OUT:
+                self.residency = PagedState.SUSPENDED_HOST
+                if self._cuda:
+                    refill.release_cached_device_memory()
+                self.host_copy.keep()
+            else:
+                self.host_copy.release()  # every page went to the device
+                self.residency = PagedState.RESIDENT
+                self._unpark()
+            tally = mover.tally
+            report = ExchangeReport(
+                side, time.perf_counter() - start, tally.moved, tally.steps, tally.waited
+            )
+            log.info(
+                "exchanged",
+                side=side.value,
+                seconds=round(report.seconds, 4),
+                bytes=report.bytes,
+                gbps=round(report.gbps, 2),
+                waited_s=round(report.waited_s, 4),
+            )
+            return report
+
+    def _exchange_buffer(self) -> HostBuffer:
+        """Get the runtime ready for its side of an exchange; the host copy it fills or
+        empties. OUT from RESIDENT parks the engine and releases the KV arena and graph pool
+        (the other side's room); IN from SUSPENDED_HOST has the keeper let go of the copy,
+        whose pages it will free."""
+        if self.residency is PagedState.RESIDENT:
+            self.host_copy.stop_repin()
+            engine = self._park()
+            if engine.has_work():
+                self._unpark()
+                raise FailedPrecondition(
+                    f"the runtime is serving {len(engine.request_ids())} requests; an "
+                    "exchange takes an idle runtime",
+                    reason="RUNTIME_BUSY",
+                )
+            self.host_copy.settle()
+            if self._cuda:
+                torch.cuda.synchronize(self.engine.device)
+            self.refill.forget()
+            self.residency = PagedState.EXCHANGING
+        elif self.residency is PagedState.SUSPENDED_HOST:
+            self.host_copy.stop_repin()
+            self.host_copy.wait()
+            self.host_copy.unkeep()
+            self.residency = PagedState.EXCHANGING
+        buffer = self.host_copy.buffer
+        if buffer is None:
+            buffer = HostBuffer(
+                self.engine.memory.weights.nbytes,
+                pinner=self._pinner(),
+                shared=self.host_copy.keeper is not None,
+                lazy=True,
+            )
+            self.host_copy.partial(buffer)
+        return buffer
+
+    def _scratch_out(self, board: Board) -> None:
+        """Release the KV arena and graph pool (an outgoing runtime's first room for the
+        other side)."""
+        for name, arena in self.placement.arenas.items():
+            if name != "weights" and arena.mapped_bytes:
+                released = arena.mapped_bytes
+                arena.unmap()
+                board.add("out_gpu_freed", released)
+
+    def _scratch_in(self, board: Board, deadline: float) -> None:
+        """The KV arena (zeroed) and graph pool of an incoming runtime, once there is room."""
+        arenas = [a for n, a in self.placement.arenas.items() if n != "weights"]
+        for arena in arenas:
+            if arena.is_mapped:
+                continue
+            board.wait_room(Side.IN, arena.nbytes, deadline)
+            arena.map(zero=arena.name == "kv")
+            board.add("in_gpu_taken", arena.nbytes)
+        self._note_mapped()
+        if self._cuda:
+            torch.cuda.synchronize(self.engine.device)
 
     def _disk_to_host(
         self, store: ChunkStore | None, progress: ByteProgress | None
