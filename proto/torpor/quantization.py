@@ -8,16 +8,16 @@ output row ([N, 1]) or one for the tensor ([1] or a scalar). Two publishers' for
   Llama-3.1-70B-Instruct-FP8. Modules are picked by `config_groups[*].targets` ("Linear", a
   module name, or "re:" and a regular expression matched from the name's start) minus
   `ignore`. Static activation schemes add an `<module>.input_scale`.
-- FBGEMM fp8 (`quant_method` "fbgemm_fp8"): per-row float32 scales, every decoder linear but
-  `modules_to_not_convert`, and never the LM head (as transformers and vLLM load it). The form
-  Meta published its 405B FP8 in.
+- FBGEMM fp8 (`quant_method` "fbgemm_fp8"): per-row float32 scales, every linear but
+  `modules_to_not_convert` (the LM head too when that list is absent, as transformers reads
+  it). The form Meta published its 405B FP8 in.
 
 Anything else (another method, block-wise or group scales, integer weights, a quantized KV
 cache) is refused: InvalidArgument, reason `UNSUPPORTED_QUANTIZATION`, naming the method and
 the scheme. The activation side of a scheme (static `input_scale`, FBGEMM's
 `activation_scale_ub`) is validated and not used: the engine quantizes activations per row at
-run time, which is at least as fine as one static scale per tensor ([docs/ARCHITECTURE.md]
-(../../docs/ARCHITECTURE.md#the-engine)).
+run time, which is at least as fine as one static scale per tensor (worker/engine/fp8.py,
+docs/ARCHITECTURE.md "The engine").
 
 torpord reads this at registration and the engine at load, so it imports neither torch nor
 the worker.
@@ -143,15 +143,32 @@ def _compressed_tensors(raw: Mapping[str, Any], num_layers: int) -> Quantization
     for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):
         if raw.get(key) not in (None, {}) and not _dense_sparsity(key, raw.get(key)):
             _refuse(f"compressed-tensors {key} is not supported (torpor loads fp8 linears)", method)
+    ignore = _names(raw.get("ignore") or [], "ignore")
+    rules = _ct_rules(raw)
+    _ct_check_targets(rules, ignore, num_layers)
+    schemes: list[tuple[str, LinearScheme]] = []
+    for modules in linear_modules(num_layers):
+        for module in modules:
+            if _matches(module, ignore):
+                continue
+            scheme = next((s for targets, s in rules if _matches(module, targets)), None)
+            if scheme is not None:
+                schemes.append((module, scheme))
+    form = str(raw.get("format") or "mixed")
+    return Quantization(Method.COMPRESSED_TENSORS, tuple(schemes), form)
+
+
+def _ct_rules(raw: Mapping[str, Any]) -> list[tuple[list[str], LinearScheme]]:
+    """Each config group's targets and scheme, in order (the first that matches applies)."""
+    method = Method.COMPRESSED_TENSORS.value
     groups = raw.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
         _bad("compressed-tensors quantization_config.config_groups must be a non-empty object", raw)
-    ignore = _names(raw.get("ignore") or [], "ignore")
     rules: list[tuple[list[str], LinearScheme]] = []
     for name, group in groups.items():
         if isinstance(group, list):  # a preset's name with its targets
             if name not in _PRESETS:
-                _refuse(f"compressed-tensors preset scheme {name!r} is not supported", method)
+                _refuse(f"compressed-tensors preset scheme {name!r} is not supported", method, name)
             group = {"targets": group, **_PRESETS[name]}
         if not isinstance(group, Mapping):
             _bad(f"compressed-tensors config group {name!r} must be an object", group)
@@ -164,16 +181,17 @@ def _compressed_tensors(raw: Mapping[str, Any], num_layers: int) -> Quantization
                 form,
             )
         rules.append((_names(group.get("targets"), f"{name}.targets"), _ct_scheme(name, group)))
-    schemes: list[tuple[str, LinearScheme]] = []
-    for modules in linear_modules(num_layers):
-        for module in modules:
-            if _matches(module, ignore):
-                continue
-            scheme = next((s for targets, s in rules if _matches(module, targets)), None)
-            if scheme is not None:
-                schemes.append((module, scheme))
+    return rules
+
+
+def _ct_check_targets(
+    rules: list[tuple[list[str], LinearScheme]], ignore: list[str], num_layers: int
+) -> None:
+    """Targets are Linear, a linear's name or a regex, and leave the embedding alone (another
+    class or module would be quantized in a way the engine does not load)."""
+    method = Method.COMPRESSED_TENSORS.value
     linears = {m for modules in linear_modules(num_layers) for m in modules}
-    for targets, _ in rules:  # a class other than Linear, or another module: refused
+    for targets, _ in rules:
         for target in targets:
             if target not in linears and target != "Linear" and not target.startswith("re:"):
                 _refuse(
@@ -188,8 +206,6 @@ def _compressed_tensors(raw: Mapping[str, Any], num_layers: int) -> Quantization
                 method,
                 "embedding",
             )
-    form = str(raw.get("format") or "mixed")
-    return Quantization(Method.COMPRESSED_TENSORS, tuple(schemes), form)
 
 
 def _ct_scheme(name: str, group: Mapping[str, Any]) -> LinearScheme:
@@ -240,11 +256,20 @@ def _float8(group: str, side: str, args: Mapping[str, Any]) -> str:
             Method.COMPRESSED_TENSORS.value,
             f"{kind}{bits}",
         )
-    if args.get("block_structure") or args.get("actorder"):
+    if args.get("block_structure"):
         _refuse(
-            f"compressed-tensors group {group!r} {side} are block-wise or reordered",
+            f"compressed-tensors group {group!r} {side} are block-wise (strategy "
+            f"{args.get('strategy')!r}, block_structure {args['block_structure']!r}); torpor "
+            "loads fp8 weights scaled per channel or per tensor",
             Method.COMPRESSED_TENSORS.value,
             "block",
+        )
+    if args.get("actorder"):
+        _refuse(
+            f"compressed-tensors group {group!r} {side} are reordered (actorder "
+            f"{args['actorder']!r})",
+            Method.COMPRESSED_TENSORS.value,
+            "actorder",
         )
     strategy, size = args.get("strategy"), args.get("group_size")
     if strategy is None:  # compressed-tensors infers it from group_size
@@ -262,7 +287,9 @@ def _dense_sparsity(key: str, value: Any) -> bool:
 
 
 def _fbgemm(raw: Mapping[str, Any], num_layers: int) -> Quantization:
-    skip = _names(raw.get("modules_to_not_convert") or [], "modules_to_not_convert")
+    listed = raw.get("modules_to_not_convert")
+    # transformers' rule: without a list, the LM head is kept; with one, the list says.
+    skip = [LM_HEAD] if listed is None else _names(listed, "modules_to_not_convert")
     bound = raw.get("activation_scale_ub", 1200.0)
     if isinstance(bound, bool) or not isinstance(bound, int | float) or not bound > 0:
         _bad("fbgemm_fp8 activation_scale_ub must be a positive number", bound)
@@ -270,7 +297,7 @@ def _fbgemm(raw: Mapping[str, Any], num_layers: int) -> Quantization:
         (module, LinearScheme(per_row=True))
         for modules in linear_modules(num_layers)
         for module in modules
-        if module != LM_HEAD and not any(_fbgemm_skips(module, p) for p in skip)
+        if not any(_fbgemm_skips(module, pattern) for pattern in skip)
     ]
     return Quantization(Method.FBGEMM_FP8, tuple(schemes), "per-row")
 

@@ -199,16 +199,14 @@ def _targets(module: str, targets: list[str]) -> bool:
 
 
 def fbgemm_fp8(src: Path, out: Path, not_convert: tuple[str, ...]) -> Path:
-    """A copy of `src` as FBGEMM fp8 publishes it (Meta's 405B FP8): every decoder linear
-    but those under a `modules_to_not_convert` prefix is an e4m3 `.weight` with a float32
-    `.weight_scale` [N, 1]; the LM head is never converted."""
+    """A copy of `src` as FBGEMM fp8 publishes it (Meta's 405B FP8): every linear but those
+    under a `modules_to_not_convert` prefix is an e4m3 `.weight` with a float32
+    `.weight_scale` [N, 1]."""
     from safetensors.torch import load_file
 
     state = load_file(str(src / "model.safetensors"))
     for module in _linear_modules(state):
-        if module == "lm_head" or any(
-            module == p or module.startswith(p + ".") for p in not_convert
-        ):
+        if any(module == p or module.startswith(p + ".") for p in not_convert):
             continue
         q, scale = e4m3(state[module + ".weight"], per_row=True)
         state[module + ".weight"], state[module + ".weight_scale"] = q, scale

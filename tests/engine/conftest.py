@@ -47,10 +47,13 @@ def fp8_checkpoints(
         ),
         "llama_ct_regex": ct(llama, root / "llama_ct_regex", by_regex),
         "qwen2_ct_dynamic": ct(qwen, root / "qwen2_ct_dynamic", linear_dynamic),
-        "llama_fbgemm": fbgemm(llama, root / "llama_fbgemm", ("model.layers.0.self_attn",)),
+        "llama_fbgemm": fbgemm(
+            llama, root / "llama_fbgemm", ("model.layers.0.self_attn", "lm_head")
+        ),
         "qwen2_fbgemm": fbgemm(qwen, root / "qwen2_fbgemm", ("lm_head",)),
         "demo_ct_dynamic": ct(demo_dir, root / "demo_ct_dynamic", linear_dynamic),
         "demo_ct_regex": ct(demo_dir, root / "demo_ct_regex", by_regex),
+        # lm_head converted too: not in modules_to_not_convert.
         "demo_fbgemm": fbgemm(demo_dir, root / "demo_fbgemm", ("model.layers.0.self_attn",)),
     }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,6 +42,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 STEPS = 16
 RTOL = 1e-4  # float32 on both sides
+# fp8 rounds activations per row, which moves the demo model's logits by about 0.1: a greedy
+# step whose two best reference logits are closer than this may go either way.
+MARGIN = 0.5
+TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time there was a small model",
+    "Numbers too: one two three",
+    "Pages move from the device to the host",
+)
 E4M3 = torch.float8_e4m3fn
 NAMES = [
     "llama_ct_dynamic",
@@ -191,3 +201,40 @@ def test_the_fp8_forward_tracks_the_dequantized_reference(
     clear = (top2[:, 0] - top2[:, 1]) > 0.1 * want.std()
     assert int(clear.sum()) >= 8
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def greedy_agreement(fp8: Any, ref: Any, prompt: list[int], steps: int) -> tuple[int, int]:
+    """Greedy decoding with `ref` (the dequantized reference's model), and `fp8` fed the same
+    tokens (prefill, then `steps` decode steps through its KV cache): at every step whose two
+    best reference logits are MARGIN apart, does `fp8` pick the reference's token? Returns
+    (steps checked, steps agreeing). Feeding the reference's tokens keeps one near tie from
+    parting the two sequences for good."""
+    device = ref.embed.device
+    checked = agreed = 0
+    with torch.no_grad():
+        tokens = torch.tensor(prompt, device=device)
+        want, got = ref.prefill(tokens, 0), fp8.prefill(tokens, 0)
+        for pos in range(len(prompt), len(prompt) + steps):
+            top = want.topk(2).values
+            token = int(want.argmax())
+            if float(top[0] - top[1]) >= MARGIN:
+                checked += 1
+                agreed += int(got.argmax()) == token
+            step = (torch.tensor([token], device=device), torch.tensor([pos], device=device))
+            # Attention reads each model's whole cache (kv: [..., max_seq_len, head_dim]).
+            want = ref.decode(*step, ref.kv.shape[4])[0]
+            got = fp8.decode(*step, fp8.kv.shape[4])[0]
+    return checked, agreed
+
+
+def test_the_fp8_runtime_picks_the_references_greedy_tokens(
+    fp8_checkpoints: dict[str, Path],
+) -> None:
+    """On the CPU, the check test_fp8_checkpoints_gpu.py runs on a GPU."""
+    model, _ = _fp8_runtime(fp8_checkpoints["demo_ct_dynamic"])
+    ref = Engine.load(
+        fp8_checkpoints["demo_ct_dynamic"], EngineOptions(max_seq_len=128, dtype="bfloat16")
+    )
+    results = [greedy_agreement(model, ref.model, ref.encode(t), STEPS) for t in TEXTS]
+    checked, agreed = (sum(r) for r in zip(*results, strict=True))
+    assert checked >= 16 and agreed == checked
