@@ -1,8 +1,8 @@
 """A pre-quantized FP8 checkpoint (issue 15) registered through the `torpor` CLI with a real
 torpord on the CPU backend: registered without a dtype it gets the checkpoint's declared one
 (the CPU dequantizes it), it serves the tokens of a plain checkpoint of its dequantized
-values, fp8 is refused on this backend, and a quantization torpor does not load is refused at
-registration, naming it."""
+values (also resumed from disk and restored from its snapshot), fp8 is refused on this
+backend, and a quantization torpor does not load is refused at registration, naming it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import Cli
-from tests.daemon.conftest import MAX_SEQ_LEN, start_torpord
+from tests.daemon.conftest import MAX_SEQ_LEN, call, start_torpord
 from tests.engine import checkpoints
 from torpor.scheduler.footprint import estimate
+from torpor.v1 import admin_pb2, common_pb2
 from torpor.worker.engine.demo import DemoSpec, make_demo
 
 IDS = [5, 77, 300, 12, 900, 41]
@@ -59,6 +60,16 @@ def test_the_cli_registers_an_fp8_checkpoint_and_it_serves(tmp_path: Path, fp8_r
         got = [t for c in daemon.generate("ct", IDS, max_tokens=12) for t in c.token_ids]
         want = [t for c in daemon.generate("plain", IDS, max_tokens=12) for t in c.token_ids]
         assert len(got) == 12 and got == want
+        # Suspended to disk (a snapshot of its weights, with its config.json) and resumed;
+        # then dropped, and restored from that snapshot by a new worker.
+        for tier, state in (
+            (common_pb2.TIER_DISK, common_pb2.RUNTIME_STATE_SUSPENDED_DISK),
+            (common_pb2.TIER_DROP, common_pb2.RUNTIME_STATE_SNAPSHOT),
+        ):
+            call(daemon.admin.Evict, admin_pb2.EvictRequest(model="ct", to_tier=tier))
+            assert daemon.runtime("ct").state == state
+            again = [t for c in daemon.generate("ct", IDS, max_tokens=12) for t in c.token_ids]
+            assert again == got
         greedy = ("--max-tokens", "8", "--temperature", "0", "--json")
         text = cli.json("generate", "ct", "The cat sat on the", *greedy)
         other = cli.json("generate", "plain", "The cat sat on the", *greedy)

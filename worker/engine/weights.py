@@ -251,7 +251,8 @@ def load_weights(
     tensors: dict[str, torch.Tensor],
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Copy (converting dtype, or quantizing) every planned tensor into its placed view.
+    """Copy (converting dtype, quantizing, or dequantizing published fp8) every planned
+    tensor into its placed view.
 
     `progress` is called with the number of bytes placed so far.
     """
@@ -293,13 +294,12 @@ def _copy_part(
     """Copy one checkpoint tensor into its rows of an engine tensor. A published e4m3 weight
     goes into an fp8 tensor byte for byte, its scale onto every row it covers (`out_scale`),
     or else is dequantized into `out`'s dtype."""
-    value = read(part.name).to(out.device)
+    if part.scheme is None or out_scale is not None:
+        out.copy_(read(part.name))  # straight from the mapped file: no copy on the device
     if part.scheme is None:
-        out.copy_(value)
         return
     scale = read(part.scale_name).to(out.device, torch.float32).reshape(-1, 1)  # [N, 1] | [1, 1]
     if out_scale is not None:
-        out.copy_(value)
         out_scale.copy_(scale.expand(part.shape[0], 1).reshape(-1))
     else:
-        out.copy_(fp8.dequantize(value, scale))
+        out.copy_(fp8.dequantize(read(part.name).to(out.device), scale))
