@@ -62,6 +62,23 @@ NAMES = [
 ]
 
 
+def _cpu_fp8_matmul() -> bool:
+    """Whether this torch runs `torch._scaled_mm` on the CPU (recent ones do)."""
+    a = torch.ones(1, 16).to(E4M3)
+    try:
+        torch._scaled_mm(
+            a, a.t(), scale_a=torch.ones(1, 1), scale_b=torch.ones(1, 1), out_dtype=torch.bfloat16
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+needs_cpu_fp8 = pytest.mark.skipif(
+    not _cpu_fp8_matmul(), reason="this torch has no fp8 matmul (_scaled_mm) on the CPU"
+)
+
+
 def dequantize_in_transformers() -> dict[str, object]:
     """from_pretrained's arguments that make transformers dequantize a compressed-tensors
     checkpoint into plain float32 linears (`dequantize` in transformers 5; before it,
@@ -183,6 +200,7 @@ def test_a_tied_head_stays_the_embedding(fp8_checkpoints: dict[str, Path]) -> No
     assert w["layers.0.bqkv"].dtype == torch.bfloat16 and w["layers.0.wqkv"].dtype == E4M3
 
 
+@needs_cpu_fp8
 @pytest.mark.parametrize("name", ["demo_ct_dynamic", "demo_ct_regex", "demo_fbgemm"])
 def test_the_fp8_forward_tracks_the_dequantized_reference(
     fp8_checkpoints: dict[str, Path], name: str
@@ -227,6 +245,7 @@ def greedy_agreement(fp8: Any, ref: Any, prompt: list[int], steps: int) -> tuple
     return checked, agreed
 
 
+@needs_cpu_fp8
 def test_the_fp8_runtime_picks_the_references_greedy_tokens(
     fp8_checkpoints: dict[str, Path],
 ) -> None:

@@ -246,3 +246,41 @@ def test_an_fp8_weight_the_config_leaves_unquantized(
     message = _mismatch(model)
     assert "lm_head.weight is F8_E4M3, but config.json does not quantize it" in message
     assert "unexpected lm_head.weight_scale" in message
+
+
+# -- what is accepted, from config.json alone -------------------------------------------------
+
+
+def _parse(quant: dict[str, Any], tied: bool = False) -> Any:
+    return ModelConfig.from_dict(
+        {**_LLAMA, "tie_word_embeddings": tied, "quantization_config": quant}
+    ).quantization
+
+
+def test_naive_quantized_is_read_when_it_holds_float8_only() -> None:
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "naive-quantized",
+        "config_groups": {"FP8": ["Linear"]},  # per tensor, static activations
+    }
+    parsed = _parse(quant)
+    scheme = parsed.scheme("model.layers.1.mlp.down_proj")
+    assert scheme is not None and not scheme.per_row and scheme.static_input
+    assert parsed.scheme("lm_head") is not None  # nothing ignored
+    quant["config_groups"] = _group(type="int")
+    with pytest.raises(InvalidArgument) as info:
+        _parse(quant)
+    assert info.value.reason == UNSUPPORTED and "8-bit int" in str(info.value)
+
+
+def test_fbgemm_keeps_the_head_unless_its_list_says_otherwise() -> None:
+    """transformers' rule: without modules_to_not_convert the LM head is not converted; with
+    one, the list decides. Entries are prefixes at a module boundary, or regexes."""
+    assert _parse({"quant_method": "fbgemm_fp8"}).scheme("lm_head") is None
+    listed = _parse({"quant_method": "fbgemm_fp8", "modules_to_not_convert": ["model.layers.1"]})
+    assert listed.scheme("lm_head") is not None
+    assert listed.scheme("model.layers.1.mlp.up_proj") is None
+    assert listed.scheme("model.layers.0.mlp.up_proj") is not None
+    regex = _parse({"quant_method": "fbgemm_fp8", "modules_to_not_convert": [r".*\.o_proj"]})
+    assert regex.scheme("model.layers.0.self_attn.o_proj") is None
+    assert regex.scheme("lm_head") is not None
