@@ -14,8 +14,10 @@ import os
 import struct
 from pathlib import Path
 
+from torpor import quantization as published
 from torpor.checkpoint_files import SMALL_FILES, CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
+from torpor.quantization import Quantization
 from torpor.scheduler.core import Footprint
 
 GiB = 1 << 30
@@ -53,6 +55,9 @@ _BOUNDS = {
 }
 MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header, in bytes
 _MAX_ELEMENTS = 1 << 48  # per tensor: far past any real checkpoint
+# A pre-quantized checkpoint's scales: the engine keeps them as float32 per row (counted with
+# their weight) or not at all (activation scales, see torpor.quantization).
+_SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".input_scale_ub")
 
 
 def _tensor_shapes(ckpt: CheckpointDir) -> dict[str, list[int]]:
@@ -163,29 +168,31 @@ def estimate(
     dummy: bool = False,
 ) -> Footprint:
     """Bytes of a runtime of this checkpoint with these options (dtype: float32, bfloat16,
-    float16, fp8; an fp8 runtime keeps its embedding in bf16 and activations in bf16).
+    float16, fp8; an fp8 runtime keeps its embedding in bf16 and activations in bf16, and of a
+    pre-quantized checkpoint only the linears it publishes in fp8 are fp8, the rest bf16).
     `dummy`: the weights are generated, not read, so their shapes come from config.json
     (`config_shapes`), and the directory needs no safetensors."""
     ckpt = as_checkpoint(model_dir)
     config = _config(ckpt)
+    quant = quantization(config)
     shapes = config_shapes(config) if dummy else _tensor_shapes(ckpt)
     for name in SMALL_FILES:  # refuse a symlink out of the roots now, not at the first load
         ckpt.resolve(name)
     width = BYTES[dtype]
-    weights = 0
+    weights = tensors = 0
     for name, shape in shapes.items():
-        count = 1
-        for dim in shape:
-            count *= int(dim)
-        matrix = len(shape) == 2 and "embed_tokens" not in name
-        if dtype == "fp8" and matrix:
+        if quant is not None and name.endswith(_SCALE_SUFFIXES):
+            continue
+        count = math.prod(int(dim) for dim in shape)
+        if _fp8_matrix(name, shape, dtype, quant):
             weights += count + 4 * int(shape[0])  # e4m3 data plus a float32 scale per row
         else:
             weights += count * (2 if dtype == "fp8" else width)
         weights += _ALIGN
+        tensors += 1
     embed = shapes.get("model.embed_tokens.weight")
     tied = config.get("tie_word_embeddings") and "lm_head.weight" not in shapes
-    if dtype == "fp8" and tied and embed is not None and len(embed) == 2:
+    if dtype == "fp8" and quant is None and tied and embed is not None and len(embed) == 2:
         rows, cols = embed
         weights += rows * cols + 4 * rows  # its own quantized copy of the tied head
     heads = _int(config, "num_attention_heads")
@@ -208,10 +215,26 @@ def estimate(
         graph_pool=graph_pool_bytes if cuda else 0,
         context=CUDA_CONTEXT if cuda else 0,
         residue=CUDA_RESIDUE if cuda else 0,
-        snapshot=snapshot_estimate(ckpt, weights, len(shapes)),
+        snapshot=snapshot_estimate(ckpt, weights, tensors),
         staging=staging_bytes(weights, cuda),
         write_staging=min(STAGING_CHUNK, _piece(weights)) if cuda else 0,
     )
+
+
+def _fp8_matrix(name: str, shape: list[int], dtype: str, quant: Quantization | None) -> bool:
+    """Whether the engine stores this checkpoint tensor as e4m3 with float32 row scales: in
+    an fp8 runtime, every matrix but the embedding, or of a pre-quantized checkpoint those
+    it publishes in fp8."""
+    if dtype != "fp8" or len(shape) != 2 or "embed_tokens" in name:
+        return False
+    return quant is None or quant.scheme(name.removesuffix(".weight")) is not None
+
+
+def quantization(config: dict[str, object]) -> Quantization | None:
+    """config.json's pre-quantized fp8 format, or None; InvalidArgument (reason
+    UNSUPPORTED_QUANTIZATION, naming the method and scheme) for one the engine cannot load."""
+    layers = _int(config, "num_hidden_layers")
+    return published.from_config(config, layers, bool(config.get("tie_word_embeddings", False)))
 
 
 def staging_bytes(weights: int, cuda: bool) -> int:
@@ -248,10 +271,15 @@ def snapshot_estimate(ckpt: CheckpointDir, weights: int, tensors: int) -> int:
 _CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def checkpoint_dtype(model_dir: Path | CheckpointDir) -> str:
-    """The dtype config.json says the weights are in (`dtype`, or the older `torch_dtype`);
-    float32 when it says nothing torpor runs."""
+def checkpoint_dtype(model_dir: Path | CheckpointDir, cuda: bool) -> str:
+    """The dtype of a registration that names none: fp8 for a pre-quantized fp8 checkpoint on
+    CUDA (as published), else the dtype config.json says the weights are in (`dtype`, or the
+    older `torch_dtype`; float32 when it says nothing torpor runs), into which the CPU backend
+    dequantizes a pre-quantized checkpoint. InvalidArgument for a quantization torpor does
+    not load (`quantization`)."""
     config = _config(model_dir)
+    if quantization(config) is not None and cuda:
+        return "fp8"
     value = config.get("dtype") or config.get("torch_dtype") or "float32"
     return _CHECKPOINT_DTYPES.get(str(value), "float32")
 

@@ -122,7 +122,9 @@ class ModelRegistry:
                 metadata={"path": str(source)},
             )
         limit = await self.checkpoints.run(msg.name, footprint.max_positions, ckpt)
-        dtype = DType(await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt))
+        dtype = DType(
+            await self.checkpoints.run(msg.name, footprint.checkpoint_dtype, ckpt, self.cuda)
+        )
         spec = convert.model_spec(msg, str(source), dtype, min(limit, 4096), template)
         if spec.max_seq_len > limit:
             raise InvalidArgument(

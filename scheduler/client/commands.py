@@ -30,7 +30,8 @@ DTYPES: dict[str, str] = {
     "fp16": "DTYPE_FLOAT16",
     "fp8": "DTYPE_FP8",
 }
-"""--dtype spellings; auto keeps the checkpoint's own dtype."""
+"""--dtype spellings; auto keeps the checkpoint's own dtype (fp8 for an FP8 checkpoint on a
+CUDA torpord)."""
 LOAD_FORMATS = {"checkpoint": "LOAD_FORMAT_CHECKPOINT", "dummy": "LOAD_FORMAT_DUMMY"}
 """--load-format spellings."""
 
@@ -184,7 +185,11 @@ def register(
         ),
     ],
     dtype: Annotated[
-        str, typer.Option(help="float32, bfloat16, float16 or fp8 (fp32, bf16, fp16; auto).")
+        str,
+        typer.Option(
+            help="float32, bfloat16, float16 or fp8 (fp32, bf16, fp16); auto: the checkpoint's "
+            "own (an FP8 checkpoint's: fp8 on a GPU; other dtypes dequantize it)."
+        ),
     ] = "auto",
     max_batch: Annotated[
         int, typer.Option(min=0, help="Concurrent sequences; 0 is the daemon's default.")

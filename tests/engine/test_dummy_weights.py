@@ -56,3 +56,28 @@ def test_fp8_weights_get_data_and_row_scales() -> None:
     scale = w["layers.0.w13.scale"]
     assert scale.shape == (w["layers.0.w13"].shape[0],) and bool((scale > 0).all())
     assert w["embed"].dtype == torch.float32  # the embedding stays unquantized
+
+
+def test_a_pre_quantized_config_gets_fp8_where_it_publishes_fp8() -> None:
+    """A dummy model of an FP8 checkpoint's config.json: in an fp8 runtime its quantized
+    linears are fp8 data with a scale per row, the head it ignores is unquantized; in any
+    other dtype everything is dense, as its dequantized checkpoint would load."""
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {"FP8_DYNAMIC": ["Linear"]},  # a preset by name, as some publish
+        "ignore": ["lm_head"],
+    }
+    cfg = ModelConfig.from_dict({**CONFIG, "quantization_config": quant})
+    plan = weight_plan(cfg, fp8_weights=True)
+    tensors = DevicePlacement("cpu").place(
+        Layout.plan("weights", weight_specs(plan, torch.bfloat16))
+    )
+    DummyFiller(seed_for("m")).fill(plan, tensors, None)
+    wqkv, scale = tensors["layers.1.wqkv"], tensors["layers.1.wqkv.scale"]
+    assert wqkv.dtype == torch.float8_e4m3fn and scale.shape == (wqkv.shape[0],)
+    assert float(wqkv.float().std()) > 0.5 and bool((scale > 0).all())
+    assert tensors["lm_head"].dtype == torch.bfloat16 and "lm_head.scale" not in tensors
+    assert torch.isfinite(tensors["lm_head"].float()).all()
+    dense = weight_specs(weight_plan(cfg, fp8_weights=False), torch.float32)
+    assert {s.dtype for s in dense} == {torch.float32}

@@ -30,9 +30,12 @@ def prompt_for(vocab: int, length: int = 20, seed: int = 1) -> list[int]:
     return torch.randint(3, vocab, (length,), generator=g).tolist()
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], steps: int):
-    """Prefill logits [L, V], then `steps` greedy decode logits through the KV cache."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def hf_greedy(model_dir: Path, prompt: list[int], steps: int, **load: object):
+    """Prefill logits [L, V], then `steps` greedy decode logits through the KV cache (`load`:
+    more arguments of from_pretrained)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, **load
+    ).eval()
     with torch.no_grad():
         out = model(torch.tensor([prompt]), use_cache=True)
         prefill, cache = out.logits[0], out.past_key_values

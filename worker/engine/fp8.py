@@ -1,7 +1,14 @@
 """fp8 (e4m3) weights with per-output-channel scales, so a 70B model fits one 80 GB GPU.
 
-Weights are quantized once at load; activations are quantized per row at run time and the
-product runs through `torch._scaled_mm` with row-wise scales (Hopper and newer).
+Weights are quantized once at load, or copied as published from a pre-quantized checkpoint
+(`torpor.quantization`: a per-tensor scale becomes the same scale on every row); activations
+are quantized per row at run time and the product runs through `torch._scaled_mm` with
+row-wise scales (Hopper and newer).
+
+A published activation scheme is not followed: a static `input_scale` (one scale for every
+token, calibrated offline) and FBGEMM's `activation_scale_ub` (a clamp on each row's scale)
+are checked at load and then unused, because a scale per row computed from that row's own
+amax is at least as fine as either and needs no calibration to be right.
 
 In torch, quantizing the activations takes eight or nine small kernels (abs, amax, casts,
 clamps, scale, divide) before each matmul, and prefill on a 70B model (80 layers of four
@@ -57,12 +64,26 @@ def check_supported(device: torch.device) -> None:
         )
 
 
+def supported(device: torch.device) -> bool:
+    """Whether `device` can run fp8 matmuls (`check_supported` says why not)."""
+    try:
+        check_supported(device)
+    except FailedPrecondition:
+        return False
+    return True
+
+
 def quantize_rowwise(weight: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
     """Quantize weight [N, K] into `out` (fp8 [N, K]) and `scale` (float32 [N])."""
     w = weight.float()
     amax = w.abs().amax(dim=1).clamp(min=_MIN_SCALE)  # [N]
     scale.copy_(amax / FP8_MAX)
     out.copy_((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A published e4m3 weight [N, K] times its scale ([N, 1] per row, or [1, 1]): float32."""
+    return qweight.float() * scale
 
 
 # -- activation quantization -----------------------------------------------------------------

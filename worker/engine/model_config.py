@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from torpor import quantization
 from torpor.checkpoint_files import CheckpointDir, as_checkpoint
 from torpor.errors import InvalidArgument
+from torpor.quantization import Quantization
 
 # Architecture name in config.json -> the family whose tensor layout and quirks apply.
 ARCHITECTURES = {
@@ -115,6 +117,8 @@ class ModelConfig:
     checkpoint_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # A pre-quantized (fp8) checkpoint's published quantization; None for plain weights.
+    quantization: Quantization | None = None
 
     @property
     def q_size(self) -> int:
@@ -126,7 +130,9 @@ class ModelConfig:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able summary (for snapshot manifests and status)."""
+        quant = {} if self.quantization is None else {"quantization": self.quantization.describe()}
         return {
+            **quant,
             "architecture": self.architecture,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -189,6 +195,7 @@ class ModelConfig:
                 reason="BAD_CONFIG",
             )
         attention_bias = bool(raw.get("attention_bias", False))
+        tied = bool(raw.get("tie_word_embeddings", False))
         return cls(
             architecture=architecture,
             family=family,
@@ -204,7 +211,7 @@ class ModelConfig:
             max_position_embeddings=_int(
                 {"max_position_embeddings": 4096, **raw}, "max_position_embeddings"
             ),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tied,
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=attention_bias and family != "qwen2",
             mlp_bias=bool(raw.get("mlp_bias", False)),
@@ -212,6 +219,7 @@ class ModelConfig:
             checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_token_ids(raw.get("eos_token_id")),
+            quantization=quantization.from_config(raw, num_layers, tied),
         )
 
 

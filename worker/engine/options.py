@@ -26,7 +26,9 @@ class EngineOptions:
     """Prompt plus generated tokens per request; 16 .. 2**20, and at most the model's
     max_position_embeddings. 0 picks min(max_position_embeddings, 4096)."""
     dtype: str = "auto"
-    """float32, bfloat16, float16, fp8, or auto: the checkpoint's dtype on CUDA, float32 on CPU."""
+    """float32, bfloat16, float16, fp8, or auto: the checkpoint's dtype on CUDA (fp8 for a
+    pre-quantized fp8 checkpoint, on a GPU that runs fp8), float32 on CPU. A pre-quantized
+    checkpoint in any dtype but fp8 is dequantized (weight * scale) into that dtype."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     cuda_graphs: bool = True
@@ -110,10 +112,18 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> tuple[str, torch.dtype]:
     """The engine dtype's name and the dtype activations are computed in."""
     if name == "auto":
-        checkpoint = canonical_dtype(cfg.checkpoint_dtype or "float32")
-        name = "float32" if device.type == "cpu" or checkpoint == "fp8" else checkpoint
+        name = _auto_dtype(cfg, device)
     name = canonical_dtype(name)
     if name == "fp8":
         fp8.check_supported(device)
         return name, torch.bfloat16
     return name, DTYPES[name]
+
+
+def _auto_dtype(cfg: ModelConfig, device: torch.device) -> str:
+    if device.type == "cpu":
+        return "float32"
+    if cfg.quantization is not None and fp8.supported(device):
+        return "fp8"  # as published
+    checkpoint = canonical_dtype(cfg.checkpoint_dtype or "float32")
+    return "float32" if checkpoint == "fp8" else checkpoint

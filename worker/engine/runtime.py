@@ -12,6 +12,7 @@ import torch
 
 from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import InvalidArgument
+from torpor.quantization import Quantization
 from torpor.worker.engine.layout import DevicePlacement, Layout, Placement
 from torpor.worker.engine.model import Transformer, kv_spec
 from torpor.worker.engine.model_config import ModelConfig
@@ -72,13 +73,16 @@ class WeightFiller(Protocol):
 
 
 class CheckpointFiller:
-    """Reads (converting or quantizing) a Hugging Face safetensors checkpoint."""
+    """Reads (converting, quantizing or dequantizing) a Hugging Face safetensors checkpoint."""
 
-    def __init__(self, model_dir: Path | CheckpointDir) -> None:
+    def __init__(
+        self, model_dir: Path | CheckpointDir, quantization: Quantization | None = None
+    ) -> None:
         self.checkpoint = Checkpoint(model_dir)
+        self.quantization = quantization
 
     def check(self, plan: list[WeightSource], layout: Layout) -> None:
-        self.checkpoint.validate(plan)
+        self.checkpoint.validate(plan, self.quantization)
 
     def fill(
         self,
@@ -119,7 +123,7 @@ def load_runtime(
     """Check the weight source, place and fill the weights, place and zero the KV cache."""
     start = time.perf_counter()
     plan, weights_layout, kv_layout = plan_memory(cfg, options, dtype_name, compute_dtype)
-    filler = filler if filler is not None else CheckpointFiller(model_dir)
+    filler = filler if filler is not None else CheckpointFiller(model_dir, cfg.quantization)
     filler.check(plan, weights_layout)
     placement = placement if placement is not None else DevicePlacement(device)
     t_config = time.perf_counter()
