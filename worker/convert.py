@@ -6,12 +6,14 @@ tests/worker/test_enum_tables.py sends every member through it, both ways where 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
 from torpor.errors import InvalidArgument
-from torpor.v1 import common_pb2
+from torpor.exchange_board import Side
+from torpor.v1 import common_pb2, worker_pb2
 from torpor.worker.engine.requests import FinishReason
 from torpor.worker.engine.sampling import SamplingParams
 from torpor.worker.pager.paged_state import SUSPENDED, PagedState, SuspendLevel
@@ -45,6 +47,8 @@ STATES: dict[PagedState, common_pb2.RuntimeState] = {
     PagedState.SUSPENDED_HOST: common_pb2.RUNTIME_STATE_SUSPENDED_HOST,
     PagedState.SUSPENDED_DEEP: common_pb2.RUNTIME_STATE_SUSPENDED_DEEP,
     PagedState.SUSPENDED_DISK: common_pb2.RUNTIME_STATE_SUSPENDED_DISK,
+    # Part way through an exchange swap (or stopped in one): a transition torpord finishes.
+    PagedState.EXCHANGING: common_pb2.RUNTIME_STATE_SUSPENDING,
     PagedState.CLOSED: common_pb2.RUNTIME_STATE_COLD,
 }
 FINISH: dict[FinishReason, common_pb2.FinishReason] = {
@@ -110,6 +114,38 @@ def resume_source(tier: int) -> PagedState:
             metadata={"source": _name(common_pb2.Tier, tier)},
         )
     return SUSPENDED[LEVELS[tier]]
+
+
+SIDES: dict[int, Side] = {
+    worker_pb2.EXCHANGE_SIDE_OUT: Side.OUT,
+    worker_pb2.EXCHANGE_SIDE_IN: Side.IN,
+}
+MAX_EXCHANGE_TIMEOUT_S = 3600.0
+
+
+def exchange(request: worker_pb2.WorkerExchangeRequest) -> tuple[Side, Path, float]:
+    """The side, board and timeout of an Exchange; InvalidArgument BAD_EXCHANGE otherwise."""
+    if request.side not in SIDES:
+        raise InvalidArgument(
+            f"an exchange side is EXCHANGE_SIDE_OUT or EXCHANGE_SIDE_IN, not "
+            f"{_name(worker_pb2.ExchangeSide, request.side)}",
+            reason="BAD_EXCHANGE",
+            metadata={"side": _name(worker_pb2.ExchangeSide, request.side)},
+        )
+    board = Path(request.board_path)
+    if not request.board_path or not board.is_absolute():
+        raise InvalidArgument(
+            f"the exchange board must be an absolute path, not {request.board_path!r}",
+            reason="BAD_EXCHANGE",
+        )
+    timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 0
+    if not 0 < timeout <= MAX_EXCHANGE_TIMEOUT_S:
+        raise InvalidArgument(
+            f"an exchange's timeout must be in (0, {MAX_EXCHANGE_TIMEOUT_S:.0f}] s, not "
+            f"{timeout} s",
+            reason="BAD_EXCHANGE",
+        )
+    return SIDES[request.side], board, timeout
 
 
 def tier_name(value: int) -> str:

@@ -24,6 +24,7 @@ import grpc
 from torpor import chat_template
 from torpor.checkpoint_files import CheckpointDir
 from torpor.errors import Aborted, FailedPrecondition, InvalidArgument
+from torpor.exchange_board import Board
 from torpor.log import bind, get_logger
 from torpor.rpc_status import servicer_errors
 from torpor.store.chunks import ChunkRef, ChunkStore
@@ -264,6 +265,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 total=convert.duration(report.seconds),
                 streamed=report.streamed,
             )
+        )
+
+    @servicer_errors
+    def Exchange(
+        self, request: worker_pb2.WorkerExchangeRequest, context: grpc.ServicerContext
+    ) -> Any:
+        side, path, timeout = convert.exchange(request)
+        runtime = self._runtime()
+        board = Board.open(path)
+        try:
+            report = runtime.exchange(side, board, timeout)
+        finally:
+            board.close()
+        return worker_pb2.WorkerExchangeResponse(
+            state=convert.STATES[runtime.residency],
+            bytes=report.bytes,
+            steps=report.steps,
+            waited=convert.duration(report.waited_s),
+            total=convert.duration(report.seconds),
         )
 
     @servicer_errors

@@ -65,3 +65,23 @@ def test_every_residency_has_a_state_and_suspended_ones_a_tier() -> None:
 def test_every_finish_reason_both_ways() -> None:
     messages = [convert.FINISH[f] for f in FinishReason]
     assert sorted(messages) == sorted(v for v in common_pb2.FinishReason.values() if v != 0)
+
+
+def test_every_exchange_side_is_a_side_or_refused() -> None:
+    from google.protobuf.duration_pb2 import Duration
+
+    from torpor.exchange_board import Side
+    from torpor.v1 import worker_pb2
+
+    def request(side: int) -> worker_pb2.WorkerExchangeRequest:
+        return worker_pb2.WorkerExchangeRequest(
+            side=side, board_path="/run/b", timeout=Duration(seconds=1)
+        )
+
+    for value in worker_pb2.ExchangeSide.values():
+        if value == worker_pb2.EXCHANGE_SIDE_UNSPECIFIED:
+            assert refused(convert.exchange, request(value)).reason == "BAD_EXCHANGE"
+        else:
+            assert convert.exchange(request(value))[0] in set(Side)
+    assert {convert.exchange(request(v))[0] for v in convert.SIDES} == set(Side)
+    assert refused(convert.exchange, request(UNDEFINED)).reason == "BAD_EXCHANGE"

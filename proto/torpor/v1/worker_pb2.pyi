@@ -11,11 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExchangeSide(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXCHANGE_SIDE_UNSPECIFIED: _ClassVar[ExchangeSide]
+    EXCHANGE_SIDE_OUT: _ClassVar[ExchangeSide]
+    EXCHANGE_SIDE_IN: _ClassVar[ExchangeSide]
+
 class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
     LOAD_PHASE_WEIGHTS: _ClassVar[LoadPhase]
     LOAD_PHASE_HOST_COPY: _ClassVar[LoadPhase]
+EXCHANGE_SIDE_UNSPECIFIED: ExchangeSide
+EXCHANGE_SIDE_OUT: ExchangeSide
+EXCHANGE_SIDE_IN: ExchangeSide
 LOAD_PHASE_UNSPECIFIED: LoadPhase
 LOAD_PHASE_WEIGHTS: LoadPhase
 LOAD_PHASE_HOST_COPY: LoadPhase
@@ -243,6 +252,30 @@ class WorkerStatusResponse(_message.Message):
     peak_mapped_bytes: int
     staging_bytes: int
     def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., active_requests: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., peak_mapped_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
+
+class WorkerExchangeRequest(_message.Message):
+    __slots__ = ("side", "board_path", "timeout")
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    BOARD_PATH_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    side: ExchangeSide
+    board_path: str
+    timeout: _duration_pb2.Duration
+    def __init__(self, side: _Optional[_Union[ExchangeSide, str]] = ..., board_path: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WorkerExchangeResponse(_message.Message):
+    __slots__ = ("state", "bytes", "steps", "waited", "total")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WAITED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.RuntimeState
+    bytes: int
+    steps: int
+    waited: _duration_pb2.Duration
+    total: _duration_pb2.Duration
+    def __init__(self, state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., bytes: _Optional[int] = ..., steps: _Optional[int] = ..., waited: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WorkerShutdownRequest(_message.Message):
     __slots__ = ()

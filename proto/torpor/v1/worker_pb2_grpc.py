@@ -73,6 +73,11 @@ class WorkerStub:
                 request_serializer=torpor_dot_v1_dot_worker__pb2.WorkerShutdownRequest.SerializeToString,
                 response_deserializer=torpor_dot_v1_dot_worker__pb2.WorkerShutdownResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/torpor.v1.Worker/Exchange',
+                request_serializer=torpor_dot_v1_dot_worker__pb2.WorkerExchangeRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_worker__pb2.WorkerExchangeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -134,6 +139,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request, context):
+        """One side of an exchange swap (docs/PAGER.md, "Exchange swap"): the outgoing runtime's
+        weights GPU -> host while another worker's come host -> GPU, handle by handle, each side
+        taking only the room the other gives back on the board torpord made.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +185,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=torpor_dot_v1_dot_worker__pb2.WorkerShutdownRequest.FromString,
                     response_serializer=torpor_dot_v1_dot_worker__pb2.WorkerShutdownResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=torpor_dot_v1_dot_worker__pb2.WorkerExchangeRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_worker__pb2.WorkerExchangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +384,33 @@ class Worker:
             '/torpor.v1.Worker/Shutdown',
             torpor_dot_v1_dot_worker__pb2.WorkerShutdownRequest.SerializeToString,
             torpor_dot_v1_dot_worker__pb2.WorkerShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.Worker/Exchange',
+            torpor_dot_v1_dot_worker__pb2.WorkerExchangeRequest.SerializeToString,
+            torpor_dot_v1_dot_worker__pb2.WorkerExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
