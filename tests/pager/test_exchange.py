@@ -294,3 +294,61 @@ def test_no_room_ends_in_a_deadline_not_a_hang(pair, tmp_path: Path) -> None:
     errors2, _ = exchange_within(small, big, tmp_path / "r")
     assert errors2 == {Side.OUT: None, Side.IN: None}
     assert big.residency is PagedState.RESIDENT
+
+
+def test_exchanges_with_a_keeper_and_page_locks(
+    model_dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the GPU's keeper (a real keeper process on the CPU backend) and a backend that
+    records page locks as the CUDA one makes them: the incoming runtime's keeper lets go of
+    its copy (else the keeper's lock would keep the freed pages), the outgoing runtime's new
+    copy is a memfd handed to the keeper once whole, no page stays locked where its bytes
+    were given back, and the tokens survive."""
+    import dataclasses
+
+    from torpor.keeper import KeeperProcess, hello
+    from torpor.worker.pager.cpu import CpuBackend
+
+    locked: dict[int, int] = {}
+    monkeypatch.setattr(
+        CpuBackend, "pin_host", lambda _, a, n: locked.__setitem__(a, n), raising=False
+    )
+    monkeypatch.setattr(CpuBackend, "unpin_host", lambda _, a: locked.pop(a), raising=False)
+    keeper = KeeperProcess(tmp_path / "k.sock", "cpu").start()
+    try:
+        options = dataclasses.replace(PAGER, keeper_socket=str(keeper.path))
+        big = PagedRuntime.load(model_dirs[0], OPTIONS, options)
+        small = PagedRuntime.load(model_dirs[1], OPTIONS, options)
+        want = {"big": generate(big, GREEDY, "g"), "small": generate(small, GREEDY, "g")}
+        small.suspend(SuspendLevel.HOST)  # makes its copy now, and hands it to the keeper
+        assert _wait(lambda: small.host_copy.kept)
+        names = {id(big): "big", id(small): "small"}
+        resident, waiting = big, small
+        for n in range(4):
+            errors, _ = exchange_within(resident, waiting, tmp_path / f"k{n}")
+            assert errors == {Side.OUT: None, Side.IN: None}, n
+            resident, waiting = waiting, resident
+            buffer = waiting.host_copy.buffer
+            assert buffer is not None and buffer.shared and buffer.whole
+            assert _wait(lambda: waiting.host_copy.kept)  # noqa: B023 (checked at once)
+            # The keeper holds the one copy: the outgoing runtime's, not the freed one.
+            assert _wait(
+                lambda: int(hello(keeper.path)["held_bytes"]) == buffer.nbytes  # noqa: B023
+            )
+            assert resident.host_copy.buffer is None
+            # Locked pages: the waiting runtime's whole copy, and nothing of the freed one.
+            assert buffer.pinned and sum(locked.values()) == buffer.pinned_bytes
+            assert generate(resident, GREEDY, f"g{n}") == want[names[id(resident)]], n
+        big.close()
+        small.close()
+    finally:
+        keeper.stop()
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

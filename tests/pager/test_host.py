@@ -249,3 +249,50 @@ def test_the_host_stager_copies_spans_through_a_small_ring(arena: Arena) -> None
     finally:
         stager.close()
         host.close()
+
+
+def locked(pinner: RecordingPinner) -> set[int]:
+    """The addresses locked now: pinned more often than unpinned."""
+    count: dict[int, int] = {}
+    for address, _ in pinner.pinned:
+        count[address] = count.get(address, 0) + 1
+    for address in pinner.unpinned:
+        count[address] -= 1
+    return {a for a, n in count.items() if n > 0}
+
+
+def test_a_lazy_buffer_holds_and_frees_spans_and_locks_only_whole_pieces() -> None:
+    """An exchange swap's buffer: nothing faulted in or locked until a span is held; a piece
+    is locked once every byte of it is held, and unlocked as soon as any of it is freed."""
+    page = 4096
+    pinner = RecordingPinner()
+    anon = procfs.rss_anon()
+    buf = HostBuffer(8 * MiB, pinner=pinner, pin_piece=2 * MiB, lazy=True)
+    try:
+        assert buf.held_bytes == 0 and not buf.whole and locked(pinner) == set()
+        assert procfs.rss_anon() - anon < MiB  # mapped, not faulted in
+        buf.hold(0, MiB)
+        assert buf.holds(0, MiB) and not buf.holds(0, MiB + page)
+        assert locked(pinner) == set()  # half of the first piece: not locked yet
+        buf.hold(MiB, MiB)
+        assert locked(pinner) == {buf.address}  # the first piece is whole now
+        buf.hold(2 * MiB, 6 * MiB)
+        assert buf.whole and buf.pinned and buf.held_bytes == 8 * MiB
+        buf.tensor.fill_(7)
+        buf.free(3 * MiB, MiB)  # inside the second piece: it is unlocked, the bytes gone
+        assert buf.address + 2 * MiB not in locked(pinner) and not buf.pinned
+        assert buf.held_bytes == 7 * MiB and not buf.holds(2 * MiB, 2 * MiB)
+        assert int(buf.tensor[2 * MiB]) == 7 and int(buf.tensor[4 * MiB]) == 7
+        buf.pin()  # a repin skips pieces with bytes given back
+        assert buf.address + 2 * MiB not in locked(pinner)
+        with pytest.raises(FailedPrecondition) as held:
+            buf.hold(0, MiB)
+        assert held.value.reason == "HOST_SPAN_HELD"
+        with pytest.raises(InvalidArgument) as bad:
+            buf.hold(3 * MiB + 1, page)
+        assert bad.value.reason == "BAD_COPY_SIZE"
+        buf.hold(3 * MiB, MiB)
+        assert int(buf.tensor[3 * MiB]) == 0  # given back and taken again: fresh zeros
+    finally:
+        buf.close()
+    assert locked(pinner) == set()

@@ -207,7 +207,7 @@ class HostBuffer:
 
     def hold(self, offset: int, nbytes: int) -> None:
         """Take pages for the span [offset, offset + nbytes), which must be absent: fault
-        them in and, with a pinner, lock the pieces it covers (each piece wholly inside)."""
+        them in and, with a pinner, lock each piece that is now wholly held."""
         end = self._check_span(offset, nbytes)
         if not any(a <= offset and end <= b for a, b in self._absent):
             raise FailedPrecondition(
@@ -215,22 +215,24 @@ class HostBuffer:
                 reason="HOST_SPAN_HELD",
                 metadata={"offset": offset, "nbytes": nbytes},
             )
-        pieces = self._pieces_in(offset, end)
         start, stop = _page_span(offset, end, self._mapped_bytes)
         populate(self._address + start, stop - start)
         self._absent = _carve(self._absent, offset, end)
         if self._pinner is not None:
-            for i in pieces:
-                if not self._pinned[i]:
-                    piece_offset, size = self._pieces[i]
+            for i in self._pieces_over(offset, end):
+                piece_offset, size = self._pieces[i]
+                if not self._pinned[i] and self.holds(
+                    piece_offset, min(size, self._nbytes - piece_offset)
+                ):
                     self._pinner.pin_host(self._address + piece_offset, size)
                     self._pinned[i] = True
 
     def free(self, offset: int, nbytes: int) -> None:
-        """Give the pages of [offset, offset + nbytes) back to the kernel (unlocking the
-        pieces it covers first); the bytes are gone, the range stays mapped for `hold`."""
+        """Give the pages of [offset, offset + nbytes) back to the kernel; the bytes are gone,
+        the range stays mapped for `hold`. Every locked piece it touches is unlocked first
+        (bytes of such a piece outside the span stay, unlocked: copied at pageable speed)."""
         end = self._check_span(offset, nbytes)
-        for i in self._pieces_in(offset, end):
+        for i in self._pieces_over(offset, end):
             if self._pinned[i] and self._pinner is not None:
                 self._pinner.unpin_host(self._address + self._pieces[i][0])
                 self._pinned[i] = False
@@ -251,22 +253,13 @@ class HostBuffer:
             )
         return end
 
-    def _pieces_in(self, offset: int, end: int) -> list[int]:
-        """The pinned pieces a span covers; each must lie wholly inside it (or end where the
-        buffer ends), else a lock would cover bytes outside the span."""
-        out = []
-        for i, (p_offset, size) in enumerate(self._pieces):
-            p_end = min(p_offset + size, self._nbytes)
-            if p_end <= offset or p_offset >= end:
-                continue
-            if self._pinner is not None and (p_offset < offset or p_end > end):
-                raise InvalidArgument(
-                    f"span [{offset}, {end}) cuts the locked piece [{p_offset}, {p_end})",
-                    reason="BAD_COPY_SIZE",
-                    metadata={"offset": offset, "piece": p_offset},
-                )
-            out.append(i)
-        return out
+    def _pieces_over(self, offset: int, end: int) -> list[int]:
+        """The pieces that overlap [offset, end)."""
+        return [
+            i
+            for i, (p_offset, size) in enumerate(self._pieces)
+            if p_offset < end and offset < p_offset + size
+        ]
 
     @property
     def lockable(self) -> bool:
