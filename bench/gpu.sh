@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: every GPU test and benchmark in one go, for one call of a lent GPU host.
-#   bash bench/gpu.sh [all|ledger|fp8|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon|http]...
+#   bash bench/gpu.sh [all|ledger|fp8|exchange|tests|engine|pager|pagertests|pager70|pager8|baseline|probe|pin|keeper|deep|daemon|http]...
 #   (default: all; pager = pagertests + pager8)
 # Results land in $OUT (or .bench/): gpu.log, results.jsonl, gpu-tests.xml.
 # On a host with no package registry, carried wheels in .whl/ are installed to /tmp/site.
@@ -55,6 +55,10 @@ if want fp8; then
   timeout 200 python3 -m pytest -v -m gpu tests/engine/test_fp8_checkpoints_gpu.py -p no:cacheprovider \
     -W ignore::pytest.PytestConfigWarning --timeout 150 2>&1 | tee "$OUT/fp8-tests.log" \
     | grep -E "PASSED|FAILED|ERROR|passed|failed|skipped"
+fi
+if want exchange; then
+  echo "== exchange swap: two runtimes trade places on the GPU (issue 15)"
+  timeout 200 python3 -m tests.pager.runtime_gpu_scenarios exchange_trades_places_within_one_copy
 fi
 if want tests; then
   echo "== gpu tests"

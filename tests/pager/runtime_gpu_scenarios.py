@@ -193,6 +193,83 @@ def disk_to_host_maps_nothing_on_the_device(tmp: Path) -> None:
     rt.close()
 
 
+def timed_exchange(
+    out: PagedRuntime, into: PagedRuntime, board_path: Path, host_slack: int, gpu_slack: int
+) -> tuple[float, int]:
+    """Both sides of an exchange on two threads, the device's free memory sampled all
+    through; (seconds, least free bytes seen). Raises the first side's error."""
+    import threading
+
+    from torpor.exchange_board import Board, Side
+
+    board = Board.create(board_path, host_slack, gpu_slack)
+    low = [free_bytes()]
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            low.append(torch.cuda.mem_get_info()[0])
+            time.sleep(0.001)
+
+    def side(rt: PagedRuntime, s: Side) -> None:
+        try:
+            rt.exchange(s, Board.open(board_path), 120)
+        except BaseException as exc:  # raised below
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    sides = [
+        threading.Thread(target=side, args=(out, Side.OUT)),
+        threading.Thread(target=side, args=(into, Side.IN)),
+    ]
+    for t in sides:
+        t.start()
+    for t in sides:
+        t.join()
+    seconds = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    board.close()
+    if errors:
+        raise errors[0]
+    return seconds, min(low)
+
+
+@scenario
+def exchange_trades_places_within_one_copy(tmp: Path) -> None:
+    """Two runtimes on the GPU trade places through an exchange swap (both sides on threads of
+    this process; in torpord they are two workers): tokens and addresses survive, the device's
+    own free memory never drops below what one runtime plus the slack leaves, and the wall
+    time of each exchange is printed against its bytes."""
+    small_spec = DemoSpec(layers=2, hidden=1024, heads=8, kv_heads=2, vocab=4096, seed=2)
+    pager = dataclasses.replace(PAGER, host_copy=False)
+    big = PagedRuntime.load(model(tmp), OPTIONS, pager)
+    small = PagedRuntime.load(make_demo(tmp / "small", small_spec), OPTIONS, pager)
+    want = {id(big): (generate(big), pointers(big)), id(small): (generate(small), pointers(small))}
+    small.suspend(SuspendLevel.HOST)
+    slack = max(rt.placement.arenas["weights"].handle_bytes for rt in (big, small))
+    floor = free_bytes() - slack  # the least free device memory an exchange may leave
+    budget = big.placement.mapped_bytes() + slack
+    resident, waiting = big, small
+    for n in range(4):
+        # The budgets hold the big one once, plus a handle: the slack is what they leave now.
+        host_slack = big.engine.memory.weights.nbytes + slack - waiting.host_copy.nbytes
+        gpu_slack = budget - resident.placement.mapped_bytes()
+        seconds, low = timed_exchange(resident, waiting, tmp / f"board{n}", host_slack, gpu_slack)
+        moved = resident.engine.memory.weights.nbytes + waiting.engine.memory.weights.nbytes
+        print(f"exchange {n}: {seconds:.3f} s, {moved / seconds / 1e9:.2f} GB/s both ways")
+        assert low >= floor - 64 * MiB, (n, low, floor)
+        resident, waiting = waiting, resident
+        tokens, where = want[id(resident)]
+        assert pointers(resident) == where
+        assert generate(resident) == tokens, n
+    big.close()
+    small.close()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in SCENARIOS:
         print(f"usage: {argv[0]} {{{','.join(SCENARIOS)}}}", file=sys.stderr)
