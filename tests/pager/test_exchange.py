@@ -308,11 +308,21 @@ def test_exchanges_with_a_keeper_and_page_locks(
 
     from torpor.keeper import KeeperProcess, hello
     from torpor.worker.pager.cpu import CpuBackend
+    from torpor.worker.pager.stream import DeviceDrainer, HostStager
 
     locked: dict[int, int] = {}
     monkeypatch.setattr(
         CpuBackend, "pin_host", lambda _, a, n: locked.__setitem__(a, n), raising=False
     )
+    staged = {"drain": 0, "stage": 0}
+    for cls, key in ((DeviceDrainer, "drain"), (HostStager, "stage")):
+        original = cls.__call__
+
+        def counted(self, *args, _original=original, _key=key):  # type: ignore[no-untyped-def]
+            staged[_key] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, "__call__", counted)
     monkeypatch.setattr(CpuBackend, "unpin_host", lambda _, a: locked.pop(a), raising=False)
     keeper = KeeperProcess(tmp_path / "k.sock", "cpu").start()
     try:
@@ -336,9 +346,20 @@ def test_exchanges_with_a_keeper_and_page_locks(
                 lambda: int(hello(keeper.path)["held_bytes"]) == buffer.nbytes  # noqa: B023
             )
             assert resident.host_copy.buffer is None
-            # Locked pages: the waiting runtime's whole copy, and nothing of the freed one.
-            assert buffer.pinned and sum(locked.values()) == buffer.pinned_bytes
+            # Its new pages were copied through staging buffers unlocked, and are locked in the
+            # background after: then the waiting runtime's whole copy is locked, and nothing
+            # of the freed one or of the staging rings.
+            assert _wait(lambda: buffer.pinned)  # noqa: B023
+            assert sum(locked.values()) == buffer.pinned_bytes
             assert generate(resident, GREEDY, f"g{n}") == want[names[id(resident)]], n
+        assert staged["drain"] > 0  # every copy out went through the staging buffers
+        # A copy that is not locked (here: none of it) comes in through staging buffers.
+        waiting.host_copy.unpin()
+        before = staged["stage"]
+        errors, _ = exchange_within(resident, waiting, tmp_path / "unlocked")
+        assert errors == {Side.OUT: None, Side.IN: None}
+        assert staged["stage"] >= before + len(waiting.placement.arenas["weights"].handle_extents())
+        assert generate(waiting, GREEDY, "unlocked") == want[names[id(waiting)]]
         big.close()
         small.close()
     finally:

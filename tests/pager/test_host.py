@@ -251,6 +251,27 @@ def test_the_host_stager_copies_spans_through_a_small_ring(arena: Arena) -> None
         host.close()
 
 
+def test_the_device_drainer_copies_spans_out_through_a_small_ring(arena: Arena) -> None:
+    """The exchange's outgoing side: arena -> staging ring -> host memory, in uneven steps."""
+    from torpor.worker.pager.stream import DeviceDrainer, StagingRing
+
+    src = arena.tensor(0, (arena.nbytes,), torch.uint8)
+    src.copy_(torch.randint(0, 256, (arena.nbytes,), dtype=torch.uint8))
+    host = HostBuffer(arena.nbytes)
+    host.tensor.zero_()
+    drainer = DeviceDrainer(3, StagingRing(2, 3 * MiB + 4096, RecordingPinner()))
+    try:
+        spans = [(5, 7 * MiB), (20 * MiB + 1, 7)]
+        drainer(src, host.tensor, spans)
+        for offset, n in spans:
+            assert torch.equal(host.tensor[offset : offset + n], src[offset : offset + n])
+        copied = sum(int(src[o : o + n].count_nonzero()) for o, n in spans)
+        assert int(host.tensor.count_nonzero()) == copied  # nothing outside the spans
+    finally:
+        drainer.close()
+        host.close()
+
+
 def locked(pinner: RecordingPinner) -> set[int]:
     """The addresses locked now: pinned more often than unpinned."""
     count: dict[int, int] = {}

@@ -17,7 +17,12 @@ never freed before their bytes are on the device. A side that fails stops at a h
 boundary and leaves its runtime EXCHANGING (some handles here, the rest there); running the
 exchange again with the sides reversed brings both back whole (`PagedRuntime.exchange`).
 
-The copies run on each side's own stream, so the two directions overlap.
+The copies run on each side's own stream, so the two directions overlap. Where host memory
+is page-locked (CUDA), the outgoing side does not lock the pages it takes: locking runs at
+the driver's pinning speed (about 2 GB/s), far below a copy's. Its bytes go device → pinned
+staging buffers → the new pages (`DeviceDrainer`, threads `memmove`ing out), and the runtime
+locks its new copy in the background afterwards (and hands it to the keeper). The incoming
+side copies locked spans directly and unlocked ones through staging buffers (`HostStager`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from torpor.errors import DataLoss
 from torpor.exchange_board import Board, Side
 from torpor.worker.pager.arena import Arena
-from torpor.worker.pager.host import HostBuffer
+from torpor.worker.pager.host import HostBuffer, Stage
 
 Inject = Callable[[int], None]
 """Called before each copy with the step's number (tests inject failures there)."""
@@ -68,8 +73,13 @@ class Mover:
         board: Board,
         deadline: float,
         inject: Inject | None = None,
+        stage: Stage | None = None,
     ) -> None:
+        """`stage`: how unlocked host memory is copied to (IN: a `HostStager`) or from (OUT:
+        a `DeviceDrainer`) the device; None copies directly (the CPU backend, where nothing
+        is locked)."""
         self.weights = weights
+        self.stage = stage
         self.buffer = buffer
         self.nbytes = nbytes  # the weights' bytes; the arena's last handle may hold padding
         self.board = board
@@ -92,11 +102,15 @@ class Mover:
                 continue
             if n and not self._held(offset, n):
                 self._wait(Side.OUT, n)
-                self.buffer.hold(offset, n)
+                self.buffer.hold(offset, n, lock=self.stage is None)
                 self.board.add("out_host_taken", n)
                 try:
                     self._before_copy()
-                    self._copy(self.buffer.tensor[offset : offset + n], self._device(index, n))
+                    host = self.buffer.tensor[offset : offset + n]
+                    if self.stage is not None and not self.buffer.locked(offset, n):
+                        self.stage(self._device(index, n), host, [(0, n)])
+                    else:
+                        self._copy(host, self._device(index, n))
                 except BaseException:
                     self.buffer.free(offset, n)  # the handle still holds the bytes
                     raise
@@ -122,7 +136,11 @@ class Mover:
                             metadata={"handle": index},
                         )
                     self._before_copy()
-                    self._copy(self._device(index, n), self.buffer.tensor[offset : offset + n])
+                    host = self.buffer.tensor[offset : offset + n]
+                    if self.stage is not None and not self.buffer.locked(offset, n):
+                        self.stage(host, self._device(index, n), [(0, n)])
+                    else:
+                        self._copy(self._device(index, n), host)
                 except BaseException:
                     self.weights.unmap_handle(index)  # the host copy still holds the bytes
                     raise

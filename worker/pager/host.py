@@ -201,13 +201,21 @@ class HostBuffer:
         """Whether every byte is held (nothing absent)."""
         return not self._absent
 
+    def locked(self, offset: int, nbytes: int) -> bool:
+        """Whether every piece over [offset, offset + nbytes) is page-locked (never, without
+        a pinner)."""
+        if self._pinner is None:
+            return False
+        return all(self._pinned[i] for i in self._pieces_over(offset, offset + nbytes))
+
     def holds(self, offset: int, nbytes: int) -> bool:
         """Whether every byte of [offset, offset + nbytes) is held."""
         return not any(a < offset + nbytes and offset < b for a, b in self._absent)
 
-    def hold(self, offset: int, nbytes: int) -> None:
+    def hold(self, offset: int, nbytes: int, *, lock: bool = True) -> None:
         """Take pages for the span [offset, offset + nbytes), which must be absent: fault
-        them in and, with a pinner, lock each piece that is now wholly held."""
+        them in and, with a pinner and `lock`, lock each piece that is now wholly held
+        (`pin` locks the others later)."""
         end = self._check_span(offset, nbytes)
         if not any(a <= offset and end <= b for a, b in self._absent):
             raise FailedPrecondition(
@@ -218,7 +226,7 @@ class HostBuffer:
         start, stop = _page_span(offset, end, self._mapped_bytes)
         populate(self._address + start, stop - start)
         self._absent = _carve(self._absent, offset, end)
-        if self._pinner is not None:
+        if self._pinner is not None and lock:
             for i in self._pieces_over(offset, end):
                 piece_offset, size = self._pieces[i]
                 if not self._pinned[i] and self.holds(

@@ -61,6 +61,7 @@ from torpor.worker.pager.snapshot import (
     store_model_files,
     write_pieces,
 )
+from torpor.worker.pager.stream import DeviceDrainer, HostStager, StagingRing
 from torpor.worker.progress import ByteProgress
 
 log = get_logger("pager.runtime")
@@ -409,12 +410,14 @@ class PagedRuntime:
         whole. A RESIDENT runtime must be idle (RUNTIME_BUSY otherwise)."""
         with self._lock:
             start = time.perf_counter()
+            stage = None
             try:
                 if self.residency is not PagedState.EXCHANGING:
                     self._require(
                         PagedState.RESIDENT if side is Side.OUT else PagedState.SUSPENDED_HOST,
                         verb=f"exchange {side.value}",
                     )
+                stage = self._exchange_stage(side)
                 mover = exchange.Mover(
                     self.placement.arenas["weights"],
                     self._exchange_buffer(),
@@ -422,6 +425,7 @@ class PagedRuntime:
                     board,
                     time.monotonic() + timeout_s,
                     inject,
+                    stage,
                 )
                 if side is Side.OUT:
                     self._scratch_out(board)
@@ -433,11 +437,15 @@ class PagedRuntime:
                 board.finish(side, Status.FAILED)
                 log.error("exchange_failed", side=side.value, error=repr(exc))
                 raise
+            finally:
+                if stage is not None:
+                    stage.close()
             board.finish(side, Status.DONE)
             if side is Side.OUT:
                 self.residency = PagedState.SUSPENDED_HOST
                 if self._cuda:
                     refill.release_cached_device_memory()
+                self.host_copy.repin()  # its new pages were not locked as they were taken
                 self.host_copy.keep()
             else:
                 self.host_copy.release()  # every page went to the device
@@ -456,6 +464,17 @@ class PagedRuntime:
                 waited_s=round(report.waited_s, 4),
             )
             return report
+
+    def _exchange_stage(self, side: Side) -> HostStager | DeviceDrainer | None:
+        """Where host memory is page-locked (CUDA): the staging buffers through which this
+        side copies unlocked host memory (exchange.py), within the staging limit."""
+        pinner = self._pinner()
+        if pinner is None:
+            return None
+        threads = self.options.stage_threads
+        piece = min(refill.STAGE_BYTES, self.engine.memory.weights.nbytes)
+        ring = StagingRing.within(self.options.staging_limit, threads + 2, piece, pinner)
+        return DeviceDrainer(threads, ring) if side is Side.OUT else HostStager(threads, ring)
 
     def _exchange_buffer(self) -> HostBuffer:
         """Get the runtime ready for its side of an exchange; the host copy it fills or

@@ -201,6 +201,66 @@ class HostStager:
         self.ring.close()
 
 
+class DeviceDrainer:
+    """The device → pinned staging buffers → host memory that is not page-locked: the way
+    `HostStager` comes back, for an exchange swap's outgoing side, whose new host pages are
+    not locked (locking them as they are taken would run at the driver's pinning speed,
+    about 2 GB/s; exchange.py). Each buffer is filled on a side stream and emptied by a
+    thread's `memmove` once its copy is done, while the next buffers are being filled."""
+
+    def __init__(self, threads: int, ring: StagingRing) -> None:
+        self.threads = threads
+        self.ring = ring
+
+    def __call__(
+        self, src: torch.Tensor, dst: torch.Tensor, spans: Sequence[tuple[int, int]]
+    ) -> None:
+        """Copy `spans` of the device tensor `src` to the same offsets of the host `dst`;
+        returns when every byte is in `dst`."""
+        cuda = src.device.type == "cuda"
+        stream = torch.cuda.Stream(src.device) if cuda else None
+        if stream is not None:  # after whatever the caller queued on its stream
+            stream.wait_stream(torch.cuda.current_stream(src.device))
+        base, step = dst.data_ptr(), self.ring.nbytes
+
+        def empty(offset: int, n: int, buf: HostBuffer, done: object) -> HostBuffer:
+            if done is not None:
+                done.synchronize()  # type: ignore[attr-defined]
+            ctypes.memmove(base + offset, buf.address, n)
+            return buf
+
+        free: deque[HostBuffer] = deque(self.ring.buffers)
+        pending: deque[Future[HostBuffer]] = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="drain") as pool:
+            try:
+                for offset, size in spans:
+                    for o in range(offset, offset + size, step):
+                        n = min(step, offset + size - o)
+                        if not free:
+                            free.append(pending.popleft().result())
+                        buf = free.popleft()
+                        done = None
+                        if stream is not None:
+                            with torch.cuda.stream(stream):
+                                buf.tensor[:n].copy_(src[o : o + n], non_blocking=True)
+                                done = torch.cuda.Event()
+                                done.record()
+                        else:
+                            buf.tensor[:n].copy_(src[o : o + n])
+                        pending.append(pool.submit(empty, o, n, buf, done))
+                while pending:
+                    pending.popleft().result()
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                if stream is not None:
+                    stream.synchronize()  # no copy may still write into a ring buffer
+                raise
+
+    def close(self) -> None:
+        self.ring.close()
+
+
 @dataclass(frozen=True)
 class _Job:
     """`nbytes` for `dst[offset:]`, put into a staging buffer by `fill`."""
