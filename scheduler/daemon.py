@@ -386,10 +386,12 @@ def policy_state(
         GpuSpec(g.index, g.total_bytes, min(reserve, g.total_bytes - 1), g.name)
         for g in inventory.gpus()
     )
-    knobs = {f.name for f in dataclasses.fields(PolicyConfig)} - {"deep_suspend"}
+    knobs = {f.name for f in dataclasses.fields(PolicyConfig)}
+    knobs -= {"deep_suspend", "exchange_slack_bytes"}
     policy = PolicyConfig(
         **{name: getattr(cfg.policy, name) for name in knobs},
         deep_suspend=cfg.worker.deep_suspend,
+        exchange_slack_bytes=cfg.worker.handle_size,
     )
     costs = measured(Costs())
     if keepers_enabled(cfg, cuda):  # deep resumes are filled by the keeper at DMA speed

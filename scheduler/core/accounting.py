@@ -33,6 +33,13 @@ writes a snapshot from the device, without a host copy, one buffer (`write_stagi
 the CPU backend, where the weights are host memory already). The deep resume's stager is
 made before a deep suspend unlocks the host copy and released when the deep resume ends, so
 SUSPENDED_DEEP holds it (and every transition to or from it, as a peak).
+
+An exchange swap (docs/POLICY.md "Exchange swap") is two ops that hold their memory together:
+the outgoing runtime's weights leave the GPU into the host pages the incoming one's leave, so
+the pair holds the larger of its two ends *as a pair* (`exchange_joint`), plus one handle of
+host slack and both sides' staging buffers, not the sum of each side's own peak. Each op
+carries the joint usage; the incoming side holds its end, the outgoing side the rest
+(`exchange_share`).
 """
 
 from __future__ import annotations
@@ -134,6 +141,43 @@ def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
         held = held.peak(usage(built, fp))
     extra = staging(frm, to, fp)
     return replace(held, host=held.host + extra) if extra else held
+
+
+def _plus(a: Usage, b: Usage) -> Usage:
+    gpu = a.gpu if a.gpu is not None else b.gpu
+    return Usage(
+        gpu, a.gpu_bytes + b.gpu_bytes, a.host + b.host, a.disk + b.disk, a.workers + b.workers
+    )
+
+
+def exchange_joint(
+    out: tuple[Residency, Residency, Footprint],
+    into: tuple[Residency, Residency, Footprint],
+    slack: int,
+) -> Usage:
+    """What an exchange's two runtimes hold together while it runs: each part the larger of
+    the pair's start and end, plus `slack` host bytes (the room the exchange turns over in)
+    and both sides' staging buffers. `out` and `into` are (from, to, footprint)."""
+    (of, ot, ofp), (inf, it, ifp) = out, into
+    start = _plus(usage(of, ofp), usage(inf, ifp))
+    end = _plus(usage(ot, ofp), usage(it, ifp))
+    held = start.peak(end)
+    return replace(held, host=held.host + slack + ofp.staging + ifp.staging)
+
+
+def exchange_share(joint: Usage, other: Usage, outgoing: bool) -> Usage:
+    """One side's share of an exchange's `joint` usage. The incoming side holds `other`
+    (its own end); the outgoing side, or a side whose partner's op has ended, holds the
+    joint usage less `other` (what the other side holds)."""
+    if not outgoing:
+        return replace(other, gpu=joint.gpu)
+    return Usage(
+        joint.gpu,
+        max(0, joint.gpu_bytes - other.gpu_bytes),
+        max(0, joint.host - other.host),
+        max(0, joint.disk - other.disk),
+        max(0, joint.workers - other.workers),
+    )
 
 
 def host_need(frm: Residency, to: Residency, fp: Footprint) -> int:

@@ -68,6 +68,28 @@ class Suspend:
 
 
 @dataclass(frozen=True, slots=True)
+class Exchange:
+    """Trade places on `gpu` (docs/POLICY.md "Exchange swap"): the outgoing runtime (RESIDENT,
+    no host copy) goes to SUSPENDED_HOST while the incoming one (SUSPENDED_HOST) comes back
+    RESIDENT without keeping its copy, both at once, each taking only what the other gives
+    back: host RAM holds one copy of the two, not two. Two ops: the daemon reports each
+    seq's end. If a side fails, the daemon runs the exchange the other way and reports both
+    TransitionRolledBack; if that fails too, both TransitionFailed."""
+
+    out_runtime_id: str
+    out_model: str
+    out_seq: int
+    in_runtime_id: str
+    in_model: str
+    in_seq: int
+    gpu: int
+    host_slack: int
+    """Host bytes the pair may hold beyond what it holds at the start (the board's)."""
+    gpu_slack: int
+    """GPU bytes the pair may hold beyond what it holds at the start."""
+
+
+@dataclass(frozen=True, slots=True)
 class Drop:
     """Stop the worker. Its snapshot, if any, survives (the runtime becomes SNAPSHOT)."""
 
@@ -169,6 +191,7 @@ class PrefetchDone:
 
 Action = (
     Load
+    | Exchange
     | Resume
     | Suspend
     | Drop
@@ -212,6 +235,9 @@ class VictimChoice:
     """Lower goes first: reuse/s x restore seconds from `to_tier` / GiB freed + priority."""
     seconds: float
     """Estimated time of the move itself."""
+    exchange: bool = False
+    """It trades places with the runtime being placed (an exchange swap): its host copy is
+    made in the pages that runtime's copy gives back, at the same time."""
 
 
 class Reason(enum.Enum):

@@ -11,7 +11,7 @@ from dataclasses import replace
 from types import MappingProxyType
 
 from torpor.errors import TorporError
-from torpor.scheduler.core.accounting import Usage, transition_usage, usage
+from torpor.scheduler.core.accounting import Usage
 from torpor.scheduler.core.actions import (
     Action,
     Decision,
@@ -23,7 +23,15 @@ from torpor.scheduler.core.actions import (
     Transition,
 )
 from torpor.scheduler.core.lifecycle import Residency, RuntimeState, Tier, check_transition
-from torpor.scheduler.core.scheduler_state import Lease, Model, Op, Runtime, SchedulerState, Waiter
+from torpor.scheduler.core.scheduler_state import (
+    Lease,
+    Model,
+    Op,
+    Runtime,
+    SchedulerState,
+    Waiter,
+    held,
+)
 from torpor.scheduler.core.world import Footprint
 
 
@@ -66,9 +74,9 @@ class Draft:
         return [lease for lease in self.leases.values() if lease.runtime_id == runtime_id]
 
     def held(self, rt: Runtime) -> Usage:
-        """What a runtime holds now (the peak of both ends while an op runs)."""
-        fp = self.fp(rt.model)
-        return usage(rt.at, fp) if rt.op is None else transition_usage(rt.at, rt.op.to, fp)
+        """What a runtime holds now (the peak of both ends while an op runs; an exchange's
+        share of the pair)."""
+        return held(rt, self.runtimes, self.fp)
 
     # Changing --------------------------------------------------------------------------
 
@@ -86,11 +94,19 @@ class Draft:
         self.decisions[decision.model] = decision
 
     def start_op(
-        self, rt: Runtime, state: RuntimeState, to: Residency, source: Tier, estimate_s: float
+        self,
+        rt: Runtime,
+        state: RuntimeState,
+        to: Residency,
+        source: Tier,
+        estimate_s: float,
+        pair: tuple[str, Usage, bool] | None = None,
     ) -> Op:
-        """Put `rt` into the transitional `state` towards `to`; checks the table."""
+        """Put `rt` into the transitional `state` towards `to`; checks the table. `pair`:
+        (partner, joint usage, outgoing) of an exchange swap."""
         check_transition(rt.id, rt.at.state, state)
-        op = Op(self.number(), state, to, source, self.now, estimate_s)
+        partner, joint, outgoing = pair if pair is not None else (None, None, False)
+        op = Op(self.number(), state, to, source, self.now, estimate_s, partner, joint, outgoing)
         self.runtimes[rt.id] = replace(rt, op=op)
         self.transitions.append(Transition(rt.id, rt.model, rt.at.state, state))
         return op

@@ -19,7 +19,14 @@ import math
 from dataclasses import dataclass, field, replace
 
 from torpor.errors import FailedPrecondition, TorporError, Unavailable
-from torpor.scheduler.core.accounting import gpu_bytes, host_bytes, host_need, reads_snapshot
+from torpor.scheduler.core.accounting import (
+    exchange_joint,
+    gpu_bytes,
+    host_bytes,
+    host_need,
+    reads_snapshot,
+    usage,
+)
 from torpor.scheduler.core.actions import Decision, Reason, VictimChoice
 from torpor.scheduler.core.costs import prefetch_host_seconds, restore_seconds
 from torpor.scheduler.core.draft import Draft
@@ -49,6 +56,10 @@ class Placement:
     victims: list[VictimChoice] = field(default_factory=list)
     relocate: bool = False
     """Its worker sits on a GPU it cannot use: drop the worker, then load elsewhere."""
+    exchange_with: str | None = None
+    """An exchange swap (docs/POLICY.md "Exchange swap"): the victim it trades places with;
+    the runtime comes back without keeping its host copy, and that victim's copy is made in
+    the pages it gives back."""
 
 
 def fatal_error(decision: Decision) -> TorporError:
@@ -117,7 +128,7 @@ def place(d: Draft, sim: Sim, model: str, bar: float | None = None) -> Placement
     if not open_ or _slots_pinned(d, sim, rt):
         detail = "pinned runtimes leave too little room (GPU bytes or worker slots)"
         return Placement(replace(base, reason=Reason.BLOCKED_BY_PINNED, detail=detail))
-    options = [p for g in open_ if (p := _option(d, sim, rt, g, bar, base)) is not None]
+    options = [p for g in open_ if (p := _best_option(d, sim, rt, g, bar, base)) is not None]
     if not options:
         return _blocked(d, sim, rt, open_, base)
     return min(options, key=_cost)
@@ -128,10 +139,37 @@ def _cost(p: Placement) -> tuple[float, float, int]:
     return (p.decision.estimate_s, score, p.decision.gpu or 0)
 
 
-def _option(
+def _best_option(
     d: Draft, sim: Sim, rt: Runtime, gpu: int, bar: float | None, base: Decision
 ) -> Placement | None:
-    """Make room for `rt` on `gpu` on a fork; None if the idle runtimes are not enough."""
+    """The cheaper way onto `gpu`: keeping the host copies as they are (a victim's suspend
+    is an unmap, or it goes below host RAM), or, for a runtime coming back from its host
+    copy, an exchange swap with a victim, when that loses less (docs/POLICY.md "Exchange
+    swap": chosen when the host budget cannot hold both copies)."""
+    kept = _option(d, sim, rt, gpu, bar, base)
+    if rt.at.state is not S.SUSPENDED_HOST or not rt.at.host_copy:
+        return kept
+    swapped = _option(d, sim, rt, gpu, bar, base, exchange=True)
+    if swapped is None or (kept is not None and _score(kept) <= _score(swapped)):
+        return kept
+    return swapped
+
+
+def _score(p: Placement) -> float:
+    return sum(v.score for v in p.victims)
+
+
+def _option(
+    d: Draft,
+    sim: Sim,
+    rt: Runtime,
+    gpu: int,
+    bar: float | None,
+    base: Decision,
+    exchange: bool = False,
+) -> Placement | None:
+    """Make room for `rt` on `gpu` on a fork; None if the idle runtimes are not enough.
+    `exchange`: as an exchange swap (its host copy is given back as a victim's is made)."""
     trial = sim.fork()
     at, fp = rt.at, d.fp(rt.model)
     moves: list[VictimChoice] = []
@@ -140,12 +178,15 @@ def _option(
         if slot is None:
             return None
         moves += slot
-    target = Residency(S.RESIDENT, gpu, host_copy=at.host_copy, snapshot=at.snapshot)
+    keep = at.host_copy and not exchange
+    target = Residency(S.RESIDENT, gpu, host_copy=keep, snapshot=at.snapshot)
     need = gpu_bytes(target, fp) - (gpu_bytes(trial.proj[rt.id], fp) if at.gpu == gpu else 0)
     # The restore's staging buffers (accounting.py), held while the victims are chosen, so
-    # that they go down past host RAM when it has no room for both.
+    # that they go down past host RAM when it has no room for both. An exchange gives its
+    # host copy back as the victims' copies are made: they may use that room.
     staging = max(0, host_need(at, target, fp))
-    trial.hold_host(staging)
+    given = host_bytes(at, fp) - host_bytes(target, fp) if exchange else 0
+    trial.hold_host(staging - given)
     if trial.free_gpu(gpu) < need:
         victims = select_gpu_victims(d, trial, gpu, need, rt.model, bar)
         if victims is None:
@@ -157,19 +198,65 @@ def _option(
         if paged is None:
             return None
         moves += paged
-    trial.hold_host(-staging)  # the move itself counts them (Sim.fits)
+    trial.hold_host(given - staging)  # the move itself counts them (Sim.fits)
     if not at.state.has_worker and _room_for_a_copy(d, trial, rt, target):
         target = replace(target, host_copy=True)  # a host copy makes its next suspend cheap
-    if not trial.fits(rt.id, target):
+    partner = _partner(d, trial, moves, gpu) if exchange else None
+    if exchange:
+        if partner is None:
+            return None
+        if not _exchange_fits(d, trial, partner, rt.id, target):
+            return None
+    elif not trial.fits(rt.id, target):
         return None
     trial.move(rt.id, target)
-    estimate = sum(m.seconds for m in moves) + restore_seconds(at, fp, d.costs)
+    restore = restore_seconds(at, fp, d.costs)
+    if partner is not None:  # the victim's copy is made while this one comes back
+        swapped = next(m for m in moves if m.runtime_id == partner)
+        restore = max(restore, swapped.seconds)
+        moves = [replace(m, exchange=True) if m.runtime_id == partner else m for m in moves]
+    estimate = sum(m.seconds for m in moves if not m.exchange) + restore
     reason = Reason.EVICT if moves else Reason.FITS
     detail = f"fits on gpu {gpu}" + (f" after moving {len(moves)} runtime(s)" if moves else "")
+    if partner is not None:
+        detail += f", by an exchange swap with {d.runtimes[partner].model}"
     decision = replace(
         base, reason=reason, detail=detail, gpu=gpu, victims=tuple(moves), estimate_s=estimate
     )
-    return Placement(decision, trial, target, moves)
+    return Placement(decision, trial, target, moves, exchange_with=partner)
+
+
+def _partner(d: Draft, trial: Sim, moves: list[VictimChoice], gpu: int) -> str | None:
+    """The victim an exchange trades places with: the largest one on `gpu` that goes from
+    RESIDENT, without a host copy, to SUSPENDED_HOST (whose copy is made in the incoming
+    runtime's pages); None if there is none."""
+    best: tuple[int, str] | None = None
+    for m in moves:
+        was = d.runtimes[m.runtime_id].at
+        if m.gpu != gpu or was.state is not S.RESIDENT or was.host_copy:
+            continue
+        if trial.proj[m.runtime_id].state is not S.SUSPENDED_HOST:
+            continue
+        key = (d.fp(m.model).weights, m.runtime_id)
+        if best is None or key > best:
+            best = key
+    return None if best is None else best[1]
+
+
+def _exchange_fits(d: Draft, trial: Sim, out: str, into: str, target: Residency) -> bool:
+    """Whether the exchange of `out` (planned on `trial` at SUSPENDED_HOST already) and
+    `into` (to `target`) fits as a pair: the projection with both at their ends, and their
+    joint usage while they trade places."""
+    was_out = d.runtimes[out].at
+    fp_out, fp_in = d.fp(d.runtimes[out].model), d.fp(d.runtimes[into].model)
+    to_out = trial.proj[out]
+    joint = exchange_joint(
+        (was_out, to_out, fp_out), (trial.proj[into], target, fp_in), d.config.exchange_slack_bytes
+    )
+    ends = (usage(to_out, fp_out), usage(target, fp_in))
+    probe = trial.fork()
+    probe.move(into, target)
+    return probe.fits_exchange(joint, ends)
 
 
 def _room_for_a_copy(d: Draft, trial: Sim, rt: Runtime, target: Residency) -> bool:

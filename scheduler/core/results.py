@@ -87,14 +87,16 @@ def on_failed(d: Draft, ev: TransitionFailed) -> None:
 
 
 def on_rolled_back(d: Draft, ev: TransitionRolledBack) -> None:
-    """The suspend changed nothing: back to where it started, with its worker. An eviction
-    that wanted it is answered with the error (retrying it now would fail the same way)."""
+    """The suspend (or either side of an exchange, run back the other way) changed nothing:
+    back to where it started, with its worker. An eviction that wanted it is answered with
+    the error (retrying it now would fail the same way)."""
     rt = _current(d, ev.runtime_id, ev.seq)
     if rt is None or rt.op is None:
         return
-    if rt.op.state is not S.SUSPENDING:
+    if rt.op.state is not S.SUSPENDING and rt.op.partner is None:
         raise Internal(
-            f"runtime {rt.id}: only a suspend can be rolled back, not {rt.op.state.name}",
+            f"runtime {rt.id}: only a suspend or an exchange can be rolled back, not "
+            f"{rt.op.state.name}",
             reason="BAD_ROLLBACK",
         )
     wrote = rt.op.to.snapshot and not rt.at.snapshot

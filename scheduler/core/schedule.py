@@ -21,7 +21,7 @@ from torpor.scheduler.core.actions import Decision, Grant, LeaseEnd, Reason, Rej
 from torpor.scheduler.core.draft import Draft
 from torpor.scheduler.core.intents import drive_evictions, drive_prefetches
 from torpor.scheduler.core.lifecycle import EvictMode, RuntimeState, dropped
-from torpor.scheduler.core.ops import start_move
+from torpor.scheduler.core.ops import start_exchange, start_move
 from torpor.scheduler.core.placement import FATAL, fatal_error, place
 from torpor.scheduler.core.scheduler_state import Lease, Runtime, Waiter
 from torpor.scheduler.core.sim import Sim
@@ -168,8 +168,13 @@ def _place(d: Draft, sim: Sim, rt: Runtime) -> Decision:
     elif p.sim is not None and p.target is not None:
         sim.adopt(p.sim)
         for v in p.victims:
-            start_move(d, sim, v.runtime_id, sim.proj[v.runtime_id])
-        start_move(d, sim, rt.id, p.target)
+            if v.runtime_id != p.exchange_with:
+                start_move(d, sim, v.runtime_id, sim.proj[v.runtime_id])
+        if p.exchange_with is not None:
+            out = p.exchange_with
+            start_exchange(d, sim, out, sim.proj[out], rt.id, p.target)
+        else:
+            start_move(d, sim, rt.id, p.target)
     return p.decision
 
 

@@ -9,13 +9,20 @@ O(models + requests) per event: nothing next to one gRPC call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torpor.errors import InvalidArgument
-from torpor.scheduler.core.accounting import Usage, transition_usage, usage
+from torpor.scheduler.core.accounting import Usage, exchange_share, transition_usage, usage
 from torpor.scheduler.core.lifecycle import EvictMode, Residency, RuntimeState, Tier, dropped
-from torpor.scheduler.core.world import Costs, GpuSpec, ModelSpec, PolicyConfig, RequestRate
+from torpor.scheduler.core.world import (
+    Costs,
+    Footprint,
+    GpuSpec,
+    ModelSpec,
+    PolicyConfig,
+    RequestRate,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,13 @@ class Op:
     """For a load or resume, the tier the bytes come from; for a suspend, the tier they go to."""
     started_at: float
     estimate_s: float
+    partner: str | None = None
+    """An exchange swap (docs/POLICY.md "Exchange swap"): the runtime this op trades places
+    with. The pair holds `joint` together, not each its own peak."""
+    joint: Usage | None = None
+    """With `partner`: what the two hold together until both ops end (`exchange_joint`)."""
+    outgoing: bool = False
+    """With `partner`: this side leaves the GPU (the other comes in)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +205,30 @@ class SchedulerState:
         return sum(1 for lease in self.leases.values() if lease.runtime_id == runtime_id)
 
     def held(self, runtime: Runtime) -> Usage:
-        """What a runtime holds now: the peak of both ends while an op runs."""
-        fp = self.models[runtime.model].spec.footprint
-        if runtime.op is None:
-            return usage(runtime.at, fp)
-        return transition_usage(runtime.at, runtime.op.to, fp)
+        """What a runtime holds now: the peak of both ends while an op runs (an exchange's
+        share of what the pair holds)."""
+        return held(runtime, self.runtimes, lambda m: self.models[m].spec.footprint)
+
+
+def held(rt: Runtime, runtimes: dict[str, Runtime], fp_of: Callable[[str], Footprint]) -> Usage:
+    """What `rt` holds now: its residency, or the peak of both ends while an op runs; in an
+    exchange, its share of the pair's joint usage (accounting.exchange_share)."""
+    fp = fp_of(rt.model)
+    op = rt.op
+    if op is None:
+        return usage(rt.at, fp)
+    if op.partner is None or op.joint is None:
+        return transition_usage(rt.at, op.to, fp)
+    partner = runtimes.get(op.partner)
+    both = partner is not None and partner.op is not None and partner.op.partner == rt.id
+    if both and partner is not None and partner.op is not None:
+        incoming = partner.op.to if op.outgoing else op.to
+        in_fp = fp_of(partner.model) if op.outgoing else fp
+        return exchange_share(op.joint, usage(incoming, in_fp), op.outgoing)
+    # The partner's op ended (it settled, failed or was dropped): this side holds the
+    # joint usage less what the partner holds now.
+    now = usage(partner.at, fp_of(partner.model)) if partner is not None else Usage()
+    return exchange_share(op.joint, now, outgoing=True)
 
 
 def initial_state(

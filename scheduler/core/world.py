@@ -197,6 +197,10 @@ class PolicyConfig:
     """Consecutive failed loads of a model after which its queue gets UNAVAILABLE."""
     deep_suspend: bool = True
     """Whether SUSPENDED_DEEP may be used (`[worker] deep_suspend` of the config file)."""
+    exchange_slack_bytes: int = 512 * 1024**2
+    """Host bytes an exchange swap turns over in beyond the larger of its two copies: one
+    arena handle (`[worker] handle_size`), so that each side always gets the room the other
+    gave back (docs/POLICY.md "Exchange swap")."""
 
     def __post_init__(self) -> None:
         _check(self.queue_bound >= 1, "policy.queue_bound", self.queue_bound, ">= 1")

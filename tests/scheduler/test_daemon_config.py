@@ -290,16 +290,26 @@ def test_deploy_file_changes_nothing_and_shows_the_defaults(tmp_path: Path) -> N
 
 def test_policy_section_feeds_the_policy_core() -> None:
     """[policy] has exactly the policy core's knobs, so the daemon can pass them over; the
-    one other knob of the core, deep_suspend, comes from [worker]."""
+    two other knobs of the core come from [worker]: deep_suspend, and the exchange swap's
+    slack, one arena handle (handle_size)."""
     world = pytest.importorskip("torpor.scheduler.core.world")
-    cfg = load_config(None, {}, {"policy.starvation_cap": 3, "worker.deep_suspend": False})
+    cfg = load_config(
+        None,
+        {},
+        {"policy.starvation_cap": 3, "worker.deep_suspend": False, "worker.handle_size": "256MiB"},
+    )
     policy = cfg.policy
     core = world.PolicyConfig(
         **{f.name: getattr(policy, f.name) for f in fields(policy)},
         deep_suspend=cfg.worker.deep_suspend,
+        exchange_slack_bytes=cfg.worker.handle_size,
     )
     assert core.starvation_cap == 3 and core.deep_suspend is False
-    assert [f.name for f in fields(core)] == [f.name for f in fields(policy)] + ["deep_suspend"]
+    assert core.exchange_slack_bytes == 256 * 1024**2
+    assert [f.name for f in fields(core)] == [f.name for f in fields(policy)] + [
+        "deep_suspend",
+        "exchange_slack_bytes",
+    ]
 
 
 # TCP authentication (issue 12): what torpord refuses to start with. Tests bind loopback only,

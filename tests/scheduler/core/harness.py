@@ -12,6 +12,7 @@ from torpor.scheduler.core import (
     Costs,
     Drop,
     Event,
+    Exchange,
     Footprint,
     GpuSpec,
     Grant,
@@ -33,7 +34,26 @@ from torpor.scheduler.core import (
 )
 
 GiB = 1024**3
-Move = Load | Resume | Suspend | Drop
+
+
+@dataclass(frozen=True)
+class ExchangeSide:
+    """One of the two ops of an Exchange action: each side's end is reported on its own."""
+
+    runtime_id: str
+    seq: int
+    action: Exchange
+    outgoing: bool
+
+
+Move = Load | Resume | Suspend | Drop | ExchangeSide
+
+
+def exchange_sides(action: Exchange) -> tuple[ExchangeSide, ExchangeSide]:
+    return (
+        ExchangeSide(action.out_runtime_id, action.out_seq, action, True),
+        ExchangeSide(action.in_runtime_id, action.in_seq, action, False),
+    )
 
 
 def footprint(weights: float, kv: float = 1, graph: float = 0.5, context: float = 0.5) -> Footprint:
@@ -96,6 +116,9 @@ class Harness:
         for action in plan.actions:
             if isinstance(action, Load | Resume | Suspend | Drop):
                 self.moves[(action.runtime_id, action.seq)] = action
+            elif isinstance(action, Exchange):
+                for side in exchange_sides(action):
+                    self.moves[(side.runtime_id, side.seq)] = side
             elif isinstance(action, Grant):
                 self.grants[action.request_id] = action
             elif isinstance(action, Reject):
@@ -117,16 +140,31 @@ class Harness:
         self.send(AcquireRequested(rid, model, client, **kw))  # type: ignore[arg-type]
         return rid
 
+    def _together(self, move: Move) -> list[Move]:
+        """The moves whose ends are reported together: both sides of an exchange (the
+        daemon reports both completed, both rolled back or both failed), else the one."""
+        if not isinstance(move, ExchangeSide):
+            return [move]
+        return [m for m in exchange_sides(move.action) if (m.runtime_id, m.seq) in self.moves]
+
     def complete(self, move: Move) -> Plan:
         """Report a transition action as done."""
-        del self.moves[(move.runtime_id, move.seq)]
-        return self.send(TransitionCompleted(move.runtime_id, move.seq))
+        plan = None
+        for m in self._together(move):
+            del self.moves[(m.runtime_id, m.seq)]
+            plan = self.send(TransitionCompleted(m.runtime_id, m.seq))
+        assert plan is not None
+        return plan
 
     def fail(self, move: Move) -> Plan:
         """Report a transition action as failed (its worker is gone)."""
-        del self.moves[(move.runtime_id, move.seq)]
-        error = Unavailable("injected failure")
-        return self.send(TransitionFailed(move.runtime_id, move.seq, error))
+        plan = None
+        for m in self._together(move):
+            del self.moves[(m.runtime_id, m.seq)]
+            error = Unavailable("injected failure")
+            plan = self.send(TransitionFailed(m.runtime_id, m.seq, error))
+        assert plan is not None
+        return plan
 
     def kill(self, runtime_id: str) -> Plan:
         """Kill a runtime's worker."""

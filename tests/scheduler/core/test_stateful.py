@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from torpor.errors import Code, FailedPrecondition, NotFound, ResourceExhausted
+from torpor.errors import Code, FailedPrecondition, Internal, NotFound, ResourceExhausted
 from torpor.scheduler.core import (
     TRANSITIONS,
     AcquireRequested,
@@ -66,7 +66,7 @@ from torpor.scheduler.core import (
     snapshot_in_use,
 )
 
-from .harness import GiB, Harness, footprint
+from .harness import ExchangeSide, GiB, Harness, exchange_sides, footprint
 
 STAGING = 256 * 1024**2  # the worker's staging buffers of every model
 
@@ -122,7 +122,7 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
         writes = frm.state in WORKER and to.snapshot and not frm.snapshot and not frm.host_copy
         return fp.staging if reads else fp.write_staging if writes else 0
 
-    for rt in state.runtimes.values():
+    def peak_of(rt) -> tuple[int | None, list[int]]:
         fp = state.models[rt.model].spec.footprint
         ends = [rt.at] + ([rt.op.to] if rt.op else [])
         priced = [parts(res, fp) for res in ends]
@@ -130,6 +130,45 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
         peak = [max(p[i] for p in priced) for i in range(4)]
         if rt.op is not None:
             peak[1] += staged(rt.at, rt.op.to, fp)
+        return gpu, peak
+
+    def pair_joint(a, b) -> list[int]:
+        """An exchange: the larger of the pair's start and end, part by part, plus the
+        slack and both staging rings (docs/POLICY.md "Exchange swap")."""
+        fa = state.models[a.model].spec.footprint
+        fb = state.models[b.model].spec.footprint
+        start = [x + y for x, y in zip(parts(a.at, fa), parts(b.at, fb), strict=True)]
+        end = [x + y for x, y in zip(parts(a.op.to, fa), parts(b.op.to, fb), strict=True)]
+        joint = [max(x, y) for x, y in zip(start, end, strict=True)]
+        joint[1] += state.config.exchange_slack_bytes + fa.staging + fb.staging
+        return joint
+
+    counted: set[str] = set()
+    for rt in state.runtimes.values():
+        if rt.id in counted:
+            continue
+        op = rt.op
+        partner = state.runtimes.get(op.partner) if op is not None and op.partner else None
+        if op is not None and op.partner is not None:
+            if partner is not None and partner.op is not None and partner.op.partner == rt.id:
+                joint = pair_joint(rt, partner) if op.outgoing else pair_joint(partner, rt)
+                counted |= {rt.id, partner.id}
+            else:  # its partner's op ended: what the pair held, less what the partner holds
+                assert op.joint is not None
+                whole = [op.joint.gpu_bytes, op.joint.host, op.joint.disk, op.joint.workers]
+                other = (
+                    parts(partner.at, state.models[partner.model].spec.footprint)
+                    if partner is not None
+                    else (0, 0, 0, 0)
+                )
+                joint = [max(0, j - o) for j, o in zip(whole, other, strict=True)]
+                counted.add(rt.id)
+            gpu = rt.at.gpu if rt.at.gpu is not None else op.to.gpu
+            if gpu is not None:
+                gpus[gpu] += joint[0]
+            host, disk, workers = host + joint[1], disk + joint[2], workers + joint[3]
+            continue
+        gpu, peak = peak_of(rt)
         if gpu is not None:
             gpus[gpu] += peak[0]
         host, disk, workers = host + peak[1], disk + peak[2], workers + peak[3]
@@ -314,6 +353,17 @@ class CoreMachine(RuleBasedStateMachine):
         full = ResourceExhausted("no room", reason="STORE_FULL")
         self._send(TransitionRolledBack(move.runtime_id, move.seq, full))
 
+    @precondition(lambda self: any(isinstance(m, ExchangeSide) for m in self.h.moves.values()))
+    @rule(i=PICK)
+    def roll_back_exchange(self, i) -> None:
+        """An exchange whose side failed, run back the other way: both where they were."""
+        sides = {k: m for k, m in self.h.moves.items() if isinstance(m, ExchangeSide)}
+        picked = sides[self._pick(sides, i)]
+        failed = Internal("a side failed", reason="EXCHANGE_PEER_FAILED")
+        for side in exchange_sides(picked.action):
+            if self.h.moves.pop((side.runtime_id, side.seq), None) is not None:
+                self._send(TransitionRolledBack(side.runtime_id, side.seq, failed))
+
     @precondition(lambda self: any(rt.state.has_worker for rt in self.h.state.runtimes.values()))
     @rule(i=PICK)
     def kill_worker(self, i) -> None:
@@ -410,6 +460,26 @@ class OperatorMachine(CoreMachine):
 
 # About 5 s each on one core; TORPOR_STATEFUL_EXAMPLES=5000 searches harder (minutes).
 EXAMPLES = int(os.environ.get("TORPOR_STATEFUL_EXAMPLES", "200"))
+
+
+class ExchangeMachine(CoreMachine):
+    """The same machine on a host whose RAM holds one copy of the largest model (plus the
+    slack), and a GPU that holds one or two of them: runtimes coming back from host RAM
+    trade places with resident ones (exchange swaps) all the time."""
+
+    @initialize(
+        weights=st.lists(st.sampled_from([10, 14, 18, 20]), min_size=2, max_size=3),
+        disk=st.sampled_from([0, 80]),
+        snapshots=st.lists(st.booleans(), min_size=5, max_size=5),
+        cap=st.sampled_from([1, 4]),
+    )
+    def setup(self, weights, disk, snapshots, cap) -> None:  # type: ignore[override]
+        host = max(weights) + 2  # one copy, the exchange's slack and two staging rings
+        CoreMachine.setup(
+            self, [40], host, disk, weights, [False] * 5, snapshots, 0.0, 0.0, cap, 8, 4
+        )
+
+
 SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=50,
@@ -420,3 +490,5 @@ CoreMachine.TestCase.settings = SETTINGS
 OperatorMachine.TestCase.settings = SETTINGS
 TestCore = CoreMachine.TestCase
 TestWithOperators = OperatorMachine.TestCase
+ExchangeMachine.TestCase.settings = SETTINGS
+TestWithExchanges = ExchangeMachine.TestCase
