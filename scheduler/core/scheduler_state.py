@@ -210,7 +210,7 @@ class SchedulerState:
         return held(runtime, self.runtimes, lambda m: self.models[m].spec.footprint)
 
 
-def held(rt: Runtime, runtimes: dict[str, Runtime], fp_of: Callable[[str], Footprint]) -> Usage:
+def held(rt: Runtime, runtimes: Mapping[str, Runtime], fp_of: Callable[[str], Footprint]) -> Usage:
     """What `rt` holds now: its residency, or the peak of both ends while an op runs; in an
     exchange, its share of the pair's joint usage (accounting.exchange_share)."""
     fp = fp_of(rt.model)
