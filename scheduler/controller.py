@@ -91,6 +91,8 @@ class Ticket:
 class Executor(Protocol):
     def start(self, action: Load | Resume | Suspend | Drop) -> None: ...
 
+    def start_exchange(self, action: core.Exchange) -> None: ...
+
     def abort_requests(self, runtime_id: str) -> None: ...
 
 
@@ -154,6 +156,8 @@ class Controller:
         for action in plan.actions:
             if isinstance(action, Load | Resume | Suspend | Drop):
                 self.executor.start(action)
+            elif isinstance(action, core.Exchange):
+                self.executor.start_exchange(action)
             elif isinstance(action, AbortRequests):
                 self.executor.abort_requests(action.runtime_id)
             elif isinstance(action, EndLease):

@@ -250,6 +250,7 @@ def victim(v: VictimChoice) -> common_pb2.Victim:
         to_tier=tier_name(v.to_tier),
         bytes_freed=v.gpu_bytes_freed,
         score=v.score,
+        exchange=v.exchange,
     )
 
 

@@ -39,6 +39,7 @@ from torpor.log import bind, get_logger
 from torpor.scheduler import convert, worker_calls
 from torpor.scheduler.core import (
     Drop,
+    Exchange,
     Footprint,
     Load,
     Resume,
@@ -49,6 +50,7 @@ from torpor.scheduler.core import (
     TransitionRolledBack,
     WorkerDied,
 )
+from torpor.scheduler.exchanges import ExchangeRunner
 from torpor.scheduler.inflight import InflightCalls
 from torpor.scheduler.labels import ACTION_LABELS, LOAD_LABELS, TIER_LABELS
 from torpor.scheduler.metrics import Metrics
@@ -164,6 +166,14 @@ class Executor:
 
     def worker(self, runtime_id: str) -> WorkerProcess | None:
         return self.supervisor.workers.get(runtime_id)
+
+    def start_exchange(self, action: Exchange) -> None:
+        """Run an exchange swap on its two workers (exchanges.py)."""
+        self.busy.update((action.out_runtime_id, action.in_runtime_id))
+        runner = ExchangeRunner(self, self._safe_report)
+        task = asyncio.create_task(runner.run(action), name=f"Exchange-{action.in_runtime_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def start(self, action: Load | Resume | Suspend | Drop) -> None:
         self.busy.add(action.runtime_id)
@@ -435,6 +445,7 @@ class Executor:
             residue=est.residue,
             staging=est.staging,  # the limit its worker was sent at load
             write_staging=est.write_staging,
+            exchange_staging=est.exchange_staging,
         )
 
     async def _kill(self, runtime_id: str, now: bool = False) -> None:

@@ -218,6 +218,7 @@ def estimate(
         snapshot=snapshot_estimate(ckpt, weights, tensors),
         staging=staging_bytes(weights, cuda),
         write_staging=min(STAGING_CHUNK, _piece(weights)) if cuda else 0,
+        exchange_staging=DEEP_STAGE_BUFFERS * min(DEEP_STAGE_BYTES, _piece(weights)) if cuda else 0,
     )
 
 

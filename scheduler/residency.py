@@ -108,7 +108,11 @@ class ResidencyView:
             restore_estimate=convert.duration(
                 restore_seconds(runtime.at, entry.spec.footprint, state.costs)
             ),
+            host_copy=runtime.target().host_copy,
         )
+        partner = runtime.op.partner if runtime.op is not None else None
+        if partner is not None and partner in state.runtimes:
+            info.exchange_with = state.runtimes[partner].model
         if runtime.gpu is not None:
             info.gpu = runtime.gpu
         if entry.last_used is not None:

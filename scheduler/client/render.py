@@ -166,9 +166,13 @@ def _budget(label: str, b: Json | None) -> str:
 def _runtime_table(title: str, runtimes: list[Json], now: datetime) -> Table:
     table = _table(title, _RUNTIME_COLUMNS)
     for r in runtimes:
+        state = _cell(r["state"])
+        if r["exchange_with"]:  # an exchange swap: the model it trades places with
+            state += f" ⇄ {r['exchange_with']}"
+        host = size(r["host_bytes"]) + (" (copy)" if r["host_copy"] else "")
         table.add_row(
-            r["model"], _cell(r["state"]), _cell(r["tier"]), _cell(r["gpu"]),
-            size(r["gpu_bytes"]), size(r["host_bytes"]), size(r["disk_bytes"]),
+            r["model"], state, _cell(r["tier"]), _cell(r["gpu"]),
+            size(r["gpu_bytes"]), host, size(r["disk_bytes"]),
             relative(r["last_used"], now), str(r["leases"]), _cell(r["pinned"]),
             relative(r["keep_alive_until"], now), secs(r["restore_estimate_s"]),
             _cell(r["worker_pid"] or None),
@@ -216,7 +220,8 @@ def plan(doc: Json) -> None:
     if doc["victims"]:
         table = _table(None, ("MODEL", "RUNTIME", "GPU", "TO", "FREES", "SCORE"))
         for v in doc["victims"]:
-            table.add_row(v["model"], v["runtime_id"], str(v["gpu"]), _cell(v["to_tier"]),
+            to = _cell(v["to_tier"]) + (" (exchange)" if v["exchange"] else "")
+            table.add_row(v["model"], v["runtime_id"], str(v["gpu"]), to,
                           size(v["bytes_freed"]), f"{v['score']:.4g}")  # fmt: skip
         show(table)
 

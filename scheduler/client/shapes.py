@@ -35,6 +35,7 @@ _ENUM_PREFIXES = {
     "EvictMode": "EVICT_MODE_",
     "LoadPhase": "LOAD_PHASE_",
     "LoadFormat": "LOAD_FORMAT_",
+    "ExchangeSide": "EXCHANGE_SIDE_",
 }
 """Every torpor.v1 enum (tests/cli/test_client_enum_names.py checks that none is missing)."""
 
@@ -109,6 +110,8 @@ def runtime(r: admin_pb2.RuntimeInfo) -> Json:
         "keep_alive_until": timestamp(r, "keep_alive_until"),
         "restore_estimate_s": seconds(r, "restore_estimate"),
         "worker_pid": r.worker_pid,
+        "host_copy": r.host_copy,
+        "exchange_with": r.exchange_with or None,
     }
 
 
@@ -155,6 +158,7 @@ def victim(v: common_pb2.Victim) -> Json:
         "to_tier": enum_name(common_pb2.Tier, v.to_tier),
         "bytes_freed": v.bytes_freed,
         "score": v.score,
+        "exchange": v.exchange,
     }
 
 

@@ -162,7 +162,7 @@ def exchange_joint(
     start = _plus(usage(of, ofp), usage(inf, ifp))
     end = _plus(usage(ot, ofp), usage(it, ifp))
     held = start.peak(end)
-    return replace(held, host=held.host + slack + ofp.staging + ifp.staging)
+    return replace(held, host=held.host + slack + ofp.exchange_staging + ifp.exchange_staging)
 
 
 def exchange_share(joint: Usage, other: Usage, outgoing: bool) -> Usage:

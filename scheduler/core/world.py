@@ -71,6 +71,9 @@ class Footprint:
     write_staging: int = 0
     """Host bytes of a snapshot write's one staging buffer, held when the weights are written
     from the device (no host copy): a chunk on CUDA; 0 on the CPU backend."""
+    exchange_staging: int = 0
+    """Host bytes of the staging ring one side of an exchange swap holds (pinned; CUDA: the
+    stager's ring, within `staging`); 0 on the CPU backend, where nothing is locked."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -82,6 +85,7 @@ class Footprint:
             "snapshot",
             "staging",
             "write_staging",
+            "exchange_staging",
         ):
             value = getattr(self, name)
             _check(value >= 0, f"footprint.{name}", value, ">= 0")

@@ -18,7 +18,8 @@ from torpor.v1 import admin_pb2, common_pb2
 GPU_KEYS = {"index", "name", "total_bytes", "used_bytes", "free_bytes"}
 RUNTIME_KEYS = {
     "model", "state", "tier", "gpu", "gpu_bytes", "host_bytes", "disk_bytes", "last_used",
-    "leases", "pinned", "keep_alive_until", "restore_estimate_s", "worker_pid",
+    "leases", "pinned", "keep_alive_until", "restore_estimate_s", "worker_pid", "host_copy",
+    "exchange_with",
 }  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def test_explain_renders_the_plan(cli: Cli) -> None:
         "reason_code": "EVICT", "gpu": 0, "estimate_s": 0.84, "source_tier": "disk",
         "required_bytes": 96 * MiB,
         "victims": [{"model": "demo-a", "runtime_id": "rt-a0", "gpu": 0, "to_tier": "host",
-                     "bytes_freed": 90 * MiB, "score": 0.25}],
+                     "bytes_freed": 90 * MiB, "score": 0.25, "exchange": False}],
     }  # fmt: skip
     out = cli.ok("explain", "demo-c")
     assert out.startswith("demo-c: admit: fits on gpu 0 after evicting 1 runtime (EVICT)")

@@ -38,7 +38,8 @@ NOT_FOUND = "torpor: error: no model 'nope' is registered"
 
 RUNTIME_FIELDS = {
     "model", "state", "tier", "gpu", "gpu_bytes", "host_bytes", "disk_bytes", "last_used",
-    "leases", "pinned", "keep_alive_until", "restore_estimate_s", "worker_pid",
+    "leases", "pinned", "keep_alive_until", "restore_estimate_s", "worker_pid", "host_copy",
+    "exchange_with",
 }  # fmt: skip
 GPU_FIELDS = {"index", "name", "total_bytes", "used_bytes", "free_bytes"}
 TIERS = {"gpu", "host", "deep", "disk", "source"}

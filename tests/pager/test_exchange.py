@@ -243,13 +243,21 @@ def test_a_failure_at_every_chunk_leaves_both_usable(pair, tmp_path: Path, faili
 
 
 def test_a_busy_or_misplaced_runtime_is_refused_and_the_peer_stops(pair, tmp_path: Path) -> None:
-    big, _ = pair
-    # IN on a resident runtime: refused at once, marked failed on the board.
+    big, small = pair
+    # IN on a resident runtime: nothing to do (the rollback of a side that never moved).
     board = Board.create(tmp_path / "b", PAGER.handle_bytes, 0)
+    assert big.exchange(Side.IN, board, TIMEOUT_S).steps == 0
+    assert board.status(Side.IN) is Status.DONE
+    board.close()
+    # OUT on a runtime suspended to disk: refused at once, marked failed on the board.
+    from torpor.store.chunks import ChunkStore
+
+    small.suspend(SuspendLevel.DISK, store=ChunkStore(tmp_path / "store"))
+    board = Board.create(tmp_path / "d", PAGER.handle_bytes, 0)
     with pytest.raises(FailedPrecondition) as info:
-        big.exchange(Side.IN, board, TIMEOUT_S)
+        small.exchange(Side.OUT, board, TIMEOUT_S)
     assert info.value.reason == "BAD_RUNTIME_STATE"
-    assert board.status(Side.IN) is Status.FAILED
+    assert board.status(Side.OUT) is Status.FAILED
     board.close()
     # A runtime serving a request is not taken out.
     long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)

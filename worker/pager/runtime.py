@@ -407,9 +407,15 @@ class PagedRuntime:
         SUSPENDED_HOST, IN a SUSPENDED_HOST one to RESIDENT, each taking only what the other
         side of `board` gives back. A side that fails (or whose peer fails) leaves the
         runtime EXCHANGING and raises; the same verb with the other side brings it back
-        whole. A RESIDENT runtime must be idle (RUNTIME_BUSY otherwise)."""
+        whole. A runtime already where its side ends (OUT: SUSPENDED_HOST, IN: RESIDENT: the
+        rollback of a side that never moved) has nothing to do. A RESIDENT runtime must be
+        idle (RUNTIME_BUSY otherwise)."""
         with self._lock:
             start = time.perf_counter()
+            done = PagedState.SUSPENDED_HOST if side is Side.OUT else PagedState.RESIDENT
+            if self.residency is done:  # there already (a rollback of a side that never moved)
+                board.finish(side, Status.DONE)
+                return ExchangeReport(side, 0.0, 0, 0, 0.0)
             stage = None
             try:
                 if self.residency is not PagedState.EXCHANGING:

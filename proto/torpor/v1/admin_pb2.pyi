@@ -103,7 +103,7 @@ class MemoryBudget(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
 
 class RuntimeInfo(_message.Message):
-    __slots__ = ("model", "runtime_id", "state", "tier", "gpu", "gpu_bytes", "host_bytes", "disk_bytes", "last_used", "leases", "keep_alive_until", "pinned", "restore_estimate", "worker_pid")
+    __slots__ = ("model", "runtime_id", "state", "tier", "gpu", "gpu_bytes", "host_bytes", "disk_bytes", "last_used", "leases", "keep_alive_until", "pinned", "restore_estimate", "worker_pid", "host_copy", "exchange_with")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class RuntimeInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     RESTORE_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    HOST_COPY_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_WITH_FIELD_NUMBER: _ClassVar[int]
     model: str
     runtime_id: str
     state: _common_pb2.RuntimeState
@@ -132,7 +134,9 @@ class RuntimeInfo(_message.Message):
     pinned: bool
     restore_estimate: _duration_pb2.Duration
     worker_pid: int
-    def __init__(self, model: _Optional[str] = ..., runtime_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., gpu: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leases: _Optional[int] = ..., keep_alive_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., restore_estimate: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., worker_pid: _Optional[int] = ...) -> None: ...
+    host_copy: bool
+    exchange_with: str
+    def __init__(self, model: _Optional[str] = ..., runtime_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.RuntimeState, str]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., gpu: _Optional[int] = ..., gpu_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leases: _Optional[int] = ..., keep_alive_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., restore_estimate: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., worker_pid: _Optional[int] = ..., host_copy: _Optional[bool] = ..., exchange_with: _Optional[str] = ...) -> None: ...
 
 class ListResidencyRequest(_message.Message):
     __slots__ = ("model", "include_cold")

@@ -225,20 +225,22 @@ class Model(_message.Message):
     def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[RuntimeState, str]] = ..., footprint_bytes: _Optional[int] = ..., snapshot_id: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class Victim(_message.Message):
-    __slots__ = ("model", "runtime_id", "gpu", "to_tier", "bytes_freed", "score")
+    __slots__ = ("model", "runtime_id", "gpu", "to_tier", "bytes_freed", "score", "exchange")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     TO_TIER_FIELD_NUMBER: _ClassVar[int]
     BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     runtime_id: str
     gpu: int
     to_tier: Tier
     bytes_freed: int
     score: float
-    def __init__(self, model: _Optional[str] = ..., runtime_id: _Optional[str] = ..., gpu: _Optional[int] = ..., to_tier: _Optional[_Union[Tier, str]] = ..., bytes_freed: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    exchange: bool
+    def __init__(self, model: _Optional[str] = ..., runtime_id: _Optional[str] = ..., gpu: _Optional[int] = ..., to_tier: _Optional[_Union[Tier, str]] = ..., bytes_freed: _Optional[int] = ..., score: _Optional[float] = ..., exchange: _Optional[bool] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "token_bytes")

@@ -134,13 +134,13 @@ def oracle_usage(state: SchedulerState) -> tuple[Counter, int, int, int]:
 
     def pair_joint(a, b) -> list[int]:
         """An exchange: the larger of the pair's start and end, part by part, plus the
-        slack and both staging rings (docs/POLICY.md "Exchange swap")."""
+        slack and both sides' exchange staging rings (docs/POLICY.md "Exchange swap")."""
         fa = state.models[a.model].spec.footprint
         fb = state.models[b.model].spec.footprint
         start = [x + y for x, y in zip(parts(a.at, fa), parts(b.at, fb), strict=True)]
         end = [x + y for x, y in zip(parts(a.op.to, fa), parts(b.op.to, fb), strict=True)]
         joint = [max(x, y) for x, y in zip(start, end, strict=True)]
-        joint[1] += state.config.exchange_slack_bytes + fa.staging + fb.staging
+        joint[1] += state.config.exchange_slack_bytes + fa.exchange_staging + fb.exchange_staging
         return joint
 
     counted: set[str] = set()
@@ -221,7 +221,12 @@ class CoreMachine(RuleBasedStateMachine):
             snap = snapshots[i] and stored + w <= disk  # a snapshot in the store fits its budget
             stored += w if snap else 0
             pin = pinned[i] and i == 0  # at most one pinned model, so others can still run
-            fp = replace(footprint(w), staging=STAGING, write_staging=STAGING // 4)
+            fp = replace(
+                footprint(w),
+                staging=STAGING,
+                write_staging=STAGING // 4,
+                exchange_staging=STAGING // 2,
+            )
             self.specs[name] = ModelSpec(name, fp, pinned=pin)
             self._send(ModelRegistered(self.specs[name], snap))
 
