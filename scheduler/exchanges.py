@@ -7,9 +7,9 @@ side (GPU -> host) and the incoming one (host -> GPU). Both done: TransitionComp
 each. A side failed: the exchange is run the other way round on a new board (each worker
 moves back only what it had moved; a side that never moved has nothing to do), and both are
 reported TransitionRolledBack with the first error: both runtimes are where they started,
-their workers alive. If that fails too, both workers are killed and both reported
-TransitionFailed (the core's rule: a FAILED runtime holds nothing). Every worker call is
-bounded (worker_calls.py).
+their workers alive. If that fails too, or a worker died or hung (nothing to move back with),
+both workers are killed and both reported TransitionFailed (the core's rule: a FAILED runtime
+holds nothing). Every worker call is bounded (worker_calls.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ log = get_logger("exchange")
 
 OUT, IN = worker_pb2.EXCHANGE_SIDE_OUT, worker_pb2.EXCHANGE_SIDE_IN
 MARGIN_S = 10.0
-"""How much longer than the exchange's own timeout torpord waits for a worker's answer."""
+"""How much longer than the exchange's own timeout torpord waits for a worker's answer (at
+most as long again as the timeout)."""
+GONE = frozenset({worker_calls.WORKER_HUNG, worker_calls.WORKER_DIED})
+"""A side that failed this way has no worker left to move back: no rollback is tried."""
 
 
 class ExchangeRunner:
@@ -64,7 +67,7 @@ class ExchangeRunner:
                     self._done(action)
                     return
                 log.warning("exchange_failed", error=str(error), reason=error.reason)
-                undo = await self._both(action, forward=False)
+                undo = error if error.reason in GONE else await self._both(action, forward=False)
                 if undo is None:
                     log.warning("exchange_rolled_back", reason=error.reason)
                     self._rolled_back(action, error)
@@ -118,9 +121,8 @@ class ExchangeRunner:
         request = worker_pb2.WorkerExchangeRequest(side=side, board_path=str(board))
         request.timeout.FromSeconds(max(1, int(timeout_s)))
         what = f"exchange {'out' if side == OUT else 'in'}"
-        return await worker_calls.unary(
-            worker, worker.stub.Exchange, request, timeout_s + MARGIN_S, what
-        )
+        bound = timeout_s + min(MARGIN_S, timeout_s)
+        return await worker_calls.unary(worker, worker.stub.Exchange, request, bound, what)
 
     def _done(self, action: Exchange) -> None:
         self._report(TransitionCompleted(action.out_runtime_id, action.out_seq, _HOST))
