@@ -62,6 +62,7 @@ SERVICES: dict[str, dict[str, tuple[str, str, bool]]] = {
         "Snapshot": ("WorkerSnapshotRequest", "WorkerSnapshotResponse", True),
         "Status": ("WorkerStatusRequest", "WorkerStatusResponse", False),
         "Shutdown": ("WorkerShutdownRequest", "WorkerShutdownResponse", False),
+        "Exchange": ("WorkerExchangeRequest", "WorkerExchangeResponse", False),
     },
 }
 
@@ -113,6 +114,7 @@ FIELDS: dict[str, dict[str, str]] = {
         "to_tier": "Tier",
         "bytes_freed": "uint64",
         "score": "double",
+        "exchange": "bool",
     },
     "TransferProgress": {"tier": "Tier", "bytes_done": "uint64", "bytes_total": "uint64"},
     "RenewRequest": {"lease_id": "string"},
@@ -182,6 +184,20 @@ FIELDS: dict[str, dict[str, str]] = {
         "pinned": "bool",
         "restore_estimate": DUR,
         "worker_pid": "uint32",
+        "host_copy": "bool",
+        "exchange_with": "string",
+    },
+    "WorkerExchangeRequest": {
+        "side": "ExchangeSide",
+        "board_path": "string",
+        "timeout": DUR,
+    },
+    "WorkerExchangeResponse": {
+        "state": "RuntimeState",
+        "bytes": "uint64",
+        "steps": "uint32",
+        "waited": DUR,
+        "total": DUR,
     },
     "ListResidencyResponse": {"gpus": "repeated GpuInfo", "runtimes": "repeated RuntimeInfo"},
     "EvictRequest": {
@@ -292,6 +308,7 @@ ENUMS: dict[str, list[str]] = {
     "Dtype": ["FLOAT32", "BFLOAT16", "FLOAT16", "FP8"],
     "FinishReason": ["STOP", "LENGTH", "ABORT"],
     "EvictMode": ["DRAIN", "ABORT"],
+    "ExchangeSide": ["OUT", "IN"],
     "Backend": ["CPU", "CUDA"],
     "SnapshotState": ["WRITING", "COMPLETE", "CORRUPT"],
 }
