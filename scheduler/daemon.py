@@ -387,10 +387,13 @@ def policy_state(
         for g in inventory.gpus()
     )
     knobs = {f.name for f in dataclasses.fields(PolicyConfig)}
-    knobs -= {"deep_suspend", "exchange_slack_bytes"}
+    knobs -= {"deep_suspend", "exchange_swap", "exchange_slack_bytes"}
     policy = PolicyConfig(
         **{name: getattr(cfg.policy, name) for name in knobs},
         deep_suspend=cfg.worker.deep_suspend,
+        # Not yet run on a GPU (docs/PAGER.md, "Exchange swap"): auto is the CPU backend only.
+        exchange_swap=cfg.worker.exchange_swap == "on"
+        or (cfg.worker.exchange_swap == "auto" and not cuda),
         exchange_slack_bytes=cfg.worker.handle_size,
     )
     costs = measured(Costs())

@@ -301,6 +301,10 @@ class WorkerSection(_Section):
     """Run a keeper process per GPU (started with its first worker) that holds deep-suspended
     runtimes' page-locked host copies and fills their arenas back at DMA speed; it costs one
     CUDA context per GPU. Only with deep_suspend on; CUDA backend only."""
+    exchange_swap: str = _key("auto", kind="choice", choices=("auto", "on", "off"))
+    """Let the policy trade a resident runtime and one coming back from host RAM in place
+    when host RAM holds one copy but not both (docs/POLICY.md "Exchange swap"). auto: on
+    for the CPU backend; off on CUDA until it has been measured there (docs/PAGER.md)."""
     python: str = _key("auto", kind="exe", auto=lambda: sys.executable)
     """Python interpreter that runs `-m torpor.worker.main`; auto is torpord's own."""
 

@@ -147,7 +147,7 @@ def _best_option(
     copy, an exchange swap with a victim, when that loses less (docs/POLICY.md "Exchange
     swap": chosen when the host budget cannot hold both copies)."""
     kept = _option(d, sim, rt, gpu, bar, base)
-    if rt.at.state is not S.SUSPENDED_HOST or not rt.at.host_copy:
+    if not d.config.exchange_swap or rt.at.state is not S.SUSPENDED_HOST or not rt.at.host_copy:
         return kept
     swapped = _option(d, sim, rt, gpu, bar, base, exchange=True)
     if swapped is None or (kept is not None and _score(kept) <= _score(swapped)):

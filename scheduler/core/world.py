@@ -201,6 +201,8 @@ class PolicyConfig:
     """Consecutive failed loads of a model after which its queue gets UNAVAILABLE."""
     deep_suspend: bool = True
     """Whether SUSPENDED_DEEP may be used (`[worker] deep_suspend` of the config file)."""
+    exchange_swap: bool = True
+    """Whether the policy may plan exchange swaps (`[worker] exchange_swap`)."""
     exchange_slack_bytes: int = 512 * 1024**2
     """Host bytes an exchange swap turns over in beyond the larger of its two copies: one
     arena handle (`[worker] handle_size`), so that each side always gets the room the other

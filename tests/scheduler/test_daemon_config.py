@@ -290,8 +290,8 @@ def test_deploy_file_changes_nothing_and_shows_the_defaults(tmp_path: Path) -> N
 
 def test_policy_section_feeds_the_policy_core() -> None:
     """[policy] has exactly the policy core's knobs, so the daemon can pass them over; the
-    two other knobs of the core come from [worker]: deep_suspend, and the exchange swap's
-    slack, one arena handle (handle_size)."""
+    other knobs of the core come from [worker]: deep_suspend, exchange_swap, and the exchange
+    swap's slack, one arena handle (handle_size)."""
     world = pytest.importorskip("torpor.scheduler.core.world")
     cfg = load_config(
         None,
@@ -302,12 +302,14 @@ def test_policy_section_feeds_the_policy_core() -> None:
     core = world.PolicyConfig(
         **{f.name: getattr(policy, f.name) for f in fields(policy)},
         deep_suspend=cfg.worker.deep_suspend,
+        exchange_swap=cfg.worker.exchange_swap != "off",
         exchange_slack_bytes=cfg.worker.handle_size,
     )
     assert core.starvation_cap == 3 and core.deep_suspend is False
     assert core.exchange_slack_bytes == 256 * 1024**2
     assert [f.name for f in fields(core)] == [f.name for f in fields(policy)] + [
         "deep_suspend",
+        "exchange_swap",
         "exchange_slack_bytes",
     ]
 

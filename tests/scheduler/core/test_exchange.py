@@ -30,10 +30,10 @@ def _use(h: Harness, model: str) -> None:
     h.send(ClientGone(model))
 
 
-def _pair(host: float) -> Harness:
+def _pair(host: float, **config: object) -> Harness:
     """Two 20 GiB models on a 40 GiB GPU that holds one; b used first (it keeps its host
     copy), then a (resident, b suspended to host)."""
-    h = Harness(world(gpus=(40,), host=host, disk=0))
+    h = Harness(world(gpus=(40,), host=host, disk=0, **config))
     h.register("a", 20)
     h.register("b", 20)
     _use(h, "b")
@@ -143,3 +143,11 @@ def test_explain_names_the_exchange() -> None:
     decision = explain(h.state, "b", h.now)
     assert "exchange swap with a" in decision.detail
     assert [v.exchange for v in decision.victims] == [True]
+
+
+def test_with_exchanges_off_the_victim_goes_down_instead() -> None:
+    h = _pair(host=24, exchange_swap=False)
+    h.acquire("b", client="b")
+    plan = h.plans[-1]
+    assert not _exchanges(plan)
+    assert "exchange" not in plan.decisions[-1].detail
