@@ -49,7 +49,7 @@ class ExchangeRunner:
 
     def __init__(self, executor: Any, report: Callable[[Any], None]) -> None:
         self.executor = executor  # workers, bounds, kill, metrics, busy set
-        self.report = report
+        self.report = report  # the executor's: a report the core refuses is logged
 
     async def run(self, action: Exchange) -> None:
         ex = self.executor
@@ -125,12 +125,12 @@ class ExchangeRunner:
         return await worker_calls.unary(worker, worker.stub.Exchange, request, bound, what)
 
     def _done(self, action: Exchange) -> None:
-        self._report(TransitionCompleted(action.out_runtime_id, action.out_seq, _HOST))
-        self._report(TransitionCompleted(action.in_runtime_id, action.in_seq, _RESIDENT))
+        self.report(TransitionCompleted(action.out_runtime_id, action.out_seq, _HOST))
+        self.report(TransitionCompleted(action.in_runtime_id, action.in_seq, _RESIDENT))
 
     def _rolled_back(self, action: Exchange, error: TorporError) -> None:
-        self._report(TransitionRolledBack(action.out_runtime_id, action.out_seq, error))
-        self._report(TransitionRolledBack(action.in_runtime_id, action.in_seq, error))
+        self.report(TransitionRolledBack(action.out_runtime_id, action.out_seq, error))
+        self.report(TransitionRolledBack(action.in_runtime_id, action.in_seq, error))
 
     async def _fail(self, action: Exchange, error: TorporError) -> None:
         """Kill both workers (a runtime part way through an exchange cannot serve), then
@@ -139,14 +139,8 @@ class ExchangeRunner:
             for rid in (action.out_runtime_id, action.in_runtime_id):
                 await self.executor._kill(rid, now=True)
         finally:
-            self._report(TransitionFailed(action.out_runtime_id, action.out_seq, error))
-            self._report(TransitionFailed(action.in_runtime_id, action.in_seq, error))
-
-    def _report(self, event: Any) -> None:
-        try:
-            self.report(event)
-        except Exception as err:  # a stale report the core refuses is not our crash
-            log.warning("report_refused", report=type(event).__name__, error=str(err))
+            self.report(TransitionFailed(action.out_runtime_id, action.out_seq, error))
+            self.report(TransitionFailed(action.in_runtime_id, action.in_seq, error))
 
 
 _HOST = RuntimeState.SUSPENDED_HOST

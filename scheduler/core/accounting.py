@@ -75,6 +75,16 @@ class Usage:
             workers=max(self.workers, other.workers),
         )
 
+    def plus(self, other: Usage) -> Usage:
+        """Part-by-part sum: what two runtimes hold together (an exchange's pair)."""
+        return Usage(
+            gpu=self.gpu if self.gpu is not None else other.gpu,
+            gpu_bytes=self.gpu_bytes + other.gpu_bytes,
+            host=self.host + other.host,
+            disk=self.disk + other.disk,
+            workers=self.workers + other.workers,
+        )
+
 
 def gpu_bytes(res: Residency, fp: Footprint) -> int:
     """GPU bytes a runtime holds in the stable residency `res`."""
@@ -143,13 +153,6 @@ def transition_usage(frm: Residency, to: Residency, fp: Footprint) -> Usage:
     return replace(held, host=held.host + extra) if extra else held
 
 
-def _plus(a: Usage, b: Usage) -> Usage:
-    gpu = a.gpu if a.gpu is not None else b.gpu
-    return Usage(
-        gpu, a.gpu_bytes + b.gpu_bytes, a.host + b.host, a.disk + b.disk, a.workers + b.workers
-    )
-
-
 def exchange_joint(
     out: tuple[Residency, Residency, Footprint],
     into: tuple[Residency, Residency, Footprint],
@@ -159,8 +162,8 @@ def exchange_joint(
     the pair's start and end, plus `slack` host bytes (the room the exchange turns over in)
     and both sides' staging buffers. `out` and `into` are (from, to, footprint)."""
     (of, ot, ofp), (inf, it, ifp) = out, into
-    start = _plus(usage(of, ofp), usage(inf, ifp))
-    end = _plus(usage(ot, ofp), usage(it, ifp))
+    start = usage(of, ofp).plus(usage(inf, ifp))
+    end = usage(ot, ofp).plus(usage(it, ifp))
     held = start.peak(end)
     return replace(held, host=held.host + slack + ofp.exchange_staging + ifp.exchange_staging)
 

@@ -220,8 +220,7 @@ def held(rt: Runtime, runtimes: Mapping[str, Runtime], fp_of: Callable[[str], Fo
     if op.partner is None or op.joint is None:
         return transition_usage(rt.at, op.to, fp)
     partner = runtimes.get(op.partner)
-    both = partner is not None and partner.op is not None and partner.op.partner == rt.id
-    if both and partner is not None and partner.op is not None:
+    if partner is not None and partner.op is not None and partner.op.partner == rt.id:
         incoming = partner.op.to if op.outgoing else op.to
         in_fp = fp_of(partner.model) if op.outgoing else fp
         return exchange_share(op.joint, usage(incoming, in_fp), op.outgoing)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torpor.scheduler.core.accounting import Usage, exchange_joint, transition_usage, usage
+from torpor.scheduler.core.accounting import Usage, transition_usage, usage
 from torpor.scheduler.core.draft import Draft
 from torpor.scheduler.core.lifecycle import Residency
 
@@ -57,16 +57,6 @@ def _allows(ledger: _Ledger, caps: _Caps, remove: Usage, add: Usage) -> bool:
     for g in {g for g in (remove.gpu, add.gpu) if g is not None}:
         pairs.append((trial.gpu.get(g, 0), ledger.gpu.get(g, 0), caps.gpu.get(g, 0)))
     return all(new <= cap or new <= old for new, old, cap in pairs)
-
-
-def _sum(a: Usage, b: Usage) -> Usage:
-    return Usage(
-        a.gpu if a.gpu is not None else b.gpu,
-        a.gpu_bytes + b.gpu_bytes,
-        a.host + b.host,
-        a.disk + b.disk,
-        a.workers + b.workers,
-    )
 
 
 class Sim:
@@ -127,35 +117,17 @@ class Sim:
         self.proj[rid] = to
         self.touched.add(rid)
 
-    def joint(self, out: str, out_to: Residency, into: str, into_to: Residency) -> Usage:
-        """What an exchange of `out` (to `out_to`) and `into` (to `into_to`) holds while it
-        runs, from their projected residencies."""
-        d = self.d
-        fp_out, fp_in = d.fp(d.runtimes[out].model), d.fp(d.runtimes[into].model)
-        return exchange_joint(
-            (self.proj[out], out_to, fp_out),
-            (self.proj[into], into_to, fp_in),
-            d.config.exchange_slack_bytes,
-        )
-
     def fits_exchange(self, joint: Usage, ends: tuple[Usage, Usage]) -> bool:
         """With both runtimes of an exchange already planned at their ends (`move`), does
         the exchange itself fit: the projection with their ends replaced by `joint`?"""
-        both = Usage(
-            joint.gpu,
-            ends[0].gpu_bytes + ends[1].gpu_bytes,
-            ends[0].host + ends[1].host,
-            ends[0].disk + ends[1].disk,
-            ends[0].workers + ends[1].workers,
-        )
-        return _allows(self.projected, self.caps, both, joint)
+        return _allows(self.projected, self.caps, ends[0].plus(ends[1]), joint)
 
     def can_start_exchange(self, out: str, into: str, joint: Usage) -> bool:
         """Can the exchange of two idle runtimes start now, holding `joint` together?"""
         a, b = self.d.runtimes[out], self.d.runtimes[into]
         if a.op is not None or b.op is not None:
             return False
-        now = _sum(usage(a.at, self.d.fp(a.model)), usage(b.at, self.d.fp(b.model)))
+        now = usage(a.at, self.d.fp(a.model)).plus(usage(b.at, self.d.fp(b.model)))
         return _allows(self.current, self.caps, now, joint)
 
     def start_exchange(self, out: str, into: str, joint: Usage) -> None:

@@ -11,18 +11,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.scheduler.test_executor_reports import Snapshots, StandInWorker
+from tests.scheduler.test_executor_reports import (
+    SOURCE,
+    Snapshots,
+    StandInWorker,
+    worker_defaults,
+)
 from torpor.errors import FailedPrecondition, Unavailable
 from torpor.exchange_board import Board
 from torpor.scheduler.core import (
     Exchange,
-    Footprint,
     RuntimeState,
     TransitionCompleted,
     TransitionFailed,
     TransitionRolledBack,
 )
-from torpor.scheduler.executor import Executor, ModelSource, WorkerDefaults
+from torpor.scheduler.executor import Executor
 from torpor.v1 import common_pb2, worker_pb2
 
 ACTION = Exchange("a#1", "a", 11, "b#2", "b", 12, gpu=0, host_slack=1 << 20, gpu_slack=0)
@@ -69,23 +73,11 @@ async def hangs(request: Any) -> Any:
 
 def run(tmp_path: Path, a: StandInWorker, b: StandInWorker, timeout_s: float = 30.0) -> list[Any]:
     reports: list[Any] = []
-    defaults = WorkerDefaults(
-        runtime_dir=tmp_path,
-        store=tmp_path / "store",
-        cuda=False,
-        handle_size="2MiB",
-        graph_pool="2MiB",
-        python="python",
-        log_level="info",
-        stop_grace_s=0.05,
-        transition_timeout_s=timeout_s,
-    )
-    source = ModelSource(Path("/m"), "float32", 1, 16, Footprint(weights=1, kv=1))
     supervisor = type("Supervisor", (), {"workers": {"a#1": a, "b#2": b}})()
     ex = Executor(
         supervisor,  # type: ignore[arg-type]
-        defaults,
-        {"a": source, "b": source},
+        worker_defaults(timeout_s, tmp_path),
+        {"a": SOURCE, "b": SOURCE},
         reports.append,
         lambda *_: None,
         Snapshots(),

@@ -104,13 +104,14 @@ class Snapshots:
         pass
 
 
-def executor(
-    worker: StandInWorker | None, snapshots: Snapshots | None = None, timeout_s: float = 30.0
-) -> tuple[Executor, list[Any]]:
-    reports: list[Any] = []
-    defaults = WorkerDefaults(
-        runtime_dir=Path("/nonexistent"),
-        store=Path("/nonexistent"),
+SOURCE = ModelSource(Path("/m"), "float32", 1, 16, Footprint(weights=1, kv=1))
+
+
+def worker_defaults(timeout_s: float, runtime_dir: Path = Path("/nonexistent")) -> WorkerDefaults:
+    """What torpord's config gives the stand-in workers: short bounds, nothing on disk."""
+    return WorkerDefaults(
+        runtime_dir=runtime_dir,
+        store=runtime_dir / "store",
         cuda=False,
         handle_size="2MiB",
         graph_pool="2MiB",
@@ -119,11 +120,16 @@ def executor(
         stop_grace_s=0.05,
         transition_timeout_s=timeout_s,
     )
-    source = ModelSource(Path("/m"), "float32", 1, 16, Footprint(weights=1, kv=1))
+
+
+def executor(
+    worker: StandInWorker | None, snapshots: Snapshots | None = None, timeout_s: float = 30.0
+) -> tuple[Executor, list[Any]]:
+    reports: list[Any] = []
     ex = Executor(
         StandInSupervisor(worker),  # type: ignore[arg-type]
-        defaults,
-        {"m": source},
+        worker_defaults(timeout_s),
+        {"m": SOURCE},
         reports.append,
         lambda *_: None,
         snapshots or Snapshots(),

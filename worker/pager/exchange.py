@@ -100,7 +100,7 @@ class Mover:
         for index, offset, n in self.spans():
             if not self.weights.handle_mapped(index):
                 continue
-            if n and not self._held(offset, n):
+            if n and not self.buffer.holds(offset, n):
                 self._wait(Side.OUT, n)
                 self.buffer.hold(offset, n, lock=self.stage is None)
                 self.board.add("out_host_taken", n)
@@ -129,7 +129,7 @@ class Mover:
             self.board.add("in_gpu_taken", self.weights.map_handle(index))
             if n:
                 try:
-                    if not self._held(offset, n):
+                    if not self.buffer.holds(offset, n):
                         raise DataLoss(
                             f"handle {index} of the weights is neither mapped nor in the host copy",
                             reason="EXCHANGE_BYTES_LOST",
@@ -150,9 +150,6 @@ class Mover:
             self._step(Side.IN)
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _held(self, offset: int, n: int) -> bool:
-        return self.buffer.holds(offset, n)
 
     def _device(self, index: int, n: int) -> torch.Tensor:
         return self.weights.handle_view(index)[:n]
